@@ -1,0 +1,32 @@
+"""Switch off the telemetry and update checks of dependencies, before they are imported.
+
+insitu promises that nothing phones home. Two dependencies ship usage reporting that is
+on by default: ONNX Runtime (``ORT_DISABLE_TELEMETRY``) and Flower
+(``FLWR_TELEMETRY_ENABLED``, ``FLWR_DISABLE_UPDATE_CHECK``). They read these variables
+when they are imported or when a session starts, so this module runs from
+``insitu/__init__.py`` before any of them can be imported through insitu.
+
+The values are *forced*, not defaulted: a user who exported ``FLWR_TELEMETRY_ENABLED=1``
+in a shell profile must not silently re-enable reporting from inside a hospital.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["NO_TELEMETRY_ENV", "apply"]
+
+#: Variables forced in ``os.environ`` for this process and the processes it starts.
+NO_TELEMETRY_ENV: dict[str, str] = {
+    "ORT_DISABLE_TELEMETRY": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Generic opt-outs honoured by several tools (Hugging Face, Gradio, many CLIs).
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def apply() -> None:
+    """Force the no-telemetry variables into this process's environment."""
+    os.environ.update(NO_TELEMETRY_ENV)

@@ -1,0 +1,99 @@
+"""``insitu init`` and ``insitu info``: create and describe a workspace."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from insitu.cli._app import app
+from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
+from insitu.workspace import PASSPHRASE_ENV, Workspace, resolve_home
+
+__all__ = ["info", "init"]
+
+
+def _keys_encrypted(ws: Workspace) -> bool:
+    doc = json.loads((ws.keys_dir / "signing.key").read_text(encoding="utf-8"))
+    return bool(doc.get("protection") != "none")
+
+
+def describe(ws: Workspace) -> dict[str, Any]:
+    """A JSON-able summary of a workspace."""
+    with ws.ledger() as ledger:
+        head = ledger.latest_head()
+        size = len(ledger)
+    return {
+        "home": str(ws.home.absolute()),
+        "node_id": ws.node_id,
+        "name": ws.name,
+        "keys_encrypted": _keys_encrypted(ws),
+        "ledger": {
+            "path": str(ws.ledger_path.absolute()),
+            "entries": size,
+            "latest_head": head.to_json() if head else None,
+        },
+    }
+
+
+def _print_summary(summary: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("home", summary["home"])
+    table.add_row("node id", summary["node_id"])
+    table.add_row("name", summary["name"])
+    table.add_row("private keys", "encrypted (scrypt)" if summary["keys_encrypted"] else "[yellow]not encrypted[/]")
+    table.add_row("ledger entries", str(summary["ledger"]["entries"]))
+    head = summary["ledger"]["latest_head"]
+    table.add_row("latest signed head", f"size {head['size']}, root {head['root'][:16]}..." if head else "none")
+    out.print(table)
+
+
+@app.command(rich_help_panel="Workspace")
+def init(
+    home: HomeOption = None,
+    name: Annotated[
+        str | None, typer.Option(help="A name for this node (a site, a device). [default: the parent directory's name]")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a workspace: config, this node's keys, and its audit ledger.
+
+    Keys are encrypted with the passphrase in [bold]INSITU_PASSPHRASE[/] when it is set.
+    Running it again on an existing workspace changes nothing and says so.
+
+    [dim]Examples:[/]
+      insitu init
+      INSITU_PASSPHRASE=... insitu init --home /srv/insitu --name ward-7
+    """
+    ws, created = Workspace.init(home, name=name)
+    summary = describe(ws) | {"created": created}
+    if json_output:
+        print_json(summary)
+        return
+    if created:
+        _print_summary(summary, "Workspace created")
+        if not summary["keys_encrypted"]:
+            err_console.print(
+                f"[yellow]warning:[/] private keys are not encrypted; set {PASSPHRASE_ENV} "
+                "before 'insitu init' on machines that hold real data",
+                soft_wrap=True,
+            )
+    else:
+        _print_summary(summary, f"Workspace already exists at {resolve_home(home)}: nothing changed")
+
+
+@app.command(rich_help_panel="Workspace")
+def info(home: HomeOption = None, json_output: JsonOption = False) -> None:
+    """Show this workspace: node id, key protection, ledger size and latest signed head.
+
+    [dim]Example:[/] insitu info --json
+    """
+    summary = describe(Workspace.open(home))
+    if json_output:
+        print_json(summary)
+    else:
+        _print_summary(summary, "insitu workspace")

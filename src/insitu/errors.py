@@ -1,0 +1,161 @@
+"""The one exception tree of insitu.
+
+Every error insitu raises on purpose is an :class:`InsituError`. Its message names the
+problem *and* the fix, in one line, because the CLI prints exactly that line (no
+traceback unless ``--debug``). Each class carries the process exit code the CLI uses:
+1 for a failure, 2 for a usage error. Security failures are named after the failure,
+as in python-tuf, so that a test or an operator reading a log knows what was refused::
+
+    InsituError                          exit 1
+    ├── UsageError                       exit 2  (bad option values, bad arguments)
+    ├── WorkspaceError
+    │   ├── WorkspaceNotFoundError       no workspace where one was expected
+    │   ├── WorkspaceNotWritableError    the home cannot be created or written
+    │   └── ConfigError                  config.toml is missing, corrupt or invalid
+    ├── KeyStoreError
+    │   ├── KeyFileError                 a key file is missing, corrupt or of the wrong kind
+    │   ├── PassphraseRequiredError      keys are encrypted and INSITU_PASSPHRASE is unset
+    │   └── WrongPassphraseError         the passphrase does not open the keys
+    └── LedgerError
+        ├── InvalidEventError            an event type or payload is not acceptable
+        │   └── PersonalDataError        a payload value looks like personal data
+        ├── ProofError                   an inclusion or consistency proof does not verify
+        └── LedgerIntegrityError         verification failed; ``.seq`` is the first bad entry
+            ├── MalformedLedgerError     unreadable rows or export lines
+            ├── BrokenChainError         an entry deleted, inserted or reordered
+            ├── EntryHashMismatchError   an entry's content was changed
+            ├── BadEntrySignatureError   an entry not signed by this node's key
+            ├── BadHeadSignatureError    a tree head not signed by this node's key (forged)
+            ├── RootMismatchError        a signed head that does not match the entries
+            └── TruncatedLedgerError     fewer entries than a trusted head covers
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadEntrySignatureError",
+    "BadHeadSignatureError",
+    "BrokenChainError",
+    "ConfigError",
+    "EntryHashMismatchError",
+    "InsituError",
+    "InvalidEventError",
+    "KeyFileError",
+    "KeyStoreError",
+    "LedgerError",
+    "LedgerIntegrityError",
+    "MalformedLedgerError",
+    "PassphraseRequiredError",
+    "PersonalDataError",
+    "ProofError",
+    "RootMismatchError",
+    "TruncatedLedgerError",
+    "UsageError",
+    "WorkspaceError",
+    "WorkspaceNotFoundError",
+    "WorkspaceNotWritableError",
+    "WrongPassphraseError",
+]
+
+
+class InsituError(Exception):
+    """Base of every error insitu raises on purpose.
+
+    ``exit_code`` is what the CLI exits with when this error reaches it.
+    """
+
+    exit_code: int = 1
+
+
+class UsageError(InsituError):
+    """The command was called wrongly (a bad option value, a missing argument)."""
+
+    exit_code = 2
+
+
+class WorkspaceError(InsituError):
+    """Something is wrong with the workspace directory."""
+
+
+class WorkspaceNotFoundError(WorkspaceError):
+    """No workspace at the given home."""
+
+
+class WorkspaceNotWritableError(WorkspaceError):
+    """The workspace home cannot be created or written to."""
+
+
+class ConfigError(WorkspaceError):
+    """``config.toml`` is missing, unreadable, or has invalid values."""
+
+
+class KeyStoreError(InsituError):
+    """A node key cannot be loaded."""
+
+
+class KeyFileError(KeyStoreError):
+    """A key file is missing, corrupt, or holds a key of the wrong kind."""
+
+
+class PassphraseRequiredError(KeyStoreError):
+    """The private keys are encrypted and no passphrase was given."""
+
+
+class WrongPassphraseError(KeyStoreError):
+    """The passphrase given does not decrypt the private keys."""
+
+
+class LedgerError(InsituError):
+    """An error of the audit ledger."""
+
+
+class InvalidEventError(LedgerError):
+    """An event type or payload that the ledger refuses to record."""
+
+
+class PersonalDataError(InvalidEventError):
+    """A payload value that looks like personal data (the ledger never holds any)."""
+
+
+class ProofError(LedgerError):
+    """A Merkle inclusion or consistency proof that does not verify."""
+
+
+class LedgerIntegrityError(LedgerError):
+    """The ledger (or an export of it) failed verification.
+
+    ``seq`` is the sequence number of the first entry found bad, or ``None`` when the
+    failure is not tied to one entry (a forged head, a malformed header).
+    """
+
+    def __init__(self, message: str, *, seq: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+
+
+class MalformedLedgerError(LedgerIntegrityError):
+    """A ledger row or export line that cannot be read as an entry."""
+
+
+class BrokenChainError(LedgerIntegrityError):
+    """The hash chain is broken: an entry was deleted, inserted or moved."""
+
+
+class EntryHashMismatchError(LedgerIntegrityError):
+    """An entry's content does not match its hash: it was edited."""
+
+
+class BadEntrySignatureError(LedgerIntegrityError):
+    """An entry's signature does not verify under this node's public key."""
+
+
+class BadHeadSignatureError(LedgerIntegrityError):
+    """A signed tree head whose signature does not verify: forged or altered."""
+
+
+class RootMismatchError(LedgerIntegrityError):
+    """A correctly signed tree head whose root does not match the entries."""
+
+
+class TruncatedLedgerError(LedgerIntegrityError):
+    """The ledger holds fewer entries than a trusted signed head covers."""

@@ -1,0 +1,112 @@
+"""The workspace configuration file, ``config.toml``: read, validated, written atomically.
+
+Validation is table-driven (:data:`SCHEMA`): every section and key is declared with its
+type, unknown keys are refused (a typo must not silently fall back to a default), and
+each error names the file, the key and the fix. Other parts of insitu add their
+sections here as they grow.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from insitu._atomic import atomic_write_text
+from insitu.errors import ConfigError
+
+__all__ = ["SCHEMA", "Config", "load_config", "save_config"]
+
+#: section -> key -> (type, default). ``None`` default: required.
+SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
+    "node": {
+        "id": (str, None),
+        "name": (str, None),
+        "created": (str, None),
+    },
+    "ledger": {
+        "head_interval": (int, 256),
+    },
+    "server": {
+        "host": (str, "127.0.0.1"),
+        "port": (int, 8765),
+    },
+}
+
+_HEADER = (
+    "# insitu workspace configuration. Keys are documented in docs/configuration.md.\n"
+    "# node.id is derived from the signing key: changing it here does not change it.\n\n"
+)
+
+
+@dataclass
+class Config:
+    """A validated configuration: ``sections[section][key]``."""
+
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def get(self, section: str, key: str) -> Any:
+        """A value, or its schema default."""
+        value = self.sections.get(section, {}).get(key)
+        return SCHEMA[section][key][1] if value is None else value
+
+
+def _validate(doc: dict[str, Any], path: Path) -> Config:
+    sections: dict[str, dict[str, Any]] = {}
+    for section, values in doc.items():
+        if section not in SCHEMA:
+            known = ", ".join(sorted(SCHEMA))
+            raise ConfigError(f"{path}: unknown section [{section}]; known sections: {known}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: '{section}' must be a table ([{section}])")
+        for key, value in values.items():
+            if key not in SCHEMA[section]:
+                known = ", ".join(sorted(SCHEMA[section]))
+                raise ConfigError(f"{path}: unknown key {section}.{key}; known keys: {known}")
+            expected = SCHEMA[section][key][0]
+            # bool is an int in Python; a config value of true for a port is a mistake.
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(
+                    f"{path}: {section}.{key} must be a {expected.__name__}, "
+                    f"not {type(value).__name__} ({value!r})"
+                )
+        sections[section] = dict(values)
+    for section, keys in SCHEMA.items():
+        for key, (_, default) in keys.items():
+            if default is None and key not in sections.get(section, {}):
+                raise ConfigError(
+                    f"{path}: required key {section}.{key} is missing; restore the file "
+                    "from a backup or re-create the workspace"
+                )
+    if sections.get("ledger", {}).get("head_interval", 1) < 1:
+        raise ConfigError(f"{path}: ledger.head_interval must be at least 1")
+    return Config(sections)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``config.toml``.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or not valid.
+
+    """
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} is missing: the workspace is incomplete; run 'insitu init' to repair it"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path} ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the file or restore it") from exc
+    return _validate(doc, path)
+
+
+def save_config(path: Path, config: Config) -> None:
+    """Write ``config`` atomically (validated first)."""
+    _validate(config.sections, path)
+    atomic_write_text(path, _HEADER + tomli_w.dumps(config.sections))

@@ -1,0 +1,169 @@
+"""Node keys on disk: an Ed25519 signing key and an X25519 key for receiving bundles.
+
+Private key file format ``insitu-key/1`` (JSON, mode 0600)::
+
+    {"format": "insitu-key/1", "kind": "ed25519" | "x25519", "public": "<hex>",
+     "protection": "none" | "scrypt+aes-256-gcm",
+     "kdf": {"n": 32768, "r": 8, "p": 1, "salt": "<hex>"},   # when protected
+     "nonce": "<hex>", "secret": "<hex>"}
+
+Why not PKCS#8 PEM: ``cryptography`` encrypts PKCS#8 with PBKDF2 (OpenSSL's default
+iteration count), and a stolen edge device should cost an attacker a memory-hard KDF per
+guess. scrypt (RFC 7914, n=2^15, r=8, p=1: 32 MiB and about 0.1 s here) derives an
+AES-256-GCM key; the associated data binds the kind and public key, so a ciphertext
+moved into another key file, or a public key swapped beside it, fails to open. The
+public halves are also written as standard PEM (``*.pub.pem``) for other tools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from insitu._atomic import atomic_write_bytes
+from insitu._canonical import canonical_bytes
+from insitu.errors import KeyFileError, PassphraseRequiredError, WrongPassphraseError
+
+__all__ = [
+    "KEY_FORMAT",
+    "PASSPHRASE_ENV",
+    "KeyKind",
+    "load_private_key",
+    "passphrase_from_env",
+    "save_private_key",
+    "save_public_key",
+]
+
+logger = logging.getLogger(__name__)
+
+KEY_FORMAT = "insitu-key/1"
+PASSPHRASE_ENV = "INSITU_PASSPHRASE"
+PROTECTED = "scrypt+aes-256-gcm"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+
+KeyKind = Literal["ed25519", "x25519"]
+PrivateKey = Ed25519PrivateKey | X25519PrivateKey
+
+
+def passphrase_from_env() -> str | None:
+    """The passphrase in ``INSITU_PASSPHRASE``, or ``None`` when unset or empty."""
+    return os.environ.get(PASSPHRASE_ENV) or None
+
+
+def _kind_of(key: PrivateKey) -> KeyKind:
+    return "ed25519" if isinstance(key, Ed25519PrivateKey) else "x25519"
+
+
+def _public_raw(key: PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
+
+
+def save_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> None:
+    """Write ``key`` to ``path`` (mode 0600), encrypted when a passphrase is given."""
+    kind = _kind_of(key)
+    public = _public_raw(key)
+    secret = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    doc: dict[str, Any] = {"format": KEY_FORMAT, "kind": kind, "public": public.hex()}
+    if passphrase:
+        salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+        aead_key = _derive(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+        aad = canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": public.hex()})
+        doc |= {
+            "protection": PROTECTED,
+            "kdf": {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": salt.hex()},
+            "nonce": nonce.hex(),
+            "secret": AESGCM(aead_key).encrypt(nonce, secret, aad).hex(),
+        }
+    else:
+        doc |= {"protection": "none", "secret": secret.hex()}
+    atomic_write_bytes(path, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+
+
+def save_public_key(path: Path, key: Ed25519PublicKey | X25519PublicKey) -> None:
+    """Write a public key as PEM (SubjectPublicKeyInfo)."""
+    atomic_write_bytes(path, key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+
+def _read_doc(path: Path, kind: KeyKind) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"key file {path} is missing; restore it from your backup (keys are never "
+            "regenerated over an existing workspace)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"key file {path} is unreadable ({exc}); restore it from your backup") from exc
+    if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT or doc.get("kind") != kind:
+        raise KeyFileError(
+            f"{path} is not an insitu {kind} key file; restore it from your backup"
+        )
+    if path.stat().st_mode & 0o077:
+        logger.warning("key file %s is readable by other users; run: chmod 600 %s", path, path)
+    return doc
+
+
+def load_private_key(path: Path, kind: KeyKind, passphrase: str | None) -> PrivateKey:
+    """Load a private key written by :func:`save_private_key`.
+
+    Raises:
+        KeyFileError: missing, corrupt, or not a key of ``kind``.
+        PassphraseRequiredError: the key is encrypted and ``passphrase`` is ``None``.
+        WrongPassphraseError: the passphrase does not decrypt it.
+
+    """
+    doc = _read_doc(path, kind)
+    try:
+        public = bytes.fromhex(doc["public"])
+        if doc["protection"] == "none":
+            secret = bytes.fromhex(doc["secret"])
+        elif doc["protection"] == PROTECTED:
+            if not passphrase:
+                raise PassphraseRequiredError(
+                    f"the keys in {path.parent} are encrypted; set {PASSPHRASE_ENV} to "
+                    "the workspace passphrase"
+                )
+            kdf = doc["kdf"]
+            aead_key = _derive(passphrase, bytes.fromhex(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
+            aad = canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": doc["public"]})
+            try:
+                secret = AESGCM(aead_key).decrypt(
+                    bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["secret"]), aad
+                )
+            except InvalidTag:
+                raise WrongPassphraseError(
+                    f"{PASSPHRASE_ENV} does not open the keys in {path.parent}: "
+                    "check the passphrase (nothing was changed)"
+                ) from None
+        else:
+            raise KeyFileError(f"{path} uses unknown protection {doc['protection']!r}")
+        key: PrivateKey = (
+            Ed25519PrivateKey.from_private_bytes(secret)
+            if kind == "ed25519"
+            else X25519PrivateKey.from_private_bytes(secret)
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KeyFileError(f"key file {path} is corrupt ({exc}); restore it from your backup") from exc
+    if _public_raw(key) != public:
+        raise KeyFileError(f"key file {path} holds a private key that does not match its public key")
+    return key
