@@ -26,7 +26,9 @@ def canonical_text(value: Any) -> str:
         TypeError: ``value`` holds something JSON cannot represent.
 
     """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def canonical_bytes(value: Any) -> bytes:

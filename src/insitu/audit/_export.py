@@ -1,4 +1,4 @@
-"""Ledger exports: a JSON-lines file that anyone can verify on another machine.
+r"""Ledger exports: a JSON-lines file that anyone can verify on another machine.
 
 Format (``insitu-ledger-export/1``), every line canonical JSON followed by ``\\n``::
 
@@ -127,7 +127,9 @@ def verify_export(
     report = verify_entries(
         entries, public_key=key, log_id=node, heads=[head], trusted_head=trusted_head
     )
-    return ExportVerification(node_id=node, public_key_hex=_raw(key).hex(), head=head, report=report)
+    return ExportVerification(
+        node_id=node, public_key_hex=_raw(key).hex(), head=head, report=report
+    )
 
 
 def _raw(key: Ed25519PublicKey) -> bytes:

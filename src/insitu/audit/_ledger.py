@@ -265,7 +265,9 @@ class Ledger:
                 (frontier.size, frontier.to_bytes()),
             )
             if seq % self.head_interval == 0:
-                self._store_head(conn, TreeHead.sign(key, log=self.log_id, size=seq, root=frontier.root()))
+                self._store_head(
+                    conn, TreeHead.sign(key, log=self.log_id, size=seq, root=frontier.root())
+                )
         logger.debug("recorded %s as entry %d", event_type, seq)
         return entry
 
@@ -357,7 +359,9 @@ class Ledger:
             seq, time, node, type_, payload, prev, digest, sig = row
             if not all(isinstance(b, bytes) for b in (prev, digest, sig)):
                 raise TypeError("binary columns hold text")
-            return Entry(int(seq), str(time), str(node), str(type_), str(payload), prev, digest, sig)
+            return Entry(
+                int(seq), str(time), str(node), str(type_), str(payload), prev, digest, sig
+            )
         except (TypeError, ValueError) as exc:
             raise MalformedLedgerError(
                 f"ledger row {row[0]!r} is unreadable ({exc}): the database was altered",
@@ -366,7 +370,9 @@ class Ledger:
 
     def _head_from_row(self, row: tuple[Any, ...]) -> TreeHead:
         size, root, time, sig = row
-        return TreeHead(log=self.log_id, size=int(size), root=bytes(root), time=str(time), sig=bytes(sig))
+        return TreeHead(
+            log=self.log_id, size=int(size), root=bytes(root), time=str(time), sig=bytes(sig)
+        )
 
     def _leaf_hashes(self, size: int) -> list[bytes]:
         rows = self._conn.execute("SELECT hash FROM entries WHERE seq <= ? ORDER BY seq", (size,))

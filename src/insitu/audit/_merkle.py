@@ -174,7 +174,7 @@ def verify_inclusion(
         raise ProofError(f"inclusion proof for leaf {index} does not match the signed root")
 
 
-def verify_consistency(
+def verify_consistency(  # noqa: PLR0912 -- RFC 9162 2.1.4.2, step by step
     old_size: int, old_root: bytes, new_size: int, new_root: bytes, proof: Sequence[bytes]
 ) -> None:
     """RFC 9162 section 2.1.4.2: check that the old tree is a prefix of the new one.

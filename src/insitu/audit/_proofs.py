@@ -112,10 +112,14 @@ def check_proof(doc: Any, public_key: Ed25519PublicKey | None) -> CheckedProof:
         if entry.computed_hash() != entry.hash:
             raise EntryHashMismatchError(f"entry {entry.seq} was edited", seq=entry.seq)
         if not verify_entry_signature(key, entry.hash, entry.sig) or entry.node != node:
-            raise BadEntrySignatureError(f"entry {entry.seq} is not signed by this node", seq=entry.seq)
+            raise BadEntrySignatureError(
+                f"entry {entry.seq} is not signed by this node", seq=entry.seq
+            )
         verify_inclusion(leaf_hash(entry.hash), entry.seq - 1, head.size, proof, head.root)
         return CheckedProof(
-            "inclusion", node, f"entry {entry.seq} ({entry.type}) is in the log of {head.size} entries"
+            "inclusion",
+            node,
+            f"entry {entry.seq} ({entry.type}) is in the log of {head.size} entries",
         )
     old = TreeHead.from_json(doc.get("old_head"))
     new = TreeHead.from_json(doc.get("new_head"))

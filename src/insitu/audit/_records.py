@@ -1,4 +1,4 @@
-"""The two signed records of the ledger: entries and tree heads, and their encodings.
+r"""The two signed records of the ledger: entries and tree heads, and their encodings.
 
 An entry's hash covers every field but the hash and signature themselves, over the
 canonical JSON encoding (``insitu._canonical``) with a domain-separation prefix::
@@ -18,6 +18,7 @@ the other. ``prev`` of the first entry is 32 zero bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -104,8 +105,6 @@ class Entry:
     @property
     def payload(self) -> dict[str, Any]:
         """The payload as a dictionary."""
-        import json
-
         value: dict[str, Any] = json.loads(self.payload_json)
         return value
 

@@ -120,7 +120,9 @@ class ChainChecker:
         self.last_hash = entry.hash
 
 
-def _first_bad_signature(public_raw: bytes, items: Sequence[tuple[int, bytes, bytes]]) -> int | None:
+def _first_bad_signature(
+    public_raw: bytes, items: Sequence[tuple[int, bytes, bytes]]
+) -> int | None:
     """Sequence number of the first bad signature in ``items``, or ``None``."""
     key = Ed25519PublicKey.from_public_bytes(public_raw)
     for seq, digest, sig in items:

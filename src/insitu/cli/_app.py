@@ -50,7 +50,9 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        ),
     ] = False,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show debug logs and tracebacks of errors.")
@@ -73,7 +75,7 @@ def _configure_logging(debug: bool) -> None:
     logger.propagate = False
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return per outcome
     """Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     _State.debug = False
     args = list(sys.argv[1:] if argv is None else argv)
@@ -101,7 +103,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
-    except Exception as exc:  # a bug, or an environment failure no check anticipated
+    except Exception as exc:  # noqa: BLE001 -- a bug, or an environment failure no check anticipated
         if _State.debug:
             traceback.print_exc()
         print_error(

@@ -61,7 +61,9 @@ PublicKeyOption = Annotated[
         dir_okay=False,
     ),
 ]
-OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file.", dir_okay=False)]
+OutOption = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Write to this file.", dir_okay=False)
+]
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -110,9 +112,13 @@ def log(
     home: HomeOption = None,
     event_type: Annotated[
         str | None,
-        typer.Option("--type", "-t", help="Only this event type, or a prefix ending in '.' (e.g. 'model.')."),
+        typer.Option(
+            "--type", "-t", help="Only this event type, or a prefix ending in '.' (e.g. 'model.')."
+        ),
     ] = None,
-    since: Annotated[str | None, typer.Option(help="From this UTC time (ISO 8601, e.g. 2026-11-01).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this UTC time (ISO 8601, e.g. 2026-11-01).")
+    ] = None,
     until: Annotated[str | None, typer.Option(help="Before this UTC time (ISO 8601).")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many entries.")] = 20,
     json_output: JsonOption = False,
@@ -130,12 +136,20 @@ def log(
     if json_output:
         print_json(
             [
-                {"seq": e.seq, "time": e.time, "type": e.type, "payload": e.payload, "hash": e.hash.hex()}
+                {
+                    "seq": e.seq,
+                    "time": e.time,
+                    "type": e.type,
+                    "payload": e.payload,
+                    "hash": e.hash.hex(),
+                }
                 for e in entries
             ]
         )
         return
-    table = Table(title=f"Ledger entries ({len(entries)} shown, newest first)", title_justify="left")
+    table = Table(
+        title=f"Ledger entries ({len(entries)} shown, newest first)", title_justify="left"
+    )
     for column in ("seq", "time (UTC)", "type", "payload"):
         table.add_column(column, overflow="fold")
     for e in entries:
@@ -149,7 +163,12 @@ def verify(
     head: HeadFileOption = None,
     export: Annotated[
         Path | None,
-        typer.Option("--export", help="Verify this export file instead of the workspace's ledger.", exists=True, dir_okay=False),
+        typer.Option(
+            "--export",
+            help="Verify this export file instead of the workspace's ledger.",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     public_key: PublicKeyOption = None,
     json_output: JsonOption = False,
@@ -178,14 +197,26 @@ def verify(
                 )
         else:
             ws = Workspace.open(home)
-            if pinned is not None and pinned.public_bytes_raw() != ws.signing_public_key.public_bytes_raw():
-                raise UsageError("--public-key is not this workspace's key; drop it or pass the right one")
+            if (
+                pinned is not None
+                and pinned.public_bytes_raw() != ws.signing_public_key.public_bytes_raw()
+            ):
+                raise UsageError(
+                    "--public-key is not this workspace's key; drop it or pass the right one"
+                )
             with ws.ledger() as ledger:
                 report = ledger.verify(trusted_head=trusted)
             extra = {"node_id": ws.node_id, "source": str(ws.ledger_path)}
     except LedgerIntegrityError as exc:
         if json_output:
-            print_json({"ok": False, "first_bad_seq": exc.seq, "error": type(exc).__name__, "message": str(exc)})
+            print_json(
+                {
+                    "ok": False,
+                    "first_bad_seq": exc.seq,
+                    "error": type(exc).__name__,
+                    "message": str(exc),
+                }
+            )
         where = f" (first bad entry: {exc.seq})" if exc.seq is not None else ""
         raise type(exc)(f"verification FAILED{where}: {exc}", seq=exc.seq) from exc
     if json_output:
@@ -200,7 +231,9 @@ def verify(
 
 
 @audit_app.command("head")
-def head(home: HomeOption = None, out_path: OutOption = None, json_output: JsonOption = False) -> None:
+def head(
+    home: HomeOption = None, out_path: OutOption = None, json_output: JsonOption = False
+) -> None:
     """Sign a tree head over the whole ledger, to keep somewhere else.
 
     An auditor who keeps this head can later detect truncation or rewriting with
@@ -221,19 +254,27 @@ def head(home: HomeOption = None, out_path: OutOption = None, json_output: JsonO
 
 @audit_app.command("export")
 def export(
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="The export file (JSON lines).", dir_okay=False)],
+    out_path: Annotated[
+        Path, typer.Option("--out", "-o", help="The export file (JSON lines).", dir_okay=False)
+    ],
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Export the ledger with its public key and a fresh signed head, for verification elsewhere.
 
     [dim]Example:[/] insitu audit export --out ledger.jsonl
-      then, on another machine: insitu audit verify --export ledger.jsonl --public-key signing.pub.pem
+      and on another machine:
+      insitu audit verify --export ledger.jsonl --public-key signing.pub.pem
     """
     ws = Workspace.open(home)
     with ws.ledger() as ledger:
         signed = export_ledger(ledger, out_path)
-    doc = {"path": str(out_path), "entries": signed.size, "head": signed.to_json(), "node_id": ws.node_id}
+    doc = {
+        "path": str(out_path),
+        "entries": signed.size,
+        "head": signed.to_json(),
+        "node_id": ws.node_id,
+    }
     if json_output:
         print_json(doc)
     else:
@@ -242,10 +283,17 @@ def export(
 
 @audit_app.command("prove")
 def prove(
-    seq: Annotated[int | None, typer.Argument(help="Prove that this entry is in the log.", min=1)] = None,
+    seq: Annotated[
+        int | None, typer.Argument(help="Prove that this entry is in the log.", min=1)
+    ] = None,
     grown_from: Annotated[
         Path | None,
-        typer.Option("--grown-from", help="Prove that the log only grew since this older signed head.", exists=True, dir_okay=False),
+        typer.Option(
+            "--grown-from",
+            help="Prove that the log only grew since this older signed head.",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     home: HomeOption = None,
     out_path: OutOption = None,
@@ -257,10 +305,15 @@ def prove(
       insitu audit prove --grown-from kept-head.json -o growth.json  (consistency)
     """
     if (seq is None) == (grown_from is None):
-        raise UsageError("give either an entry number (inclusion) or --grown-from HEAD (consistency)")
+        raise UsageError(
+            "give either an entry number (inclusion) or --grown-from HEAD (consistency)"
+        )
+    old_head = _load_head(grown_from)
     with Workspace.open(home).ledger() as ledger:
-        old_head = _load_head(grown_from)
-        doc = inclusion_document(ledger, seq) if seq is not None else consistency_document(ledger, old_head)  # type: ignore[arg-type]
+        if old_head is not None:
+            doc = consistency_document(ledger, old_head)
+        else:
+            doc = inclusion_document(ledger, seq or 0)
     _write_or_print(doc, out_path)
     if out_path:
         err_console.print(f"proof written to {out_path}")
@@ -268,7 +321,10 @@ def prove(
 
 @audit_app.command("check-proof")
 def check_proof_command(
-    proof_file: Annotated[Path, typer.Argument(help="A document from 'insitu audit prove'.", exists=True, dir_okay=False)],
+    proof_file: Annotated[
+        Path,
+        typer.Argument(help="A document from 'insitu audit prove'.", exists=True, dir_okay=False),
+    ],
     public_key: PublicKeyOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -278,8 +334,19 @@ def check_proof_command(
     """
     checked = check_proof(_read_json(proof_file, "proof document"), _load_public_key(public_key))
     if json_output:
-        print_json({"ok": True, "kind": checked.kind, "node_id": checked.node_id, "summary": checked.summary})
+        print_json(
+            {
+                "ok": True,
+                "kind": checked.kind,
+                "node_id": checked.node_id,
+                "summary": checked.summary,
+            }
+        )
         return
     if public_key is None:
-        err_console.print("[yellow]warning:[/] trusting the key inside the proof; pin it with --public-key")
-    out.print(f"[bold green]valid[/] {checked.kind} proof: {checked.summary} (node {checked.node_id})")
+        err_console.print(
+            "[yellow]warning:[/] trusting the key inside the proof; pin it with --public-key"
+        )
+    out.print(
+        f"[bold green]valid[/] {checked.kind} proof: {checked.summary} (node {checked.node_id})"
+    )

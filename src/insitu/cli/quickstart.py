@@ -69,12 +69,18 @@ def quickstart(
             step("ledger", f"recorded 4 signed events; {len(ledger)} entries in all")
 
             report = ledger.verify(trusted_head=kept_head)
-            step("verify", f"{report.entries} entries, {report.heads_checked} heads in {report.seconds:.3f} s")
+            step(
+                "verify",
+                f"{report.entries} entries, {report.heads_checked} heads in {report.seconds:.3f} s",
+            )
 
             export_path = out_dir / "ledger-export.jsonl"
             export_ledger(ledger, export_path)
             exported = verify_export(export_path, public_key=ws.signing_public_key)
-            step("export", f"{export_path} verified against the pinned key ({exported.report.entries} entries)")
+            step(
+                "export",
+                f"{export_path}: {exported.report.entries} entries verified with the pinned key",
+            )
 
             inclusion = check_proof(inclusion_document(ledger, first.seq), ws.signing_public_key)
             step("inclusion proof", inclusion.summary)

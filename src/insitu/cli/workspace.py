@@ -45,10 +45,16 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
     table.add_row("home", summary["home"])
     table.add_row("node id", summary["node_id"])
     table.add_row("name", summary["name"])
-    table.add_row("private keys", "encrypted (scrypt)" if summary["keys_encrypted"] else "[yellow]not encrypted[/]")
+    table.add_row(
+        "private keys",
+        "encrypted (scrypt)" if summary["keys_encrypted"] else "[yellow]not encrypted[/]",
+    )
     table.add_row("ledger entries", str(summary["ledger"]["entries"]))
     head = summary["ledger"]["latest_head"]
-    table.add_row("latest signed head", f"size {head['size']}, root {head['root'][:16]}..." if head else "none")
+    table.add_row(
+        "latest signed head",
+        f"size {head['size']}, root {head['root'][:16]}..." if head else "none",
+    )
     out.print(table)
 
 
@@ -56,7 +62,10 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
 def init(
     home: HomeOption = None,
     name: Annotated[
-        str | None, typer.Option(help="A name for this node (a site, a device). [default: the parent directory's name]")
+        str | None,
+        typer.Option(
+            help="A name for this node (a site, a device). [default: the parent directory's name]"
+        ),
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -83,7 +92,9 @@ def init(
                 soft_wrap=True,
             )
     else:
-        _print_summary(summary, f"Workspace already exists at {resolve_home(home)}: nothing changed")
+        _print_summary(
+            summary, f"Workspace already exists at {resolve_home(home)}: nothing changed"
+        )
 
 
 @app.command(rich_help_panel="Workspace")

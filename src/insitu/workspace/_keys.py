@@ -53,7 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 KEY_FORMAT = "insitu-key/1"
-PASSPHRASE_ENV = "INSITU_PASSPHRASE"
+PASSPHRASE_ENV = "INSITU_PASSPHRASE"  # noqa: S105 -- a variable name, not a secret
 PROTECTED = "scrypt+aes-256-gcm"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 
@@ -113,11 +113,11 @@ def _read_doc(path: Path, kind: KeyKind) -> dict[str, Any]:
             "regenerated over an existing workspace)"
         ) from None
     except (OSError, ValueError) as exc:
-        raise KeyFileError(f"key file {path} is unreadable ({exc}); restore it from your backup") from exc
-    if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT or doc.get("kind") != kind:
         raise KeyFileError(
-            f"{path} is not an insitu {kind} key file; restore it from your backup"
-        )
+            f"key file {path} is unreadable ({exc}); restore it from your backup"
+        ) from exc
+    if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT or doc.get("kind") != kind:
+        raise KeyFileError(f"{path} is not an insitu {kind} key file; restore it from your backup")
     if path.stat().st_mode & 0o077:
         logger.warning("key file %s is readable by other users; run: chmod 600 %s", path, path)
     return doc
@@ -163,7 +163,11 @@ def load_private_key(path: Path, kind: KeyKind, passphrase: str | None) -> Priva
             else X25519PrivateKey.from_private_bytes(secret)
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise KeyFileError(f"key file {path} is corrupt ({exc}); restore it from your backup") from exc
+        raise KeyFileError(
+            f"key file {path} is corrupt ({exc}); restore it from your backup"
+        ) from exc
     if _public_raw(key) != public:
-        raise KeyFileError(f"key file {path} holds a private key that does not match its public key")
+        raise KeyFileError(
+            f"key file {path} holds a private key that does not match its public key"
+        )
     return key

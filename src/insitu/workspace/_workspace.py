@@ -90,7 +90,7 @@ class Workspace:
 
     @property
     def node_id(self) -> str:
-        """This node's id (derived from its signing key)."""
+        """The node id, derived from the signing key."""
         return node_id_for(self.signing_public_key)
 
     @property
@@ -121,7 +121,9 @@ class Workspace:
         try:
             return load_pem_public_key(path.read_bytes())
         except FileNotFoundError:
-            raise KeyFileError(f"public key {path} is missing; restore it from your backup") from None
+            raise KeyFileError(
+                f"public key {path} is missing; restore it from your backup"
+            ) from None
         except ValueError as exc:
             raise KeyFileError(f"public key {path} is corrupt ({exc})") from exc
 
@@ -130,7 +132,7 @@ class Workspace:
         key = load_private_key(
             self.keys_dir / "signing.key", "ed25519", passphrase or passphrase_from_env()
         )
-        assert isinstance(key, Ed25519PrivateKey)  # noqa: S101 -- load_private_key checks kind
+        assert isinstance(key, Ed25519PrivateKey)
         if node_id_for(key.public_key()) != self.node_id:
             raise KeyFileError("keys/signing.key does not match keys/signing.pub.pem")
         return key
@@ -140,7 +142,7 @@ class Workspace:
         key = load_private_key(
             self.keys_dir / "encryption.key", "x25519", passphrase or passphrase_from_env()
         )
-        assert isinstance(key, X25519PrivateKey)  # noqa: S101 -- load_private_key checks kind
+        assert isinstance(key, X25519PrivateKey)
         return key
 
     def api_token(self) -> str:
@@ -183,7 +185,11 @@ class Workspace:
 
     @classmethod
     def init(
-        cls, home: Path | str | None = None, *, name: str | None = None, passphrase: str | None = None
+        cls,
+        home: Path | str | None = None,
+        *,
+        name: str | None = None,
+        passphrase: str | None = None,
     ) -> tuple[Workspace, bool]:
         """Create a workspace, or open the existing one. Returns it and whether it is new.
 
@@ -200,8 +206,7 @@ class Workspace:
             return cls.open(path), False
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise WorkspaceError(
-                f"{path} exists and is not an insitu workspace; choose another --home "
-                "or remove it"
+                f"{path} exists and is not an insitu workspace; choose another --home or remove it"
             )
         passphrase = passphrase or passphrase_from_env()
         if not passphrase:
@@ -211,7 +216,9 @@ class Workspace:
             )
         created_parents = _make_parents(path.absolute().parent)
         try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.absolute().parent))
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.absolute().parent)
+            )
         except OSError as exc:
             _remove_dirs(created_parents)
             raise WorkspaceNotWritableError(
@@ -219,7 +226,9 @@ class Workspace:
                 f"--home (or {HOME_ENV})"
             ) from exc
         try:
-            _populate(staging, name=name or path.absolute().parent.name or "node", passphrase=passphrase)
+            _populate(
+                staging, name=name or path.absolute().parent.name or "node", passphrase=passphrase
+            )
             if path.exists():
                 path.rmdir()  # empty, checked above
             staging.rename(path)
@@ -258,7 +267,9 @@ def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
         }
     )
     save_config(root / "config.toml", config)
-    with Ledger(root / "ledger.db", log_id=node_id, public_key=signing.public_key(), signing_key=signing) as ledger:
+    with Ledger(
+        root / "ledger.db", log_id=node_id, public_key=signing.public_key(), signing_key=signing
+    ) as ledger:
         ledger.record(
             "workspace.init",
             node=node_id,
@@ -294,4 +305,3 @@ def _remove_dirs(directories: list[Path]) -> None:
     for directory in directories:  # deepest first
         with contextlib.suppress(OSError):
             directory.rmdir()
-

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from insitu.audit import Ledger
+from insitu.workspace import Workspace
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A developer's own workspace or passphrase must never leak into a test.
+    monkeypatch.delenv("INSITU_HOME", raising=False)
+    monkeypatch.delenv("INSITU_PASSPHRASE", raising=False)
+    logging.getLogger("insitu").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    ws, created = Workspace.init(tmp_path / "ws", name="test-site")
+    assert created
+    return ws
+
+
+@pytest.fixture
+def ledger(workspace: Workspace) -> Iterator[Ledger]:
+    with workspace.ledger() as opened:
+        yield opened
+
+
+def fill(ledger: Ledger, count: int, event_type: str = "test.event") -> None:
+    for index in range(count):
+        ledger.record(event_type, index=index, accuracy=0.5 + index / 1000)

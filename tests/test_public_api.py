@@ -1,0 +1,67 @@
+"""The public surface stays what was intended (as httpx does): a change here is deliberate."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import insitu
+import insitu.errors
+from insitu.errors import InsituError, UsageError
+
+EXPECTED = {
+    "insitu": ["InsituError", "__version__"],
+    "insitu.workspace": [
+        "DEFAULT_HOME",
+        "HOME_ENV",
+        "PASSPHRASE_ENV",
+        "Config",
+        "Workspace",
+        "resolve_home",
+    ],
+    "insitu.audit": [
+        "CONSISTENCY_FORMAT",
+        "CheckedProof",
+        "EVENT_TYPE_PATTERN",
+        "EXPORT_FORMAT",
+        "Entry",
+        "ExportVerification",
+        "INCLUSION_FORMAT",
+        "Ledger",
+        "TreeHead",
+        "VerificationReport",
+        "check_proof",
+        "consistency_document",
+        "export_ledger",
+        "inclusion_document",
+        "node_id_for",
+        "verify_consistency",
+        "verify_entries",
+        "verify_export",
+        "verify_inclusion",
+    ],
+    "insitu.runtime": ["create_session"],
+    "insitu.cli": ["app", "main", "run"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(EXPECTED))
+def test_exported_names(module):
+    mod = importlib.import_module(module)
+    assert sorted(mod.__all__) == sorted(EXPECTED[module])
+    for name in mod.__all__:
+        assert hasattr(mod, name), name
+
+
+def test_every_error_is_an_insitu_error_with_an_exit_code():
+    for name in insitu.errors.__all__:
+        cls = getattr(insitu.errors, name)
+        assert issubclass(cls, InsituError), name
+        assert cls.exit_code == (2 if issubclass(cls, UsageError) else 1), name
+
+
+def test_the_error_tree_is_drawn_in_the_module_docstring():
+    doc = insitu.errors.__doc__ or ""
+    for name in insitu.errors.__all__:
+        assert name in doc, f"{name} is missing from the tree in insitu/errors.py"
