@@ -121,3 +121,16 @@ def test_inclusion_and_consistency_proof_documents_verify(ledger, workspace):
     assert checked.kind == "inclusion"
     growth = check_proof(consistency_document(ledger, kept), workspace.signing_public_key)
     assert f"from {kept.size} to {len(ledger)}" in growth.summary
+
+
+def test_record_many_is_all_or_nothing(ledger):
+    before = len(ledger)
+    with pytest.raises(PersonalDataError):
+        ledger.record_many(
+            [("test.event", {"i": 1}), ("test.event", {"who": "someone@example.org"})]
+        )
+    assert len(ledger) == before
+    entries = ledger.record_many([("test.event", {"i": i}) for i in range(300)])
+    assert [e.seq for e in entries] == list(range(before + 1, before + 301))
+    assert ledger.verify().entries == before + 300
+    assert any(h.size == 256 for h in ledger.heads())

@@ -29,7 +29,7 @@ import math
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -215,19 +215,26 @@ class Ledger:
             PersonalDataError: a payload string that looks like personal data.
 
         """
-        if not EVENT_TYPE_PATTERN.match(event_type):
-            raise InvalidEventError(
-                f"event type {event_type!r} is not of the form 'domain.event' "
-                "(lower case, dotted), e.g. 'training.round'"
-            )
-        _check_payload(payload, path=event_type)
-        payload_json = canonical_text(payload)
-        if len(payload_json) > MAX_PAYLOAD_BYTES:
-            raise InvalidEventError(
-                f"payload of {event_type!r} is {len(payload_json)} bytes, over the "
-                f"{MAX_PAYLOAD_BYTES}-byte limit: record figures and artefact digests, not data"
-            )
+        return self.record_many([(event_type, payload)])[0]
+
+    def record_many(self, events: Sequence[tuple[str, dict[str, Any]]]) -> list[Entry]:
+        """Append several events in one transaction: all of them, or none.
+
+        Each is still its own signed, chained entry; what is shared is the fsync, which
+        makes bulk changes (a consent import of thousands of rows) fast.
+
+        Raises:
+            InvalidEventError: a malformed event type or payload (nothing is written).
+            PersonalDataError: a payload string that looks like personal data.
+
+        """
+        prepared = [
+            (event_type, _encode_event(event_type, payload)) for event_type, payload in events
+        ]
+        if not prepared:
+            return []
         key = self._key()
+        entries: list[Entry] = []
         with self._write() as conn:
             size, blob = conn.execute("SELECT size, frontier FROM merkle WHERE id = 1").fetchone()
             frontier = _merkle.Frontier.from_bytes(size, blob)
@@ -236,40 +243,57 @@ class Ledger:
                 if size
                 else GENESIS_PREV
             )
-            seq, now = size + 1, utc_now()
-            digest = entry_hash(
-                seq=seq,
-                time=now,
-                node=self.log_id,
-                event_type=event_type,
-                payload_json=payload_json,
-                prev=prev,
-            )
-            entry = Entry(
-                seq=seq,
-                time=now,
-                node=self.log_id,
-                type=event_type,
-                payload_json=payload_json,
-                prev=prev,
-                hash=digest,
-                sig=key.sign(entry_signing_message(digest)),
-            )
-            conn.execute(
-                f"INSERT INTO entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
-                (seq, now, self.log_id, event_type, payload_json, prev, digest, entry.sig),
-            )
-            frontier.append(_merkle.leaf_hash(digest))
+            for event_type, payload_json in prepared:
+                entry = self._sign_entry(key, frontier.size + 1, event_type, payload_json, prev)
+                conn.execute(
+                    f"INSERT INTO entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        entry.seq,
+                        entry.time,
+                        entry.node,
+                        entry.type,
+                        entry.payload_json,
+                        entry.prev,
+                        entry.hash,
+                        entry.sig,
+                    ),
+                )
+                frontier.append(_merkle.leaf_hash(entry.hash))
+                if entry.seq % self.head_interval == 0:
+                    root = frontier.root()
+                    head = TreeHead.sign(key, log=self.log_id, size=entry.seq, root=root)
+                    self._store_head(conn, head)
+                entries.append(entry)
+                prev = entry.hash
             conn.execute(
                 "UPDATE merkle SET size = ?, frontier = ? WHERE id = 1",
                 (frontier.size, frontier.to_bytes()),
             )
-            if seq % self.head_interval == 0:
-                self._store_head(
-                    conn, TreeHead.sign(key, log=self.log_id, size=seq, root=frontier.root())
-                )
-        logger.debug("recorded %s as entry %d", event_type, seq)
-        return entry
+        logger.debug("recorded %d entries up to %d", len(entries), entries[-1].seq)
+        return entries
+
+    def _sign_entry(
+        self, key: Ed25519PrivateKey, seq: int, event_type: str, payload_json: str, prev: bytes
+    ) -> Entry:
+        now = utc_now()
+        digest = entry_hash(
+            seq=seq,
+            time=now,
+            node=self.log_id,
+            event_type=event_type,
+            payload_json=payload_json,
+            prev=prev,
+        )
+        return Entry(
+            seq=seq,
+            time=now,
+            node=self.log_id,
+            type=event_type,
+            payload_json=payload_json,
+            prev=prev,
+            hash=digest,
+            sig=key.sign(entry_signing_message(digest)),
+        )
 
     def sign_head(self) -> TreeHead:
         """Sign (and store) a tree head at the current size, or return the stored one."""
@@ -447,6 +471,23 @@ class Ledger:
                 "the ledger's Merkle state does not match its entries: the database was altered"
             )
         return report
+
+
+def _encode_event(event_type: str, payload: dict[str, Any]) -> str:
+    """Validate an event and return its canonical payload text."""
+    if not EVENT_TYPE_PATTERN.match(event_type):
+        raise InvalidEventError(
+            f"event type {event_type!r} is not of the form 'domain.event' "
+            "(lower case, dotted), e.g. 'training.round'"
+        )
+    _check_payload(payload, path=event_type)
+    payload_json = canonical_text(payload)
+    if len(payload_json) > MAX_PAYLOAD_BYTES:
+        raise InvalidEventError(
+            f"payload of {event_type!r} is {len(payload_json)} bytes, over the "
+            f"{MAX_PAYLOAD_BYTES}-byte limit: record figures and artefact digests, not data"
+        )
+    return payload_json
 
 
 def _check_payload(value: Any, *, path: str, depth: int = 0) -> None:
