@@ -15,7 +15,13 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     ├── KeyStoreError
     │   ├── KeyFileError                 a key file is missing, corrupt or of the wrong kind
     │   ├── PassphraseRequiredError      keys are encrypted and INSITU_PASSPHRASE is unset
-    │   └── WrongPassphraseError         the passphrase does not open the keys
+    │   ├── WrongPassphraseError         the passphrase does not open the keys
+    │   └── SealedFileError              an encrypted cache that does not open (wrong key, altered)
+    ├── DataError
+    │   ├── SchemaError                  a data schema that is invalid or does not fit the data
+    │   ├── DataFormatError              a data file that cannot be read, or bad values in it
+    │   ├── KAnonymityError              a release that would fall below the requested k
+    │   └── ConsentError                 a consent file or change that cannot be applied
     └── LedgerError
         ├── InvalidEventError            an event type or payload is not acceptable
         │   └── PersonalDataError        a payload value looks like personal data
@@ -37,9 +43,13 @@ __all__ = [
     "BadHeadSignatureError",
     "BrokenChainError",
     "ConfigError",
+    "ConsentError",
+    "DataError",
+    "DataFormatError",
     "EntryHashMismatchError",
     "InsituError",
     "InvalidEventError",
+    "KAnonymityError",
     "KeyFileError",
     "KeyStoreError",
     "LedgerError",
@@ -49,6 +59,8 @@ __all__ = [
     "PersonalDataError",
     "ProofError",
     "RootMismatchError",
+    "SchemaError",
+    "SealedFileError",
     "TruncatedLedgerError",
     "UsageError",
     "WorkspaceError",
@@ -103,6 +115,30 @@ class PassphraseRequiredError(KeyStoreError):
 
 class WrongPassphraseError(KeyStoreError):
     """The passphrase given does not decrypt the private keys."""
+
+
+class SealedFileError(KeyStoreError):
+    """An encrypted local file that does not open: another site's key, altered, or foreign."""
+
+
+class DataError(InsituError):
+    """An error of the data layer."""
+
+
+class SchemaError(DataError):
+    """A data schema that is invalid, or that does not fit the data it is applied to."""
+
+
+class DataFormatError(DataError):
+    """A data file that cannot be read, or that holds values its schema does not allow."""
+
+
+class KAnonymityError(DataError):
+    """A prepared release whose smallest equivalence class is below the requested k."""
+
+
+class ConsentError(DataError):
+    """A consent file or consent change that cannot be applied."""
 
 
 class LedgerError(InsituError):

@@ -18,7 +18,7 @@ from insitu.errors import (
 )
 from insitu.workspace import Workspace
 
-SECRET_FILES = ("signing.key", "encryption.key", "api-token")
+SECRET_FILES = ("signing.key", "encryption.key", "api-token", "pseudonym.key", "data.key")
 
 
 def test_init_creates_config_keys_and_a_verified_ledger(workspace):
@@ -154,3 +154,29 @@ def test_a_non_empty_directory_that_is_not_a_workspace_is_left_alone(tmp_path):
     with pytest.raises(WorkspaceError, match="not an insitu workspace"):
         Workspace.init(tmp_path / "data")
     assert (tmp_path / "data" / "precious.csv").read_text() == "a,b\n"
+
+
+def test_site_secrets_are_created_once_and_differ(workspace, tmp_path):
+    pseudonym = workspace.secret("pseudonym")
+    assert len(pseudonym) == 32
+    assert workspace.secret("pseudonym") == pseudonym
+    assert workspace.secret("data") != pseudonym
+    other, _ = Workspace.init(tmp_path / "other")
+    assert other.secret("pseudonym") != pseudonym
+
+
+def test_a_site_secret_missing_from_an_older_workspace_is_created_without_overwriting(workspace):
+    (workspace.keys_dir / "data.key").unlink()
+    created = workspace.secret("data")
+    assert workspace.secret("data") == created
+    assert stat.S_IMODE((workspace.keys_dir / "data.key").stat().st_mode) == 0o600
+
+
+def test_site_secrets_are_encrypted_with_the_passphrase(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSITU_PASSPHRASE", "pw")
+    ws, _ = Workspace.init(tmp_path / "ws")
+    secret = ws.secret("pseudonym")
+    assert secret.hex() not in (ws.keys_dir / "pseudonym.key").read_text()
+    monkeypatch.setenv("INSITU_PASSPHRASE", "other")
+    with pytest.raises(WrongPassphraseError):
+        ws.secret("pseudonym")

@@ -1,8 +1,14 @@
-"""Node keys on disk: an Ed25519 signing key and an X25519 key for receiving bundles.
+"""Node keys on disk: Ed25519 signing, X25519 for receiving bundles, and site secrets.
+
+The site secrets are 256-bit symmetric keys that never leave the site: ``pseudonym``
+(HMAC key of pseudonymization: the same person maps to the same token at this site and
+to an unrelated token anywhere else) and ``data`` (AES-256-GCM key of local caches).
+They use the same file format with kind ``secret`` and, as ``public``, a key id (a hash
+that reveals nothing of the key).
 
 Private key file format ``insitu-key/1`` (JSON, mode 0600)::
 
-    {"format": "insitu-key/1", "kind": "ed25519" | "x25519", "public": "<hex>",
+    {"format": "insitu-key/1", "kind": "ed25519" | "x25519" | "secret", "public": "<hex>",
      "protection": "none" | "scrypt+aes-256-gcm",
      "kdf": {"n": 32768, "r": 8, "p": 1, "salt": "<hex>"},   # when protected
      "nonce": "<hex>", "secret": "<hex>"}
@@ -17,6 +23,7 @@ public halves are also written as standard PEM (``*.pub.pem``) for other tools.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,10 +51,13 @@ __all__ = [
     "KEY_FORMAT",
     "PASSPHRASE_ENV",
     "KeyKind",
+    "create_secret",
     "load_private_key",
+    "load_secret",
     "passphrase_from_env",
     "save_private_key",
     "save_public_key",
+    "secret_key_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,7 +67,7 @@ PASSPHRASE_ENV = "INSITU_PASSPHRASE"  # noqa: S105 -- a variable name, not a sec
 PROTECTED = "scrypt+aes-256-gcm"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 
-KeyKind = Literal["ed25519", "x25519"]
+KeyKind = Literal["ed25519", "x25519", "secret"]
 PrivateKey = Ed25519PrivateKey | X25519PrivateKey
 
 
@@ -78,11 +88,7 @@ def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
-def save_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> None:
-    """Write ``key`` to ``path`` (mode 0600), encrypted when a passphrase is given."""
-    kind = _kind_of(key)
-    public = _public_raw(key)
-    secret = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+def _envelope(kind: KeyKind, public: bytes, secret: bytes, passphrase: str | None) -> bytes:
     doc: dict[str, Any] = {"format": KEY_FORMAT, "kind": kind, "public": public.hex()}
     if passphrase:
         salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
@@ -96,7 +102,46 @@ def save_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> Non
         }
     else:
         doc |= {"protection": "none", "secret": secret.hex()}
-    atomic_write_bytes(path, json.dumps(doc, indent=2).encode() + b"\n", mode=0o600)
+    return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+def save_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> None:
+    """Write ``key`` to ``path`` (mode 0600), encrypted when a passphrase is given."""
+    secret = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    data = _envelope(_kind_of(key), _public_raw(key), secret, passphrase)
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def secret_key_id(secret: bytes) -> bytes:
+    """The public identifier of a symmetric key: a hash that reveals nothing of it."""
+    return hashlib.sha256(b"insitu/secret-key-id/v1\n" + secret).digest()[:16]
+
+
+def create_secret(path: Path, passphrase: str | None) -> bool:
+    """Create a random 256-bit key file at ``path`` unless one exists; True if created.
+
+    Never overwrites: the file is linked into place, which fails if another process
+    created it first (the loser keeps the winner's key).
+    """
+    secret = secrets.token_bytes(32)
+    data = _envelope("secret", secret_key_id(secret), secret, passphrase)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        atomic_write_bytes(tmp, data, mode=0o600)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def load_secret(path: Path, passphrase: str | None) -> bytes:
+    """Load a symmetric key written by :func:`create_secret` (same errors as private keys)."""
+    secret, public = _open(path, "secret", passphrase)
+    if secret_key_id(secret) != public:
+        raise KeyFileError(f"key file {path} holds a key that does not match its id")
+    return secret
 
 
 def save_public_key(path: Path, key: Ed25519PublicKey | X25519PublicKey) -> None:
@@ -123,6 +168,39 @@ def _read_doc(path: Path, kind: KeyKind) -> dict[str, Any]:
     return doc
 
 
+def _open(path: Path, kind: KeyKind, passphrase: str | None) -> tuple[bytes, bytes]:
+    """Read and decrypt a key file; returns (secret, public)."""
+    doc = _read_doc(path, kind)
+    try:
+        public = bytes.fromhex(doc["public"])
+        if doc["protection"] == "none":
+            return bytes.fromhex(doc["secret"]), public
+        if doc["protection"] != PROTECTED:
+            raise KeyFileError(f"{path} uses unknown protection {doc['protection']!r}")
+        if not passphrase:
+            raise PassphraseRequiredError(
+                f"the keys in {path.parent} are encrypted; set {PASSPHRASE_ENV} to "
+                "the workspace passphrase"
+            )
+        kdf = doc["kdf"]
+        aead_key = _derive(passphrase, bytes.fromhex(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
+        aad = canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": doc["public"]})
+        try:
+            secret = AESGCM(aead_key).decrypt(
+                bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["secret"]), aad
+            )
+        except InvalidTag:
+            raise WrongPassphraseError(
+                f"{PASSPHRASE_ENV} does not open the keys in {path.parent}: "
+                "check the passphrase (nothing was changed)"
+            ) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KeyFileError(
+            f"key file {path} is corrupt ({exc}); restore it from your backup"
+        ) from exc
+    return secret, public
+
+
 def load_private_key(path: Path, kind: KeyKind, passphrase: str | None) -> PrivateKey:
     """Load a private key written by :func:`save_private_key`.
 
@@ -132,37 +210,14 @@ def load_private_key(path: Path, kind: KeyKind, passphrase: str | None) -> Priva
         WrongPassphraseError: the passphrase does not decrypt it.
 
     """
-    doc = _read_doc(path, kind)
+    secret, public = _open(path, kind, passphrase)
     try:
-        public = bytes.fromhex(doc["public"])
-        if doc["protection"] == "none":
-            secret = bytes.fromhex(doc["secret"])
-        elif doc["protection"] == PROTECTED:
-            if not passphrase:
-                raise PassphraseRequiredError(
-                    f"the keys in {path.parent} are encrypted; set {PASSPHRASE_ENV} to "
-                    "the workspace passphrase"
-                )
-            kdf = doc["kdf"]
-            aead_key = _derive(passphrase, bytes.fromhex(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
-            aad = canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": doc["public"]})
-            try:
-                secret = AESGCM(aead_key).decrypt(
-                    bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["secret"]), aad
-                )
-            except InvalidTag:
-                raise WrongPassphraseError(
-                    f"{PASSPHRASE_ENV} does not open the keys in {path.parent}: "
-                    "check the passphrase (nothing was changed)"
-                ) from None
-        else:
-            raise KeyFileError(f"{path} uses unknown protection {doc['protection']!r}")
         key: PrivateKey = (
             Ed25519PrivateKey.from_private_bytes(secret)
             if kind == "ed25519"
             else X25519PrivateKey.from_private_bytes(secret)
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except ValueError as exc:
         raise KeyFileError(
             f"key file {path} is corrupt ({exc}); restore it from your backup"
         ) from exc

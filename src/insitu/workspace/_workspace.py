@@ -8,6 +8,8 @@ Layout (``./.insitu`` by default; ``--home`` or ``INSITU_HOME`` elsewhere)::
     keys/encryption.key      X25519 private key for receiving encrypted bundles, 0600
     keys/encryption.pub.pem  its public half
     keys/api-token           bearer token of the localhost API, 0600
+    keys/pseudonym.key       site secret: HMAC key of pseudonymization, 0600
+    keys/data.key            site secret: AES-256-GCM key of local caches, 0600
     ledger.db                the audit ledger (``insitu.audit``)
 
 Invariants: a workspace is created whole or not at all (built in a temporary sibling
@@ -25,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -42,7 +45,9 @@ from insitu.errors import (
 )
 from insitu.workspace._config import Config, load_config, save_config
 from insitu.workspace._keys import (
+    create_secret,
     load_private_key,
+    load_secret,
     passphrase_from_env,
     save_private_key,
     save_public_key,
@@ -144,6 +149,14 @@ class Workspace:
         )
         assert isinstance(key, X25519PrivateKey)
         return key
+
+    def secret(self, name: Literal["pseudonym", "data"], passphrase: str | None = None) -> bytes:
+        """A site secret (created on first use in workspaces older than it)."""
+        path = self.keys_dir / f"{name}.key"
+        passphrase = passphrase or passphrase_from_env()
+        if not path.exists() and create_secret(path, passphrase):
+            logger.info("created site secret %s", path)
+        return load_secret(path, passphrase)
 
     def api_token(self) -> str:
         """The bearer token of this node's localhost API."""
@@ -258,6 +271,8 @@ def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
     save_private_key(keys / "encryption.key", encryption, passphrase)
     save_public_key(keys / "encryption.pub.pem", encryption.public_key())
     atomic_write_text(keys / "api-token", secrets.token_urlsafe(32) + "\n", mode=0o600)
+    create_secret(keys / "pseudonym.key", passphrase)
+    create_secret(keys / "data.key", passphrase)
     node_id = node_id_for(signing.public_key())
     config = Config(
         {
