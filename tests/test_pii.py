@@ -50,3 +50,12 @@ def test_luhn_check_digit_property(digits):
 @given(st.binary(min_size=32, max_size=32))
 def test_hex_digests_are_never_flagged(digest):
     assert find_personal_data(digest.hex()) is None
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_pseudonym_tokens_are_never_flagged(digest):
+    assert find_personal_data("p_" + digest.hex()) is None
+
+
+def test_a_card_number_made_only_of_digits_at_the_end_of_a_token_is_not_flagged():
+    assert find_personal_data("p_4111111111111111") is None

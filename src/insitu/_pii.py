@@ -16,10 +16,9 @@ __all__ = ["find_personal_data", "luhn_valid"]
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 # International phone numbers only (a leading +): national formats collide with counts.
 _PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?!\w)")
-_CARD = re.compile(r"(?<![0-9A-Za-z])(?:\d[ -]?){12,18}\d(?![0-9A-Za-z])")
-_IBAN = re.compile(
-    r"(?<![0-9A-Za-z])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?![0-9A-Za-z])"
-)
+# Digit runs inside longer tokens (hex digests, ``p_`` pseudonyms) are not card numbers.
+_CARD = re.compile(r"(?<!\w)(?:\d[ -]?){12,18}\d(?!\w)")
+_IBAN = re.compile(r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?!\w)")
 
 
 def luhn_valid(digits: str) -> bool:

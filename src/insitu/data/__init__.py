@@ -1,0 +1,50 @@
+"""The data layer: schemas, minimization, pseudonymization, consent, sealed caches.
+
+Raw data enters insitu only through :class:`SiteDataset` (or :func:`prepare`), which
+applies a :class:`DataSchema`: undeclared and dropped columns never reach a model,
+identifiers are pseudonymized with a site-held key, quasi-identifiers are generalized
+and measured for k-anonymity, and records without consent are left out of each round.
+See ``docs/data-protection.md``.
+"""
+
+from __future__ import annotations
+
+from insitu.data._consent import ConsentChange, ConsentRegistry
+from insitu.data._detect import ColumnFinding, scan_column, scan_frame
+from insitu.data._encode import FeatureEncoder
+from insitu.data._io import read_table
+from insitu.data._kanon import KAnonymity
+from insitu.data._prepare import (
+    InspectReport,
+    PreparedData,
+    PrepareReport,
+    inspect_table,
+    load_prepared,
+    prepare,
+    write_prepared,
+)
+from insitu.data._pseudonym import Pseudonymizer
+from insitu.data._schema import DataSchema
+from insitu.data._site import SiteDataset, TrainingData
+
+__all__ = [
+    "ColumnFinding",
+    "ConsentChange",
+    "ConsentRegistry",
+    "DataSchema",
+    "FeatureEncoder",
+    "InspectReport",
+    "KAnonymity",
+    "PrepareReport",
+    "PreparedData",
+    "Pseudonymizer",
+    "SiteDataset",
+    "TrainingData",
+    "inspect_table",
+    "load_prepared",
+    "prepare",
+    "read_table",
+    "scan_column",
+    "scan_frame",
+    "write_prepared",
+]

@@ -1,0 +1,276 @@
+"""Applying a schema: minimization, pseudonymization, generalization, k-anonymity.
+
+:func:`prepare` is the only way raw data becomes something insitu trains on. What it
+guarantees about the frame it returns (each a test):
+
+* it holds exactly the columns of :attr:`DataSchema.released` — no dropped column, no
+  direct identifier in the clear, no column the schema does not declare;
+* pseudonymized columns hold ``p_`` tokens keyed by the site secret, never raw values;
+* numeric features are numbers and the label has no missing value;
+* its quasi-identifiers are k-anonymous for the requested k, or rows of smaller classes
+  were suppressed (and counted), or the caller forced a release below k (and that is
+  recorded).
+
+:func:`write_prepared` seals the release with the site's data key; the only plaintext
+written beside it is ``manifest.json``, which holds counts and column names, no values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from insitu._atomic import atomic_write_text
+from insitu._sealed import purge_stale_temporaries, read_sealed, write_sealed
+from insitu.data._detect import ColumnFinding, scan_frame
+from insitu.data._generalize import apply_rule
+from insitu.data._kanon import KAnonymity, measure, suppress_below
+from insitu.data._pseudonym import Pseudonymizer
+from insitu.data._schema import DataSchema
+from insitu.errors import DataFormatError, KAnonymityError
+
+__all__ = [
+    "InspectReport",
+    "PrepareReport",
+    "PreparedData",
+    "inspect_table",
+    "load_prepared",
+    "prepare",
+    "write_prepared",
+]
+
+logger = logging.getLogger(__name__)
+
+SEALED_NAME = "prepared.sealed"
+MANIFEST_NAME = "manifest.json"
+CONTEXT = "prepared-data"
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """What a schema would do to a table, and which columns look like identifiers."""
+
+    rows: int
+    features: list[str]
+    label: str
+    pseudonymized: list[str]
+    generalized: dict[str, str]
+    kept: list[str]
+    dropped: list[str]
+    undeclared: list[str]
+    findings: dict[str, ColumnFinding]
+    warnings: list[str]
+
+
+def inspect_table(frame: pd.DataFrame, schema: DataSchema, *, source: str) -> InspectReport:
+    """Describe what :func:`prepare` would do, and warn about identifier-like features."""
+    schema.check_columns(frame.columns, source=source)
+    findings = scan_frame(frame)
+    warnings: list[str] = []
+    treated = set(schema.drop) | set(schema.pseudonymize)
+    for column, finding in findings.items():
+        travels = column in schema.features or column in schema.keep
+        if finding.suspicious and travels and column not in treated:
+            role = "a feature" if column in schema.features else "kept"
+            warnings.append(
+                f"column {column!r} is declared {role} but holds {finding.describe()}: "
+                "declare it an identifier (drop or pseudonymize) or clean it"
+            )
+    return InspectReport(
+        rows=len(frame),
+        features=list(schema.features),
+        label=schema.label,
+        pseudonymized=list(schema.pseudonymize),
+        generalized={c: str(r) for c, r in schema.generalize.items()},
+        kept=list(schema.keep),
+        dropped=[c for c in schema.drop if c in frame.columns],
+        undeclared=[c for c in frame.columns if c not in schema.declared],
+        findings={c: f for c, f in findings.items() if f.suspicious},
+        warnings=warnings,
+    )
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """Figures of one preparation; safe to show, log and record (no values)."""
+
+    dataset: str
+    schema_sha256: str
+    rows_in: int
+    rows_out: int
+    columns: list[str]
+    dropped: list[str]
+    undeclared: list[str]
+    pseudonymized: list[str]
+    generalized: dict[str, str]
+    k_anonymity: dict[str, Any]
+    rows_suppressed: int
+    forced_below_k: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON (the manifest's body)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared release: the frame and how it was made."""
+
+    frame: pd.DataFrame = field(repr=False)
+    schema: DataSchema
+    report: PrepareReport
+
+
+def prepare(
+    frame: pd.DataFrame,
+    schema: DataSchema,
+    pseudonymizer: Pseudonymizer,
+    *,
+    source: str,
+    k: int | None = None,
+    suppress: bool = False,
+    force: bool = False,
+) -> PreparedData:
+    """Apply ``schema`` to a raw table; see the module docstring for the guarantees.
+
+    Args:
+        frame: the raw table (never modified).
+        schema: the data schema.
+        pseudonymizer: keyed with this site's secret.
+        source: the table's name, for error messages.
+        k: requested k-anonymity (default: the schema's ``privacy.k``).
+        suppress: remove rows of classes smaller than k instead of refusing.
+        force: release below k anyway (recorded as such).
+
+    Raises:
+        SchemaError: the schema names a column the table lacks.
+        DataFormatError: a numeric feature with a non-number, a missing label.
+        KAnonymityError: below k, and neither ``suppress`` nor ``force``.
+
+    """
+    schema.check_columns(frame.columns, source=source)
+    k = schema.k if k is None else k
+    released = schema.released
+    # Minimization first: from here on, nothing undeclared or dropped exists.
+    out = frame.loc[:, list(released)].copy()
+    for column in schema.pseudonymize:
+        out[column] = pseudonymizer.series(out[column].astype(str))
+    for column, rule in schema.generalize.items():
+        out[column] = apply_rule(rule, out[column])
+    for column in schema.numeric:
+        numbers = pd.to_numeric(out[column], errors="coerce")
+        if numbers.isna().any():
+            example = out[column][numbers.isna()].iloc[0]
+            raise DataFormatError(
+                f"{source}: numeric feature {column!r} holds {int(numbers.isna().sum())} "
+                f"missing or non-numeric values (e.g. {example!r}); clean them or declare "
+                "the column categorical"
+            )
+        out[column] = numbers.astype("float64")
+    for column in schema.categorical:
+        out[column] = out[column].astype(str)
+    if out[schema.label].isna().any():
+        raise DataFormatError(
+            f"{source}: the label {schema.label!r} is missing in "
+            f"{int(out[schema.label].isna().sum())} rows; drop those rows first"
+        )
+
+    quasi = schema.released_quasi
+    before = measure(out, quasi, k)
+    suppressed = 0
+    if not before.satisfied:
+        if suppress:
+            out = suppress_below(out, quasi, k)
+            suppressed = before.rows - len(out)
+        elif not force:
+            raise KAnonymityError(
+                f"{source}: the release is {before.smallest_class}-anonymous over "
+                f"{', '.join(quasi)}, below the requested k={k} ({before.rows_below_k} rows "
+                f"in {before.classes_below_k} classes); generalize more, pass --suppress to "
+                "remove those rows, or --force to release anyway"
+            )
+        else:
+            logger.warning(
+                "releasing below k=%d (smallest class %d) because it was forced",
+                k,
+                before.smallest_class,
+            )
+    after = measure(out, quasi, k)
+    report = PrepareReport(
+        dataset=schema.name,
+        schema_sha256=schema.digest(),
+        rows_in=len(frame),
+        rows_out=len(out),
+        columns=list(out.columns),
+        dropped=[c for c in schema.drop if c in frame.columns],
+        undeclared=[c for c in frame.columns if c not in schema.declared],
+        pseudonymized=list(schema.pseudonymize),
+        generalized={c: str(r) for c, r in schema.generalize.items()},
+        k_anonymity=_kanon_json(after, before),
+        rows_suppressed=suppressed,
+        forced_below_k=force and not after.satisfied,
+    )
+    return PreparedData(frame=out.reset_index(drop=True), schema=schema, report=report)
+
+
+def _kanon_json(after: KAnonymity, before: KAnonymity) -> dict[str, Any]:
+    return {
+        "quasi_identifiers": list(after.quasi),
+        "k_requested": after.k,
+        "smallest_class": after.smallest_class,
+        "classes": after.classes,
+        "rows_below_k": after.rows_below_k,
+        "smallest_class_before_suppression": before.smallest_class,
+        "satisfied": after.satisfied,
+    }
+
+
+def write_prepared(directory: Path, prepared: PreparedData, data_key: bytes) -> Path:
+    """Seal a release into ``directory`` (created if needed); returns the manifest path.
+
+    The sealed data is written first and the manifest last, both atomically: a
+    directory with a manifest holds a complete release.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    purge_stale_temporaries(directory)
+    buffer = io.BytesIO()
+    prepared.frame.to_parquet(buffer, index=False)
+    write_sealed(directory / SEALED_NAME, buffer.getvalue(), data_key, context=CONTEXT)
+    manifest = {
+        "format": "insitu-prepared/1",
+        "schema": prepared.schema.source,
+        "report": prepared.report.to_json(),
+    }
+    atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    return directory / MANIFEST_NAME
+
+
+def load_prepared(directory: Path, data_key: bytes) -> PreparedData:
+    """Open a sealed release written by :func:`write_prepared` (decrypted in memory only).
+
+    Raises:
+        DataFormatError: no complete release in ``directory``.
+        SealedFileError: sealed with another site's key, or altered.
+
+    """
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        schema = DataSchema.from_dict(manifest["schema"])
+        report = PrepareReport(**manifest["report"])
+    except FileNotFoundError:
+        raise DataFormatError(
+            f"{directory} holds no prepared data; run 'insitu data prepare' first"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataFormatError(f"{directory / MANIFEST_NAME} is damaged ({exc})") from exc
+    plaintext = read_sealed(directory / SEALED_NAME, data_key, context=CONTEXT)
+    frame = pd.read_parquet(io.BytesIO(plaintext))
+    if list(frame.columns) != list(schema.released):
+        raise DataFormatError(f"{directory}: the sealed data does not match its manifest")
+    return PreparedData(frame=frame, schema=schema, report=report)

@@ -1,0 +1,373 @@
+"""The data schema: what each column of a data set is, and what happens to it.
+
+One schema per data set, in TOML (documented in ``docs/data-protection.md``)::
+
+    [dataset]
+    name = "adult-income"
+    label = "income"
+    positive = ">50K"                 # binary label: this value is 1, all others 0
+    subject = "record_id"             # optional; always pseudonymized; consent is keyed by it
+
+    [features]                        # the ONLY columns a model ever receives
+    numeric = ["age", "hours_per_week"]
+    categorical = ["sex", "occupation"]
+
+    [features.categories]             # fixed vocabularies: every site encodes alike
+    sex = ["Female", "Male"]          # without sharing any statistic
+
+    [features.ranges]                 # numeric scaling from declared ranges, not from data
+    age = [17, 90]
+
+    [identifiers]
+    direct = ["name", "email"]        # must be dropped or pseudonymized
+    quasi = ["age", "sex", "zip"]     # k-anonymity is measured over these
+
+    [treatment]
+    drop = ["name", "fnlwgt"]
+    pseudonymize = ["email"]
+    generalize = { age = "band:10", zip = "prefix:3", birth_date = "year" }
+    keep = ["zip"]                    # carried into the prepared data, never a feature
+
+    [consent]
+    required = true                   # default: true when dataset.subject is set
+    purpose = "training"
+    legal_basis = ""                  # required when consent is not required
+
+    [privacy]
+    k = 5                             # refuse a release whose smallest class is below k
+
+Invariants a valid :class:`DataSchema` holds (checked in :meth:`DataSchema.from_dict`,
+each violation an error naming the column):
+
+* exactly one label, which is not a feature and not treated;
+* every column has at most one treatment (``drop``, ``pseudonymize``, ``keep``) and a
+  feature is never dropped or pseudonymized;
+* every direct identifier, and the subject column, is dropped or pseudonymized and is
+  never a feature;
+* every quasi-identifier has a declared fate (a feature, kept, generalized or dropped);
+* generalization rules are well formed and apply to kept or feature columns.
+
+Columns of the data that the schema does not declare never reach a model or a prepared
+release: minimization by construction. :meth:`DataSchema.check_columns` refuses a schema
+that names a column the data does not have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from insitu._canonical import canonical_bytes
+from insitu.data._generalize import Rule, parse_rule
+from insitu.errors import SchemaError
+
+__all__ = ["DataSchema"]
+
+_SECTIONS: dict[str, set[str]] = {
+    "dataset": {"name", "label", "positive", "subject"},
+    "features": {"numeric", "categorical", "categories", "ranges"},
+    "identifiers": {"direct", "quasi"},
+    "treatment": {"drop", "pseudonymize", "generalize", "keep"},
+    "consent": {"required", "purpose", "legal_basis"},
+    "privacy": {"k"},
+}
+
+
+def _str_list(doc: dict[str, Any], section: str, key: str) -> list[str]:
+    value = doc.get(section, {}).get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SchemaError(f"{section}.{key} must be a list of column names")
+    duplicates = {v for v in value if value.count(v) > 1}
+    if duplicates:
+        raise SchemaError(f"{section}.{key} lists column {sorted(duplicates)[0]!r} twice")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """A validated data schema; see the module docstring."""
+
+    name: str
+    label: str
+    positive: str | None
+    subject: str | None
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    categories: dict[str, tuple[str, ...]]
+    ranges: dict[str, tuple[float, float]]
+    direct: tuple[str, ...]
+    quasi: tuple[str, ...]
+    drop: tuple[str, ...]
+    pseudonymize: tuple[str, ...]
+    keep: tuple[str, ...]
+    generalize: dict[str, Rule]
+    consent_required: bool
+    consent_purpose: str
+    legal_basis: str
+    k: int
+    source: dict[str, Any] = field(repr=False, compare=False)
+
+    # -- loading -------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path | str) -> DataSchema:
+        """Read and validate a schema file.
+
+        Raises:
+            SchemaError: unreadable, not TOML, or not a valid schema.
+
+        """
+        path = Path(path)
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SchemaError(f"schema file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SchemaError(f"cannot read schema {path} ({exc})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SchemaError(f"schema {path} is not valid TOML ({exc})") from exc
+        try:
+            return cls.from_dict(doc)
+        except SchemaError as exc:
+            raise SchemaError(f"schema {path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DataSchema:  # noqa: PLR0912, PLR0915 -- one check per rule, in order
+        """Validate a parsed schema document (see the module docstring for the rules)."""
+        for section, value in doc.items():
+            if section not in _SECTIONS:
+                raise SchemaError(f"unknown section [{section}]; known: {', '.join(_SECTIONS)}")
+            if not isinstance(value, dict):
+                raise SchemaError(f"[{section}] must be a table")
+            unknown = set(value) - _SECTIONS[section]
+            if unknown:
+                raise SchemaError(
+                    f"unknown key {section}.{sorted(unknown)[0]}; "
+                    f"known keys: {', '.join(sorted(_SECTIONS[section]))}"
+                )
+        dataset = doc.get("dataset", {})
+        label = dataset.get("label")
+        if not isinstance(label, str) or not label:
+            raise SchemaError("no label column: set dataset.label to the column to predict")
+        name = dataset.get("name", "dataset")
+        positive = dataset.get("positive")
+        subject = dataset.get("subject")
+        for key, value in (("name", name), ("positive", positive), ("subject", subject)):
+            if value is not None and not isinstance(value, str):
+                raise SchemaError(f"dataset.{key} must be a string")
+
+        numeric = _str_list(doc, "features", "numeric")
+        categorical = _str_list(doc, "features", "categorical")
+        direct = _str_list(doc, "identifiers", "direct")
+        quasi = _str_list(doc, "identifiers", "quasi")
+        drop = _str_list(doc, "treatment", "drop")
+        pseudonymize = _str_list(doc, "treatment", "pseudonymize")
+        keep = _str_list(doc, "treatment", "keep")
+        features = numeric + categorical
+
+        both = set(numeric) & set(categorical)
+        if both:
+            raise SchemaError(f"column {sorted(both)[0]!r} is both numeric and categorical")
+        if label in features:
+            raise SchemaError(f"column {label!r} is the label and also a feature")
+        treatments = {"dropped": drop, "pseudonymized": pseudonymize, "kept": keep}
+        if label in drop + pseudonymize + keep + direct:
+            raise SchemaError(
+                f"column {label!r} is the label; it cannot be treated or an identifier"
+            )
+        names = list(treatments)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                clash = set(treatments[first]) & set(treatments[second])
+                if clash:
+                    raise SchemaError(f"column {sorted(clash)[0]!r} is both {first} and {second}")
+        for column in features:
+            if column in drop or column in pseudonymize:
+                what = "dropped" if column in drop else "pseudonymized"
+                raise SchemaError(
+                    f"column {column!r} is a feature and {what}: a model never receives "
+                    "dropped or pseudonymized columns; remove it from one list"
+                )
+        if subject is not None:
+            if subject in features or subject in keep:
+                raise SchemaError(
+                    f"column {subject!r} is the subject identifier; it is always "
+                    "pseudonymized and can never be a feature or kept"
+                )
+            if subject in drop:
+                raise SchemaError(
+                    f"column {subject!r} is the subject identifier: consent is keyed by its "
+                    "pseudonym, so it cannot be dropped; remove it from treatment.drop"
+                )
+            if subject not in pseudonymize:
+                pseudonymize.append(subject)
+        for column in direct:
+            if column in features or column in keep:
+                raise SchemaError(
+                    f"column {column!r} is a direct identifier and cannot be a feature or kept"
+                )
+            if column not in drop and column not in pseudonymize:
+                raise SchemaError(
+                    f"direct identifier {column!r} must be dropped or pseudonymized "
+                    "(treatment.drop or treatment.pseudonymize)"
+                )
+
+        raw_rules = doc.get("treatment", {}).get("generalize", {})
+        if not isinstance(raw_rules, dict):
+            raise SchemaError('treatment.generalize must be a table of column = "rule"')
+        generalize: dict[str, Rule] = {}
+        for column, text in raw_rules.items():
+            if column not in features and column not in keep:
+                raise SchemaError(
+                    f"column {column!r} is generalized but is neither a feature nor kept"
+                )
+            if not isinstance(text, str):
+                raise SchemaError(f"generalization of {column!r} must be a string rule")
+            generalize[column] = parse_rule(column, text)
+
+        for column in quasi:
+            if column not in features + keep + drop:
+                raise SchemaError(
+                    f"quasi-identifier {column!r} has no declared fate: make it a feature, "
+                    "keep, generalize or drop it"
+                )
+
+        categories = _categories(doc, categorical)
+        ranges = _ranges(doc, numeric)
+
+        consent = doc.get("consent", {})
+        required = consent.get("required", subject is not None)
+        purpose = consent.get("purpose", "training")
+        legal_basis = consent.get("legal_basis", "")
+        if (
+            not isinstance(required, bool)
+            or not isinstance(purpose, str)
+            or not isinstance(legal_basis, str)
+        ):
+            raise SchemaError("consent.required is true/false; purpose and legal_basis are strings")
+        if required and subject is None:
+            raise SchemaError(
+                "consent.required needs dataset.subject: consent is recorded per subject"
+            )
+        if not required and not legal_basis:
+            raise SchemaError(
+                "consent is not required: state the legal basis in consent.legal_basis "
+                "(e.g. 'GDPR art. 9(2)(j), research')"
+            )
+        k = doc.get("privacy", {}).get("k", 1)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise SchemaError("privacy.k must be a whole number of at least 1")
+
+        return cls(
+            name=name,
+            label=label,
+            positive=positive,
+            subject=subject,
+            numeric=tuple(numeric),
+            categorical=tuple(categorical),
+            categories=categories,
+            ranges=ranges,
+            direct=tuple(direct),
+            quasi=tuple(quasi),
+            drop=tuple(drop),
+            pseudonymize=tuple(pseudonymize),
+            keep=tuple(keep),
+            generalize=generalize,
+            consent_required=required,
+            consent_purpose=purpose,
+            legal_basis=legal_basis,
+            k=k,
+            source=doc,
+        )
+
+    # -- derived views ---------------------------------------------------------------
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The columns a model receives, numeric first."""
+        return self.numeric + self.categorical
+
+    @property
+    def declared(self) -> set[str]:
+        """Every column the schema names."""
+        return {
+            self.label,
+            *self.features,
+            *self.direct,
+            *self.quasi,
+            *self.drop,
+            *self.pseudonymize,
+            *self.keep,
+            *self.generalize,
+            *([self.subject] if self.subject else []),
+        }
+
+    @property
+    def released(self) -> tuple[str, ...]:
+        """Columns of a prepared release: pseudonyms, kept columns, features, label."""
+        ordered: list[str] = []
+        for column in (*self.pseudonymize, *self.keep, *self.features, self.label):
+            if column not in ordered:
+                ordered.append(column)
+        return tuple(ordered)
+
+    @property
+    def released_quasi(self) -> tuple[str, ...]:
+        """Quasi-identifiers that remain in a release (k-anonymity is measured over them)."""
+        return tuple(c for c in self.quasi if c not in self.drop)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical schema: ties a model to the schema it was trained on."""
+        return hashlib.sha256(canonical_bytes(self.source)).hexdigest()
+
+    def check_columns(self, columns: Iterable[str], *, source: str) -> None:
+        """Refuse a schema that names a column ``source`` does not have."""
+        present = set(columns)
+        for column in sorted(self.declared):
+            if column not in present:
+                raise SchemaError(
+                    f"column {column!r} is declared in the schema but is not in {source} "
+                    f"(its columns: {', '.join(sorted(present))})"
+                )
+
+
+def _categories(doc: dict[str, Any], categorical: list[str]) -> dict[str, tuple[str, ...]]:
+    raw = doc.get("features", {}).get("categories", {})
+    if not isinstance(raw, dict):
+        raise SchemaError("features.categories must be a table of column = [values]")
+    result: dict[str, tuple[str, ...]] = {}
+    for column, values in raw.items():
+        if column not in categorical:
+            raise SchemaError(f"features.categories names {column!r}, which is not categorical")
+        if (
+            not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) for v in values)
+        ):
+            raise SchemaError(f"features.categories.{column} must be a non-empty list of strings")
+        result[column] = tuple(values)
+    return result
+
+
+def _ranges(doc: dict[str, Any], numeric: list[str]) -> dict[str, tuple[float, float]]:
+    raw = doc.get("features", {}).get("ranges", {})
+    if not isinstance(raw, dict):
+        raise SchemaError("features.ranges must be a table of column = [min, max]")
+    result: dict[str, tuple[float, float]] = {}
+    for column, bounds in raw.items():
+        if column not in numeric:
+            raise SchemaError(f"features.ranges names {column!r}, which is not numeric")
+        ok = (
+            isinstance(bounds, list)
+            and len(bounds) == 2
+            and all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            and bounds[0] < bounds[1]
+        )
+        if not ok:
+            raise SchemaError(f"features.ranges.{column} must be [min, max] with min < max")
+        result[column] = (float(bounds[0]), float(bounds[1]))
+    return result
