@@ -123,7 +123,7 @@ def test_kept_head_export_and_offline_verification(home, tmp_path, capsys):
 def test_prove_and_check_proof(home, tmp_path, capsys):
     head_file = tmp_path / "kept-head.json"
     invoke(capsys, "audit", "head", "--home", home, "--out", str(head_file))
-    run(["quickstart", "--out", str(tmp_path / "unused")])  # unrelated node, other key
+    run(["init", "--home", str(tmp_path / "unused")])  # unrelated node, other key
     capsys.readouterr()
     proof = tmp_path / "p.json"
     growth = tmp_path / "g.json"
@@ -151,7 +151,7 @@ def test_prove_and_check_proof(home, tmp_path, capsys):
         invoke_json(capsys, "audit", "check-proof", str(growth), "--public-key", pub)["kind"]
         == "consistency"
     )
-    other_pub = str(tmp_path / "unused" / "site" / "keys" / "signing.pub.pem")
+    other_pub = str(tmp_path / "unused" / "keys" / "signing.pub.pem")
     code, _, err = invoke(capsys, "audit", "check-proof", str(proof), "--public-key", other_pub)
     assert code == 1
     assert "another key" in err
@@ -216,7 +216,12 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 def test_quickstart_json(tmp_path, capsys):
     summary = invoke_json(capsys, "quickstart", "--out", str(tmp_path / "qs"))
     assert summary["ledger_verified"] is True
-    assert summary["ledger_entries"] == 5
+    assert summary["data"]["rows_in"] == 30162
+    assert summary["data"]["smallest_class"] >= summary["data"]["k"] == 5
+    assert summary["round"]["excluded_without_consent"] > 0
+    assert summary["round"]["rows"] + summary["round"]["excluded_without_consent"] == (
+        summary["data"]["rows_released"]
+    )
     assert summary["steps"][0]["step"] == "workspace"
 
 
