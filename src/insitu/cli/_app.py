@@ -12,6 +12,7 @@ import sys
 import traceback
 from typing import Annotated
 
+import click
 import typer
 from rich.logging import RichHandler
 
@@ -87,17 +88,13 @@ def run(argv: list[str] | None = None) -> int:  # noqa: PLR0911 -- one return pe
             traceback.print_exc()
         print_error(str(exc))
         return exc.exit_code
-    except typer.Exit as exc:
+    except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except typer.TyperException as exc:
-        # Typer's (vendored Click) usage errors show the usage line, then the error.
-        show = getattr(exc, "show", None)
-        if callable(show):
-            show()
-        else:
-            print_error(exc.format_message())
+    except click.ClickException as exc:
+        # Click's usage errors show the usage line, then the error; exit code 2.
+        exc.show()
         return exc.exit_code
-    except typer.Abort:
+    except click.exceptions.Abort:
         print_error("aborted")
         return 130
     except KeyboardInterrupt:
