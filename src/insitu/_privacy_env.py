@@ -21,6 +21,8 @@ NO_TELEMETRY_ENV: dict[str, str] = {
     "ORT_DISABLE_TELEMETRY": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Ray (Flower's simulation engine) reports cluster usage statistics unless told not to.
+    "RAY_USAGE_STATS_ENABLED": "0",
     # Generic opt-outs honoured by several tools (Hugging Face, Gradio, many CLIs).
     "DO_NOT_TRACK": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -22,6 +22,10 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── DataFormatError              a data file that cannot be read, or bad values in it
     │   ├── KAnonymityError              a release that would fall below the requested k
     │   └── ConsentError                 a consent file or change that cannot be applied
+    ├── PrivacyError
+    │   ├── BudgetExceededError          a round would take a site past its privacy budget
+    │   └── InsufficientDataError        too few records for the requested epsilon
+    ├── FederationError                  a federated run that cannot start or complete
     └── LedgerError
         ├── InvalidEventError            an event type or payload is not acceptable
         │   └── PersonalDataError        a payload value looks like personal data
@@ -42,12 +46,15 @@ __all__ = [
     "BadEntrySignatureError",
     "BadHeadSignatureError",
     "BrokenChainError",
+    "BudgetExceededError",
     "ConfigError",
     "ConsentError",
     "DataError",
     "DataFormatError",
     "EntryHashMismatchError",
+    "FederationError",
     "InsituError",
+    "InsufficientDataError",
     "InvalidEventError",
     "KAnonymityError",
     "KeyFileError",
@@ -57,6 +64,7 @@ __all__ = [
     "MalformedLedgerError",
     "PassphraseRequiredError",
     "PersonalDataError",
+    "PrivacyError",
     "ProofError",
     "RootMismatchError",
     "SchemaError",
@@ -139,6 +147,22 @@ class KAnonymityError(DataError):
 
 class ConsentError(DataError):
     """A consent file or consent change that cannot be applied."""
+
+
+class PrivacyError(InsituError):
+    """An error of privacy accounting or budgets."""
+
+
+class BudgetExceededError(PrivacyError):
+    """A site refused a round: its privacy budget for a data set would be exceeded."""
+
+
+class InsufficientDataError(PrivacyError):
+    """A site holds too few records to train at the requested epsilon."""
+
+
+class FederationError(InsituError):
+    """A federated run that cannot start or complete (too few sites, a failed round)."""
 
 
 class LedgerError(InsituError):

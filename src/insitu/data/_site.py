@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from insitu.audit._records import utc_now
 from insitu.data._consent import ConsentRegistry
@@ -65,11 +66,36 @@ class SiteDataset:
         out: Path | None = None,
     ) -> SiteDataset:
         """Read and prepare a raw file; seal the release into ``out`` when given."""
-        prepared = prepare(
+        return cls.from_frame(
+            workspace,
             read_table(path),
             schema,
-            Pseudonymizer(workspace.secret("pseudonym")),
             source=path.name,
+            k=k,
+            suppress=suppress,
+            force=force,
+            out=out,
+        )
+
+    @classmethod
+    def from_frame(
+        cls,
+        workspace: Workspace,
+        frame: pd.DataFrame,
+        schema: DataSchema,
+        *,
+        source: str,
+        k: int | None = None,
+        suppress: bool = False,
+        force: bool = False,
+        out: Path | None = None,
+    ) -> SiteDataset:
+        """Prepare a raw table held in memory; seal the release into ``out`` when given."""
+        prepared = prepare(
+            frame,
+            schema,
+            Pseudonymizer(workspace.secret("pseudonym")),
+            source=source,
             k=k,
             suppress=suppress,
             force=force,

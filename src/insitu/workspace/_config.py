@@ -34,6 +34,11 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "host": (str, "127.0.0.1"),
         "port": (int, 8765),
     },
+    # The site's privacy budget, per data set, across every training on it.
+    "privacy": {
+        "epsilon_budget": (float, 10.0),
+        "delta": (float, 1e-5),
+    },
 }
 
 _HEADER = (
@@ -67,8 +72,9 @@ def _validate(doc: dict[str, Any], path: Path) -> Config:
                 known = ", ".join(sorted(SCHEMA[section]))
                 raise ConfigError(f"{path}: unknown key {section}.{key}; known keys: {known}")
             expected = SCHEMA[section][key][0]
+            accepted = (int, float) if expected is float else expected
             # bool is an int in Python; a config value of true for a port is a mistake.
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            if not isinstance(value, accepted) or isinstance(value, bool):
                 raise ConfigError(
                     f"{path}: {section}.{key} must be a {expected.__name__}, "
                     f"not {type(value).__name__} ({value!r})"
@@ -83,6 +89,11 @@ def _validate(doc: dict[str, Any], path: Path) -> Config:
                 )
     if sections.get("ledger", {}).get("head_interval", 1) < 1:
         raise ConfigError(f"{path}: ledger.head_interval must be at least 1")
+    privacy = sections.get("privacy", {})
+    if privacy.get("epsilon_budget", 1.0) <= 0:
+        raise ConfigError(f"{path}: privacy.epsilon_budget must be positive")
+    if not 0 < privacy.get("delta", 1e-5) < 1:
+        raise ConfigError(f"{path}: privacy.delta must be between 0 and 1")
     return Config(sections)
 
 

@@ -1,0 +1,94 @@
+"""The settings of one federated run, validated before anything starts."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from insitu.errors import UsageError
+
+__all__ = ["FederationConfig"]
+
+Privacy = Literal["record", "site", "none"]
+Robust = Literal["none", "trimmed-mean", "median"]
+ModelFamily = Literal["logistic", "mlp"]
+_PARTITION = re.compile(r"^(iid|by:[A-Za-z0-9_.\-]+|dirichlet:\d+(\.\d+)?)$")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One run's settings.
+
+    ``epsilon`` and ``delta`` are the target of *this run* for each site; each site also
+    enforces its own budget across runs (``insitu.privacy.SiteBudget``).
+    """
+
+    sites: int = 5
+    rounds: int = 5
+    partition: str = "iid"
+    privacy: Privacy = "record"
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    secure_aggregation: bool = True
+    robust: Robust = "none"
+    model: ModelFamily = "logistic"
+    hidden: int = 32
+    local_epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 2.0
+    max_grad_norm: float = 1.0
+    site_clip_norm: float = 1.0
+    min_sites: int = 0  # 0: all sites
+    test_fraction: float = 0.2
+    seed: int = 0
+    secagg_clipping_range: float = 64.0
+
+    def __post_init__(self) -> None:  # noqa: PLR0912 -- one check per setting
+        if not 1 <= self.sites <= 1000:
+            raise UsageError(f"--sites {self.sites}: use 1 to 1000 sites")
+        if not 1 <= self.rounds <= 10_000:
+            raise UsageError(f"--rounds {self.rounds}: use 1 to 10000 rounds")
+        if not _PARTITION.match(self.partition):
+            raise UsageError(
+                f"--partition {self.partition!r}: use iid, by:COLUMN or dirichlet:ALPHA"
+            )
+        if self.privacy not in ("record", "site", "none"):
+            raise UsageError(f"--privacy {self.privacy!r}: use record, site or none")
+        if self.privacy != "none":
+            if not 0.01 <= self.epsilon <= 100 or not math.isfinite(self.epsilon):
+                raise UsageError(f"--epsilon {self.epsilon}: use a value from 0.01 to 100")
+            if not 0 < self.delta < 0.01:
+                raise UsageError(
+                    f"--delta {self.delta}: use a value above 0 and well below 1/records "
+                    "(e.g. 1e-5)"
+                )
+        if self.robust not in ("none", "trimmed-mean", "median"):
+            raise UsageError(f"--robust {self.robust!r}: use none, trimmed-mean or median")
+        if self.robust != "none" and self.secure_aggregation:
+            raise UsageError(
+                "robust aggregation needs the individual updates, which secure aggregation "
+                "hides: pass --no-secure-aggregation with --robust"
+            )
+        if self.privacy == "site" and self.sites < 2:
+            raise UsageError("site-level privacy needs at least 2 sites")
+        if self.secure_aggregation and self.sites < 3:
+            raise UsageError(
+                "secure aggregation needs at least 3 sites (or --no-secure-aggregation)"
+            )
+        if not 0 <= self.min_sites <= self.sites:
+            raise UsageError(f"--min-sites {self.min_sites} must be between 0 and --sites")
+        if not 0 < self.test_fraction < 0.9:
+            raise UsageError("test fraction must be between 0 and 0.9")
+        if self.model not in ("logistic", "mlp"):
+            raise UsageError(f"--model {self.model!r}: use logistic or mlp")
+
+    @property
+    def required_sites(self) -> int:
+        """Sites that must return an update for a round to count."""
+        return self.min_sites or self.sites
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON (recorded in the ledger with the run)."""
+        return asdict(self)

@@ -1,0 +1,94 @@
+"""Privacy accounting for DP-SGD and DP-FedAvg: Rényi DP over subsampled Gaussians.
+
+Every private step insitu takes is a Poisson-subsampled Gaussian mechanism described by
+a :class:`PrivacyEvent` ``(noise_multiplier, sample_rate, steps)``. Epsilon for a list of
+events is computed by Opacus' RDP accountant (the same analysis as Google's
+``dp-accounting`` and Flower's ``RdpAccountant``; a test checks the three agree to 1%).
+RDP is used rather than PRV because its guarantee composes across *separate* runs by
+simply concatenating events, which is what a site's budget needs (``_budget``); it is
+slightly pessimistic (PRV reports about 10% lower epsilon for the same events).
+
+:func:`calibrate_noise` finds the smallest noise multiplier whose epsilon does not
+exceed a target; a hypothesis test checks it never overshoots.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from insitu.errors import UsageError
+
+__all__ = ["PrivacyEvent", "calibrate_noise", "epsilon_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyEvent:
+    """``steps`` applications of a Gaussian mechanism on Poisson samples of rate ``sample_rate``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and 0 < self.sample_rate <= 1 and self.steps >= 0):
+            raise ValueError(f"invalid privacy event {self}")
+
+
+def epsilon_of(events: Iterable[PrivacyEvent], *, delta: float) -> float:
+    """Epsilon of all ``events`` composed, at ``delta`` (0 for no events)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [
+        (e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0
+    ]
+    if not accountant.history:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    prior: Iterable[PrivacyEvent] = (),
+) -> float:
+    """Smallest noise multiplier (to 1e-3) keeping ``prior`` + these steps within the target.
+
+    Raises:
+        UsageError: the target is unreachable even with very large noise (the prior
+            events alone exceed it), or arguments are out of range.
+
+    """
+    if not 0 < target_epsilon < math.inf or not 0 < delta < 1:
+        raise UsageError("epsilon must be positive and delta in (0, 1)")
+    prior = list(prior)
+    spent = epsilon_of(prior, delta=delta)
+    if spent >= target_epsilon:
+        raise UsageError(
+            f"epsilon {spent:.3f} is already spent, at or above the target {target_epsilon}"
+        )
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*prior, PrivacyEvent(sigma, sample_rate, steps)], delta=delta)
+
+    low, high = 0.05, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise UsageError(
+                f"no noise level reaches epsilon {target_epsilon} with {steps} steps at "
+                f"sample rate {sample_rate:.4g}; train fewer steps or raise epsilon"
+            )
+    # Invariant: eps(high) <= target; bisect down to a 1e-3 interval.
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        if eps(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
