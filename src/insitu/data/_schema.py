@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from insitu._canonical import canonical_bytes
 from insitu.data._generalize import Rule, parse_rule
 from insitu.errors import SchemaError
@@ -283,6 +285,54 @@ class DataSchema:
             k=k,
             source=doc,
         )
+
+    @classmethod
+    def infer(cls, frame: pd.DataFrame, *, label: str, name: str = "dataset") -> DataSchema:
+        """A schema guessed from a table held entirely on one machine (simulation only).
+
+        Columns whose values are all numbers become numeric features with their observed
+        range; the others categorical features with their observed categories. Reading
+        global statistics is harmless only because the whole table is already in one
+        place; real sites must declare their schema. No identifier is assumed, so consent
+        cannot be applied, and the legal basis says so.
+        """
+        if label not in frame.columns:
+            raise SchemaError(
+                f"label column {label!r} is not in the data (its columns: "
+                f"{', '.join(map(str, frame.columns))})"
+            )
+        numeric: list[str] = []
+        categorical: list[str] = []
+        ranges: dict[str, list[float]] = {}
+        categories: dict[str, list[str]] = {}
+        for column in frame.columns:
+            if column == label:
+                continue
+            values = pd.to_numeric(frame[column], errors="coerce")
+            if values.notna().all():
+                numeric.append(str(column))
+                low, high = float(values.min()), float(values.max())
+                ranges[str(column)] = [low, high if high > low else low + 1.0]
+            else:
+                categorical.append(str(column))
+                categories[str(column)] = sorted(frame[column].astype(str).unique().tolist())
+        labels = sorted(frame[label].astype(str).unique().tolist())
+        doc: dict[str, Any] = {
+            "dataset": {"name": name, "label": label},
+            "features": {
+                "numeric": numeric,
+                "categorical": categorical,
+                "ranges": ranges,
+                "categories": categories,
+            },
+            "consent": {
+                "required": False,
+                "legal_basis": "simulation on one machine (schema inferred, no real subjects)",
+            },
+        }
+        if len(labels) == 2:
+            doc["dataset"]["positive"] = labels[1]
+        return cls.from_dict(doc)
 
     # -- derived views ---------------------------------------------------------------
 

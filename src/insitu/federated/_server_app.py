@@ -95,6 +95,9 @@ def build_strategy(
         "initial_parameters": initial,
         "evaluate_fn": evaluate_fn,
         "accept_failures": True,
+        # Sites' metrics are read by RoundRecorder; Flower's own aggregation of them is unused.
+        "fit_metrics_aggregation_fn": lambda _: {},
+        "evaluate_metrics_aggregation_fn": lambda _: {},
     }
     strategy: Strategy
     if config.robust == "trimmed-mean":
