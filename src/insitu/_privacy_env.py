@@ -23,6 +23,9 @@ NO_TELEMETRY_ENV: dict[str, str] = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     # Ray (Flower's simulation engine) reports cluster usage statistics unless told not to.
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Keeps Ray on the loopback address: without it Ray binds its node to the machine's
+    # first routable address, and a one-machine simulation never needs one.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     # Generic opt-outs honoured by several tools (Hugging Face, Gradio, many CLIs).
     "DO_NOT_TRACK": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -219,8 +219,9 @@ def test_quickstart_json(tmp_path, capsys):
     assert summary["data"]["rows_in"] == 30162
     assert summary["data"]["smallest_class"] >= summary["data"]["k"] == 5
     assert summary["round"]["excluded_without_consent"] > 0
-    assert summary["round"]["rows"] + summary["round"]["excluded_without_consent"] == (
-        summary["data"]["rows_released"]
+    assert (
+        summary["round"]["rows"] + summary["round"]["excluded_without_consent"]
+        == (summary["data"]["rows_released"])
     )
     assert summary["steps"][0]["step"] == "workspace"
 

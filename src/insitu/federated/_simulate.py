@@ -219,13 +219,28 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     central_x, central_y = encoder.encode(central), encoder.labels(central)
     n_features = len(encoder.names)
 
+    # Check every site before any workspace or file is created: nothing half-made.
+    splits = [
+        np.random.default_rng(config.seed + index).random(len(rows)) < config.test_fraction
+        for index, rows in enumerate(parts, start=1)
+    ]
+    if config.privacy == "record":
+        needed = min_rows_for(config)
+        for index, is_test in enumerate(splits, start=1):
+            train_rows = int((~is_test).sum())
+            if train_rows < needed:
+                raise InsufficientDataError(
+                    f"site-{index:02d} would hold {train_rows} training records; epsilon "
+                    f"{config.epsilon} over {config.rounds} rounds needs at least {needed} per "
+                    f"site (at batch {config.batch_size}); use fewer sites or rounds, or a "
+                    "larger epsilon"
+                )
+
     plans: list[SitePlan] = []
     site_homes: list[Path] = []
-    for index, rows in enumerate(parts, start=1):
+    for index, (rows, is_test) in enumerate(zip(parts, splits, strict=True), start=1):
         ws = _site_workspace(coordinator, index, site_epsilon_budget)
         site_frame = pool.iloc[rows].reset_index(drop=True)
-        site_rng = np.random.default_rng(config.seed + index)
-        is_test = site_rng.random(len(site_frame)) < config.test_fraction
         base = ws.home / "prepared" / schema.name
         for name, subset in (("train", site_frame[~is_test]), ("test", site_frame[is_test])):
             SiteDataset.from_frame(
@@ -239,15 +254,6 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
         if consent is not None:
             with ws.ledger() as ledger:
                 ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym"))).import_csv(consent)
-        train_rows = int((~is_test).sum())
-        if config.privacy == "record":
-            needed = min_rows_for(config)
-            if train_rows < needed:
-                raise InsufficientDataError(
-                    f"site-{index:02d} has {train_rows} training records; epsilon {config.epsilon} "
-                    f"over {config.rounds} rounds needs at least {needed} (at batch "
-                    f"{config.batch_size}); use fewer sites or rounds, or a larger epsilon"
-                )
         plans.append(
             SitePlan(
                 run_id=run_id,
@@ -367,8 +373,6 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
                     "num_cpus": 2,
                     "include_dashboard": False,
                     "log_to_driver": False,
-                    # Ray binds to the first network address unless told otherwise.
-                    "_node_ip_address": "127.0.0.1",
                     "object_store_memory": 256 * 1024 * 1024,
                 },
             },

@@ -1,0 +1,94 @@
+"""Federated runs on Flower's simulation engine: budgets, secure aggregation, dropouts, poison.
+
+Each test is one or a few short runs (1 round, 3-5 sites) of the real engine (Ray actors).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from insitu.errors import FederationError
+from insitu.federated import FederationConfig, simulate
+from insitu.workspace import Workspace
+
+pytestmark = [
+    pytest.mark.slow,
+    # Ray's leftovers (see conftest._collect_ray_leftovers), never insitu's own.
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+def run(workspace, adult, spy=None, **settings):
+    defaults = {"sites": 3, "rounds": 1, "privacy": "none", "secure_aggregation": False}
+    config = FederationConfig(**(defaults | settings.pop("config", {})))
+    return simulate(workspace, adult, config, label="income", strategy_spy=spy, **settings)
+
+
+def test_site_with_budget_1_refuses_the_round_that_would_exceed_it_across_two_runs(
+    workspace, adult
+):
+    first = run(
+        workspace, adult, config={"privacy": "record", "epsilon": 0.8}, site_epsilon_budget=1.0
+    )
+    assert all(0 < eps <= 0.8 for eps in first.rounds[0].epsilon_by_site.values())
+    with pytest.raises(FederationError, match="0 site\\(s\\) returned an update, 3 required"):
+        run(workspace, adult, config={"privacy": "record", "epsilon": 0.8})
+    for home in first.site_homes:
+        with Workspace.open(home).ledger() as ledger:
+            refused = ledger.entries(event_type="privacy.budget_refused")
+            spent = ledger.entries(event_type="privacy.spent")
+            assert len(refused) == 1
+            assert refused[0].payload["epsilon_would_be"] > 1.0
+            assert refused[0].payload["budget_epsilon"] == 1.0
+            assert len(spent) == 1
+            assert ledger.verify().entries > 0
+
+
+def test_with_secagg_the_strategy_never_receives_an_individual_update(workspace, adult):
+    seen = {}
+    run(
+        workspace,
+        adult,
+        spy=lambda s: seen.setdefault("on", s),
+        config={"secure_aggregation": True},
+    )
+    record = seen["on"].records[1]
+    assert len(set(record.site_update_digests)) == 3  # three different site updates...
+    assert len(set(record.seen_by_strategy)) == 1  # ...the strategy got one aggregate
+    assert not set(record.seen_by_strategy) & set(record.site_update_digests)
+    # Control: without secure aggregation the same instrumentation does see each update.
+    run(workspace, adult, spy=lambda s: seen.setdefault("off", s))
+    control = seen["off"].records[1]
+    assert set(control.seen_by_strategy) == set(control.site_update_digests)
+
+
+def test_a_round_with_one_of_five_sites_crashing_mid_round_completes(workspace, adult):
+    # In simulation a site is a ClientApp in a shared Ray actor: it crashes mid-round by
+    # raising (killing the actor's process would take Ray's actor pool down with it).
+    result = run(
+        workspace,
+        adult,
+        config={"sites": 5, "min_sites": 4, "secure_aggregation": True},
+        faults={3: "raise:1"},
+    )
+    record = result.rounds[0]
+    assert record.sites_ok == 4
+    assert record.failures >= 1  # SecAgg+ in Flower 1.41 lists a failed site twice
+    assert result.central_accuracy > 0.7
+
+
+def test_a_poisoned_update_does_not_move_the_robust_aggregate(workspace, adult):
+    def weights(**settings):
+        result = run(
+            workspace, adult, config={"sites": 5, **settings.pop("config", {})}, **settings
+        )
+        return np.concatenate([w.ravel() for w in result.weights]), result.central_accuracy
+
+    clean, _ = weights()
+    averaged, _ = weights(faults={1: "scale:1000"})
+    robust, robust_accuracy = weights(config={"robust": "median"}, faults={1: "scale:1000"})
+    assert np.linalg.norm(robust - clean) < 0.05 * np.linalg.norm(averaged - clean)
+    assert np.linalg.norm(robust - clean) < 0.5 * np.linalg.norm(clean)
+    assert robust_accuracy > 0.7
