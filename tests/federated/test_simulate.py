@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from insitu.errors import FederationError
 from insitu.federated import FederationConfig, simulate
@@ -18,6 +19,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+def two_layer_net(n_features: int) -> torch.nn.Module:
+    """A user's own model (module level, so that sites in other processes can build it)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
 
 
 def run(workspace, adult, spy=None, **settings):
@@ -59,9 +67,12 @@ def test_with_secagg_the_strategy_never_receives_an_individual_update(workspace,
     assert len(set(record.seen_by_strategy)) == 1  # ...the strategy got one aggregate
     assert not set(record.seen_by_strategy) & set(record.site_update_digests)
     # Control: without secure aggregation the same instrumentation does see each update.
-    run(workspace, adult, spy=lambda s: seen.setdefault("off", s))
+    # (This run also trains a model of the caller's own through the Python API.)
+    result = run(workspace, adult, spy=lambda s: seen.setdefault("off", s), model_fn=two_layer_net)
     control = seen["off"].records[1]
     assert set(control.seen_by_strategy) == set(control.site_update_digests)
+    assert [w.shape for w in result.weights][:2] == [(8, result.weights[0].shape[1]), (8,)]
+    assert (result.model_dir / "model.onnx").exists()
 
 
 def test_a_round_with_one_of_five_sites_crashing_mid_round_completes(workspace, adult):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["build_model", "get_weights", "set_weights"]
+__all__ = ["ModelFn", "build_model", "get_weights", "set_weights"]
+
+#: Builds a fresh model for ``n_features`` inputs (any ``torch.nn.Module`` whose output is
+#: one logit per row for a binary label). Must be picklable: sites run it in other
+#: processes. Layers must be supported by Opacus for record-level privacy.
+ModelFn = Callable[[int], nn.Module]
 
 
 def build_model(family: str, n_features: int, *, hidden: int = 32, n_classes: int = 2) -> nn.Module:

@@ -46,7 +46,13 @@ from insitu.data import (
 from insitu.errors import FederationError, InsufficientDataError, UsageError
 from insitu.federated._config import FederationConfig
 from insitu.federated._local import evaluate, planned_event
-from insitu.federated._models import build_model, export_onnx, get_weights, set_weights
+from insitu.federated._models import (
+    ModelFn,
+    build_model,
+    export_onnx,
+    get_weights,
+    set_weights,
+)
 from insitu.federated._partition import partition
 from insitu.federated._server_app import RoundRecord, RoundRecorder, build_strategy
 from insitu.federated._site_app import SiteClient, SitePlan
@@ -161,6 +167,7 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     consent: Path | None = None,
     site_epsilon_budget: float | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    model_fn: ModelFn | None = None,
     faults: dict[int, str] | None = None,
     strategy_spy: Callable[[Any], None] | None = None,
 ) -> FederatedResult:
@@ -176,6 +183,8 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
         site_epsilon_budget: the budget of sites created by this run (existing sites
             keep theirs).
         on_round: called after each round (progress display).
+        model_fn: builds the model from the number of input features (any
+            ``torch.nn.Module`` with one logit output); default: ``config.model``.
         faults: site index -> fault (tests of dropouts and poisoning).
         strategy_spy: receives the strategy before the run (tests).
 
@@ -276,14 +285,20 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
         )
         plans = [replace(p, site_noise_multiplier=site_sigma) for p in plans]
 
+    def new_model() -> torch.nn.Module:
+        if model_fn is not None:
+            return model_fn(n_features)
+        return build_model(config.model, n_features, hidden=config.hidden)
+
+    plans = [replace(p, model_fn=model_fn) for p in plans]
     torch.manual_seed(config.seed)
-    initial_model = build_model(config.model, n_features, hidden=config.hidden)
+    initial_model = new_model()
     initial = ndarrays_to_parameters(get_weights(initial_model))
 
     def central_eval(
         server_round: int, weights: list[np.ndarray], _: dict[str, Any]
     ) -> tuple[float, dict[str, Any]]:
-        model = build_model(config.model, n_features, hidden=config.hidden)
+        model = new_model()
         set_weights(model, weights)
         loss, accuracy = evaluate(model, central_x, central_y)
         return loss, {"accuracy": accuracy}
@@ -389,7 +404,7 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
 
     rounds = [strategy.records[r] for r in sorted(strategy.records)]
     weights: list[np.ndarray] = outcome["weights"]
-    model = build_model(config.model, n_features, hidden=config.hidden)
+    model = new_model()
     set_weights(model, weights)
     _, central_accuracy = evaluate(model, central_x, central_y)
     model_dir = _save_model(

@@ -42,7 +42,7 @@ from insitu._atomic import atomic_write_text
 from insitu.data import SiteDataset
 from insitu.federated._config import FederationConfig
 from insitu.federated._local import evaluate, planned_event, train
-from insitu.federated._models import build_model, set_weights
+from insitu.federated._models import ModelFn, build_model, get_weights, set_weights
 from insitu.privacy import PrivacyEvent, SiteBudget, calibrate_noise
 from insitu.workspace import Workspace
 
@@ -64,6 +64,7 @@ class SitePlan:
     n_features: int
     config: FederationConfig
     site_noise_multiplier: float = 0.0
+    model_fn: ModelFn | None = None
     #: Fault injection for tests of dropouts and poisoning: "raise:ROUND", "exit:ROUND"
     #: (the process dies mid-round) or "scale:FACTOR" (a poisoned, scaled update).
     fault: str = ""
@@ -96,7 +97,11 @@ class SiteClient(NumPyClient):
 
     def _model(self, parameters: list[np.ndarray]) -> torch.nn.Module:
         cfg = self.plan.config
-        model = build_model(cfg.model, self.plan.n_features, hidden=cfg.hidden)
+        model = (
+            self.plan.model_fn(self.plan.n_features)
+            if self.plan.model_fn is not None
+            else build_model(cfg.model, self.plan.n_features, hidden=cfg.hidden)
+        )
         set_weights(model, parameters)
         return model
 
@@ -167,8 +172,6 @@ class SiteClient(NumPyClient):
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed * 1000 + round_number,
         )
-        from insitu.federated._models import get_weights
-
         weights = get_weights(model)
         with ws.ledger() as ledger:
             ledger.record(
