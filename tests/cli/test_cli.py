@@ -213,19 +213,6 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in err
 
 
-def test_quickstart_json(tmp_path, capsys):
-    summary = invoke_json(capsys, "quickstart", "--out", str(tmp_path / "qs"))
-    assert summary["ledger_verified"] is True
-    assert summary["data"]["rows_in"] == 30162
-    assert summary["data"]["smallest_class"] >= summary["data"]["k"] == 5
-    assert summary["round"]["excluded_without_consent"] > 0
-    assert (
-        summary["round"]["rows"] + summary["round"]["excluded_without_consent"]
-        == (summary["data"]["rows_released"])
-    )
-    assert summary["steps"][0]["step"] == "workspace"
-
-
 def test_the_installed_entry_point_exits_with_the_error_code(tmp_path):
     exe = Path(sys.executable).parent / "insitu"
     result = subprocess.run(

@@ -1,11 +1,12 @@
 """``insitu quickstart``: the first thing a newcomer runs.
 
-Until federated training, bundles and the runtime land, this exercises what exists end to
-end on the Adult census data insitu carries, the way a site and its auditor would: create
-a workspace, prepare the data under its schema (minimized, pseudonymized, k-anonymous,
-sealed), apply consent to a training round, and verify the evidence (the live ledger
-against a kept head, an export against the pinned key, an inclusion and a consistency
-proof).
+The main job on the Adult census data insitu carries, through what exists so far: a
+coordinator and five sites (each a workspace with its own keys, ledger and privacy
+budget), each site preparing its part of the data under the data schema (minimized,
+pseudonymized with its own key, consent applied), federated training on Flower's engine
+with record-level DP (Opacus) and SecAgg+, the global model exported to ONNX, and every
+ledger verified, the coordinator's also through an export and Merkle proofs. Bundles,
+the update repository, the local runtime and the privacy audit join as they land.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from insitu.audit import (
 )
 from insitu.cli._app import app
 from insitu.cli._output import JsonOption, err_console, out, print_json
-from insitu.data import ConsentRegistry, DataSchema, Pseudonymizer, SiteDataset, read_table
+from insitu.data import DataSchema, read_table
 from insitu.datasets import builtin_data, builtin_schema
+from insitu.federated import FederationConfig, RoundRecord, simulate
 from insitu.workspace import Workspace
 
 __all__ = ["quickstart"]
@@ -37,17 +39,19 @@ __all__ = ["quickstart"]
 @app.command(rich_help_panel="Start here")
 def quickstart(
     out_dir: Annotated[
-        Path, typer.Option("--out", help="Where to create the demo workspace and its files.")
+        Path, typer.Option("--out", help="Where to create the demo workspaces and files.")
     ] = Path("insitu-quickstart"),
+    sites: Annotated[int, typer.Option(min=3, help="Number of simulated sites.")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
+    epsilon: Annotated[float, typer.Option(help="Record-level epsilon per site.")] = 3.0,
     json_output: JsonOption = False,
 ) -> None:
     """Run the whole job on the data insitu carries, and verify the evidence it leaves.
 
-    [dim]Example:[/] insitu quickstart --out /tmp/demo
+    [dim]Example:[/] insitu quickstart --out /tmp/demo --epsilon 1
     """
     started = time.perf_counter()
     steps: list[tuple[str, str]] = []
-    figures: dict[str, Any] = {}
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -55,91 +59,100 @@ def quickstart(
         TimeElapsedColumn(),
         console=err_console,
         disable=json_output,
-        transient=False,
     ) as progress:
-        task = progress.add_task("quickstart", total=8)
+        task = progress.add_task("quickstart", total=rounds + 4)
 
         def step(description: str, result: str) -> None:
             steps.append((description, result))
             progress.update(task, advance=1, description=description)
 
-        ws, created = Workspace.init(out_dir / "site", name="quickstart-site")
-        step("workspace", f"{'created' if created else 'reused'} {ws.home} (node {ws.node_id})")
-        with ws.ledger() as ledger:
+        coordinator, created = Workspace.init(out_dir / "coordinator", name="coordinator")
+        step("workspace", f"{'created' if created else 'reused'} {coordinator.home}")
+        with coordinator.ledger() as ledger:
             kept_head = ledger.sign_head()
 
         schema = DataSchema.load(builtin_schema("adult"))
-        dataset = SiteDataset.from_file(
-            ws, builtin_data("adult"), schema, suppress=True, out=ws.home / "prepared" / "adult"
-        )
-        report = dataset.prepared.report
-        kanon = report.k_anonymity
-        figures["data"] = {
-            "rows_in": report.rows_in,
-            "rows_released": report.rows_out,
-            "rows_suppressed": report.rows_suppressed,
-            "k": kanon["k_requested"],
-            "smallest_class": kanon["smallest_class"],
-            "dropped": report.dropped,
-            "pseudonymized": report.pseudonymized,
-        }
-        step(
-            "prepare",
-            f"Adult: {report.rows_out} of {report.rows_in} rows released, sealed; "
-            f"{', '.join(report.pseudonymized)} pseudonymized, {', '.join(report.dropped)} "
-            f"dropped; {kanon['smallest_class']}-anonymous over "
-            f"{', '.join(kanon['quasi_identifiers'])} ({report.rows_suppressed} rows suppressed)",
-        )
+        subjects = read_table(builtin_data("adult"))[schema.subject or ""].astype(str).tolist()
+        # The sites' consent systems: everyone consented, one in a hundred withdrew since.
+        consent = [(s, "training", "granted") for s in subjects]
+        consent += [(s, "training", "withdrawn") for s in subjects[::100]]
 
-        # The site's consent system says: everyone consented, one in a hundred withdrew.
-        subjects = read_table(builtin_data("adult"))[schema.subject or ""].tolist()
-        with ws.ledger() as ledger:
-            registry = ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym")))
-            registry.change_many([(s, "training", "granted") for s in subjects])
-            registry.change_many([(s, "training", "withdrawn") for s in subjects[::100]])
-        step("consent", f"{len(subjects)} subjects granted, {len(subjects[::100])} withdrew")
+        def on_round(record: RoundRecord) -> None:
+            eps = max(record.epsilon_by_site.values(), default=0.0)
+            progress.update(
+                task,
+                advance=1,
+                description=f"round {record.round}: accuracy "
+                f"{record.central_accuracy or 0:.3f}, epsilon {eps:.2f}",
+            )
 
-        round_data = dataset.for_round(round_number=1)
-        figures["round"] = {
-            "rows": round_data.rows,
-            "excluded_without_consent": round_data.excluded_without_consent,
-            "features": len(round_data.feature_names),
-        }
-        step(
-            "training input",
-            f"{round_data.rows} records x {len(round_data.feature_names)} features; "
-            f"{round_data.excluded_without_consent} excluded (no consent); no identifier",
+        config = FederationConfig(sites=sites, rounds=rounds, privacy="record", epsilon=epsilon)
+        result = simulate(
+            coordinator,
+            builtin_data("adult"),
+            config,
+            schema=schema,
+            consent=consent,
+            on_round=on_round,
+        )
+        last = result.rounds[-1]
+        steps.append(
+            (
+                "federated training",
+                f"{sites} sites x {rounds} rounds, DP-SGD + SecAgg+: held-out accuracy "
+                f"{result.central_accuracy:.4f}, epsilon per site "
+                f"{max(last.epsilon_by_site.values(), default=0):.2f} (target {epsilon})",
+            )
         )
 
-        with ws.ledger() as ledger:
+        excluded = 0
+        verified_entries = 0
+        for home in result.site_homes:
+            site = Workspace.open(home)
+            with site.ledger() as ledger:
+                verified_entries += ledger.verify().entries
+                excluded += sum(
+                    e.payload["excluded_without_consent"]
+                    for e in ledger.entries(event_type="data.consent_applied")
+                    if e.payload.get("role") == "training" and e.payload.get("round") == rounds
+                )
+        steps.append(
+            (
+                "sites",
+                f"{verified_entries} ledger entries verified at {sites} sites; {excluded} "
+                "training records left out of the last round for lack of consent",
+            )
+        )
+
+        with coordinator.ledger() as ledger:
             verified = ledger.verify(trusted_head=kept_head)
-            step(
-                "verify",
-                f"{verified.entries} entries, {verified.heads_checked} heads in "
-                f"{verified.seconds:.2f} s",
-            )
-            export_path = out_dir / "ledger-export.jsonl"
+            export_path = out_dir / "coordinator-ledger.jsonl"
             export_ledger(ledger, export_path)
-            exported = verify_export(export_path, public_key=ws.signing_public_key)
-            step(
-                "export",
-                f"{export_path}: {exported.report.entries} entries verified with the pinned key",
+            exported = verify_export(export_path, public_key=coordinator.signing_public_key)
+            started_entry = ledger.entries(event_type="federation.started")[-1]
+            inclusion = check_proof(
+                inclusion_document(ledger, started_entry.seq), coordinator.signing_public_key
             )
-            first = ledger.entries(event_type="data.prepared")[0]
-            inclusion = check_proof(inclusion_document(ledger, first.seq), ws.signing_public_key)
-            step("inclusion proof", inclusion.summary)
-            growth = check_proof(consistency_document(ledger, kept_head), ws.signing_public_key)
-            step("consistency proof", growth.summary)
+            growth = check_proof(
+                consistency_document(ledger, kept_head), coordinator.signing_public_key
+            )
+        step(
+            "coordinator ledger",
+            f"{verified.entries} entries verified; export verified with the pinned key "
+            f"({exported.report.entries}); {inclusion.summary}; {growth.summary}",
+        )
 
     summary: dict[str, Any] = {
-        "workspace": str(ws.home),
-        "node_id": ws.node_id,
-        "ledger_entries": verified.entries,
-        "ledger_verified": True,
-        "export": str(export_path),
-        **figures,
+        "coordinator": str(coordinator.home),
+        "model_dir": str(result.model_dir),
+        "central_accuracy": result.central_accuracy,
+        "epsilon_target": epsilon,
+        "epsilon_by_site": last.epsilon_by_site,
+        "excluded_without_consent": excluded,
+        "rounds": result.to_json()["rounds"],
+        "ledgers_verified": 1 + len(result.site_homes),
         "steps": [{"step": s, "result": r} for s, r in steps],
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": round(time.perf_counter() - started, 2),
     }
     if json_output:
         print_json(summary)
@@ -147,10 +160,10 @@ def quickstart(
     table = Table(title="insitu quickstart", title_justify="left")
     table.add_column("step", style="bold")
     table.add_column("result", overflow="fold")
-    for description, result in steps:
-        table.add_row(description, result)
+    for description, text in steps:
+        table.add_row(description, text)
     out.print(table)
     out.print(
-        f"[bold green]all ledgers verified[/] in {summary['seconds']} s. "
-        "Federated training, bundles and the local runtime join this job as they land."
+        f"[bold green]done[/] in {summary['seconds']} s; model and training record: "
+        f"{result.model_dir}"
     )

@@ -127,7 +127,9 @@ class SiteDataset:
         """Open a sealed release written by :meth:`from_file` with ``out``."""
         return cls(workspace, load_prepared(directory, workspace.secret("data")))
 
-    def for_round(self, *, round_number: int | None = None, at: str | None = None) -> TrainingData:
+    def for_round(
+        self, *, round_number: int | None = None, at: str | None = None, role: str = "training"
+    ) -> TrainingData:
         """The records a training round may use at time ``at`` (default: now).
 
         When the schema requires consent, records whose subject has no valid consent for
@@ -151,6 +153,7 @@ class SiteDataset:
                 dataset=self.schema.name,
                 purpose=purpose,
                 round=round_number,
+                role=role,
                 at=at,
                 rows=len(frame),
                 excluded_without_consent=excluded,

@@ -24,7 +24,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     *,
     schema: DataSchema | None = None,
     label: str | None = None,
-    consent: Path | None = None,
+    consent: Path | Sequence[tuple[str, str, str]] | None = None,
     site_epsilon_budget: float | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     model_fn: ModelFn | None = None,
@@ -179,7 +179,8 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
         config: the run's settings.
         schema: the data schema; without it, one is inferred from ``label``.
         label: the label column when no schema is given.
-        consent: a consent CSV (subject,purpose,status) every site imports.
+        consent: a consent CSV (subject,purpose,status) every site imports, or the same
+            rows in memory (subject ids are pseudonymized by each site before storage).
         site_epsilon_budget: the budget of sites created by this run (existing sites
             keep theirs).
         on_round: called after each round (progress display).
@@ -262,7 +263,13 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
             )
         if consent is not None:
             with ws.ledger() as ledger:
-                ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym"))).import_csv(consent)
+                registry = ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym")))
+                if isinstance(consent, Path):
+                    registry.import_csv(consent)
+                else:
+                    # Each site's consent system knows its own subjects only.
+                    mine = set(site_frame[schema.subject].astype(str)) if schema.subject else set()
+                    registry.change_many([c for c in consent if c[0] in mine])  # type: ignore[misc]
         plans.append(
             SitePlan(
                 run_id=run_id,

@@ -213,7 +213,7 @@ class SiteClient(NumPyClient):
         """Loss and accuracy of the global model on this site's held-out records."""
         ws = Workspace.open(self.plan.home)
         data = SiteDataset.open(ws, self.plan.test_dir).for_round(
-            round_number=int(config.get("round", 0))
+            role="evaluation", round_number=int(config.get("round", 0))
         )
         loss, accuracy = evaluate(self._model(parameters), data.features, data.labels)
         return loss, data.rows, {"accuracy": accuracy}
