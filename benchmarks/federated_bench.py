@@ -1,0 +1,278 @@
+"""Federated training: accuracy under DP, cost per round against plain Flower, and scale.
+
+All on ../shared/data/adult.csv (fnlwgt dropped; schema inferred, simulation only), on
+this machine, in one run per part:
+
+* ``accuracy``: a centralized non-private baseline (the same logistic model, trained on
+  all training rows at once), federated non-private, and federated with record-level DP
+  (DP-SGD) at epsilon 0.5, 1, 3 and 8 (delta 1e-5), IID and label-skewed (Dirichlet 0.5)
+  over 5 sites, 10 rounds, SecAgg+ on;
+* ``overhead``: wall time per round of plain Flower FedAvg (a NumPyClient doing the same
+  local SGD on in-memory data, no DP, no secure aggregation, no ledger) against insitu
+  (DP-SGD, SecAgg+, sealed data, consent, budgets, ledgers), at 5 and 20 sites;
+* ``scale``: 100 sites x 5 rounds: wall time and peak memory of all processes.
+
+    .venv/bin/python benchmarks/federated_bench.py [accuracy] [overhead] [scale]
+
+Writes benchmarks/results/federated.json (parts not run keep their previous figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from insitu.data import DataSchema, FeatureEncoder, read_table
+from insitu.federated import FederationConfig, simulate
+from insitu.federated._local import evaluate, train
+from insitu.federated._models import build_model, get_weights, set_weights
+from insitu.workspace import Workspace
+
+ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult.csv"
+OUT = Path(__file__).parent / "results" / "federated.json"
+
+
+def load() -> pd.DataFrame:
+    return read_table(ADULT).drop(columns=["fnlwgt"])
+
+
+def centralized_baseline(frame: pd.DataFrame, seed: int = 0) -> float:
+    """Same split as simulate(): 20% held out, the logistic model trained on the rest."""
+    schema = DataSchema.infer(frame, label="income", name="adult")
+    order = np.random.default_rng(seed).permutation(len(frame))
+    n_test = int(len(frame) * 0.2)
+    test, pool = frame.iloc[np.sort(order[:n_test])], frame.iloc[np.sort(order[n_test:])]
+    encoder = FeatureEncoder.for_schema(schema, pool)
+
+    def xy(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        prepared = part.copy()
+        for column in schema.numeric:
+            prepared[column] = pd.to_numeric(prepared[column])
+        return encoder.encode(prepared), encoder.labels(prepared)
+
+    x, y = xy(pool)
+    tx, ty = xy(test)
+    torch.manual_seed(seed)
+    model = build_model("logistic", x.shape[1])
+    train(
+        model,
+        x,
+        y,
+        epochs=20,
+        batch_size=256,
+        learning_rate=2.0,
+        event=None,
+        max_grad_norm=1.0,
+        seed=seed,
+    )
+    return evaluate(model, tx, ty)[1]
+
+
+def fed(home: Path, frame: pd.DataFrame, **settings) -> dict:
+    ws, _ = Workspace.init(home)
+    config = FederationConfig(**settings)
+    result = simulate(ws, frame, config, label="income", site_epsilon_budget=1000.0)
+    per_round = [r.central_accuracy for r in result.rounds]
+    return {
+        "central_accuracy": round(result.central_accuracy or 0.0, 4),
+        "accuracy_by_round": [round(a or 0.0, 4) for a in per_round],
+        "epsilon_max": round(max(result.rounds[-1].epsilon_by_site.values(), default=0.0), 3),
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def accuracy_part(frame: pd.DataFrame, tmp: Path) -> dict:
+    results: dict = {"centralized_non_private": round(centralized_baseline(frame), 4)}
+    print("centralized", results["centralized_non_private"], flush=True)
+    for split in ("iid", "dirichlet:0.5"):
+        rows: dict = {}
+        common = {"sites": 5, "rounds": 10, "partition": split}
+        rows["federated_non_private"] = fed(tmp / f"np-{split}", frame, privacy="none", **common)
+        print(split, "non-private", rows["federated_non_private"], flush=True)
+        for eps in (0.5, 1.0, 3.0, 8.0):
+            rows[f"record_dp_epsilon_{eps:g}"] = fed(
+                tmp / f"dp{eps}-{split}", frame, privacy="record", epsilon=eps, **common
+            )
+            print(split, eps, rows[f"record_dp_epsilon_{eps:g}"], flush=True)
+        results[split] = rows
+    return results
+
+
+# -- plain Flower anchor -------------------------------------------------------------
+
+
+def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int) -> float:
+    """Plain Flower FedAvg with the same model and local SGD, data in memory."""
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    schema = DataSchema.infer(frame, label="income", name="adult")
+    prepared = frame.copy()
+    for column in schema.numeric:
+        prepared[column] = pd.to_numeric(prepared[column])
+    encoder = FeatureEncoder.for_schema(schema, prepared)
+    x, y = encoder.encode(prepared), encoder.labels(prepared)
+    parts = np.array_split(np.random.default_rng(0).permutation(len(x)), sites)
+
+    class Plain(NumPyClient):
+        def __init__(self, idx):
+            self.idx = idx
+
+        def fit(self, parameters, config):
+            torch.set_num_threads(1)
+            model = build_model("logistic", x.shape[1])
+            set_weights(model, parameters)
+            train(
+                model,
+                x[self.idx],
+                y[self.idx],
+                epochs=1,
+                batch_size=256,
+                learning_rate=2.0,
+                event=None,
+                max_grad_norm=1.0,
+                seed=0,
+            )
+            return get_weights(model), len(self.idx), {}
+
+        def evaluate(self, parameters, config):
+            return 0.0, 1, {}
+
+    def client_fn(context: Context):
+        return Plain(parts[int(context.node_config["partition-id"])]).to_client()
+
+    initial = ndarrays_to_parameters(get_weights(build_model("logistic", x.shape[1])))
+    marks: list[float] = []
+
+    class Timed(FedAvg):
+        def aggregate_fit(self, server_round, results, failures):
+            marks.append(time.perf_counter())
+            return super().aggregate_fit(server_round, results, failures)
+
+    def server_fn(context: Context):
+        strategy = Timed(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_available_clients=sites,
+            min_fit_clients=sites,
+            initial_parameters=initial,
+        )
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    started = time.perf_counter()
+    run_simulation(
+        server_app=ServerApp(server_fn=server_fn),
+        client_app=ClientApp(client_fn=client_fn),
+        num_supernodes=sites,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False},
+        },
+    )
+    # Rounds after the first: Ray's start-up is the same for both and is not a round.
+    return (
+        (marks[-1] - marks[0]) / (len(marks) - 1)
+        if len(marks) > 1
+        else time.perf_counter() - started
+    )
+
+
+def insitu_seconds_per_round(frame: pd.DataFrame, tmp: Path, sites: int, rounds: int) -> float:
+    marks: list[float] = []
+    ws, _ = Workspace.init(tmp / f"overhead-{sites}")
+    config = FederationConfig(sites=sites, rounds=rounds, privacy="record", epsilon=8.0)
+    simulate(
+        ws,
+        frame,
+        config,
+        label="income",
+        site_epsilon_budget=1000.0,
+        on_round=lambda _: marks.append(time.perf_counter()),
+    )
+    return (marks[-1] - marks[0]) / (len(marks) - 1)
+
+
+def overhead_part(frame: pd.DataFrame, tmp: Path) -> dict:
+    results = {}
+    for sites in (5, 20):
+        plain = plain_flower_seconds_per_round(frame, sites, 4)
+        ours = insitu_seconds_per_round(frame, tmp, sites, 4)
+        results[f"{sites}_sites"] = {
+            "plain_flower_fedavg_s_per_round": round(plain, 2),
+            "insitu_dp_secagg_s_per_round": round(ours, 2),
+            "insitu_over_anchor": round(ours / plain, 2),
+        }
+        print(sites, results[f"{sites}_sites"], flush=True)
+    return results
+
+
+def _total_rss_mb() -> float:
+    total = 0
+    for pid in (p.name for p in Path("/proc").iterdir() if p.name.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"ray" not in cmdline and int(pid) != os.getpid():
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+def scale_part(frame: pd.DataFrame, tmp: Path) -> dict:
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _total_rss_mb())
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    ws, _ = Workspace.init(tmp / "scale")
+    config = FederationConfig(sites=100, rounds=5, privacy="record", epsilon=8.0, batch_size=64)
+    result = simulate(ws, frame, config, label="income", site_epsilon_budget=1000.0)
+    seconds = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    return {
+        "sites": 100,
+        "rounds": 5,
+        "wall_seconds": round(seconds, 1),
+        "peak_rss_mb_all_processes": round(peak[0]),
+        "central_accuracy": round(result.central_accuracy or 0.0, 4),
+    }
+
+
+def main() -> None:
+    parts = sys.argv[1:] or ["accuracy", "overhead", "scale"]
+    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    frame = load()
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in parts:
+            started = time.perf_counter()
+            results[part] = globals()[f"{part}_part"](frame, Path(tmp))
+            results[part]["benchmark_seconds"] = round(time.perf_counter() - started, 1)
+            OUT.parent.mkdir(parents=True, exist_ok=True)
+            OUT.write_text(json.dumps(results, indent=2) + "\n")
+            print(f"{part}: written to {OUT}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
