@@ -224,7 +224,7 @@ class TamperedBundleError(BundleError):
 
 
 class WrongDeviceKeyError(BundleError):
-    """This device's key is not among the bundle's recipients, or cannot unwrap the key."""
+    """The device's key is not among the bundle's recipients, or cannot unwrap the key."""
 
 
 class DeltaError(BundleError):
@@ -248,7 +248,7 @@ class RepositoryUnavailableError(UpdateError):
 
 
 class NotEnrolledError(UpdateError):
-    """This device has not been enrolled with an update repository yet."""
+    """The device has not been enrolled with an update repository yet."""
 
 
 class InstallError(UpdateError):

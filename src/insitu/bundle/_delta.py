@@ -1,9 +1,9 @@
-"""Deltas between two bundles, and the rebuild of the new bundle on a device.
+r"""Deltas between two bundles, and the rebuild of the new bundle on a device.
 
 A bundle's payload is encrypted with a fresh data key, so two versions share no bytes
 and a delta must be made between the *plaintext* models. A bundle delta is therefore:
 
-    b"INSITUD\\x01", 4-byte header length, canonical JSON header
+    b"INSITUD\x01", 4-byte header length, canonical JSON header
         {"base_bundle_sha256", "target_bundle_sha256", "target_bundle_length",
          "nonce_prefix" (of the delta's own encryption, or null)}
     the new bundle's header, verbatim (magic, length, signed JSON with signatures)
@@ -94,7 +94,9 @@ def _parse(delta: bytes | memoryview) -> tuple[dict[str, Any], Bundle]:
 
 
 def apply_bundle_delta(
-    installed_bundle: bytes, installed_model: bytes | bytearray, delta: bytes,
+    installed_bundle: bytes,
+    installed_model: bytes | bytearray,
+    delta: bytes,
     device_key: X25519PrivateKey | None,
 ) -> bytes:
     """Rebuild the new bundle from the installed one and ``delta``.
@@ -111,7 +113,7 @@ def apply_bundle_delta(
     header, embedded = _parse(delta)
     if header.get("base_bundle_sha256") != hashlib.sha256(installed_bundle).hexdigest():
         raise DeltaError("this delta was made against another installed bundle")
-    inner: bytes | bytearray = embedded.payload
+    inner: bytes | bytearray | memoryview = embedded.payload
     new_header = embedded.header_bytes
     # The embedded "payload" view is the sealed model delta; the new bundle's own payload
     # is rebuilt below.

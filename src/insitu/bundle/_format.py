@@ -1,8 +1,8 @@
-"""The bundle file: a signed header, then the (usually encrypted) ONNX model.
+r"""The bundle file: a signed header, then the (usually encrypted) ONNX model.
 
 Layout (``.insb``)::
 
-    b"INSITUB\\x01"               8 bytes: magic and format version
+    b"INSITUB\x01"               8 bytes: magic and format version
     header length                 4 bytes, big endian
     header                        canonical JSON {"signed": {...}, "signatures": [...]}
     payload                       the model, sealed with _stream (or plain, with a warning)
@@ -11,7 +11,7 @@ Layout (``.insb``)::
 the SHA-256 digest and length of each file (``model.onnx`` and ``card.json``), the
 payload's own length and digest, the encryption parameters with the data key wrapped
 for each recipient, and the publisher's public key. Each signature is Ed25519 over
-``b"insitu-bundle/1\\n" + canonical_bytes(signed)`` (the prefix separates this signature
+``b"insitu-bundle/1\n" + canonical_bytes(signed)`` (the prefix separates this signature
 domain from the ledger's, which uses the same key).
 
 Why not OpenSSF ``model-signing`` (an in-toto statement over file digests): the signed
@@ -120,7 +120,7 @@ class Bundle:
             if not is_canonical(text) or not isinstance(signed, dict):
                 raise ValueError("header is not canonical JSON")
             for key in ("bundle_id", "name", "version", "card", "files", "payload", "publisher"):
-                signed[key]  # noqa: B018 -- presence check
+                signed[key]
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise MalformedBundleError(f"the bundle header is not valid ({exc})") from exc
         return cls(signed, list(signatures), bytes(view[: 12 + length]), view[12 + length :])

@@ -165,9 +165,7 @@ def derive_subkey(key: bytes, purpose: bytes) -> bytes:
     A delta is sealed with a subkey so that it never shares a (key, nonce) pair with the
     bundle payload, even though both belong to the same bundle.
     """
-    return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=b"insitu-subkey/" + purpose).derive(
-        key
-    )
+    return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=b"insitu-subkey/" + purpose).derive(key)
 
 
 def _raw(public: X25519PublicKey) -> bytes:

@@ -1,4 +1,4 @@
-"""Deltas between two model files: per tensor for ONNX, zstd with a reference otherwise.
+r"""Deltas between two model files: per tensor for ONNX, zstd with a reference otherwise.
 
 Why not bsdiff: measured here, bsdiff4 took 4.4 minutes on a 16 MB model and gained
 nothing on a full fine-tune, because fine-tuning changes the low bits of almost every
@@ -21,7 +21,7 @@ delta names, and callers check it again against signed metadata.
 Generic fallback (payloads that are not ONNX, or do not re-serialize): zstd with the old
 file as a raw-content dictionary ("patch-from"), with a window that covers both files.
 
-Container: ``b"INSDLT\\x01\\x00"``, a 4-byte big-endian header length, a canonical JSON
+Container: ``b"INSDLT\x01\x00"``, a 4-byte big-endian header length, a canonical JSON
 header, then the blobs the header points to by offset and length.
 """
 

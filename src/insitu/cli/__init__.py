@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # Importing the command modules registers their commands on ``app``.
-from insitu.cli import audit, quickstart, workspace  # noqa: F401
+from insitu.cli import audit, bundle, quickstart, repo, update, workspace  # noqa: F401
 from insitu.cli._app import app, main, run
 
 __all__ = ["app", "main", "run"]

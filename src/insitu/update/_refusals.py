@@ -35,7 +35,7 @@ __all__ = ["translate", "tuf_refusals"]
 _MIX_AND_MATCH = re.compile(r"^Expected (snapshot version \d+, got \d+|\S+ v\d+, got v\d+)")
 
 
-def translate(exc: Exception, what: str) -> UpdateError:
+def translate(exc: Exception, what: str) -> UpdateError:  # noqa: PLR0911 -- one per failure
     """The insitu error for a python-tuf exception raised while doing ``what``."""
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, tuf_exc.ExpiredMetadataError):

@@ -74,7 +74,9 @@ def init_directory_repository(
     keys_dir.mkdir(parents=True, mode=0o700)
     for role in DEFAULT_EXPIRY_DAYS:
         for index in range(1, threshold + 1):
-            save_private_key(keys_dir / f"{role}-{index}.key", Ed25519PrivateKey.generate(), passphrase)
+            save_private_key(
+                keys_dir / f"{role}-{index}.key", Ed25519PrivateKey.generate(), passphrase
+            )
     return UpdateRepository.create(
         DirectoryStorage(path / "public"),
         _signers_from(keys_dir, passphrase),

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from copy import deepcopy
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -82,7 +82,7 @@ DEFAULT_EXPIRY_DAYS: dict[str, int] = {
     Snapshot.type: 30,
     Timestamp.type: 1,
 }
-_INIT: dict[str, type[Signed]] = {
+_INIT: dict[str, Callable[[], Signed]] = {
     Root.type: Root,
     Targets.type: Targets,
     Snapshot.type: Snapshot,
@@ -140,16 +140,16 @@ class UpdateRepository(Repository):
 
     # -- tuf.repository.Repository ---------------------------------------------------
 
-    def open(self, role: str) -> Metadata:
+    def open(self, role: str) -> Metadata[Any]:
         """The latest metadata of ``role``, or a fresh version 0 to be edited."""
         try:
             return Metadata.from_bytes(self.storage.read(f"metadata/{role}.json"))
         except FileNotFoundError:
-            md: Metadata = Metadata(_INIT[role]())
+            md: Metadata[Any] = Metadata(_INIT[role]())
             md.signed.version = 0  # close() bumps it to 1
             return md
 
-    def close(self, role: str, md: Metadata) -> None:
+    def close(self, role: str, md: Metadata[Any]) -> None:
         """Bump version and expiry, sign with every key of the role, write the files."""
         md.signed.version += 1
         md.signed.expires = datetime.now(UTC).replace(microsecond=0) + timedelta(
@@ -397,6 +397,6 @@ class UpdateRepository(Repository):
         self.do_timestamp(force=True)
         return self.timestamp().version
 
-    def copy_metadata(self, role: str) -> Metadata:
+    def copy_metadata(self, role: str) -> Metadata[Any]:
         """A copy of the current metadata of ``role`` (for tests and tools)."""
         return deepcopy(self.open(role))

@@ -119,7 +119,9 @@ class SlotStore:
             )
         return data
 
-    def install(self, data: bytes, *, name: str, version: str, bundle_id: str, now: str) -> SlotInfo:
+    def install(
+        self, data: bytes, *, name: str, version: str, bundle_id: str, now: str
+    ) -> SlotInfo:
         """Write ``data`` into the inactive slot, then make it active (atomically)."""
         state = self._state()
         active = state.get("active")
