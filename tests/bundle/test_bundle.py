@@ -39,7 +39,8 @@ def test_roundtrip_encrypted_bundle_runs_in_onnx_runtime(model, signer, device):
     )
     blob = create_bundle(model, card, signer, recipients=[device.public_key()], segment_size=1024)
     bundle = Bundle.parse(blob)
-    assert bundle.encrypted and len(bundle.recipients) == 1
+    assert bundle.encrypted
+    assert len(bundle.recipients) == 1
     assert model not in blob  # encrypted at rest
     opened = BundleVerifier([signer.public_key()]).open(bundle, device)
     assert bytes(opened.model) == model

@@ -29,6 +29,6 @@ def test_semver_precedence_follows_the_spec():
 
 @given(st.tuples(*[st.integers(0, 10**6)] * 3), st.tuples(*[st.integers(0, 10**6)] * 3))
 def test_release_order_is_numeric(a, b):
-    va, vb = SemVer.parse("%d.%d.%d" % a), SemVer.parse("%d.%d.%d" % b)
+    va, vb = SemVer.parse(".".join(map(str, a))), SemVer.parse(".".join(map(str, b)))
     assert (va < vb) == (a < b)
     assert SemVer.parse(str(va)) == va
