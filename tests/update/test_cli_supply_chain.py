@@ -1,0 +1,180 @@
+"""The supply chain through the ``insitu`` command, over a loopback HTTP repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from insitu.cli import run
+from insitu.workspace import Workspace
+from tests.bundle._models import fine_tune, mlp
+from tests.update._http import serving
+
+WIDTHS = [8, 16, 3]
+
+
+def invoke(capsys, *args: str) -> tuple[int, str, str]:
+    code = run(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def invoke_json(capsys, *args: str):
+    code, out, err = invoke(capsys, *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.fixture
+def setup(tmp_path, capsys):
+    publisher, device = str(tmp_path / "publisher"), str(tmp_path / "device")
+    for home in (publisher, device):
+        assert invoke(capsys, "init", "--home", home)[0] == 0
+    base, weights = mlp(WIDTHS)
+    (tmp_path / "model.onnx").write_bytes(base)
+    (tmp_path / "model2.onnx").write_bytes(fine_tune(WIDTHS, weights, last_layer_only=True))
+    return tmp_path, publisher, device
+
+
+def _create(capsys, tmp_path: Path, publisher: str, device: str, model: str, version: str):
+    return invoke_json(
+        capsys, "bundle", "create", str(tmp_path / model), "--name", "triage",
+        "--version", version, "--out", str(tmp_path / f"triage-{version}.insb"),
+        "--recipient", f"{device}/keys/encryption.pub.pem", "--metric", "auc=0.91",
+        "--epsilon", "3", "--delta", "1e-5", "--home", publisher,
+    )  # fmt: skip
+
+
+def test_bundle_create_inspect_verify(setup, capsys):
+    tmp_path, publisher, device = setup
+    created = _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    assert created["payload"]["encrypted"] is True
+    assert len(created["payload"]["recipients"]) == 2  # the device and the publisher
+    path = str(tmp_path / "triage-1.0.0.insb")
+    inspected = invoke_json(capsys, "bundle", "inspect", path)
+    assert inspected["verified"] is False
+    assert inspected["card"]["privacy"] == {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}
+    assert inspected["card"]["metrics"] == {"auc": 0.91}
+    verified = invoke_json(capsys, "bundle", "verify", path, "--home", publisher)
+    assert "decrypted model digest" in verified["verified"]
+    code, out, _ = invoke(capsys, "bundle", "inspect", path)
+    assert code == 0
+    assert "not verified" in out
+    with Workspace.open(publisher).ledger() as ledger:
+        assert [e.type for e in ledger.entries(event_type="bundle.")] == ["bundle.created"]
+
+
+def test_bundle_errors_are_one_line_with_the_fix(setup, capsys):
+    tmp_path, publisher, device = setup
+    code, _, err = invoke(
+        capsys, "bundle", "create", str(tmp_path / "model.onnx"), "--version", "1.0.0",
+        "--out", str(tmp_path / "x.insb"), "--home", publisher,
+    )  # fmt: skip
+    assert code == 2
+    assert "--recipient" in err
+    assert not (tmp_path / "x.insb").exists()
+    _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    code, _, err = invoke(
+        capsys, "bundle", "verify", str(tmp_path / "triage-1.0.0.insb"),
+        "--publisher", f"{device}/keys/signing.pub.pem",
+    )  # fmt: skip
+    assert code == 1
+    assert "not a trusted publisher key" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = invoke(capsys, "bundle", "inspect", str(tmp_path / "model.onnx"))
+    assert (code, "not an insitu bundle" in err) == (1, True)
+
+
+def test_publish_serve_update_rollback(setup, capsys):
+    tmp_path, publisher, device = setup
+    repo = str(tmp_path / "repo")
+    init = invoke_json(capsys, "repo", "init", repo, "--home", publisher)
+    assert init["roles"]["timestamp"]["version"] == 1
+    _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    published = invoke_json(
+        capsys, "repo", "publish", repo, str(tmp_path / "triage-1.0.0.insb"), "--home", publisher
+    )
+    assert published["pointers"] == ["channels/stable/triage.json"]
+    with serving(Path(repo)) as url:
+        enrolled = invoke_json(
+            capsys, "update", "enroll", "--root", f"{repo}/public/metadata/1.root.json",
+            "--url", url, "--model", "triage", "--home", device,
+        )  # fmt: skip
+        assert enrolled["channel"] == "stable"
+        first = invoke_json(capsys, "update", "--home", device)
+        assert (first["installed"], first["method"]) == ("1.0.0", "full")
+
+        _create(capsys, tmp_path, publisher, device, "model2.onnx", "1.1.0")
+        second = invoke_json(
+            capsys, "repo", "publish", repo, str(tmp_path / "triage-1.1.0.insb"),
+            "--home", publisher,
+        )  # fmt: skip
+        assert "1.0.0" in second["deltas"]
+        update = invoke_json(capsys, "update", "--home", device)
+        assert (update["installed"], update["method"]) == ("1.1.0", "delta")
+        code, out, _ = invoke(capsys, "update", "--home", device)
+        assert code == 0
+        assert "up to date" in out
+
+    rolled = invoke_json(capsys, "rollback", "--home", device)
+    assert (rolled["active"], rolled["was"]) == ("1.0.0", "1.1.0")
+    status = invoke_json(capsys, "update", "status", "--home", device)
+    assert status["active"]["version"] == "1.0.0"
+    assert status["previous"]["version"] == "1.1.0"
+    repo_status = invoke_json(capsys, "repo", "status", repo)
+    assert repo_status["pointers"] == {"channels/stable/triage.json": "1.1.0"}
+    assert (
+        invoke_json(capsys, "repo", "timestamp", repo, "--home", publisher)["timestamp_version"]
+        == repo_status["roles"]["timestamp"]["version"] + 1
+    )
+
+    with Workspace.open(device).ledger() as ledger:
+        types = [e.type for e in ledger.entries(event_type="update.")]
+    assert types.count("update.installed") == 2
+    assert "update.downloaded" in types
+    assert types[-1] == "update.rolled_back"
+    with Workspace.open(publisher).ledger() as ledger:
+        assert len(ledger.entries(event_type="repo.published")) == 2
+
+
+def test_update_before_enrolling_says_how(setup, capsys):
+    _, _, device = setup
+    code, _, err = invoke(capsys, "update", "--home", device)
+    assert code == 1
+    assert "insitu update enroll" in err
+
+
+def test_tuf_conformance_client_protocol(setup, capsys):
+    tmp_path, publisher, device = setup
+    repo = str(tmp_path / "repo")
+    invoke_json(capsys, "repo", "init", repo, "--home", publisher)
+    _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    invoke_json(
+        capsys, "repo", "publish", repo, str(tmp_path / "triage-1.0.0.insb"), "--home", publisher
+    )
+    metadata, targets = str(tmp_path / "tuf-md"), tmp_path / "tuf-targets"
+    root = f"{repo}/public/metadata/1.root.json"
+    assert invoke(capsys, "update", "tuf-client", "--metadata-dir", metadata, "init", root)[0] == 0
+    with serving(Path(repo)) as url:
+        client = ["update", "tuf-client", "--metadata-dir", metadata,
+                  "--metadata-url", f"{url}/metadata"]  # fmt: skip
+        assert invoke(capsys, *client, "refresh")[0] == 0
+        assert (Path(metadata) / "timestamp.json").exists()
+        download = [*client, "--target-base-url", f"{url}/targets", "--target-dir", str(targets)]
+        name = "channels/stable/triage.json"
+        assert invoke(capsys, *download, "--target-name", name, "download")[0] == 0
+        assert json.loads(next(targets.iterdir()).read_bytes())["version"] == "1.0.0"
+        assert invoke(capsys, *download, "--target-name", name, "download")[0] == 0  # cached
+        assert invoke(capsys, *download, "--target-name", "no/such.bin", "download")[0] == 1
+    code, _, err = invoke(capsys, *client, "refresh")  # the server is gone
+    assert code == 1
+    assert "cannot be reached" in err
+
+
+def test_help_texts_have_examples(capsys):
+    for group in (["bundle", "create"], ["repo", "publish"], ["update"], ["rollback"]):
+        code, out, _ = invoke(capsys, *group, "--help")
+        assert code == 0
+        assert "insitu" in out
