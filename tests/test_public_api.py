@@ -52,6 +52,7 @@ EXPECTED = {
         "apply_bundle_delta",
         "create_bundle",
         "device_key_id",
+        "load_session",
         "make_bundle_delta",
         "publisher_key_id",
         "schema_of",

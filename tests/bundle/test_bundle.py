@@ -149,3 +149,36 @@ def test_bad_versions_are_usage_errors(model, version):
 def test_bad_privacy_figures(model):
     with pytest.raises(UsageError, match="delta"):
         card_for(model, privacy={"epsilon": 1.0, "delta": 1.5, "accountant": "rdp"})
+
+
+def test_load_session_from_a_file_and_from_bytes(model, signer, device, tmp_path):
+    from insitu.bundle import load_session
+
+    blob = create_bundle(model, card_for(model), signer, recipients=[device.public_key()])
+    path = tmp_path / "m.insb"
+    path.write_bytes(blob)
+    verifier = BundleVerifier([signer.public_key()])
+    for source in (path, blob):
+        bundle, session = load_session(source, verifier, device)
+        assert bundle.version == "1.0.0"
+        assert len(bundle.payload) == 0  # the header only: nothing decrypted is kept
+        assert session.run(None, {"x": np.ones((1, 8), np.float32)})[0].shape == (1, 3)
+
+
+def test_load_session_refuses_before_creating_a_session(
+    model, signer, device, tmp_path, monkeypatch
+):
+    from insitu.bundle import _load, load_session
+
+    blob = bytearray(
+        create_bundle(model, card_for(model), signer, recipients=[device.public_key()])
+    )
+    blob[-1] ^= 1
+    created = []
+    monkeypatch.setattr(_load, "create_session", lambda *a, **k: created.append(a))
+    with pytest.raises(TamperedBundleError):
+        load_session(bytes(blob), BundleVerifier([signer.public_key()]), device)
+    (tmp_path / "empty.insb").write_bytes(b"")
+    with pytest.raises(MalformedBundleError):
+        load_session(tmp_path / "empty.insb", BundleVerifier([signer.public_key()]), device)
+    assert created == []

@@ -63,6 +63,16 @@ def test_non_onnx_payloads_use_the_generic_fallback():
     assert td.apply(old, delta) == new
 
 
+def test_same_length_payloads_use_xor():
+    old = os.urandom(200_000)
+    new = bytearray(old)
+    new[1000:1010] = b"0123456789"
+    delta = td.diff(old, bytes(new))
+    assert td.describe(delta)["kind"] == "xor-zstd"
+    assert len(delta) < 2_000
+    assert td.apply(old, delta) == bytes(new)
+
+
 def test_onnx_that_does_not_reserialize_falls_back(base):
     old, weights = base
     new = fine_tune(WIDTHS, weights, last_layer_only=True)
@@ -70,7 +80,7 @@ def test_onnx_that_does_not_reserialize_falls_back(base):
     # serialization writes the field once, so it would not reproduce these bytes.
     odd = new + b"\x08\x0a"
     delta = td.diff(old, odd)
-    assert td.describe(delta)["kind"] == "zstd-patch"
+    assert td.describe(delta)["kind"] in {"zstd-patch", "xor-zstd"}
     assert td.apply(old, delta) == odd
 
 

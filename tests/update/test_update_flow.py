@@ -100,3 +100,22 @@ def test_threshold_two_needs_both_signatures(keys, models, tmp_path, ledger):
     client = UpdateClient(tmp_path / "d", device_key=keys.device, ledger=ledger, fetcher=sim)
     assert client.update()["installed"] == "1.0.0"
     assert sim.repo.root().roles["targets"].threshold == 2
+
+
+def test_session_of_the_installed_model(sim, device, keys, models):
+    installed_v1(sim, device, keys, models)
+    bundle, session = device.session()
+    assert bundle.version == "1.0.0"
+    assert session.run(None, {"x": np.ones((3, 16), np.float32)})[0].shape == (3, 4)
+
+
+def test_a_slot_overwritten_with_another_signed_bundle_is_refused(sim, device, keys, models):
+    from insitu.errors import InstallError
+
+    installed_v1(sim, device, keys, models)
+    other = make_bundle(keys, "1.0.0", models.v2)  # validly signed, not the one installed
+    device.slots.slot_path(device.slots.active().slot).write_bytes(other)
+    with pytest.raises(InstallError, match="no longer holds"):
+        device.session()
+    with pytest.raises(InstallError, match="changed on disk"):
+        device.load()

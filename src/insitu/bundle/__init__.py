@@ -16,6 +16,7 @@ from insitu.bundle._format import (
     create_bundle,
     publisher_key_id,
 )
+from insitu.bundle._load import load_session
 from insitu.bundle._stream import key_id as device_key_id
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "apply_bundle_delta",
     "create_bundle",
     "device_key_id",
+    "load_session",
     "make_bundle_delta",
     "publisher_key_id",
     "schema_of",

@@ -250,21 +250,41 @@ class BundleVerifier:
     ) -> OpenedBundle:
         """Verify, decrypt with ``device_key`` and check the model digest.
 
-        ``check_payload=False`` skips the digest of the *ciphertext*: the AEAD tags and
-        the signed digest of the decrypted model already bind every byte; the ciphertext
-        digest is for checks made without a device key (a mirror, ``bundle verify``).
+        ``check_payload=False`` skips the digest of the *ciphertext*: the signed digest of
+        the decrypted model binds every byte of it (the AEAD alone would not: every
+        recipient knows the data key); the ciphertext digest is for checks made without
+        a device key (a mirror, ``bundle verify``).
+        """
+        model = bytearray(int(bundle.signed["files"]["model.onnx"]["length"]))
+        self.open_into(bundle, device_key, model, check_payload=check_payload)
+        return OpenedBundle(bundle, model)
+
+    def open_into(
+        self,
+        bundle: Bundle,
+        device_key: X25519PrivateKey | None,
+        into: Any,
+        *,
+        check_payload: bool = True,
+    ) -> None:
+        """:meth:`open`, decrypting into the writable buffer ``into`` (of the model's length).
+
+        If this raises, ``into`` holds unverified bytes and must not be used.
         """
         self.verify(bundle, check_payload=check_payload or not bundle.encrypted)
-        model = decrypt_payload(bundle, device_key)
         expected = bundle.signed["files"]["model.onnx"]
-        if len(model) != expected["length"] or (
-            hashlib.sha256(model).hexdigest() != expected["sha256"]
-        ):
+        if len(memoryview(into).cast("B")) != expected["length"]:
+            raise TamperedBundleError(
+                f"bundle {bundle.name} {bundle.version}: the payload does not have the signed "
+                "model length; download it again"
+            )
+        hasher = hashlib.sha256()
+        decrypt_payload(bundle, device_key, into=into, hasher=hasher)
+        if hasher.hexdigest() != expected["sha256"]:
             raise TamperedBundleError(
                 f"bundle {bundle.name} {bundle.version}: the decrypted model differs from "
                 "the signed digest; download it again from the repository"
             )
-        return OpenedBundle(bundle, model)
 
 
 def data_key_for(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytes:
@@ -296,11 +316,26 @@ def data_key_for(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytes:
         ) from None
 
 
-def decrypt_payload(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytearray:
-    """The plaintext model of ``bundle`` (a copy when the bundle is not encrypted)."""
+def decrypt_payload(
+    bundle: Bundle, device_key: X25519PrivateKey | None, *, into: Any = None, hasher: Any = None
+) -> Any:
+    """The plaintext model of ``bundle`` (in ``into`` if given, else a new ``bytearray``).
+
+    Raises:
+        TamperedBundleError: the payload does not authenticate, or has the wrong length.
+
+    """
     enc = bundle.signed["payload"].get("encryption")
     if enc is None:
-        return bytearray(bundle.payload)
+        out = bytearray(bundle.payload) if into is None else into
+        view = memoryview(out).cast("B")
+        if len(view) != len(bundle.payload):
+            raise TamperedBundleError(f"bundle {bundle.name}: payload has the wrong length")
+        if into is not None:
+            view[:] = bundle.payload
+        if hasher is not None:
+            hasher.update(view)
+        return out
     key = data_key_for(bundle, device_key)
     try:
         return _stream.decrypt(
@@ -309,8 +344,10 @@ def decrypt_payload(bundle: Bundle, device_key: X25519PrivateKey | None) -> byte
             bundle.payload,
             _context(bundle.signed),
             segment_size=int(enc["segment_size"]),
+            into=into,
+            hasher=hasher,
         )
-    except InvalidTag:
+    except (InvalidTag, ValueError):
         raise TamperedBundleError(
             f"bundle {bundle.name} {bundle.version}: the encrypted payload does not "
             "authenticate (tampered or truncated); download it again"

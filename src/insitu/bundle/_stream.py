@@ -131,11 +131,18 @@ def decrypt(
     associated_data: bytes,
     *,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
-) -> bytearray:
-    """Open ``ciphertext`` sealed by :func:`encrypt` into a new buffer.
+    into: Any = None,
+    hasher: Any = None,
+) -> Any:
+    """Open ``ciphertext`` sealed by :func:`encrypt`; return the plaintext buffer.
+
+    ``into`` is a writable buffer of exactly the plaintext length (default: a new
+    ``bytearray``); ``hasher`` (a ``hashlib`` object) is fed each segment while it is
+    still in the CPU cache, which saves a second pass over memory.
 
     Raises:
         InvalidTag: any byte, segment order, or the length is not as sealed.
+        ValueError: ``into`` has the wrong length.
 
     """
     _check(key, prefix, segment_size)
@@ -145,17 +152,20 @@ def decrypt(
     except ValueError:
         raise InvalidTag from None
     count = _segment_count(plain_length, segment_size)
-    out = bytearray(plain_length)
-    view = memoryview(out)
+    out = bytearray(plain_length) if into is None else into
+    view = memoryview(out).cast("B")
+    if len(view) != plain_length:
+        raise ValueError(f"the output buffer must hold {plain_length} bytes")
     aead = AESGCM(key)
     for index in range(count):
         start = index * segment_size
         size = min(segment_size, plain_length - start)
         at = index * (segment_size + TAG_SIZE)
         nonce = _nonce(prefix, index, last=index == count - 1)
-        aead.decrypt_into(
-            nonce, data[at : at + size + TAG_SIZE], associated_data, view[start : start + size]
-        )
+        segment = view[start : start + size]
+        aead.decrypt_into(nonce, data[at : at + size + TAG_SIZE], associated_data, segment)
+        if hasher is not None:
+            hasher.update(segment)
     return out
 
 

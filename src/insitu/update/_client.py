@@ -50,6 +50,7 @@ from insitu.bundle import (
     SemVer,
     apply_bundle_delta,
     device_key_id,
+    load_session,
 )
 from insitu.errors import (
     BundleError,
@@ -375,6 +376,24 @@ class UpdateClient:
         # The slot digest was checked; the AEAD tags and the signed model digest bind
         # the rest, so the ciphertext digest is not computed a second time.
         return self.verifier().open(Bundle.parse(data), self.device_key, check_payload=False)
+
+    def session(self) -> tuple[Bundle, Any]:
+        """The active bundle, verified, and an ONNX Runtime session of its model."""
+        info = self.slots.active()
+        if info is None:
+            raise InstallError("no model is installed on this device; run 'insitu update'")
+        # The signature and the model digest are checked while loading; the bundle id
+        # check makes sure the slot still holds the bundle that was installed (and not
+        # another validly signed one, e.g. an older version copied over it).
+        bundle, session = load_session(
+            self.slots.slot_path(info.slot), self.verifier(), self.device_key
+        )
+        if bundle.bundle_id != info.bundle_id:
+            raise InstallError(
+                f"slot {info.slot} no longer holds {info.name} {info.version} (bundle id "
+                "differs); reinstall with 'insitu update'"
+            )
+        return bundle, session
 
     def status(self) -> dict[str, Any]:
         """The configuration and the two slots."""

@@ -1,0 +1,75 @@
+"""Load a bundle into an ONNX Runtime session, the model decrypted in memory only.
+
+ONNX Runtime takes a model as ``bytes`` or as a path. ``bytes`` would cost a full copy
+of the decrypted model (Python's ``bytes`` cannot be written in place), and ONNX Runtime
+builds a session from a file faster than from bytes. On Linux the model is therefore
+decrypted straight into an anonymous memory file (``memfd_create``: RAM only, never on a
+file system, reachable only through this process's ``/proc/self/fd``), the session is
+created from that path, and the file is closed as soon as the session exists. A bundle
+given as a path is mapped (``mmap``) rather than read, so its bytes are not copied
+either. Elsewhere the model is copied into ``bytes``.
+
+Invariant: the session is created only after the signature, the key unwrapping and the
+model digest have all been checked (:meth:`BundleVerifier.open_into`); a failed check
+closes the memory file unused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from insitu.bundle._format import Bundle, BundleVerifier
+from insitu.errors import MalformedBundleError
+from insitu.runtime import create_session
+
+__all__ = ["load_session"]
+
+
+def _source(path: Path) -> Any:
+    try:
+        with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return b""
+            # The mapping keeps its own reference to the file; it is unmapped when the
+            # last view of it is dropped, at the end of load_session.
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise MalformedBundleError(f"cannot read bundle {path} ({exc.strerror or exc})") from exc
+
+
+def load_session(
+    source: Path | bytes | bytearray | memoryview,
+    verifier: BundleVerifier,
+    device_key: X25519PrivateKey | None,
+) -> tuple[Bundle, Any]:
+    """Verify and decrypt a bundle (a file or its bytes); return it and a session.
+
+    The returned :class:`Bundle` carries the verified header only (no payload).
+    """
+    data = _source(source) if isinstance(source, Path) else source
+    bundle = Bundle.parse(data)
+    header = Bundle.parse(bundle.header_bytes)
+    length = int(bundle.signed["files"]["model.onnx"]["length"])
+    if not hasattr(os, "memfd_create") or length == 0:
+        opened = verifier.open(bundle, device_key, check_payload=False)
+        return header, create_session(bytes(opened.model))
+    fd = os.memfd_create("insitu-model", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, length)
+        buffer = mmap.mmap(fd, length)
+        try:
+            verifier.open_into(bundle, device_key, buffer, check_payload=False)
+        finally:
+            # After a failed check, views of the buffer may live on in the traceback; the
+            # mapping is then released with them (the file descriptor is closed below).
+            with contextlib.suppress(BufferError):
+                buffer.close()
+        return header, create_session(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
