@@ -38,6 +38,12 @@ def setup(tmp_path, capsys):
     return tmp_path, publisher, device
 
 
+def _record_training_rounds(home: str) -> None:
+    with Workspace.open(home).ledger() as ledger:
+        for round_number in (1, 2):
+            ledger.record("training.round", round=round_number, clients=3, epsilon_spent=1.5)
+
+
 def _create(capsys, tmp_path: Path, publisher: str, device: str, model: str, version: str):
     return invoke_json(
         capsys, "bundle", "create", str(tmp_path / model), "--name", "triage",
@@ -49,7 +55,11 @@ def _create(capsys, tmp_path: Path, publisher: str, device: str, model: str, ver
 
 def test_bundle_create_inspect_verify(setup, capsys):
     tmp_path, publisher, device = setup
+    _record_training_rounds(publisher)
     created = _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    rounds = created["card"]["provenance"]["training_rounds"]
+    assert [r["type"] for r in rounds] == ["training.round", "training.round"]
+    assert created["card"]["provenance"]["node"] == Workspace.open(publisher).node_id
     assert created["payload"]["encrypted"] is True
     assert len(created["payload"]["recipients"]) == 2  # the device and the publisher
     path = str(tmp_path / "triage-1.0.0.insb")

@@ -40,6 +40,12 @@ def test_second_version_arrives_as_a_delta_and_rollback_returns(sim, device, key
     assert bytes(device.load().model) == models.v1
     assert not np.allclose(before, _run(device))
     assert "update.rolled_back" in events(ledger)
+    # The version rolled back from is held: the next update does not reinstall it ...
+    assert device.update()["status"] == "held"
+    assert device.status()["active"]["version"] == "1.0.0"
+    # ... but a newer one is installed as usual.
+    sim.repo.publish(make_bundle(keys, "1.2.0", models.v3), publisher_key=keys.publisher_enc)
+    assert device.update()["installed"] == "1.2.0"
 
 
 def test_up_to_date_downloads_no_bundle(sim, device, keys, models):

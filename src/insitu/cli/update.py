@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from insitu.cli._app import app
-from insitu.cli._output import HomeOption, JsonOption, out, print_json
+from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.errors import UsageError
 from insitu.workspace import Workspace
 
@@ -50,7 +50,8 @@ def update(
     ws = Workspace.open(home)
     client = _client(ws)
     try:
-        result = client.update(channel=channel)
+        with err_console.status("Refreshing signed metadata and downloading...", spinner="dots"):
+            result = client.update(channel=channel)
     finally:
         if client.ledger is not None:
             client.ledger.close()
@@ -58,6 +59,11 @@ def update(
         print_json(result)
     elif result["status"] == "up-to-date":
         out.print(f"{result['model']} {result['installed']} is up to date")
+    elif result["status"] == "held":
+        out.print(
+            f"{result['model']} {result['available']} was rolled back from on this device and "
+            f"is held; {result['installed']} stays until a newer version is published"
+        )
     else:
         before = result["installed_before"] or "nothing"
         out.print(

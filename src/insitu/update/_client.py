@@ -6,7 +6,8 @@ One :meth:`UpdateClient.update` is, in order (each step refuses rather than gues
    (signatures and thresholds, expiry, version rollback, snapshot consistency);
 2. the device pointer ``devices/<key id>/<model>.json``, else the channel pointer, both
    downloaded through the Updater (length and hash from signed metadata);
-3. a version equal to the installed one is "up to date"; an *older* one is a
+3. a version equal to the installed one is "up to date", one rolled back from on this
+   device is "held" (not reinstalled); an *older* one is a
    :class:`~insitu.errors.RollbackError`, even though it is validly signed;
 4. the delta from the installed version, when the pointer offers one, is downloaded and
    applied; the rebuilt bundle must have the length and SHA-256 that signed metadata
@@ -270,6 +271,11 @@ class UpdateClient:
             "available": version,
             "installed_before": installed.version if installed else None,
         }
+        if version in self.slots.held():
+            return result | {
+                "status": "held",
+                "installed": installed.version if installed else None,
+            }
         if installed is not None:
             if SemVer.parse(version) == SemVer.parse(installed.version):
                 return result | {"status": "up-to-date", "installed": installed.version}

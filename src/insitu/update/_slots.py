@@ -14,7 +14,9 @@ Invariants:
   one; never a mix;
 * ``state.json`` records the SHA-256 of each slot's bundle, and :meth:`active` refuses a
   slot whose bytes no longer match it;
-* leftover temporary files of an interrupted install are removed when the store opens.
+* leftover temporary files of an interrupted install are removed when the store opens;
+* a version rolled back from is *held*: listed in ``state.json`` so that the next update
+  does not reinstall it; a newer version is installed as usual.
 """
 
 from __future__ import annotations
@@ -137,8 +139,12 @@ class SlotStore:
         )
         slots = dict(state.get("slots", {}))
         slots[target] = info.to_json()
-        self._commit({"active": target, "slots": slots})
+        self._commit({"active": target, "slots": slots, "held": state.get("held", [])})
         return info
+
+    def held(self) -> list[str]:
+        """Versions rolled back from, which updates do not reinstall."""
+        return list(self._state().get("held", []))
 
     def rollback(self) -> tuple[SlotInfo, SlotInfo]:
         """Make the other slot active; returns (now active, was active).
@@ -155,7 +161,8 @@ class SlotStore:
                 "with 'insitu update'"
             )
         self.read(previous)  # refuse to switch to a slot that was damaged
-        self._commit({"active": previous.slot, "slots": state["slots"]})
+        held = sorted({*state.get("held", []), current.version})
+        self._commit({"active": previous.slot, "slots": state["slots"], "held": held})
         return previous, current
 
     def _commit(self, state: dict[str, Any]) -> None:
