@@ -40,6 +40,7 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
         ├── RepositoryError              the update repository on disk is missing or invalid
         ├── RepositoryUnavailableError   the repository cannot be reached (network, HTTP)
         ├── NotEnrolledError             this device has no trusted root yet
+        ├── UpdateInProgressError        another update or rollback holds the lock
         ├── InstallError                 the A/B slots cannot be written or read
         │   └── NothingToRollBackError   no previous slot to return to
         └── UpdateRefusedError           TUF (or insitu) refused what the repository served
@@ -90,6 +91,7 @@ __all__ = [
     "UnsignedMetadataError",
     "UntrustedPublisherError",
     "UpdateError",
+    "UpdateInProgressError",
     "UpdateRefusedError",
     "UsageError",
     "WorkspaceError",
@@ -249,6 +251,10 @@ class RepositoryUnavailableError(UpdateError):
 
 class NotEnrolledError(UpdateError):
     """The device has not been enrolled with an update repository yet."""
+
+
+class UpdateInProgressError(UpdateError):
+    """Another update or rollback of the same device is running."""
 
 
 class InstallError(UpdateError):

@@ -125,3 +125,29 @@ def test_a_slot_overwritten_with_another_signed_bundle_is_refused(sim, device, k
         device.session()
     with pytest.raises(InstallError, match="changed on disk"):
         device.load()
+
+
+def test_one_update_at_a_time(sim, device, keys, models):
+    import fcntl
+
+    from insitu.errors import UpdateInProgressError
+
+    installed_v1(sim, device, keys, models)
+    with (device.directory / ".lock").open("a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process is updating
+        with pytest.raises(UpdateInProgressError, match="is running"):
+            device.update()
+        with pytest.raises(UpdateInProgressError):
+            device.rollback()
+    assert device.update()["status"] == "up-to-date"
+
+
+def test_publish_refuses_a_bundle_the_root_does_not_trust(sim, keys, models):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from insitu.errors import UntrustedPublisherError
+
+    stranger = make_bundle(keys, "1.0.0", models.v1, signer=Ed25519PrivateKey.generate())
+    with pytest.raises(UntrustedPublisherError):
+        sim.repo.publish(stranger)
+    assert sim.repo.targets().targets == {}

@@ -16,7 +16,7 @@ from rich.table import Table
 from insitu._atomic import atomic_write_bytes
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
-from insitu.errors import KeyFileError, UsageError, WrongDeviceKeyError
+from insitu.errors import KeyFileError, UsageError, WorkspaceNotFoundError, WrongDeviceKeyError
 from insitu.workspace import Workspace
 
 __all__ = ["bundle_app"]
@@ -268,11 +268,14 @@ def verify(
     if ws is None:
         try:
             ws = Workspace.open(home)
-        except Exception:  # noqa: BLE001 -- no workspace: the model digest is not checked
-            ws = None
-    if ws is not None and (not bundle.encrypted or ws.encryption_public_key):
+        except WorkspaceNotFoundError:
+            ws = None  # no workspace, no device key: the model digest is not checked
+    if ws is None and bundle.encrypted:
+        level += " (model not decrypted: no workspace)"
+    else:
         try:
-            verifier.open(bundle, ws.encryption_key() if bundle.encrypted else None)
+            device_key = ws.encryption_key() if ws is not None and bundle.encrypted else None
+            verifier.open(bundle, device_key)
             level = "signature, payload digest and decrypted model digest"
         except WrongDeviceKeyError:
             level += " (model not decrypted: this device is not a recipient)"

@@ -25,6 +25,7 @@ before it passed; tests assert that for each attack.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import uuid
@@ -62,6 +63,7 @@ from insitu.errors import (
     RepositoryError,
     RollbackError,
     UpdateError,
+    UpdateInProgressError,
 )
 from insitu.update._refusals import tuf_refusals
 from insitu.update._repository import PUBLISHERS_FIELD, channel_path, device_path
@@ -146,7 +148,7 @@ class UpdateClient:
             if not isinstance(md.signed, Root):
                 raise TypeError("not root metadata")
             md.signed.verify_delegate(Root.type, md.signed_bytes, md.signatures)
-        except (ValueError, TypeError, tuf_exc.RepositoryError, Exception) as exc:
+        except (ValueError, TypeError, KeyError, tuf_exc.RepositoryError) as exc:
             raise RepositoryError(
                 f"the root file is not valid, self-signed TUF root metadata ({exc}); use the "
                 "public/metadata/1.root.json of the repository"
@@ -237,9 +239,26 @@ class UpdateClient:
 
     # -- the update ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        # python-tuf's Updater supports one instance per metadata directory, and two
+        # installs must not race for the inactive slot: one process at a time.
+        with (self.directory / ".lock").open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UpdateInProgressError(
+                    f"another update or rollback of {self.directory} is running; wait for it "
+                    "to finish and try again"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def update(self, *, channel: str | None = None) -> dict[str, Any]:
         """Refresh, download (delta or full), verify, install. See the module docstring."""
-        with self._recording_refusals("update"):
+        with self._exclusive(), self._recording_refusals("update"):
             return self._update(channel or self.config.channel)
 
     def _pointer(self, updater: Updater, channel: str) -> tuple[str, dict[str, Any]]:
@@ -362,7 +381,7 @@ class UpdateClient:
 
     def rollback(self) -> dict[str, Any]:
         """Return to the previous slot (local, no network)."""
-        with self._recording_refusals("rollback"):
+        with self._exclusive(), self._recording_refusals("rollback"):
             now, was = self.slots.rollback()
         self._record(
             "update.rolled_back",

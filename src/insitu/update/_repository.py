@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from copy import deepcopy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -396,7 +395,3 @@ class UpdateRepository(Repository):
         """Sign a new timestamp (a fresh expiry); returns its version."""
         self.do_timestamp(force=True)
         return self.timestamp().version
-
-    def copy_metadata(self, role: str) -> Metadata[Any]:
-        """A copy of the current metadata of ``role`` (for tests and tools)."""
-        return deepcopy(self.open(role))
