@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping
@@ -70,6 +71,7 @@ BUNDLE_MAGIC = b"INSITUB\x01"
 ENCRYPTION_SCHEME = "aes-256-gcm-stream+x25519-hkdf-sha256"
 _SIGNATURE_DOMAIN = b"insitu-bundle/1\n"
 _MAX_HEADER = 16 << 20
+_SIG_HEX = re.compile(r"^[0-9a-f]{128}$")
 
 
 def publisher_key_id(public: Ed25519PublicKey) -> str:
@@ -82,6 +84,39 @@ def _context(signed: Mapping[str, Any]) -> bytes:
     return canonical_bytes(
         {"bundle_id": signed["bundle_id"], "name": signed["name"], "version": signed["version"]}
     )
+
+
+def _check_fields(signed: dict[str, Any], signatures: Any) -> None:
+    """Raise ``TypeError`` unless every field the code reads has the type it expects."""
+
+    def need(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"{what} is missing or of the wrong type")
+        return value
+
+    for key in ("bundle_id", "name", "version"):
+        need(signed.get(key), str, key)
+    need(signed.get("card"), dict, "card")
+    files = need(signed.get("files"), dict, "files")
+    for name in ("model.onnx", "card.json"):
+        entry = need(files.get(name), dict, f"files.{name}")
+        need(entry.get("length"), int, f"files.{name}.length")
+        need(entry.get("sha256"), str, f"files.{name}.sha256")
+    payload = need(signed.get("payload"), dict, "payload")
+    need(payload.get("length"), int, "payload.length")
+    need(payload.get("sha256"), str, "payload.sha256")
+    enc = payload.get("encryption")
+    if enc is not None:
+        need(enc, dict, "payload.encryption")
+        need(enc.get("segment_size"), int, "payload.encryption.segment_size")
+        need(enc.get("nonce_prefix"), str, "payload.encryption.nonce_prefix")
+        for entry in need(enc.get("recipients"), list, "payload.encryption.recipients"):
+            for key in ("keyid", "ephemeral", "wrapped"):
+                need(need(entry, dict, "recipient").get(key), str, f"recipient {key}")
+    need(need(signed.get("publisher"), dict, "publisher").get("keyid"), str, "publisher.keyid")
+    for sig in need(signatures, list, "signatures"):
+        need(need(sig, dict, "signature").get("keyid"), str, "signature keyid")
+        need(sig.get("sig"), str, "signature")
 
 
 @dataclass(frozen=True)
@@ -119,8 +154,7 @@ class Bundle:
             signed, signatures = doc["signed"], doc["signatures"]
             if not is_canonical(text) or not isinstance(signed, dict):
                 raise ValueError("header is not canonical JSON")
-            for key in ("bundle_id", "name", "version", "card", "files", "payload", "publisher"):
-                signed[key]
+            _check_fields(signed, signatures)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise MalformedBundleError(f"the bundle header is not valid ({exc})") from exc
         return cls(signed, list(signatures), bytes(view[: 12 + length]), view[12 + length :])
@@ -222,6 +256,10 @@ class BundleVerifier:
                 "with (pin its key with --publisher)"
             )
         for sig in known:
+            # One encoding per signature (lower-case hex): a bundle has no second form
+            # that verifies, so any changed byte of a bundle file is refused.
+            if not _SIG_HEX.match(str(sig.get("sig", ""))):
+                continue
             try:
                 self._trusted[sig["keyid"]].verify(bytes.fromhex(sig["sig"]), message)
                 break
@@ -255,8 +293,9 @@ class BundleVerifier:
         recipient knows the data key); the ciphertext digest is for checks made without
         a device key (a mirror, ``bundle verify``).
         """
+        self.verify(bundle, check_payload=check_payload or not bundle.encrypted)
         model = bytearray(int(bundle.signed["files"]["model.onnx"]["length"]))
-        self.open_into(bundle, device_key, model, check_payload=check_payload)
+        self._decrypt_checked(bundle, device_key, model)
         return OpenedBundle(bundle, model)
 
     def open_into(
@@ -272,6 +311,11 @@ class BundleVerifier:
         If this raises, ``into`` holds unverified bytes and must not be used.
         """
         self.verify(bundle, check_payload=check_payload or not bundle.encrypted)
+        self._decrypt_checked(bundle, device_key, into)
+
+    @staticmethod
+    def _decrypt_checked(bundle: Bundle, device_key: X25519PrivateKey | None, into: Any) -> None:
+        # Called only after verify(): the header fields read here are the signed ones.
         expected = bundle.signed["files"]["model.onnx"]
         if len(memoryview(into).cast("B")) != expected["length"]:
             raise TamperedBundleError(

@@ -54,6 +54,8 @@ def load_session(
     """
     data = _source(source) if isinstance(source, Path) else source
     bundle = Bundle.parse(data)
+    # The signature first: the model length below sizes a buffer, so it must be signed.
+    verifier.verify(bundle, check_payload=False)
     header = Bundle.parse(bundle.header_bytes)
     length = int(bundle.signed["files"]["model.onnx"]["length"])
     if not hasattr(os, "memfd_create") or length == 0:
