@@ -188,3 +188,22 @@ def test_help_texts_have_examples(capsys):
         code, out, _ = invoke(capsys, *group, "--help")
         assert code == 0
         assert "insitu" in out
+
+
+def test_repo_publishers_add_and_revoke(setup, capsys):
+    tmp_path, publisher, device = setup
+    repo = str(tmp_path / "repo")
+    invoke_json(capsys, "repo", "init", repo, "--home", publisher)
+    before = invoke_json(capsys, "repo", "publishers", repo)
+    assert before["root_version"] == 1
+    (old,) = before["publishers"]
+    after = invoke_json(
+        capsys, "repo", "publishers", repo, "--add", f"{device}/keys/signing.pub.pem",
+        "--remove", old, "--home", publisher,
+    )  # fmt: skip
+    assert after["root_version"] == 2
+    assert old not in after["publishers"]
+    assert len(after["publishers"]) == 1
+    code, _, err = invoke(capsys, "repo", "publishers", repo, "--remove", "nope")
+    assert code == 2
+    assert "no publisher with key id" in err

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.table import Table
 
 from insitu.cli._app import app
@@ -119,6 +120,51 @@ def publish(
     for old, info in result["deltas"].items():
         share = info["length"] / max(result["bundle_length"], 1)
         out.print(f"  delta from {old}: {info['length']:,} bytes ({share:.1%} of the bundle)")
+
+
+@repo_app.command("publishers")
+def publishers(
+    repo: RepoArg,
+    add: Annotated[
+        list[Path] | None, typer.Option(help="Publisher key to trust (PEM, Ed25519); repeat.")
+    ] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option(help="Key id of a publisher to revoke; repeat.")
+    ] = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """List, add or revoke the keys allowed to sign bundles (a new root version).
+
+    [dim]Examples:[/]
+      insitu repo publishers /srv/models
+      insitu repo publishers /srv/models --add new-publisher.pub.pem --remove 3f2a...
+    """
+    from insitu.bundle import publisher_key_id
+    from insitu.cli.bundle import _public_key
+    from insitu.update import open_directory_repository
+
+    repository = open_directory_repository(repo)
+    current = {publisher_key_id(k): k for k in repository.publishers}
+    if add or remove:
+        wanted = dict(current)
+        for keyid in remove or []:
+            if keyid not in wanted:
+                raise UsageError(f"no publisher with key id {keyid}; see 'insitu repo publishers'")
+            del wanted[keyid]
+        for path in add or []:
+            key = _public_key(path, Ed25519PublicKey)
+            wanted[publisher_key_id(key)] = key
+        with Workspace.open(home).ledger() as ledger:
+            version = repository.set_publishers(wanted.values(), ledger=ledger)
+        current = wanted
+        if not json_output:
+            out.print(f"root version {version} signed; devices pick it up at their next update")
+    if json_output:
+        print_json({"publishers": sorted(current), "root_version": repository.root().version})
+    elif not (add or remove):
+        for keyid in sorted(current):
+            out.print(keyid)
 
 
 @repo_app.command("timestamp")

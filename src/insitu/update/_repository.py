@@ -391,6 +391,25 @@ class UpdateRepository(Repository):
                 )
         return deltas
 
+    def set_publishers(
+        self, publishers: Iterable[Ed25519PublicKey], *, ledger: Ledger | None = None
+    ) -> int:
+        """Sign a new root version listing exactly ``publishers``; returns its version.
+
+        Devices load the new root on their next refresh (TUF root rotation: it must be
+        signed by the old root's keys and its own) and from then on accept bundles only
+        from these keys: this is how a stolen publisher key is revoked.
+        """
+        keys = sorted({_raw(k) for k in publishers})
+        if not keys:
+            raise RepositoryError("a repository needs at least one publisher key")
+        with self.edit_root() as root:
+            root.unrecognized_fields[PUBLISHERS_FIELD] = keys
+        version = self.root().version
+        if ledger is not None:
+            ledger.record("repo.publishers_changed", root_version=version, publishers=len(keys))
+        return version
+
     def refresh_timestamp(self) -> int:
         """Sign a new timestamp (a fresh expiry); returns its version."""
         self.do_timestamp(force=True)
