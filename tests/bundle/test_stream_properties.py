@@ -94,3 +94,15 @@ def test_truncation_at_a_segment_boundary_is_refused():
 def test_encryption_is_deterministic_for_the_delta_path():
     data = os.urandom(1000)
     assert seal(data, 100) == seal(data, 100)
+
+
+@given(st.integers(0, 5000), segment_sizes)
+def test_only_sealed_lengths_are_valid(cipher_length, segment):
+    # Exactly the lengths encrypt() produces are accepted, so nothing can be appended.
+    valid = {_stream.ciphertext_length(n, segment) for n in range(cipher_length + 1)}
+    try:
+        plain = _stream.plaintext_length(cipher_length, segment)
+    except ValueError:
+        assert cipher_length not in valid
+    else:
+        assert _stream.ciphertext_length(plain, segment) == cipher_length

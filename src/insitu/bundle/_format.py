@@ -232,7 +232,8 @@ class BundleVerifier:
 
     Invariants: :meth:`verify` returns only if a signature over the exact signed header
     verifies under one of ``trusted`` (looked up by key id, never by the key the header
-    carries) and the payload has the signed length and SHA-256. :meth:`open` returns a
+    carries) and the payload has the signed length (and, unless ``check_payload`` is
+    false, the signed SHA-256). :meth:`open` returns a
     model only if, in addition, it decrypts and has the signed ``model.onnx`` digest.
     The verifier holds no state between calls.
     """
@@ -270,18 +271,17 @@ class BundleVerifier:
                 f"the signature of bundle {bundle.name} {bundle.version} does not verify: the "
                 "header was changed after signing; download it again from the repository"
             )
-        if check_payload:
-            expected = bundle.signed["payload"]
-            if len(bundle.payload) != expected["length"]:
-                raise TamperedBundleError(
-                    f"bundle {bundle.name} {bundle.version}: payload is {len(bundle.payload)} "
-                    f"bytes, the signed manifest says {expected['length']}; download it again"
-                )
-            if hashlib.sha256(bundle.payload).hexdigest() != expected["sha256"]:
-                raise TamperedBundleError(
-                    f"bundle {bundle.name} {bundle.version}: payload digest differs from the "
-                    "signed manifest (tampered or corrupt); download it again"
-                )
+        expected = bundle.signed["payload"]
+        if len(bundle.payload) != expected["length"]:
+            raise TamperedBundleError(
+                f"bundle {bundle.name} {bundle.version}: payload is {len(bundle.payload)} "
+                f"bytes, the signed manifest says {expected['length']}; download it again"
+            )
+        if check_payload and hashlib.sha256(bundle.payload).hexdigest() != expected["sha256"]:
+            raise TamperedBundleError(
+                f"bundle {bundle.name} {bundle.version}: payload digest differs from the "
+                "signed manifest (tampered or corrupt); download it again"
+            )
 
     def open(
         self, bundle: Bundle, device_key: X25519PrivateKey | None, *, check_payload: bool = True

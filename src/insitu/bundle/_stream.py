@@ -88,7 +88,8 @@ def plaintext_length(cipher_length: int, segment_size: int) -> int:
     full, rest = divmod(cipher_length, segment_size + TAG_SIZE)
     if rest == 0 and full > 0:
         return full * segment_size
-    if rest < TAG_SIZE:
+    # A final segment holds at least one byte, unless it is the only one (empty payload).
+    if rest < TAG_SIZE or (rest == TAG_SIZE and full > 0):
         raise ValueError(f"{cipher_length} bytes is not a valid ciphertext length")
     return full * segment_size + rest - TAG_SIZE
 
