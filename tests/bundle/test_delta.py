@@ -138,3 +138,25 @@ def test_bundle_delta_between_plain_bundles(base, caplog):
 def test_build_is_deterministic(base):
     _, weights = base
     assert build(WIDTHS, weights) == base[0]
+
+
+def test_any_corruption_of_a_delta_is_a_delta_error(base):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    old, weights = base
+    new = fine_tune(WIDTHS, weights, last_layer_only=True)
+    delta = td.diff(old, new)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.integers(0, len(delta) - 1), st.integers(1, 255))
+    def check(at, xor):
+        changed = bytearray(delta)
+        changed[at] ^= xor
+        try:
+            result = td.apply(old, bytes(changed))
+        except DeltaError:  # DeltaMismatchError included
+            return
+        assert result == new  # a change that does not matter (e.g. header white space)
+
+    check()

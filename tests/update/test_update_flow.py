@@ -151,3 +151,16 @@ def test_publish_refuses_a_bundle_the_root_does_not_trust(sim, keys, models):
     with pytest.raises(UntrustedPublisherError):
         sim.repo.publish(stranger)
     assert sim.repo.targets().targets == {}
+
+
+def test_a_malformed_pointer_is_a_clear_error(sim, device, keys, models):
+    from insitu.update._repository import channel_path
+
+    installed_v1(sim, device, keys, models)
+    with sim.repo.edit_targets() as targets:
+        sim.repo._add_target(targets, channel_path("stable", "mlp"), b"[1, 2]", {"kind": "pointer"})
+    sim.repo.do_snapshot()
+    sim.repo.do_timestamp()
+    with pytest.raises(RepositoryError, match="not a valid pointer"):
+        device.update()
+    assert device.status()["active"]["version"] == "1.0.0"

@@ -46,6 +46,7 @@ __all__ = ["DELTA_MAGIC", "apply", "describe", "diff"]
 DELTA_MAGIC = b"INSDLT\x01\x00"
 _LEVEL = 3
 _MAX_HEADER = 64 << 20
+_SLACK = 256 << 20  # a delta rebuilds at most 4x the old model plus this
 
 
 def _sha(data: bytes | bytearray | memoryview) -> str:
@@ -184,12 +185,17 @@ def diff(old: bytes, new: bytes) -> bytes:
         elif base is not None and len(base) == len(data):
             planes = _planes(_xor(base, data), itemsize)
             ref = blobs.add(compressor.compress(planes))
-            entries.append({"name": tensor.name, "op": "xor", "itemsize": itemsize} | ref)
+            entries.append(
+                {"name": tensor.name, "op": "xor", "itemsize": itemsize, "size": len(data)} | ref
+            )
         else:
             ref = blobs.add(compressor.compress(_planes(data, itemsize)))
-            entries.append({"name": tensor.name, "op": "raw", "itemsize": itemsize} | ref)
+            entries.append(
+                {"name": tensor.name, "op": "raw", "itemsize": itemsize, "size": len(data)} | ref
+            )
         tensor.ClearField("raw_data")
-    skeleton = blobs.add(compressor.compress(new_model.SerializeToString()))
+    skeleton_bytes = new_model.SerializeToString()
+    skeleton = blobs.add(compressor.compress(skeleton_bytes)) | {"size": len(skeleton_bytes)}
     header = {
         "kind": "onnx-tensors",
         "base_sha256": _sha(old),
@@ -218,7 +224,14 @@ def apply(old: bytes | bytearray, delta: bytes | bytearray | memoryview) -> byte
         DeltaMismatchError: the result does not have the digest the delta names.
 
     """
+    from google.protobuf.message import DecodeError
+
     header, blobs = _unpack(delta)
+    target_length = header.get("target_length")
+    # The header is not authenticated (the rebuilt digest is what is checked), so the
+    # length it claims bounds every allocation and is itself bounded.
+    if not isinstance(target_length, int) or not 0 <= target_length <= 4 * len(old) + _SLACK:
+        raise DeltaError("the delta names no valid target length; the full bundle is needed")
     if header.get("base_sha256") != _sha(old):
         raise DeltaError(
             "this delta was made against another version than the one installed; the "
@@ -243,11 +256,27 @@ def apply(old: bytes | bytearray, delta: bytes | bytearray | memoryview) -> byte
             out = _apply_tensors(bytes(old), header, blobs)
         else:
             raise DeltaError(f"unknown delta kind {header['kind']!r}")
-    except (KeyError, TypeError, ValueError, zstandard.ZstdError) as exc:
+    except (KeyError, TypeError, ValueError, zstandard.ZstdError, DecodeError) as exc:
         raise DeltaError(f"the delta cannot be applied ({exc})") from exc
-    if len(out) != header["target_length"] or _sha(out) != header["target_sha256"]:
+    except MemoryError:
+        raise DeltaError("the delta cannot be applied (out of memory)") from None
+    if len(out) != header.get("target_length") or _sha(out) != header.get("target_sha256"):
         raise DeltaMismatchError("the delta does not rebuild the model it names")
     return out
+
+
+def _inflate(
+    decompressor: zstandard.ZstdDecompressor, blobs: memoryview, ref: dict[str, int], limit: int
+) -> bytes:
+    # Sizes come from the (unauthenticated) delta: bound them by the target's length so
+    # that a corrupt delta cannot make us allocate without limit.
+    size = int(ref["size"])
+    if not 0 <= size <= limit:
+        raise DeltaError("a delta blob claims more bytes than the model it rebuilds")
+    data: bytes = decompressor.decompress(_blob(blobs, ref), max_output_size=size)
+    if len(data) != size:
+        raise DeltaError("a delta blob does not decompress to its stated size")
+    return data
 
 
 def _apply_tensors(old: bytes, header: dict[str, Any], blobs: memoryview) -> bytes:
@@ -258,7 +287,7 @@ def _apply_tensors(old: bytes, header: dict[str, Any], blobs: memoryview) -> byt
         raise DeltaError("the installed model is not an ONNX model; the full bundle is needed")
     old_tensors = {t.name: t for t in old_model.graph.initializer}
     decompressor = zstandard.ZstdDecompressor()
-    skeleton = decompressor.decompress(_blob(blobs, header["skeleton"]))
+    skeleton = _inflate(decompressor, blobs, header["skeleton"], header["target_length"])
     model = onnx.load_model_from_string(skeleton)
     by_name = {t.name: t for t in model.graph.initializer}
     for entry in header["tensors"]:
@@ -272,7 +301,7 @@ def _apply_tensors(old: bytes, header: dict[str, Any], blobs: memoryview) -> byt
                 raise DeltaError(f"tensor {entry['name']!r} is missing from the installed model")
             tensor.raw_data = base.raw_data
             continue
-        planes = decompressor.decompress(_blob(blobs, entry))
+        planes = _inflate(decompressor, blobs, entry, header["target_length"])
         data = _unplanes(planes, int(entry["itemsize"]))
         if op == "xor":
             base = old_tensors.get(entry["name"])

@@ -56,7 +56,6 @@ from insitu.bundle import (
 )
 from insitu.errors import (
     BundleError,
-    DeltaError,
     InstallError,
     MixAndMatchError,
     NotEnrolledError,
@@ -276,7 +275,19 @@ class UpdateClient:
                 f"the repository publishes no model {model!r} on channel {channel!r}; check "
                 "--channel and the model name given at enrollment"
             )
-        pointer = json.loads(self._download(updater, info, "pointer"))
+        try:
+            pointer = json.loads(self._download(updater, info, "pointer"))
+            if not isinstance(pointer, dict):
+                raise TypeError("not an object")
+            for key in ("version", "bundle"):
+                if not isinstance(pointer.get(key), str):
+                    raise TypeError(f"{key} is missing")
+            if not isinstance(pointer.get("deltas", {}), dict):
+                raise TypeError("deltas is not an object")
+        except (ValueError, TypeError) as exc:
+            raise RepositoryError(
+                f"{path} is not a valid pointer ({exc}); the repository is misconfigured"
+            ) from exc
         return path, pointer
 
     def _update(self, channel: str) -> dict[str, Any]:
@@ -343,7 +354,8 @@ class UpdateClient:
             rebuilt = apply_bundle_delta(old_bundle, old.model, delta, self.device_key)
             with tuf_refusals(f"delta {path}"):
                 bundle_info.verify_length_and_hashes(rebuilt)
-        except (DeltaError, UpdateError, BundleError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- any failure of the optional delta path
+            # falls back to the full bundle, which is verified from scratch.
             logger.warning("delta %s refused (%s); downloading the full bundle", path, exc)
             self._record(
                 "update.delta_refused",
