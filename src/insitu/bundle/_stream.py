@@ -31,6 +31,9 @@ presented to another device, does not open.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -60,6 +63,7 @@ NONCE_PREFIX_SIZE = 7
 TAG_SIZE = 16
 DEFAULT_SEGMENT_SIZE = 1 << 20
 MAX_SEGMENTS = 1 << 32
+_THREADED_FROM = 8  # segments; below this a thread costs more than it saves
 _WRAP_INFO = b"insitu-bundle/1 key-wrap"
 _WRAP_NONCE = b"\x00" * 12  # the wrapping key is fresh per (ephemeral key, recipient)
 
@@ -158,16 +162,50 @@ def decrypt(
     if len(view) != plain_length:
         raise ValueError(f"the output buffer must hold {plain_length} bytes")
     aead = AESGCM(key)
-    for index in range(count):
-        start = index * segment_size
-        size = min(segment_size, plain_length - start)
-        at = index * (segment_size + TAG_SIZE)
-        nonce = _nonce(prefix, index, last=index == count - 1)
-        segment = view[start : start + size]
-        aead.decrypt_into(nonce, data[at : at + size + TAG_SIZE], associated_data, segment)
-        if hasher is not None:
-            hasher.update(segment)
+    with _Pipeline(hasher, threaded=count >= _THREADED_FROM) as feed:
+        for index in range(count):
+            start = index * segment_size
+            size = min(segment_size, plain_length - start)
+            at = index * (segment_size + TAG_SIZE)
+            nonce = _nonce(prefix, index, last=index == count - 1)
+            segment = view[start : start + size]
+            aead.decrypt_into(nonce, data[at : at + size + TAG_SIZE], associated_data, segment)
+            feed(segment)
     return out
+
+
+class _Pipeline:
+    """Feeds decrypted segments to a hash, in a second thread for large payloads.
+
+    ``hashlib`` releases the GIL on large updates, so segment ``i`` is hashed while
+    segment ``i + 1`` is decrypted (the digest is the same: segments arrive in order on
+    one queue, and one thread updates the hash). The context manager returns only after
+    every segment fed has been hashed, so the caller compares a complete digest.
+    """
+
+    def __init__(self, hasher: Any, *, threaded: bool) -> None:
+        self.hasher = hasher
+        self.threaded = threaded and hasher is not None
+        self.queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=8)
+        self.thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while (segment := self.queue.get()) is not None:
+            self.hasher.update(segment)
+
+    def __enter__(self) -> Callable[[memoryview], None]:
+        if self.hasher is None:
+            return lambda segment: None
+        if not self.threaded:
+            return self.hasher.update  # type: ignore[no-any-return]
+        self.thread = threading.Thread(target=self._run, name="insitu-hash", daemon=True)
+        self.thread.start()
+        return self.queue.put
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
 
 
 def derive_subkey(key: bytes, purpose: bytes) -> bytes:
