@@ -9,8 +9,8 @@
    goal is within 1.2x of it). bsdiff4 is not run: it took 4.4 minutes on a 16 MB model.
 2. Load time of an encrypted, signed bundle into an ONNX Runtime session (parse, verify
    the Ed25519 signature, unwrap the key, decrypt, check the model digest, create the
-   session) against loading the plain ONNX file into a session; alternated, median of
-   ``--repeats``, minimum and median.
+   session) against loading the plain ONNX file into a session (from its bytes, as
+   insitu does, and by path); alternated, ``--repeats`` times, minimum and median.
 
 The fine-tunes are synthetic: a full fine-tune adds Gaussian noise with a standard
 deviation of ``--step`` times the mean absolute weight to every weight (about what a few
