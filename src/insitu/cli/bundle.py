@@ -88,7 +88,7 @@ def create(
         Path, typer.Option("--out", help="Bundle file to write (.insb).", show_default=False)
     ],
     name: Annotated[
-        str | None, typer.Option(help="Model name [default: the file name without suffix].")
+        str | None, typer.Option(help="Model name \\[default: the file name without suffix].")
     ] = None,
     recipient: Annotated[
         list[Path] | None,
@@ -242,7 +242,7 @@ def verify(
     path: Annotated[Path, typer.Argument(help="A bundle file.", show_default=False)],
     publisher: Annotated[
         list[Path] | None,
-        typer.Option(help="Trusted publisher key (PEM) [default: this workspace's key]."),
+        typer.Option(help="Trusted publisher key (PEM) \\[default: this workspace's key]."),
     ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,

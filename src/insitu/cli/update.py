@@ -39,7 +39,7 @@ def _client(ws: Workspace) -> Any:
 def update(
     ctx: typer.Context,
     channel: Annotated[
-        str | None, typer.Option(help="Channel to follow this time [default: enrolled one].")
+        str | None, typer.Option(help="Channel to follow this time \\[default: enrolled one].")
     ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
