@@ -21,7 +21,8 @@ def test_first_install_is_a_full_download_and_loads(sim, device, keys, models, l
     assert device.status()["active"]["version"] == "1.0.0"
     assert bytes(device.load().model) == models.v1
     assert _run(device).shape == (1, 4)
-    assert events(ledger) == ["update.downloaded", "update.downloaded", "update.installed"]
+    assert events(ledger) == ["update.downloaded", "update.installed"]
+    assert ledger.entries(event_type="update.downloaded")[0].payload["kind"] == "bundle"
 
 
 def test_second_version_arrives_as_a_delta_and_rollback_returns(sim, device, keys, models, ledger):

@@ -215,13 +215,16 @@ class UpdateClient:
             return part.read_bytes()
         finally:
             part.unlink()
-            self._record(
-                "update.downloaded",
-                model=self.config.model,
-                target=info.path,
-                kind=kind,
-                length=info.length,
-            )
+            # Pointers are fetched at every check (e.g. hourly): recording them would
+            # bury the downloads that matter, bundles and deltas.
+            if kind != "pointer":
+                self._record(
+                    "update.downloaded",
+                    model=self.config.model,
+                    target=info.path,
+                    kind=kind,
+                    length=info.length,
+                )
 
     @contextlib.contextmanager
     def _recording_refusals(self, action: str) -> Iterator[None]:
