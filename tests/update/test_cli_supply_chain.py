@@ -207,3 +207,49 @@ def test_repo_publishers_add_and_revoke(setup, capsys):
     code, _, err = invoke(capsys, "repo", "publishers", repo, "--remove", "nope")
     assert code == 2
     assert "no publisher with key id" in err
+
+
+def test_tuf_client_refuses_a_rolled_back_timestamp_and_keeps_its_metadata(setup, capsys):
+    import datetime as dt
+    import shutil
+
+    from freezegun import freeze_time
+
+    tmp_path, publisher, device = setup
+    repo = tmp_path / "repo"
+    invoke_json(capsys, "repo", "init", str(repo), "--home", publisher)
+    old_timestamp = (repo / "public/metadata/timestamp.json").read_bytes()
+    _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    invoke_json(capsys, "repo", "publish", str(repo), str(tmp_path / "triage-1.0.0.insb"),
+                "--home", publisher)  # fmt: skip
+    metadata = tmp_path / "tuf-md"
+    invoke(capsys, "update", "tuf-client", "--metadata-dir", str(metadata), "init",
+           str(repo / "public/metadata/1.root.json"))  # fmt: skip
+    with serving(repo) as url:
+        client = ["update", "tuf-client", "--metadata-dir", str(metadata),
+                  "--metadata-url", f"{url}/metadata"]  # fmt: skip
+        assert invoke(capsys, *client, "refresh")[0] == 0
+        trusted = {p.name: p.read_bytes() for p in metadata.glob("*.json")}
+        new_timestamp = (repo / "public/metadata/timestamp.json").read_bytes()
+        (repo / "public/metadata/timestamp.json").write_bytes(old_timestamp)  # rollback
+        code, _, err = invoke(capsys, *client, "refresh")
+        assert (code, "older than the trusted version" in err) == (1, True)
+        assert {p.name: p.read_bytes() for p in metadata.glob("*.json")} == trusted
+        (repo / "public/metadata/timestamp.json").write_bytes(new_timestamp)
+        with freeze_time(dt.datetime.now(dt.UTC) + dt.timedelta(days=3)):  # freeze
+            code, _, err = invoke(capsys, *client, "refresh")
+        assert (code, "expired" in err) == (1, True)
+        assert {p.name: p.read_bytes() for p in metadata.glob("*.json")} == trusted
+    shutil.rmtree(metadata)
+
+
+def test_bundle_create_no_encrypt_warns(setup, capsys):
+    tmp_path, publisher, _ = setup
+    code, out, err = invoke(
+        capsys, "bundle", "create", str(tmp_path / "model.onnx"), "--version", "1.0.0",
+        "--out", str(tmp_path / "plain.insb"), "--no-encrypt", "--home", publisher,
+    )  # fmt: skip
+    assert code == 0
+    assert "NOT encrypted" in err
+    assert "not encrypted" in out
+    assert (tmp_path / "model.onnx").read_bytes() in (tmp_path / "plain.insb").read_bytes()
