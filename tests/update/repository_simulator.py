@@ -20,7 +20,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from insitu.update import MemoryStorage, UpdateRepository
 
 BASE_URL = "https://repo.invalid"
-ROLES = ("root", "targets", "snapshot", "timestamp")
+ROLES = ("root", "targets", "assignments", "snapshot", "timestamp")
 
 
 class RepositorySimulator(FetcherInterface):
@@ -45,8 +45,7 @@ class RepositorySimulator(FetcherInterface):
         self.overrides[path] = data
 
     def stored_target_path(self, target_path: str) -> str:
-        target = self.repo.targets().targets[target_path]
-        return self.repo._stored_path(target_path, target)
+        return self.repo.stored_path(target_path)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         path = urlparse(url).path.lstrip("/")

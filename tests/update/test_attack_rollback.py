@@ -29,8 +29,8 @@ def test_attack_rollback_channel_pointed_at_an_older_bundle(sim, device, keys, m
     sim.repo.publish(make_bundle(keys, "1.1.0", models.v2), publisher_key=keys.publisher_enc)
     device.update()
     before = device_state(device)
-    # Whoever holds the targets key signs a pointer back to 1.0.0 (publish() refuses to).
-    with sim.repo.edit_targets() as targets:
+    # Whoever holds the assignments key signs a pointer back to 1.0.0 (publish() refuses).
+    with sim.repo.edit_targets("assignments") as targets:
         sim.repo._add_target(
             targets,
             channel_path("stable", "mlp"),

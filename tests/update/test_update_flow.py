@@ -158,7 +158,7 @@ def test_a_malformed_pointer_is_a_clear_error(sim, device, keys, models):
     from insitu.update._repository import channel_path
 
     installed_v1(sim, device, keys, models)
-    with sim.repo.edit_targets() as targets:
+    with sim.repo.edit_targets("assignments") as targets:
         sim.repo._add_target(targets, channel_path("stable", "mlp"), b"[1, 2]", {"kind": "pointer"})
     sim.repo.do_snapshot()
     sim.repo.do_timestamp()

@@ -4,15 +4,22 @@ Built on ``tuf.repository.Repository`` (python-tuf's own editing abstraction: ``
 ``do_snapshot``, ``do_timestamp``) and the Metadata API; insitu adds only what is
 specific to models: what a target is, channels, deltas, and where files go.
 
-Targets (all named by signed ``targets`` metadata, so all verified by the client)::
+Targets (all named by signed metadata, so all verified by the client)::
 
+    targets role (what exists):
     bundles/<model>/<version>.insb          a signed, encrypted bundle
     deltas/<model>/<from>_to_<to>.delta     a bundle delta (see insitu.bundle._delta)
+
+    "assignments" role, delegated by targets for channels/*/* and devices/*/* (who runs it):
     channels/<channel>/<model>.json         pointer: the version a channel runs
     devices/<device key id>/<model>.json    pointer for one device (Uptane's director idea)
 
 A pointer is small canonical JSON ``{"name", "version", "bundle", "deltas": {from: path}}``.
-Devices look up their device pointer first, then their channel's.
+Devices look up their device pointer first, then their channel's. The delegation gives
+the two jobs different keys: the targets key vouches for artefacts and can stay offline
+between releases; the assignments key only moves pointers (and can live on the
+deployment host), and cannot introduce a bundle: a pointer to a bundle that targets does
+not list leads nowhere.
 
 Invariants:
 
@@ -44,6 +51,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from securesystemslib.signer import Signer
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -75,18 +84,23 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PUBLISHERS_FIELD = "x-insitu-publishers"
+ASSIGNMENTS = "assignments"
+ASSIGNMENT_PATHS = ["channels/*/*", "devices/*/*"]
 DEFAULT_EXPIRY_DAYS: dict[str, int] = {
     Root.type: 365,
     Targets.type: 90,
+    ASSIGNMENTS: 90,
     Snapshot.type: 30,
     Timestamp.type: 1,
 }
 _INIT: dict[str, Callable[[], Signed]] = {
     Root.type: Root,
     Targets.type: Targets,
+    ASSIGNMENTS: Targets,
     Snapshot.type: Snapshot,
     Timestamp.type: Timestamp,
 }
+_TOP_LEVEL = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 
 
 def bundle_path(name: str, version: str) -> str:
@@ -168,8 +182,11 @@ class UpdateRepository(Repository):
 
     @property
     def targets_infos(self) -> dict[str, MetaFile]:
-        """Versions of the targets metadata, for snapshot."""
-        return {"targets.json": MetaFile(self.targets().version)}
+        """Versions of the targets metadata (top-level and delegated), for snapshot."""
+        return {
+            "targets.json": MetaFile(self.targets().version),
+            f"{ASSIGNMENTS}.json": MetaFile(self.targets(ASSIGNMENTS).version),
+        }
 
     @property
     def snapshot_info(self) -> MetaFile:
@@ -200,12 +217,23 @@ class UpdateRepository(Repository):
                 )
         with repo.edit_root() as root:
             root.consistent_snapshot = True
-            for role in _INIT:
+            for role in _TOP_LEVEL:
                 for signer in repo.signers[role]:
                     root.add_key(signer.public_key, role)
                 root.roles[role].threshold = threshold
             root.unrecognized_fields[PUBLISHERS_FIELD] = sorted(_raw(k) for k in publishers)
-        with repo.edit_targets():
+        with repo.edit_targets() as targets:
+            targets.delegations = Delegations(
+                keys={},
+                roles={
+                    ASSIGNMENTS: DelegatedRole(
+                        ASSIGNMENTS, [], threshold, True, paths=ASSIGNMENT_PATHS
+                    )
+                },
+            )
+            for signer in repo.signers[ASSIGNMENTS]:
+                targets.add_key(signer.public_key, ASSIGNMENTS)
+        with repo.edit_targets(ASSIGNMENTS):
             pass
         repo.do_snapshot(force=True)
         repo.do_timestamp(force=True)
@@ -230,19 +258,27 @@ class UpdateRepository(Repository):
 
     def pointer(self, path: str) -> dict[str, Any] | None:
         """A channel or device pointer, if published."""
-        target = self.targets().targets.get(path)
+        target = self.targets(ASSIGNMENTS).targets.get(path)
         if target is None:
             return None
         data = self.storage.read(self._stored_path(path, target))
         pointer: dict[str, Any] = json.loads(data)
         return pointer
 
-    def read_target(self, path: str) -> bytes:
-        """The stored bytes of target ``path``."""
-        target = self.targets().targets.get(path)
+    def target_file(self, path: str) -> TargetFile:
+        """The signed description of target ``path`` (listed by targets or assignments)."""
+        target = self.targets().targets.get(path) or self.targets(ASSIGNMENTS).targets.get(path)
         if target is None:
             raise RepositoryError(f"no target {path} in this repository")
-        return self.storage.read(self._stored_path(path, target))
+        return target
+
+    def stored_path(self, path: str) -> str:
+        """Where target ``path`` is stored (hash-prefixed, as clients fetch it)."""
+        return self._stored_path(path, self.target_file(path))
+
+    def read_target(self, path: str) -> bytes:
+        """The stored bytes of target ``path``."""
+        return self.storage.read(self.stored_path(path))
 
     @staticmethod
     def _stored_path(path: str, target: TargetFile) -> str:
@@ -257,8 +293,7 @@ class UpdateRepository(Repository):
             roles[role] = {"version": signed.version, "expires": signed.expires.isoformat()}
         pointers = {
             path: json.loads(self.read_target(path))["version"]
-            for path, t in self.targets().targets.items()
-            if _insitu(t).get("kind") == "pointer"
+            for path in self.targets(ASSIGNMENTS).targets
         }
         return {"roles": roles, "pointers": pointers, "targets": len(self.targets().targets)}
 
@@ -325,15 +360,16 @@ class UpdateRepository(Repository):
                     data,
                     {"kind": "delta", "name": name, "from": old, "to": version},
                 )
-            pointer = {
-                "name": name,
-                "version": version,
-                "bundle": path,
-                "deltas": {old: delta_path(name, old, version) for old in deltas},
-            }
+        pointer = {
+            "name": name,
+            "version": version,
+            "bundle": path,
+            "deltas": {old: delta_path(name, old, version) for old in deltas},
+        }
+        with self.edit_targets(ASSIGNMENTS) as assignments:
             for pointer_path in pointer_paths:
                 self._add_target(
-                    targets, pointer_path, canonical_bytes(pointer), {"kind": "pointer"}
+                    assignments, pointer_path, canonical_bytes(pointer), {"kind": "pointer"}
                 )
         self.do_snapshot()
         self.do_timestamp()
