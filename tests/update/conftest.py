@@ -105,3 +105,28 @@ def installed_v1(
 
 def events(ledger: Ledger, prefix: str = "update.") -> list[str]:
     return [e.type for e in ledger.entries(event_type=prefix)]
+
+
+def assert_slots_unchanged(client: UpdateClient, before: dict[str, bytes]) -> None:
+    after = device_state(client)
+    assert {k: v for k, v in after.items() if k.startswith("slots")} == {
+        k: v for k, v in before.items() if k.startswith("slots")
+    }
+
+
+def assert_only_genuine_metadata(client: UpdateClient, sim: RepositorySimulator) -> None:
+    """Every trusted metadata file on the device is one the repository really signed.
+
+    TUF stores each file as soon as it verifies, so after an attack in which the genuine
+    repository moved forward the device may hold newer genuine metadata, but never a
+    file the attacker made or replayed out of place.
+    """
+    for path in sorted(client.metadata_dir.rglob("*.json")):
+        role = path.name.split(".")[-2]
+        genuine = [
+            data
+            for stored, versions in sim.storage.history.items()
+            if stored.startswith("metadata/") and stored.rsplit("/", 1)[-1].split(".")[-2] == role
+            for data in versions
+        ]
+        assert path.read_bytes() in genuine, path

@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 
 from insitu.errors import EndlessDataError
-from tests.update.conftest import device_state, installed_v1, make_bundle
+from tests.update.conftest import (
+    assert_only_genuine_metadata,
+    assert_slots_unchanged,
+    device_state,
+    installed_v1,
+    make_bundle,
+)
 
 
 def test_attack_endless_data(sim, device, keys, models, tmp_path):
@@ -18,9 +24,8 @@ def test_attack_endless_data(sim, device, keys, models, tmp_path):
     before = device_state(device)
     with pytest.raises(EndlessDataError, match="more bytes than the signed metadata allows"):
         device.update()
-    assert {k: v for k, v in device_state(device).items() if k.startswith("slots")} == {
-        k: v for k, v in before.items() if k.startswith("slots")
-    }
+    assert_slots_unchanged(device, before)
+    assert_only_genuine_metadata(device, sim)
     assert list((device.directory / "downloads").iterdir()) == []
 
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 
 from insitu.errors import MixAndMatchError
-from tests.update.conftest import device_state, installed_v1, make_bundle
+from tests.update.conftest import (
+    assert_only_genuine_metadata,
+    device_state,
+    installed_v1,
+    make_bundle,
+)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +36,4 @@ def test_attack_mix_and_match(sim, device, keys, models, path, older):
     after = device_state(device)
     for name in ("metadata/targets.json", "slots/state.json", "slots/a.insb", "root.json"):
         assert after[name] == before[name], name
-    for name, data in after.items():  # whatever was stored is the genuine repository's
-        if name.startswith("metadata/") and "root" not in name:
-            role = name.removeprefix("metadata/")
-            genuine = [v for k, vs in sim.storage.history.items() if k.endswith(role) for v in vs]
-            assert data in genuine, name
+    assert_only_genuine_metadata(device, sim)

@@ -7,7 +7,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from insitu.errors import WrongDeviceKeyError
-from tests.update.conftest import device_state, installed_v1, make_bundle
+from tests.update.conftest import (
+    assert_only_genuine_metadata,
+    assert_slots_unchanged,
+    device_state,
+    installed_v1,
+    make_bundle,
+)
 
 
 def test_attack_wrong_device_key(sim, device, keys, models):
@@ -19,7 +25,6 @@ def test_attack_wrong_device_key(sim, device, keys, models):
         device.update()
     assert "\n" not in str(info.value)
     assert "encryption.pub.pem" in str(info.value)  # the fix
-    assert {k: v for k, v in device_state(device).items() if k.startswith("slots")} == {
-        k: v for k, v in before.items() if k.startswith("slots")
-    }
+    assert_slots_unchanged(device, before)
+    assert_only_genuine_metadata(device, sim)
     assert bytes(device.load().model) == models.v1

@@ -165,3 +165,13 @@ def test_a_malformed_pointer_is_a_clear_error(sim, device, keys, models):
     with pytest.raises(RepositoryError, match="not a valid pointer"):
         device.update()
     assert device.status()["active"]["version"] == "1.0.0"
+
+
+def test_the_genuine_metadata_check_finds_a_planted_file(sim, device, keys, models):
+    from tests.update.conftest import assert_only_genuine_metadata
+
+    installed_v1(sim, device, keys, models)
+    assert_only_genuine_metadata(device, sim)
+    (device.metadata_dir / "timestamp.json").write_bytes(b'{"planted": true}')
+    with pytest.raises(AssertionError):
+        assert_only_genuine_metadata(device, sim)
