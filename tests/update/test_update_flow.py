@@ -143,15 +143,17 @@ def test_one_update_at_a_time(sim, device, keys, models):
     assert device.update()["status"] == "up-to-date"
 
 
-def test_publish_refuses_a_bundle_the_root_does_not_trust(sim, keys, models):
+def test_publish_refuses_a_bundle_the_root_does_not_trust(sim, keys, models, ledger):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from insitu.errors import UntrustedPublisherError
 
     stranger = make_bundle(keys, "1.0.0", models.v1, signer=Ed25519PrivateKey.generate())
     with pytest.raises(UntrustedPublisherError):
-        sim.repo.publish(stranger)
+        sim.repo.publish(stranger, ledger=ledger)
     assert sim.repo.targets().targets == {}
+    refused = ledger.entries(event_type="repo.publish_refused")[-1].payload
+    assert refused == {"reason": "UntrustedPublisherError"}
 
 
 def test_a_malformed_pointer_is_a_clear_error(sim, device, keys, models):

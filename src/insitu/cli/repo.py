@@ -66,7 +66,10 @@ def init(
         print_json(summary)
         return
     out.print(f"[green]created[/] update repository {repo}")
-    out.print(f"enroll devices with: insitu update enroll --root {root} --url URL --model NAME")
+    out.print(
+        f"enroll devices with: insitu update enroll --root {root} --url URL --model NAME",
+        soft_wrap=True,
+    )
 
 
 @repo_app.command("publish")

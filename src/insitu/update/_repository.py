@@ -322,6 +322,30 @@ class UpdateRepository(Repository):
             RepositoryError: the version exists, or a pointer would move backwards.
 
         """
+        try:
+            return self._publish(
+                bundle_bytes,
+                channels=channels,
+                devices=devices,
+                publisher_key=publisher_key,
+                max_deltas=max_deltas,
+                ledger=ledger,
+            )
+        except (BundleError, RepositoryError) as exc:
+            if ledger is not None:
+                ledger.record("repo.publish_refused", reason=type(exc).__name__)
+            raise
+
+    def _publish(
+        self,
+        bundle_bytes: bytes,
+        *,
+        channels: Sequence[str],
+        devices: Sequence[str],
+        publisher_key: X25519PrivateKey | None,
+        max_deltas: int,
+        ledger: Ledger | None,
+    ) -> dict[str, Any]:
         bundle = Bundle.parse(bundle_bytes)
         BundleVerifier(self.publishers).verify(bundle)
         name, version = bundle.name, bundle.version
