@@ -8,16 +8,10 @@ from __future__ import annotations
 
 from insitu.bundle._card import ModelCard, SemVer, schema_of
 from insitu.bundle._delta import apply_bundle_delta, make_bundle_delta
-from insitu.bundle._format import (
-    BUNDLE_MAGIC,
-    Bundle,
-    BundleVerifier,
-    OpenedBundle,
-    create_bundle,
-    publisher_key_id,
-)
+from insitu.bundle._format import BUNDLE_MAGIC, Bundle, create_bundle, publisher_key_id
 from insitu.bundle._load import load_session
 from insitu.bundle._stream import key_id as device_key_id
+from insitu.bundle._verify import BundleVerifier, OpenedBundle
 
 __all__ = [
     "BUNDLE_MAGIC",

@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from insitu._canonical import canonical_bytes
 from insitu.bundle import _stream, _tensor_delta
-from insitu.bundle._format import Bundle, _context, data_key_for, decrypt_payload, seal_payload
+from insitu.bundle._format import Bundle, context_of, seal_payload
+from insitu.bundle._verify import data_key_for, decrypt_payload
 from insitu.errors import DeltaError, DeltaMismatchError, MalformedBundleError
 
 __all__ = ["BUNDLE_DELTA_MAGIC", "apply_bundle_delta", "make_bundle_delta"]
@@ -60,7 +61,7 @@ def make_bundle_delta(
     if new.encrypted:
         subkey = _stream.derive_subkey(data_key_for(new, publisher_key), b"delta")
         nonce_prefix = secrets.token_bytes(_stream.NONCE_PREFIX_SIZE)
-        inner = bytes(_stream.encrypt(subkey, nonce_prefix, inner, _context(new.signed)))
+        inner = bytes(_stream.encrypt(subkey, nonce_prefix, inner, context_of(new.signed)))
     header = canonical_bytes(
         {
             "base_bundle_sha256": hashlib.sha256(old_bundle).hexdigest(),
@@ -123,7 +124,7 @@ def apply_bundle_delta(
         subkey = _stream.derive_subkey(data_key, b"delta")
         try:
             inner = _stream.decrypt(
-                subkey, bytes.fromhex(header["nonce_prefix"]), inner, _context(embedded.signed)
+                subkey, bytes.fromhex(header["nonce_prefix"]), inner, context_of(embedded.signed)
             )
         except (InvalidTag, KeyError, TypeError, ValueError) as exc:
             raise DeltaError("the delta does not decrypt (tampered or truncated)") from exc

@@ -24,7 +24,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from insitu.bundle._format import Bundle, BundleVerifier
+from insitu.bundle._format import Bundle
+from insitu.bundle._verify import BundleVerifier
 from insitu.errors import MalformedBundleError
 from insitu.runtime import create_session
 
