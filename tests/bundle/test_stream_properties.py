@@ -106,3 +106,24 @@ def test_only_sealed_lengths_are_valid(cipher_length, segment):
         assert cipher_length not in valid
     else:
         assert _stream.ciphertext_length(plain, segment) == cipher_length
+
+
+@given(payloads, segment_sizes, st.data())
+def test_the_sink_path_yields_the_same_plaintext_and_digest_and_refuses_changes(
+    data, segment, draw
+):
+    import hashlib
+
+    sealed = seal(data, segment)
+    received: list[bytes] = []
+    hasher = hashlib.sha256()
+    _stream.decrypt(
+        KEY, PREFIX, sealed, AAD, segment_size=segment,
+        sink=lambda view: received.append(bytes(view)), hasher=hasher,
+    )  # fmt: skip
+    assert b"".join(received) == data
+    assert hasher.digest() == hashlib.sha256(data).digest()
+    at = draw.draw(st.integers(0, len(sealed) - 1))
+    sealed[at] ^= 0x10
+    with pytest.raises(InvalidTag):
+        _stream.decrypt(KEY, PREFIX, sealed, AAD, segment_size=segment, sink=lambda view: None)

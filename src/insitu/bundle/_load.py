@@ -5,18 +5,18 @@ of the decrypted model (Python's ``bytes`` cannot be written in place), and ONNX
 builds a session from a file faster than from bytes. On Linux the model is therefore
 decrypted straight into an anonymous memory file (``memfd_create``: RAM only, never on a
 file system, reachable only through this process's ``/proc/self/fd``), the session is
-created from that path, and the file is closed as soon as the session exists. A bundle
-given as a path is mapped (``mmap``) rather than read, so its bytes are not copied
-either. Elsewhere the model is copied into ``bytes``.
+created from that path, and the file is closed as soon as the session exists. Segments are
+decrypted into a few recycled 1 MiB buffers and written into that file (no buffer of the
+whole model is allocated), and hashed in a second thread meanwhile. A bundle given as a
+path is mapped (``mmap``) rather than read. Elsewhere the model is copied into ``bytes``.
 
 Invariant: the session is created only after the signature, the key unwrapping and the
-model digest have all been checked (:meth:`BundleVerifier.open_into`); a failed check
+model digest have all been checked (:meth:`BundleVerifier.open_to`); a failed check
 closes the memory file unused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 from pathlib import Path
@@ -63,16 +63,15 @@ def load_session(
         opened = verifier.open(bundle, device_key, check_payload=False)
         return header, create_session(bytes(opened.model))
     fd = os.memfd_create("insitu-model", os.MFD_CLOEXEC)
+
+    def write(segment: memoryview) -> None:
+        # write(2) into the memory file: one kernel copy per segment from a small,
+        # cache-hot buffer (faster here than faulting in a mapping of the whole model).
+        while segment:
+            segment = segment[os.write(fd, segment) :]
+
     try:
-        os.ftruncate(fd, length)
-        buffer = mmap.mmap(fd, length)
-        try:
-            verifier.open_into(bundle, device_key, buffer, check_payload=False)
-        finally:
-            # After a failed check, views of the buffer may live on in the traceback; the
-            # mapping is then released with them (the file descriptor is closed below).
-            with contextlib.suppress(BufferError):
-                buffer.close()
+        verifier.open_to(bundle, device_key, write, check_payload=False)
         return header, create_session(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)

@@ -64,6 +64,7 @@ TAG_SIZE = 16
 DEFAULT_SEGMENT_SIZE = 1 << 20
 MAX_SEGMENTS = 1 << 32
 _THREADED_FROM = 8  # segments; below this a thread costs more than it saves
+_POOL = 12  # recycled segment buffers when decrypting to a sink
 _WRAP_INFO = b"insitu-bundle/1 key-wrap"
 _WRAP_NONCE = b"\x00" * 12  # the wrapping key is fresh per (ephemeral key, recipient)
 
@@ -138,12 +139,17 @@ def decrypt(
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     into: Any = None,
     hasher: Any = None,
+    sink: Callable[[memoryview], None] | None = None,
 ) -> Any:
     """Open ``ciphertext`` sealed by :func:`encrypt`; return the plaintext buffer.
 
     ``into`` is a writable buffer of exactly the plaintext length (default: a new
     ``bytearray``); ``hasher`` (a ``hashlib`` object) is fed each segment while it is
-    still in the CPU cache, which saves a second pass over memory.
+    still in the CPU cache, which saves a second pass over memory. With ``sink``, each
+    segment is decrypted into a small recycled buffer and handed to ``sink`` instead
+    (nothing is returned): no buffer of the whole plaintext is ever allocated.
+
+    If this raises, whatever ``into`` or ``sink`` received is unauthenticated.
 
     Raises:
         InvalidTag: any byte, segment order, or the length is not as sealed.
@@ -157,6 +163,17 @@ def decrypt(
     except ValueError:
         raise InvalidTag from None
     count = _segment_count(plain_length, segment_size)
+    if sink is not None:
+        _decrypt_to_sink(
+            AESGCM(key),
+            prefix,
+            data,
+            associated_data,
+            segment_size=segment_size,
+            sink=sink,
+            hasher=hasher,
+        )
+        return None
     out = bytearray(plain_length) if into is None else into
     view = memoryview(out).cast("B")
     if len(view) != plain_length:
@@ -174,6 +191,34 @@ def decrypt(
     return out
 
 
+def _decrypt_to_sink(
+    aead: AESGCM,
+    prefix: bytes,
+    data: memoryview,
+    associated_data: bytes,
+    *,
+    segment_size: int,
+    sink: Callable[[memoryview], None],
+    hasher: Any,
+) -> None:
+    plain_length = plaintext_length(len(data), segment_size)
+    count = _segment_count(plain_length, segment_size)
+    # A buffer goes back to the pool only once it has been hashed (in the hash thread).
+    pool: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(min(count, _POOL)):
+        pool.put(bytearray(segment_size))
+    with _Pipeline(hasher, threaded=count >= _THREADED_FROM) as feed:
+        for index in range(count):
+            size = min(segment_size, plain_length - index * segment_size)
+            at = index * (segment_size + TAG_SIZE)
+            nonce = _nonce(prefix, index, last=index == count - 1)
+            buffer = pool.get()
+            segment = memoryview(buffer)[:size]
+            aead.decrypt_into(nonce, data[at : at + size + TAG_SIZE], associated_data, segment)
+            sink(segment)
+            feed(segment, lambda buffer=buffer: pool.put(buffer))
+
+
 class _Pipeline:
     """Feeds decrypted segments to a hash, in a second thread for large payloads.
 
@@ -186,21 +231,32 @@ class _Pipeline:
     def __init__(self, hasher: Any, *, threaded: bool) -> None:
         self.hasher = hasher
         self.threaded = threaded and hasher is not None
-        self.queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=8)
+        self.queue: queue.Queue[tuple[memoryview, Callable[[], None] | None] | None]
+        self.queue = queue.Queue(maxsize=8)
         self.thread: threading.Thread | None = None
 
     def _run(self) -> None:
-        while (segment := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
+            segment, done = item
             self.hasher.update(segment)
+            if done is not None:
+                done()
 
-    def __enter__(self) -> Callable[[memoryview], None]:
-        if self.hasher is None:
-            return lambda segment: None
+    def _direct(self, segment: memoryview, done: Callable[[], None] | None = None) -> None:
+        if self.hasher is not None:
+            self.hasher.update(segment)
+        if done is not None:
+            done()
+
+    def _queued(self, segment: memoryview, done: Callable[[], None] | None = None) -> None:
+        self.queue.put((segment, done))
+
+    def __enter__(self) -> Callable[..., None]:
         if not self.threaded:
-            return self.hasher.update  # type: ignore[no-any-return]
+            return self._direct
         self.thread = threading.Thread(target=self._run, name="insitu-hash", daemon=True)
         self.thread.start()
-        return self.queue.put
+        return self._queued
 
     def __exit__(self, *exc: object) -> None:
         if self.thread is not None:

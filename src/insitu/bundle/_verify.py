@@ -10,7 +10,7 @@ and the digests have been checked; a caller that decrypts into its own buffer
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,40 +119,63 @@ class BundleVerifier:
         """
         self.verify(bundle, check_payload=check_payload or not bundle.encrypted)
         model = bytearray(int(bundle.signed["files"]["model.onnx"]["length"]))
-        self._decrypt_checked(bundle, device_key, model)
+        self._decrypt_checked(bundle, device_key, into=model)
         return OpenedBundle(bundle, model)
 
-    def open_into(
+    def open_to(
         self,
         bundle: Bundle,
         device_key: X25519PrivateKey | None,
-        into: Any,
+        sink: Callable[[memoryview], None],
         *,
         check_payload: bool = True,
     ) -> None:
-        """:meth:`open`, decrypting into the writable buffer ``into`` (of the model's length).
+        """:meth:`open`, handing the decrypted model to ``sink`` segment by segment.
 
-        If this raises, ``into`` holds unverified bytes and must not be used.
+        Returns only when the whole model was written and its digest matched. If this
+        raises, what ``sink`` received is unverified and must be discarded.
         """
         self.verify(bundle, check_payload=check_payload or not bundle.encrypted)
-        self._decrypt_checked(bundle, device_key, into)
+        self._decrypt_checked(bundle, device_key, sink=sink)
 
     @staticmethod
-    def _decrypt_checked(bundle: Bundle, device_key: X25519PrivateKey | None, into: Any) -> None:
+    def _decrypt_checked(
+        bundle: Bundle,
+        device_key: X25519PrivateKey | None,
+        *,
+        into: Any = None,
+        sink: Callable[[memoryview], None] | None = None,
+    ) -> None:
         # Called only after verify(): the header fields read here are the signed ones.
         expected = bundle.signed["files"]["model.onnx"]
-        if len(memoryview(into).cast("B")) != expected["length"]:
+        enc = bundle.signed["payload"].get("encryption")
+        plain = (
+            _stream.plaintext_length(len(bundle.payload), int(enc["segment_size"]))
+            if enc is not None and _valid_length(bundle, int(enc["segment_size"]))
+            else len(bundle.payload)
+        )
+        if plain != expected["length"] or (
+            into is not None and len(memoryview(into).cast("B")) != plain
+        ):
             raise TamperedBundleError(
                 f"bundle {bundle.name} {bundle.version}: the payload does not have the signed "
                 "model length; download it again"
             )
         hasher = hashlib.sha256()
-        decrypt_payload(bundle, device_key, into=into, hasher=hasher)
+        decrypt_payload(bundle, device_key, into=into, hasher=hasher, sink=sink)
         if hasher.hexdigest() != expected["sha256"]:
             raise TamperedBundleError(
                 f"bundle {bundle.name} {bundle.version}: the decrypted model differs from "
                 "the signed digest; download it again from the repository"
             )
+
+
+def _valid_length(bundle: Bundle, segment_size: int) -> bool:
+    try:
+        _stream.plaintext_length(len(bundle.payload), segment_size)
+    except ValueError:
+        return False
+    return segment_size > 0
 
 
 def data_key_for(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytes:
@@ -185,15 +208,30 @@ def data_key_for(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytes:
 
 
 def decrypt_payload(
-    bundle: Bundle, device_key: X25519PrivateKey | None, *, into: Any = None, hasher: Any = None
+    bundle: Bundle,
+    device_key: X25519PrivateKey | None,
+    *,
+    into: Any = None,
+    hasher: Any = None,
+    sink: Callable[[memoryview], None] | None = None,
 ) -> Any:
     """The plaintext model of ``bundle`` (in ``into`` if given, else a new ``bytearray``).
+
+    With ``sink``, the plaintext is handed to it segment by segment and nothing is
+    returned (see :func:`insitu.bundle._stream.decrypt`).
 
     Raises:
         TamperedBundleError: the payload does not authenticate, or has the wrong length.
 
     """
     enc = bundle.signed["payload"].get("encryption")
+    if enc is None and sink is not None:
+        for start in range(0, len(bundle.payload), _stream.DEFAULT_SEGMENT_SIZE):
+            chunk = bundle.payload[start : start + _stream.DEFAULT_SEGMENT_SIZE]
+            sink(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
+        return None
     if enc is None:
         out = bytearray(bundle.payload) if into is None else into
         view = memoryview(out).cast("B")
@@ -214,6 +252,7 @@ def decrypt_payload(
             segment_size=int(enc["segment_size"]),
             into=into,
             hasher=hasher,
+            sink=sink,
         )
     except (InvalidTag, ValueError):
         raise TamperedBundleError(
