@@ -62,3 +62,19 @@ def test_every_header_byte_changed_is_refused(xor):
         changed[at] ^= xor
         with pytest.raises(BundleError):
             VERIFIER.open(Bundle.parse(bytes(changed)), DEVICE)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_are_malformed_bundles(data):
+    from insitu.errors import MalformedBundleError
+
+    with pytest.raises(MalformedBundleError):
+        Bundle.parse(data)
+
+
+@given(st.binary(max_size=200))
+def test_random_headers_are_malformed_bundles(header):
+    from insitu.errors import MalformedBundleError
+
+    with pytest.raises(MalformedBundleError):
+        Bundle.parse(b"INSITUB\x01" + len(header).to_bytes(4, "big") + header)

@@ -73,8 +73,11 @@ def test_attack_sigkill_during_install(tmp_path, keys, models, crash_at):
         assert device.slots.slot_path("a").read_bytes() == slot_a_before
         opened = device.load()
         assert (opened.bundle.version, bytes(opened.model)) == ("1.0.0", models.v1)
-        out = create_session(bytes(opened.model)).run(None, {"x": np.ones((2, 16), np.float32)})
-        assert out[0].shape == (2, 4)
+        bundle, session = device.session()  # the production load path
+        assert bundle.version == "1.0.0"
+        x = np.ones((2, 16), np.float32)
+        expected = create_session(models.v1).run(None, {"x": x})[0]
+        assert np.array_equal(session.run(None, {"x": x})[0], expected)
         assert not list(device.slots.directory.glob(".*.tmp"))  # swept on open
 
         # And the next update completes.

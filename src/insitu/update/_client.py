@@ -335,6 +335,13 @@ class UpdateClient:
                 f"{pointer_path} names {self.config.model} {version} but the bundle is "
                 f"{opened.bundle.name} {opened.bundle.version}; refused"
             )
+        if not opened.bundle.encrypted:
+            logger.warning(
+                "installing %s %s, which is NOT encrypted: the model is stored in the clear "
+                "on this device; ask the publisher to encrypt it for this device's key",
+                opened.bundle.name,
+                opened.bundle.version,
+            )
         info = self._install(data, opened)
         return result | {
             "status": "installed",
