@@ -68,6 +68,7 @@ EXPECTED = {
         "UpdateRepository",
         "init_directory_repository",
         "open_directory_repository",
+        "rotate_directory_keys",
     ],
     "insitu.cli": ["app", "main", "run"],
 }

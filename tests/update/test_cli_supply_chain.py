@@ -253,3 +253,24 @@ def test_bundle_create_no_encrypt_warns(setup, capsys):
     assert "NOT encrypted" in err
     assert "not encrypted" in out
     assert (tmp_path / "model.onnx").read_bytes() in (tmp_path / "plain.insb").read_bytes()
+
+
+def test_repo_rotate_replaces_key_files_and_devices_follow(setup, capsys):
+    tmp_path, publisher, device = setup
+    repo = tmp_path / "repo"
+    invoke_json(capsys, "repo", "init", str(repo), "--home", publisher)
+    _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    invoke_json(capsys, "repo", "publish", str(repo), str(tmp_path / "triage-1.0.0.insb"),
+                "--home", publisher)  # fmt: skip
+    with serving(repo) as url:
+        invoke_json(capsys, "update", "enroll", "--root", f"{repo}/public/metadata/1.root.json",
+                    "--url", url, "--model", "triage", "--home", device)  # fmt: skip
+        invoke_json(capsys, "update", "--home", device)
+        rotated = invoke_json(capsys, "repo", "rotate", str(repo), "root", "--home", publisher)
+        assert rotated["roles"]["root"]["version"] == 2
+        assert sorted(p.name for p in (repo / "keys").glob("root-*.key")) == ["root-2.key"]
+        _create(capsys, tmp_path, publisher, device, "model2.onnx", "1.1.0")
+        invoke_json(capsys, "repo", "publish", str(repo), str(tmp_path / "triage-1.1.0.insb"),
+                    "--home", publisher)  # fmt: skip
+        assert invoke_json(capsys, "update", "--home", device)["installed"] == "1.1.0"
+    assert (Path(device) / "update/metadata/root_history/2.root.json").exists()

@@ -170,6 +170,39 @@ def publishers(
             out.print(keyid)
 
 
+@repo_app.command("rotate")
+def rotate(
+    repo: RepoArg,
+    role: Annotated[
+        str,
+        typer.Argument(
+            help="root, targets, assignments, snapshot or timestamp.", show_default=False
+        ),
+    ],
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Replace a role's keys by fresh ones (a new root or targets version).
+
+    Devices follow the rotation at their next update. Do it when a key may have leaked,
+    and on a schedule for the online keys (timestamp, snapshot, assignments).
+
+    [dim]Example:[/] insitu repo rotate /srv/models timestamp
+    """
+    from insitu.update import rotate_directory_keys
+
+    with Workspace.open(home).ledger() as ledger:
+        repository = rotate_directory_keys(repo, role, ledger=ledger)
+    summary = {"role": role, **repository.status()}
+    if json_output:
+        print_json(summary)
+    else:
+        out.print(
+            f"[green]rotated[/] the {role} keys; root is now version "
+            f"{summary['roles']['root']['version']}"
+        )
+
+
 @repo_app.command("timestamp")
 def timestamp(repo: RepoArg, home: HomeOption = None, json_output: JsonOption = False) -> None:
     """Sign a fresh timestamp. Run it more often than timestamps expire (cron).

@@ -8,7 +8,11 @@ Publisher side: :class:`UpdateRepository` (any :class:`Storage`; on disk through
 from __future__ import annotations
 
 from insitu.update._client import ClientConfig, UpdateClient
-from insitu.update._repo_dir import init_directory_repository, open_directory_repository
+from insitu.update._repo_dir import (
+    init_directory_repository,
+    open_directory_repository,
+    rotate_directory_keys,
+)
 from insitu.update._repository import UpdateRepository
 from insitu.update._slots import SlotInfo, SlotStore
 from insitu.update._storage import DirectoryStorage, MemoryStorage, Storage
@@ -24,4 +28,5 @@ __all__ = [
     "UpdateRepository",
     "init_directory_repository",
     "open_directory_repository",
+    "rotate_directory_keys",
 ]

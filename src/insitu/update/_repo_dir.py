@@ -23,12 +23,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import CryptoSigner, Signer
 
+from insitu.audit import Ledger
 from insitu.errors import RepositoryError
 from insitu.update._repository import DEFAULT_EXPIRY_DAYS, UpdateRepository
 from insitu.update._storage import DirectoryStorage
 from insitu.workspace._keys import load_private_key, passphrase_from_env, save_private_key
 
-__all__ = ["init_directory_repository", "open_directory_repository"]
+__all__ = ["init_directory_repository", "open_directory_repository", "rotate_directory_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,33 @@ def init_directory_repository(
         threshold=threshold,
         expiry_days=expiry_days,
     )
+
+
+def rotate_directory_keys(
+    path: Path, role: str, *, passphrase: str | None = None, ledger: Ledger | None = None
+) -> UpdateRepository:
+    """Replace the keys of ``role`` in the repository at ``path`` by fresh ones.
+
+    New key files are written first and the old ones removed only after the new metadata
+    is written, so an interruption leaves extra keys (harmless: their signatures are
+    ignored), never a role without keys.
+    """
+    passphrase = passphrase or passphrase_from_env()
+    repo = open_directory_repository(path, passphrase=passphrase)
+    keys_dir = Path(path) / "keys"
+    old_files = sorted(keys_dir.glob(f"{role}-*.key"))
+    if role not in DEFAULT_EXPIRY_DAYS or not old_files:
+        raise RepositoryError(f"no keys for role {role!r} in {keys_dir}")
+    start = 1 + max(int(p.stem.rsplit("-", 1)[1]) for p in old_files)
+    new_signers: list[Signer] = []
+    for index in range(start, start + len(old_files)):
+        key = Ed25519PrivateKey.generate()
+        save_private_key(keys_dir / f"{role}-{index}.key", key, passphrase)
+        new_signers.append(CryptoSigner(key))
+    repo.rotate_keys(role, new_signers, ledger=ledger)
+    for old in old_files:
+        old.unlink()
+    return repo
 
 
 def open_directory_repository(path: Path, *, passphrase: str | None = None) -> UpdateRepository:

@@ -470,6 +470,49 @@ class UpdateRepository(Repository):
             ledger.record("repo.publishers_changed", root_version=version, publishers=len(keys))
         return version
 
+    def rotate_keys(
+        self, role: str, new_signers: Sequence[Signer], *, ledger: Ledger | None = None
+    ) -> None:
+        """Replace every key of ``role`` by ``new_signers`` (same threshold).
+
+        Top-level roles are rotated by a new root version, the assignments role by a new
+        targets version. A new root is signed by the old root keys *and* the new ones, as
+        TUF requires of a root rotation, so devices that trust the old root accept it.
+        The role's own metadata is then re-signed with the new keys.
+        """
+        if role not in _INIT:
+            raise RepositoryError(f"unknown role {role!r}; roles: {', '.join(_INIT)}")
+        old = self.signers[role]
+        if len(new_signers) < len(old):
+            raise RepositoryError(f"give at least {len(old)} new keys for {role} (its threshold)")
+        if role == ASSIGNMENTS:
+            with self.edit_targets() as targets:
+                for signer in old:
+                    targets.revoke_key(signer.public_key.keyid, ASSIGNMENTS)
+                for signer in new_signers:
+                    targets.add_key(signer.public_key, ASSIGNMENTS)
+            self.signers[role] = list(new_signers)
+            with self.edit_targets(ASSIGNMENTS):
+                pass
+        else:
+            if role == Root.type:
+                self.signers[role] = [*old, *new_signers]  # cross-signed rotation
+            with self.edit_root() as root:
+                for signer in old:
+                    root.revoke_key(signer.public_key.keyid, role)
+                for signer in new_signers:
+                    root.add_key(signer.public_key, role)
+            self.signers[role] = list(new_signers)
+            if role == Targets.type:
+                with self.edit_targets():
+                    pass
+        # Snapshot and timestamp are re-signed in every case: with their new keys when
+        # they were rotated, and to publish the new targets versions otherwise.
+        self.do_snapshot(force=True)
+        self.do_timestamp(force=True)
+        if ledger is not None:
+            ledger.record("repo.keys_rotated", role=role, keys=len(new_signers))
+
     def refresh_timestamp(self) -> int:
         """Sign a new timestamp (a fresh expiry); returns its version."""
         self.do_timestamp(force=True)
