@@ -47,6 +47,19 @@ def test_attack_assignments_key_points_at_a_bundle_targets_never_listed(sim, dev
     assert_only_genuine_metadata(device, sim)
 
 
+def test_attack_assignments_key_points_a_channel_at_another_target(sim, device, keys, models):
+    installed_v1(sim, device, keys, models)
+    sim.repo.publish(make_bundle(keys, "1.1.0", models.v2), publisher_key=keys.publisher_enc)
+    device.update()
+    # Point "2.0.0" at an existing target of another kind (the delta): refused as such.
+    _point(sim, {"name": "mlp", "version": "2.0.0",
+                 "bundle": "deltas/mlp/1.0.0_to_1.1.0.delta", "deltas": {}})  # fmt: skip
+    before = device_state(device)
+    with pytest.raises(RepositoryError, match="not a valid pointer"):
+        device.update()
+    assert_slots_unchanged(device, before)
+
+
 def test_attack_assignments_metadata_signed_by_another_key(sim, device, keys, models):
     installed_v1(sim, device, keys, models)
     sim.repo.publish(make_bundle(keys, "1.1.0", models.v2))

@@ -63,9 +63,10 @@ from insitu.errors import (
     RollbackError,
     UpdateError,
     UpdateInProgressError,
+    UsageError,
 )
 from insitu.update._refusals import tuf_refusals
-from insitu.update._repository import PUBLISHERS_FIELD, channel_path, device_path
+from insitu.update._repository import PUBLISHERS_FIELD, bundle_path, channel_path, device_path
 from insitu.update._slots import SlotInfo, SlotStore
 
 __all__ = ["ClientConfig", "UpdateClient"]
@@ -287,7 +288,11 @@ class UpdateClient:
                     raise TypeError(f"{key} is missing")
             if not isinstance(pointer.get("deltas", {}), dict):
                 raise TypeError("deltas is not an object")
-        except (ValueError, TypeError) as exc:
+            SemVer.parse(pointer["version"])
+            # A pointer may name only the bundle of its own model and version.
+            if pointer["bundle"] != bundle_path(model, pointer["version"]):
+                raise ValueError(f"it names {pointer['bundle']} for {model} {pointer['version']}")
+        except (ValueError, TypeError, UsageError) as exc:
             raise RepositoryError(
                 f"{path} is not a valid pointer ({exc}); the repository is misconfigured"
             ) from exc
