@@ -45,3 +45,17 @@ def test_init_refuses_an_existing_repository(tmp_path):
     init_directory_repository(tmp_path / "repo", publishers=[publisher])
     with pytest.raises(RepositoryError, match="already holds"):
         init_directory_repository(tmp_path / "repo", publishers=[publisher])
+
+
+def test_an_interrupted_init_leaves_nothing(tmp_path, monkeypatch):
+    from insitu.update import UpdateRepository
+
+    def fail(*args, **kwargs):
+        raise RepositoryError("disk full")
+
+    monkeypatch.setattr(UpdateRepository, "create", fail)
+    with pytest.raises(RepositoryError, match="disk full"):
+        init_directory_repository(
+            tmp_path / "repo", publishers=[Ed25519PrivateKey.generate().public_key()]
+        )
+    assert list(tmp_path.iterdir()) == []

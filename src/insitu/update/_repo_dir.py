@@ -17,12 +17,15 @@ for a larger one.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import CryptoSigner, Signer
 
+from insitu._atomic import fsync_dir
 from insitu.audit import Ledger
 from insitu.errors import RepositoryError
 from insitu.update._repository import DEFAULT_EXPIRY_DAYS, UpdateRepository
@@ -71,20 +74,33 @@ def init_directory_repository(
             "INSITU_PASSPHRASE is not set: the repository's role keys are stored unencrypted "
             "(mode 0600). Set it for any repository that ships models to real devices."
         )
-    keys_dir = path / "keys"
-    keys_dir.mkdir(parents=True, mode=0o700)
-    for role in DEFAULT_EXPIRY_DAYS:
-        for index in range(1, threshold + 1):
-            save_private_key(
-                keys_dir / f"{role}-{index}.key", Ed25519PrivateKey.generate(), passphrase
-            )
-    return UpdateRepository.create(
-        DirectoryStorage(path / "public"),
-        _signers_from(keys_dir, passphrase),
-        publishers=publishers,
-        threshold=threshold,
-        expiry_days=expiry_days,
-    )
+    # Built whole in a temporary sibling, then renamed into place: an interrupted init
+    # leaves no half repository (and no keys that a root does not list).
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.init-", dir=path.absolute().parent))
+    try:
+        keys_dir = staging / "keys"
+        keys_dir.mkdir(mode=0o700)
+        for role in DEFAULT_EXPIRY_DAYS:
+            for index in range(1, threshold + 1):
+                save_private_key(
+                    keys_dir / f"{role}-{index}.key", Ed25519PrivateKey.generate(), passphrase
+                )
+        UpdateRepository.create(
+            DirectoryStorage(staging / "public"),
+            _signers_from(keys_dir, passphrase),
+            publishers=publishers,
+            threshold=threshold,
+            expiry_days=expiry_days,
+        )
+        if path.exists():
+            path.rmdir()  # empty, checked above
+        staging.rename(path)
+        fsync_dir(path.absolute().parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return open_directory_repository(path, passphrase=passphrase)
 
 
 def rotate_directory_keys(
