@@ -274,3 +274,28 @@ def test_repo_rotate_replaces_key_files_and_devices_follow(setup, capsys):
                     "--home", publisher)  # fmt: skip
         assert invoke_json(capsys, "update", "--home", device)["installed"] == "1.1.0"
     assert (Path(device) / "update/metadata/root_history/2.root.json").exists()
+
+
+def test_bundle_card_names_the_federated_run_and_its_epsilon(setup, capsys):
+    import hashlib
+
+    tmp_path, publisher, device = setup
+    model = (tmp_path / "model.onnx").read_bytes()
+    with Workspace.open(publisher).ledger() as ledger:
+        rounds = [
+            ledger.record("federation.round", run="r7", round=n, epsilon_max=eps).seq
+            for n, eps in ((1, 1.5), (2, 3.0))
+        ]
+        ledger.record("federation.completed", run="r7", rounds=2, round_entries=rounds,
+                      onnx_sha256=hashlib.sha256(model).hexdigest())  # fmt: skip
+    base = ["bundle", "create", str(tmp_path / "model.onnx"), "--version", "1.0.0",
+            "--out", str(tmp_path / "r7.insb"), "--recipient",
+            f"{device}/keys/encryption.pub.pem", "--home", publisher]  # fmt: skip
+    code, _, err = invoke(capsys, *base, "--epsilon", "1", "--delta", "1e-5")
+    assert code == 2
+    assert "may not understate" in err
+    assert not (tmp_path / "r7.insb").exists()
+    card = invoke_json(capsys, *base, "--epsilon", "3", "--delta", "1e-5")["card"]
+    assert card["provenance"]["run"] == "r7"
+    assert [r["seq"] for r in card["provenance"]["training_rounds"]] == rounds
+    assert card["provenance"]["epsilon_recorded"] == 3.0

@@ -65,19 +65,23 @@ def _parse_metrics(values: list[str]) -> dict[str, float]:
     return metrics
 
 
-def _provenance(ws: Workspace, data_schema: Path | None) -> dict[str, Any]:
+def _provenance(
+    ws: Workspace, model: bytes, data_schema: Path | None, epsilon: float | None
+) -> dict[str, Any]:
+    from insitu.bundle._provenance import provenance_for
+
     with ws.ledger() as ledger:
-        rounds = [
-            {"seq": e.seq, "type": e.type, "hash": e.hash.hex()}
-            for e in ledger.entries(event_type="training.")
-        ]
-    return {
-        "node": ws.node_id,
-        "training_rounds": rounds,
-        "data_schema_sha256": (
-            hashlib.sha256(_read(data_schema, "data schema")).hexdigest() if data_schema else None
-        ),
-    }
+        return provenance_for(
+            ledger,
+            model_sha256=hashlib.sha256(model).hexdigest(),
+            node=ws.node_id,
+            data_schema_sha256=(
+                hashlib.sha256(_read(data_schema, "data schema")).hexdigest()
+                if data_schema
+                else None
+            ),
+            stated_epsilon=epsilon,
+        )
 
 
 @bundle_app.command("create")
@@ -116,9 +120,10 @@ def create(
 ) -> None:
     r"""Create a signed (and encrypted) bundle from an ONNX model.
 
-    The card's provenance lists this workspace's ledger entries of training rounds
-    ([bold]training.*[/]). The publisher's own encryption key is always a recipient, so
-    that [bold]insitu repo publish[/] can compute deltas.
+    When this workspace's ledger records the federated run that exported this exact
+    ONNX file, the card's provenance names that run and its rounds, and the stated
+    epsilon may not be smaller than the ledger's. The publisher's own encryption key is
+    always a recipient, so that [bold]insitu repo publish[/] can compute deltas.
 
     [dim]Examples:[/]
       insitu bundle create model.onnx --version 1.0.0 --out model-1.0.0.insb \
@@ -149,7 +154,7 @@ def create(
             if epsilon is not None
             else None
         ),
-        provenance=_provenance(ws, data_schema),
+        provenance=_provenance(ws, data, data_schema, epsilon),
         description=description,
         republishes=republishes,
     )
