@@ -117,11 +117,16 @@ def test_publish_serve_update_rollback(setup, capsys):
         assert (first["installed"], first["method"]) == ("1.0.0", "full")
 
         _create(capsys, tmp_path, publisher, device, "model2.onnx", "1.1.0")
+        code, out, _ = invoke(capsys, "update", "--check", "--home", device)
+        assert code == 0
+        assert "1.0.0 is up to date" in out
         second = invoke_json(
             capsys, "repo", "publish", repo, str(tmp_path / "triage-1.1.0.insb"),
             "--home", publisher,
         )  # fmt: skip
         assert "1.0.0" in second["deltas"]
+        code, out, _ = invoke(capsys, "update", "--check", "--home", device)
+        assert "1.1.0 is available" in out
         update = invoke_json(capsys, "update", "--home", device)
         assert (update["installed"], update["method"]) == ("1.1.0", "delta")
         code, out, _ = invoke(capsys, "update", "--home", device)

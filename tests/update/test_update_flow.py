@@ -49,6 +49,20 @@ def test_second_version_arrives_as_a_delta_and_rollback_returns(sim, device, key
     assert device.update()["installed"] == "1.2.0"
 
 
+def test_check_only_downloads_no_bundle(sim, device, keys, models):
+    installed_v1(sim, device, keys, models)
+    sim.repo.publish(make_bundle(keys, "1.1.0", models.v2), publisher_key=keys.publisher_enc)
+    sim.fetched.clear()
+    result = device.update(check_only=True)
+    assert (result["status"], result["available"], result["installed"]) == (
+        "available",
+        "1.1.0",
+        "1.0.0",
+    )
+    assert not any(p.startswith(("targets/bundles", "targets/deltas")) for p in sim.fetched)
+    assert device.status()["active"]["version"] == "1.0.0"
+
+
 def test_up_to_date_downloads_no_bundle(sim, device, keys, models):
     installed_v1(sim, device, keys, models)
     sim.fetched.clear()

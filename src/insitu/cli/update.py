@@ -41,6 +41,9 @@ def update(
     channel: Annotated[
         str | None, typer.Option(help="Channel to follow this time \\[default: enrolled one].")
     ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only say what an update would install.")
+    ] = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -51,7 +54,7 @@ def update(
     client = _client(ws)
     try:
         with err_console.status("Refreshing signed metadata and downloading...", spinner="dots"):
-            result = client.update(channel=channel)
+            result = client.update(channel=channel, check_only=check)
     finally:
         if client.ledger is not None:
             client.ledger.close()
@@ -59,6 +62,11 @@ def update(
         print_json(result)
     elif result["status"] == "up-to-date":
         out.print(f"{result['model']} {result['installed']} is up to date")
+    elif result["status"] == "available":
+        out.print(
+            f"{result['model']} {result['available']} is available "
+            f"(installed: {result['installed'] or 'nothing'}); run 'insitu update' to install it"
+        )
     elif result["status"] == "held":
         out.print(
             f"{result['model']} {result['available']} was rolled back from on this device and "

@@ -259,10 +259,14 @@ class UpdateClient:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def update(self, *, channel: str | None = None) -> dict[str, Any]:
-        """Refresh, download (delta or full), verify, install. See the module docstring."""
+    def update(self, *, channel: str | None = None, check_only: bool = False) -> dict[str, Any]:
+        """Refresh, download (delta or full), verify, install. See the module docstring.
+
+        ``check_only`` stops after the pointer: status ``"available"`` names the version
+        that an update would install (the metadata refresh is still a full TUF refresh).
+        """
         with self._exclusive(), self._recording_refusals("update"):
-            return self._update(channel or self.config.channel)
+            return self._update(channel or self.config.channel, check_only=check_only)
 
     def _pointer(self, updater: Updater, channel: str) -> tuple[str, dict[str, Any]]:
         model = self.config.model
@@ -298,7 +302,7 @@ class UpdateClient:
             ) from exc
         return path, pointer
 
-    def _update(self, channel: str) -> dict[str, Any]:
+    def _update(self, channel: str, *, check_only: bool = False) -> dict[str, Any]:
         updater = self._updater()
         pointer_path, pointer = self._pointer(updater, channel)
         installed = self.slots.active()
@@ -323,6 +327,11 @@ class UpdateClient:
                     f"{installed.version}; downgrades are refused (the operator publishes "
                     "the old model again as a new version)"
                 )
+        if check_only:
+            return result | {
+                "status": "available",
+                "installed": installed.version if installed else None,
+            }
         with tuf_refusals("metadata refresh"):
             bundle_info = updater.get_targetinfo(str(pointer["bundle"]))
         if bundle_info is None:
