@@ -26,18 +26,40 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── BudgetExceededError          a round would take a site past its privacy budget
     │   └── InsufficientDataError        too few records for the requested epsilon
     ├── FederationError                  a federated run that cannot start or complete
-    └── LedgerError
-        ├── InvalidEventError            an event type or payload is not acceptable
-        │   └── PersonalDataError        a payload value looks like personal data
-        ├── ProofError                   an inclusion or consistency proof does not verify
-        └── LedgerIntegrityError         verification failed; ``.seq`` is the first bad entry
-            ├── MalformedLedgerError     unreadable rows or export lines
-            ├── BrokenChainError         an entry deleted, inserted or reordered
-            ├── EntryHashMismatchError   an entry's content was changed
-            ├── BadEntrySignatureError   an entry not signed by this node's key
-            ├── BadHeadSignatureError    a tree head not signed by this node's key (forged)
-            ├── RootMismatchError        a signed head that does not match the entries
-            └── TruncatedLedgerError     fewer entries than a trusted head covers
+    ├── LedgerError
+    │   ├── InvalidEventError            an event type or payload is not acceptable
+    │   │   └── PersonalDataError        a payload value looks like personal data
+    │   ├── ProofError                   an inclusion or consistency proof does not verify
+    │   └── LedgerIntegrityError         verification failed; ``.seq`` is the first bad entry
+    │       ├── MalformedLedgerError     unreadable rows or export lines
+    │       ├── BrokenChainError         an entry deleted, inserted or reordered
+    │       ├── EntryHashMismatchError   an entry's content was changed
+    │       ├── BadEntrySignatureError   an entry not signed by this node's key
+    │       ├── BadHeadSignatureError    a tree head not signed by this node's key (forged)
+    │       ├── RootMismatchError        a signed head that does not match the entries
+    │       └── TruncatedLedgerError     fewer entries than a trusted head covers
+    ├── BundleError
+    │   ├── MalformedBundleError         not a bundle, or a header that cannot be read
+    │   ├── UnsignedBundleError          no signature, or one that does not verify
+    │   ├── UntrustedPublisherError      validly signed, by a key that is not the publisher's
+    │   ├── TamperedBundleError          payload bytes differ from the signed digests
+    │   ├── WrongDeviceKeyError          this device's key cannot open the bundle
+    │   └── DeltaError                   a delta that cannot be made or applied
+    │       └── DeltaMismatchError       a delta that does not rebuild the signed bundle
+    └── UpdateError
+        ├── RepositoryError              the update repository on disk is missing or invalid
+        ├── RepositoryUnavailableError   the repository cannot be reached (network, HTTP)
+        ├── NotEnrolledError             this device has no trusted root yet
+        ├── UpdateInProgressError        another update or rollback holds the lock
+        ├── InstallError                 the A/B slots cannot be written or read
+        │   └── NothingToRollBackError   no previous slot to return to
+        └── UpdateRefusedError           TUF (or insitu) refused what the repository served
+            ├── ExpiredMetadataError     freeze: signed metadata past its expiry
+            ├── RollbackError            an older version than one already trusted
+            ├── MixAndMatchError         metadata files from different repository states
+            ├── UnsignedMetadataError    metadata without a threshold of trusted signatures
+            └── TargetMismatchError      a download whose length or hash differs from metadata
+                └── EndlessDataError     a download longer than its metadata says
 """
 
 from __future__ import annotations
@@ -47,13 +69,19 @@ __all__ = [
     "BadHeadSignatureError",
     "BrokenChainError",
     "BudgetExceededError",
+    "BundleError",
     "ConfigError",
     "ConsentError",
     "DataError",
     "DataFormatError",
+    "DeltaError",
+    "DeltaMismatchError",
+    "EndlessDataError",
     "EntryHashMismatchError",
+    "ExpiredMetadataError",
     "FederationError",
     "InsituError",
+    "InstallError",
     "InsufficientDataError",
     "InvalidEventError",
     "KAnonymityError",
@@ -61,19 +89,35 @@ __all__ = [
     "KeyStoreError",
     "LedgerError",
     "LedgerIntegrityError",
+    "MalformedBundleError",
     "MalformedLedgerError",
+    "MixAndMatchError",
+    "NotEnrolledError",
+    "NothingToRollBackError",
     "PassphraseRequiredError",
     "PersonalDataError",
     "PrivacyError",
     "ProofError",
+    "RepositoryError",
+    "RepositoryUnavailableError",
+    "RollbackError",
     "RootMismatchError",
     "SchemaError",
     "SealedFileError",
+    "TamperedBundleError",
+    "TargetMismatchError",
     "TruncatedLedgerError",
+    "UnsignedBundleError",
+    "UnsignedMetadataError",
+    "UntrustedPublisherError",
+    "UpdateError",
+    "UpdateInProgressError",
+    "UpdateRefusedError",
     "UsageError",
     "WorkspaceError",
     "WorkspaceNotFoundError",
     "WorkspaceNotWritableError",
+    "WrongDeviceKeyError",
     "WrongPassphraseError",
 ]
 
@@ -219,3 +263,91 @@ class RootMismatchError(LedgerIntegrityError):
 
 class TruncatedLedgerError(LedgerIntegrityError):
     """The ledger holds fewer entries than a trusted signed head covers."""
+
+
+class BundleError(InsituError):
+    """A model bundle that cannot be created, read or trusted."""
+
+
+class MalformedBundleError(BundleError):
+    """Not an insitu bundle, or a header that cannot be parsed."""
+
+
+class UnsignedBundleError(BundleError):
+    """A bundle without a signature, or whose signature does not verify."""
+
+
+class UntrustedPublisherError(BundleError):
+    """A validly signed bundle, but signed by a key that is not the trusted publisher's."""
+
+
+class TamperedBundleError(BundleError):
+    """Payload bytes that differ from the digests the publisher signed."""
+
+
+class WrongDeviceKeyError(BundleError):
+    """The device's key is not among the bundle's recipients, or cannot unwrap the key."""
+
+
+class DeltaError(BundleError):
+    """A delta update that cannot be computed or applied."""
+
+
+class DeltaMismatchError(DeltaError):
+    """A delta whose reconstruction does not match the signed digest of the bundle."""
+
+
+class UpdateError(InsituError):
+    """An error of the update repository or the update client."""
+
+
+class RepositoryError(UpdateError):
+    """The update repository directory is missing, incomplete, or invalid."""
+
+
+class RepositoryUnavailableError(UpdateError):
+    """The update repository cannot be reached or answered with an HTTP error."""
+
+
+class NotEnrolledError(UpdateError):
+    """The device has not been enrolled with an update repository yet."""
+
+
+class UpdateInProgressError(UpdateError):
+    """Another update or rollback of the same device is running."""
+
+
+class InstallError(UpdateError):
+    """The A/B install slots cannot be written or read."""
+
+
+class NothingToRollBackError(InstallError):
+    """No previous slot to roll back to."""
+
+
+class UpdateRefusedError(UpdateError):
+    """Metadata or a download refused by the TUF client workflow or by insitu's checks."""
+
+
+class ExpiredMetadataError(UpdateRefusedError):
+    """Signed metadata past its expiry: a freeze attack, or a repository not re-signed."""
+
+
+class RollbackError(UpdateRefusedError):
+    """A version older than one already trusted or installed."""
+
+
+class MixAndMatchError(UpdateRefusedError):
+    """Metadata files that do not belong to the same repository snapshot."""
+
+
+class UnsignedMetadataError(UpdateRefusedError):
+    """Metadata not signed by a threshold of the keys that root trusts for its role."""
+
+
+class TargetMismatchError(UpdateRefusedError):
+    """A downloaded file whose length or hash differs from the signed metadata."""
+
+
+class EndlessDataError(TargetMismatchError):
+    """A download that sends more bytes than the signed metadata allows."""

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 # Importing the command modules registers their commands on ``app``.
-from insitu.cli import audit, consent, data, federate, quickstart, workspace  # noqa: F401
+from insitu.cli import (  # noqa: F401
+    audit,
+    bundle,
+    consent,
+    data,
+    federate,
+    quickstart,
+    repo,
+    update,
+    workspace,
+)
 from insitu.cli._app import app, main, run
 
 __all__ = ["app", "main", "run"]

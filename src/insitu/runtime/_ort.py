@@ -20,8 +20,11 @@ from insitu.errors import InsituError
 __all__ = ["create_session"]
 
 
-def create_session(model: bytes, *, intra_op_threads: int | None = None) -> Any:
+def create_session(model: bytes | str, *, intra_op_threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU for a serialized model, telemetry off.
+
+    ``model`` is the serialized model, or a path to one (``insitu.bundle`` passes the
+    path of an in-memory file holding a decrypted model).
 
     ``intra_op_threads`` defaults to the number of cores (ONNX Runtime's own default
     also spins inter-op threads that a small edge box cannot spare).

@@ -1,0 +1,30 @@
+"""Model bundles: signed, encrypted ONNX models with a model card, and deltas between them.
+
+Start with :func:`create_bundle` (publisher side) and :class:`BundleVerifier` (device
+side); ``docs/supply-chain.md`` describes the format and the threat model.
+"""
+
+from __future__ import annotations
+
+from insitu.bundle._card import ModelCard, SemVer, schema_of
+from insitu.bundle._delta import apply_bundle_delta, make_bundle_delta
+from insitu.bundle._format import BUNDLE_MAGIC, Bundle, create_bundle, publisher_key_id
+from insitu.bundle._load import load_session
+from insitu.bundle._stream import key_id as device_key_id
+from insitu.bundle._verify import BundleVerifier, OpenedBundle
+
+__all__ = [
+    "BUNDLE_MAGIC",
+    "Bundle",
+    "BundleVerifier",
+    "ModelCard",
+    "OpenedBundle",
+    "SemVer",
+    "apply_bundle_delta",
+    "create_bundle",
+    "device_key_id",
+    "load_session",
+    "make_bundle_delta",
+    "publisher_key_id",
+    "schema_of",
+]

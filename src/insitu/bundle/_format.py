@@ -1,0 +1,291 @@
+r"""The bundle file: a signed header, then the (usually encrypted) ONNX model.
+
+Layout (``.insb``)::
+
+    b"INSITUB\x01"               8 bytes: magic and format version
+    header length                 4 bytes, big endian
+    header                        canonical JSON {"signed": {...}, "signatures": [...]}
+    payload                       the model, sealed with _stream (or plain, with a warning)
+
+``signed`` holds the manifest: bundle id, name, version, creation time, the model card,
+the SHA-256 digest and length of each file (``model.onnx`` and ``card.json``), the
+payload's own length and digest, the encryption parameters with the data key wrapped
+for each recipient, and the publisher's public key. Each signature is Ed25519 over
+``b"insitu-bundle/1\n" + canonical_bytes(signed)`` (the prefix separates this signature
+domain from the ledger's, which uses the same key).
+
+Why not OpenSSF ``model-signing`` (an in-toto statement over file digests): the signed
+statement would have to sit beside a directory of files, and insitu must also sign the
+encryption envelope (who may open the bundle) and ship one file that a TUF target can
+name; its 1.1.1 release also imports pyOpenSSL without declaring it. ADR 0102 has the
+comparison. The header is small canonical JSON, so any Ed25519 implementation can check
+it.
+
+Parsing (:meth:`Bundle.parse`) checks the structure and the type of every field that
+code reads; trusting a bundle is :mod:`insitu.bundle._verify`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from insitu._canonical import canonical_bytes, is_canonical
+from insitu.audit._records import utc_now
+from insitu.bundle import _stream
+from insitu.bundle._card import ModelCard
+from insitu.errors import MalformedBundleError
+
+__all__ = [
+    "BUNDLE_MAGIC",
+    "ENCRYPTION_SCHEME",
+    "SIGNATURE_DOMAIN",
+    "SIGNATURE_HEX",
+    "Bundle",
+    "assemble",
+    "context_of",
+    "create_bundle",
+    "publisher_key_id",
+    "seal_payload",
+]
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_MAGIC = b"INSITUB\x01"
+ENCRYPTION_SCHEME = "aes-256-gcm-stream+x25519-hkdf-sha256"
+SIGNATURE_DOMAIN = b"insitu-bundle/1\n"
+_MAX_HEADER = 16 << 20
+SIGNATURE_HEX = re.compile(r"^[0-9a-f]{128}$")
+
+
+def publisher_key_id(public: Ed25519PublicKey) -> str:
+    """The id of a publisher's Ed25519 key: first 16 bytes of SHA-256 of the raw key."""
+    return hashlib.sha256(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:32]
+
+
+def context_of(signed: Mapping[str, Any]) -> bytes:
+    """Associated data of the payload and of the key wrapping: binds them to one bundle."""
+    return canonical_bytes(
+        {"bundle_id": signed["bundle_id"], "name": signed["name"], "version": signed["version"]}
+    )
+
+
+def _check_fields(signed: dict[str, Any], signatures: Any) -> None:
+    """Raise ``TypeError`` unless every field the code reads has the type it expects."""
+
+    def need(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"{what} is missing or of the wrong type")
+        return value
+
+    for key in ("bundle_id", "name", "version"):
+        need(signed.get(key), str, key)
+    need(signed.get("card"), dict, "card")
+    files = need(signed.get("files"), dict, "files")
+    for name in ("model.onnx", "card.json"):
+        entry = need(files.get(name), dict, f"files.{name}")
+        need(entry.get("length"), int, f"files.{name}.length")
+        need(entry.get("sha256"), str, f"files.{name}.sha256")
+    payload = need(signed.get("payload"), dict, "payload")
+    need(payload.get("length"), int, "payload.length")
+    need(payload.get("sha256"), str, "payload.sha256")
+    enc = payload.get("encryption")
+    if enc is not None:
+        need(enc, dict, "payload.encryption")
+        need(enc.get("segment_size"), int, "payload.encryption.segment_size")
+        need(enc.get("nonce_prefix"), str, "payload.encryption.nonce_prefix")
+        for entry in need(enc.get("recipients"), list, "payload.encryption.recipients"):
+            for key in ("keyid", "ephemeral", "wrapped"):
+                need(need(entry, dict, "recipient").get(key), str, f"recipient {key}")
+    need(need(signed.get("publisher"), dict, "publisher").get("keyid"), str, "publisher.keyid")
+    for sig in need(signatures, list, "signatures"):
+        need(need(sig, dict, "signature").get("keyid"), str, "signature keyid")
+        need(sig.get("sig"), str, "signature")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A parsed, *not yet verified* bundle: its header and a view of its payload.
+
+    ``header_bytes`` are the exact bytes from the magic to the end of the header; the
+    delta path ships them verbatim so that a rebuilt bundle is byte-identical.
+    """
+
+    signed: dict[str, Any]
+    signatures: list[dict[str, str]]
+    header_bytes: bytes
+    payload: memoryview
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview) -> Bundle:
+        """Split ``data`` into header and payload.
+
+        Raises:
+            MalformedBundleError: not a bundle, or a header that cannot be read.
+
+        """
+        view = memoryview(data).cast("B")
+        if bytes(view[:8]) != BUNDLE_MAGIC:
+            raise MalformedBundleError(
+                "not an insitu bundle (bad magic); create one with 'insitu bundle create'"
+            )
+        length = int.from_bytes(view[8:12], "big")
+        if length > _MAX_HEADER or 12 + length > len(view):
+            raise MalformedBundleError("the bundle header is truncated or too large")
+        try:
+            text = bytes(view[12 : 12 + length]).decode("ascii")
+            doc = json.loads(text)
+            signed, signatures = doc["signed"], doc["signatures"]
+            if not is_canonical(text) or not isinstance(signed, dict):
+                raise ValueError("header is not canonical JSON")
+            _check_fields(signed, signatures)
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise MalformedBundleError(f"the bundle header is not valid ({exc})") from exc
+        return cls(signed, list(signatures), bytes(view[: 12 + length]), view[12 + length :])
+
+    @property
+    def name(self) -> str:
+        """The model name."""
+        return str(self.signed["name"])
+
+    @property
+    def version(self) -> str:
+        """The model version."""
+        return str(self.signed["version"])
+
+    @property
+    def bundle_id(self) -> str:
+        """A random id, unique to this bundle (bound into the encryption)."""
+        return str(self.signed["bundle_id"])
+
+    @property
+    def card(self) -> ModelCard:
+        """The model card (trust it only after :class:`BundleVerifier` has run)."""
+        return ModelCard.from_json(self.signed["card"])
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether the payload is encrypted."""
+        return self.signed["payload"].get("encryption") is not None
+
+    @property
+    def recipients(self) -> list[str]:
+        """Key ids of the devices that can open the payload."""
+        enc = self.signed["payload"].get("encryption") or {}
+        return [r["keyid"] for r in enc.get("recipients", [])]
+
+    @property
+    def publisher_keyid(self) -> str:
+        """Key id of the publisher key named in the header (claimed, not yet verified)."""
+        return str(self.signed["publisher"]["keyid"])
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description (for ``inspect``)."""
+        return {
+            "bundle_id": self.bundle_id,
+            "name": self.name,
+            "version": self.version,
+            "created": self.signed.get("created"),
+            "files": self.signed["files"],
+            "payload": {
+                "length": self.signed["payload"]["length"],
+                "sha256": self.signed["payload"]["sha256"],
+                "encrypted": self.encrypted,
+                "recipients": self.recipients,
+            },
+            "publisher": self.publisher_keyid,
+            "card": self.signed["card"],
+        }
+
+
+def seal_payload(signed: Mapping[str, Any], model: bytes | bytearray, data_key: bytes) -> bytearray:
+    """Encrypt ``model`` as the header ``signed`` says (deterministic: used by deltas)."""
+    enc = signed["payload"]["encryption"]
+    return _stream.encrypt(
+        data_key,
+        bytes.fromhex(enc["nonce_prefix"]),
+        model,
+        context_of(signed),
+        segment_size=int(enc["segment_size"]),
+    )
+
+
+def assemble(signed: dict[str, Any], signatures: list[dict[str, str]]) -> bytes:
+    """Magic, header length and header bytes for ``signed`` and its signatures."""
+    header = canonical_bytes({"signed": signed, "signatures": signatures})
+    return BUNDLE_MAGIC + len(header).to_bytes(4, "big") + header
+
+
+def create_bundle(
+    model: bytes,
+    card: ModelCard,
+    signing_key: Ed25519PrivateKey,
+    *,
+    recipients: Iterable[X25519PublicKey] = (),
+    segment_size: int = _stream.DEFAULT_SEGMENT_SIZE,
+    created: str | None = None,
+) -> bytes:
+    """Build a signed bundle of ``model`` and ``card``, encrypted for ``recipients``.
+
+    With no recipients the payload is stored in the clear, which is logged as a warning:
+    anyone who gets the file gets the model (and what it memorized of its training data).
+    """
+    recipients = list(recipients)
+    signed: dict[str, Any] = {
+        "_type": "insitu-bundle",
+        "format": 1,
+        "bundle_id": uuid.uuid4().hex,
+        "name": card.name,
+        "version": card.version,
+        "created": created or utc_now(),
+        "card": card.to_json(),
+        "files": {
+            "model.onnx": {"length": len(model), "sha256": hashlib.sha256(model).hexdigest()},
+            "card.json": {
+                "length": len(card.to_bytes()),
+                "sha256": hashlib.sha256(card.to_bytes()).hexdigest(),
+            },
+        },
+        "publisher": {
+            "keyid": publisher_key_id(signing_key.public_key()),
+            "public": signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex(),
+        },
+        "payload": {"encryption": None},
+    }
+    payload: bytes | bytearray
+    if recipients:
+        data_key = secrets.token_bytes(_stream.KEY_SIZE)
+        # Keys are deduplicated: one device listed twice would get two wrapped copies.
+        unique = {_stream.key_id(r): r for r in recipients}
+        signed["payload"]["encryption"] = {
+            "scheme": ENCRYPTION_SCHEME,
+            "segment_size": segment_size,
+            "nonce_prefix": secrets.token_bytes(_stream.NONCE_PREFIX_SIZE).hex(),
+            "recipients": [
+                _stream.wrap_key(data_key, unique[k], context_of(signed)) for k in sorted(unique)
+            ],
+        }
+        payload = seal_payload(signed, model, data_key)
+    else:
+        logger.warning(
+            "bundle %s %s is NOT encrypted: anyone with the file can run or copy the model. "
+            "Pass the devices' encryption keys (--recipient) for anything trained on real data.",
+            card.name,
+            card.version,
+        )
+        payload = model
+    signed["payload"] |= {"length": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    signature = signing_key.sign(SIGNATURE_DOMAIN + canonical_bytes(signed))
+    sig_entry = {"keyid": signed["publisher"]["keyid"], "sig": signature.hex()}
+    return assemble(signed, [sig_entry]) + bytes(payload)

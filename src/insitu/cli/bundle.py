@@ -1,0 +1,291 @@
+"""``insitu bundle``: create, inspect and verify signed, encrypted model bundles."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from rich.table import Table
+
+from insitu._atomic import atomic_write_bytes
+from insitu.cli._app import app
+from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
+from insitu.errors import KeyFileError, UsageError, WorkspaceNotFoundError, WrongDeviceKeyError
+from insitu.workspace import Workspace
+
+__all__ = ["bundle_app"]
+
+bundle_app = typer.Typer(
+    help=(
+        "Model bundles: the ONNX model, its model card (schema, metrics, privacy figures, "
+        "training provenance) and a manifest of digests, signed with this workspace's key "
+        "and encrypted for the devices allowed to run it."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(bundle_app, name="bundle", rich_help_panel="Supply chain")
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path} ({exc.strerror or exc})") from exc
+
+
+def _public_key(path: Path, kind: type) -> Any:
+    try:
+        key = load_pem_public_key(_read(path, "public key"))
+    except ValueError as exc:
+        raise KeyFileError(f"{path} is not a PEM public key ({exc})") from exc
+    if not isinstance(key, kind):
+        wanted = "X25519 (keys/encryption.pub.pem)" if kind is X25519PublicKey else "Ed25519"
+        raise KeyFileError(f"{path} is not an {wanted} public key")
+    return key
+
+
+def _parse_metrics(values: list[str]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not sep or not name or not math.isfinite(number):
+            raise UsageError(f"--metric {item!r} must be NAME=NUMBER, e.g. --metric accuracy=0.91")
+        metrics[name] = number
+    return metrics
+
+
+def _provenance(
+    ws: Workspace, model: bytes, data_schema: Path | None, epsilon: float | None
+) -> dict[str, Any]:
+    from insitu.bundle._provenance import provenance_for
+
+    with ws.ledger() as ledger:
+        return provenance_for(
+            ledger,
+            model_sha256=hashlib.sha256(model).hexdigest(),
+            node=ws.node_id,
+            data_schema_sha256=(
+                hashlib.sha256(_read(data_schema, "data schema")).hexdigest()
+                if data_schema
+                else None
+            ),
+            stated_epsilon=epsilon,
+        )
+
+
+@bundle_app.command("create")
+def create(
+    model: Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)],
+    version: Annotated[str, typer.Option(help="Semantic version, e.g. 1.4.0.", show_default=False)],
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Bundle file to write (.insb).", show_default=False)
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="Model name \\[default: the file name without suffix].")
+    ] = None,
+    recipient: Annotated[
+        list[Path] | None,
+        typer.Option(help="A device's keys/encryption.pub.pem allowed to run it; repeat."),
+    ] = None,
+    no_encrypt: Annotated[
+        bool, typer.Option("--no-encrypt", help="Store the model in the clear (warned).")
+    ] = False,
+    metric: Annotated[
+        list[str] | None, typer.Option(help="NAME=NUMBER for the model card; repeat.")
+    ] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Privacy: epsilon spent.")] = None,
+    delta: Annotated[float | None, typer.Option(help="Privacy: delta.")] = None,
+    accountant: Annotated[str, typer.Option(help="Privacy: the accountant used.")] = "rdp",
+    data_schema: Annotated[
+        Path | None, typer.Option(help="The data schema file; its SHA-256 goes in the card.")
+    ] = None,
+    description: Annotated[str, typer.Option(help="One paragraph for the card.")] = "",
+    republishes: Annotated[
+        str | None,
+        typer.Option(help="This model is an earlier version published again; say which."),
+    ] = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    r"""Create a signed (and encrypted) bundle from an ONNX model.
+
+    When this workspace's ledger records the federated run that exported this exact
+    ONNX file, the card's provenance names that run and its rounds, and the stated
+    epsilon may not be smaller than the ledger's. The publisher's own encryption key is
+    always a recipient, so that [bold]insitu repo publish[/] can compute deltas.
+
+    [dim]Examples:[/]
+      insitu bundle create model.onnx --version 1.0.0 --out model-1.0.0.insb \
+          --recipient ward7.pub.pem --metric auc=0.91 --epsilon 3 --delta 1e-5
+      insitu bundle create old.onnx --version 1.2.1 --republishes 1.0.0 --out m.insb ...
+    """
+    from insitu.bundle import ModelCard, create_bundle, schema_of
+
+    recipients = [_public_key(p, X25519PublicKey) for p in recipient or []]
+    if not recipients and not no_encrypt:
+        raise UsageError(
+            "name the devices allowed to run this model with --recipient PEM (their "
+            "keys/encryption.pub.pem), or pass --no-encrypt to ship it in the clear"
+        )
+    if (epsilon is None) != (delta is None):
+        raise UsageError("give --epsilon and --delta together (or neither)")
+    ws = Workspace.open(home)
+    data = _read(model, "model")
+    inputs, outputs = schema_of(data)
+    card = ModelCard(
+        name=name or model.stem.lower(),
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        metrics=_parse_metrics(metric or []),
+        privacy=(
+            {"epsilon": epsilon, "delta": delta, "accountant": accountant}
+            if epsilon is not None
+            else None
+        ),
+        provenance=_provenance(ws, data, data_schema, epsilon),
+        description=description,
+        republishes=republishes,
+    )
+    if recipients:
+        recipients.append(ws.encryption_public_key)
+    with err_console.status("Signing and encrypting the bundle...", spinner="dots"):
+        blob = create_bundle(data, card, ws.signing_key(), recipients=recipients)
+    atomic_write_bytes(out_path, blob)
+    from insitu.bundle import Bundle
+
+    bundle = Bundle.parse(blob)
+    with ws.ledger() as ledger:
+        ledger.record(
+            "bundle.created",
+            model=card.name,
+            version=card.version,
+            bundle_id=bundle.bundle_id,
+            bundle_sha256=hashlib.sha256(blob).hexdigest(),
+            encrypted=bundle.encrypted,
+            recipients=len(bundle.recipients),
+            epsilon=epsilon,
+        )
+    summary = {"path": str(out_path), "length": len(blob)} | bundle.summary()
+    if json_output:
+        print_json(summary)
+        return
+    out.print(
+        f"[green]created[/] {out_path} ({len(blob):,} bytes): {card.name} {card.version}, "
+        + (
+            f"encrypted for {len(bundle.recipients)} keys"
+            if bundle.encrypted
+            else "[yellow]not encrypted[/]"
+        )
+    )
+
+
+def _print_summary(summary: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    card = summary["card"]
+    table.add_row("model", f"{summary['name']} {summary['version']}")
+    table.add_row("bundle id", summary["bundle_id"])
+    table.add_row("created", str(summary["created"]))
+    table.add_row("publisher key", summary["publisher"])
+    model = summary["files"]["model.onnx"]
+    table.add_row("model.onnx", f"{model['length']:,} bytes, sha256 {model['sha256'][:16]}...")
+    pay = summary["payload"]
+    table.add_row(
+        "encryption",
+        f"{len(pay['recipients'])} recipients" if pay["encrypted"] else "[yellow]none[/]",
+    )
+    privacy = card.get("privacy")
+    table.add_row(
+        "privacy",
+        f"epsilon {privacy['epsilon']}, delta {privacy['delta']} ({privacy['accountant']})"
+        if privacy
+        else "no differential privacy",
+    )
+    table.add_row("metrics", ", ".join(f"{k}={v}" for k, v in card["metrics"].items()) or "-")
+    rounds = card["provenance"].get("training_rounds", [])
+    table.add_row("training rounds", f"{len(rounds)} ledger entries")
+    if card.get("republishes"):
+        table.add_row("republishes", card["republishes"])
+    if "verified" in summary:
+        table.add_row("verified", summary["verified"])
+    out.print(table)
+
+
+@bundle_app.command("inspect")
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A bundle file.", show_default=False)],
+    json_output: JsonOption = False,
+) -> None:
+    """Show a bundle's manifest and model card (without verifying it).
+
+    [dim]Example:[/] insitu bundle inspect model-1.0.0.insb --json
+    """
+    from insitu.bundle import Bundle
+
+    summary = Bundle.parse(_read(path, "bundle")).summary()
+    if json_output:
+        print_json(summary | {"verified": False})
+    else:
+        _print_summary(summary, f"{path} (not verified: use 'insitu bundle verify')")
+
+
+@bundle_app.command("verify")
+def verify(
+    path: Annotated[Path, typer.Argument(help="A bundle file.", show_default=False)],
+    publisher: Annotated[
+        list[Path] | None,
+        typer.Option(help="Trusted publisher key (PEM) \\[default: this workspace's key]."),
+    ] = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Verify a bundle: signature, digests, and (if this device may) the decrypted model.
+
+    [dim]Examples:[/]
+      insitu bundle verify model-1.0.0.insb
+      insitu bundle verify model-1.0.0.insb --publisher publisher.pub.pem
+    """
+    from insitu.bundle import Bundle, BundleVerifier
+
+    bundle = Bundle.parse(_read(path, "bundle"))
+    ws: Workspace | None = None
+    if publisher:
+        keys: list[Ed25519PublicKey] = [_public_key(p, Ed25519PublicKey) for p in publisher]
+    else:
+        ws = Workspace.open(home)
+        keys = [ws.signing_public_key]
+    verifier = BundleVerifier(keys)
+    verifier.verify(bundle)
+    level = "signature and payload digest"
+    if ws is None:
+        try:
+            ws = Workspace.open(home)
+        except WorkspaceNotFoundError:
+            ws = None  # no workspace, no device key: the model digest is not checked
+    if ws is None and bundle.encrypted:
+        level += " (model not decrypted: no workspace)"
+    else:
+        try:
+            device_key = ws.encryption_key() if ws is not None and bundle.encrypted else None
+            verifier.open(bundle, device_key)
+            level = "signature, payload digest and decrypted model digest"
+        except WrongDeviceKeyError:
+            level += " (model not decrypted: this device is not a recipient)"
+    summary = bundle.summary() | {"verified": level}
+    if json_output:
+        print_json(summary)
+    else:
+        _print_summary(summary, f"[green]verified[/] {path}")
