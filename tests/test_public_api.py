@@ -72,6 +72,7 @@ EXPECTED = {
         "OpenedBundle",
         "SemVer",
         "apply_bundle_delta",
+        "bundle_model",
         "create_bundle",
         "device_key_id",
         "load_session",

@@ -10,6 +10,7 @@ from insitu.bundle._card import ModelCard, SemVer, schema_of
 from insitu.bundle._delta import apply_bundle_delta, make_bundle_delta
 from insitu.bundle._format import BUNDLE_MAGIC, Bundle, create_bundle, publisher_key_id
 from insitu.bundle._load import load_session
+from insitu.bundle._publish import bundle_model
 from insitu.bundle._stream import key_id as device_key_id
 from insitu.bundle._verify import BundleVerifier, OpenedBundle
 
@@ -21,6 +22,7 @@ __all__ = [
     "OpenedBundle",
     "SemVer",
     "apply_bundle_delta",
+    "bundle_model",
     "create_bundle",
     "device_key_id",
     "load_session",

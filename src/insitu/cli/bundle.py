@@ -65,25 +65,6 @@ def _parse_metrics(values: list[str]) -> dict[str, float]:
     return metrics
 
 
-def _provenance(
-    ws: Workspace, model: bytes, data_schema: Path | None, epsilon: float | None
-) -> dict[str, Any]:
-    from insitu.bundle._provenance import provenance_for
-
-    with ws.ledger() as ledger:
-        return provenance_for(
-            ledger,
-            model_sha256=hashlib.sha256(model).hexdigest(),
-            node=ws.node_id,
-            data_schema_sha256=(
-                hashlib.sha256(_read(data_schema, "data schema")).hexdigest()
-                if data_schema
-                else None
-            ),
-            stated_epsilon=epsilon,
-        )
-
-
 @bundle_app.command("create")
 def create(
     model: Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)],
@@ -130,7 +111,7 @@ def create(
           --recipient ward7.pub.pem --metric auc=0.91 --epsilon 3 --delta 1e-5
       insitu bundle create old.onnx --version 1.2.1 --republishes 1.0.0 --out m.insb ...
     """
-    from insitu.bundle import ModelCard, create_bundle, schema_of
+    from insitu.bundle import bundle_model
 
     recipients = [_public_key(p, X25519PublicKey) for p in recipient or []]
     if not recipients and not no_encrypt:
@@ -142,47 +123,33 @@ def create(
         raise UsageError("give --epsilon and --delta together (or neither)")
     ws = Workspace.open(home)
     data = _read(model, "model")
-    inputs, outputs = schema_of(data)
-    card = ModelCard(
-        name=name or model.stem.lower(),
-        version=version,
-        inputs=inputs,
-        outputs=outputs,
-        metrics=_parse_metrics(metric or []),
-        privacy=(
-            {"epsilon": epsilon, "delta": delta, "accountant": accountant}
-            if epsilon is not None
-            else None
-        ),
-        provenance=_provenance(ws, data, data_schema, epsilon),
-        description=description,
-        republishes=republishes,
-    )
-    if recipients:
-        recipients.append(ws.encryption_public_key)
     with err_console.status("Signing and encrypting the bundle...", spinner="dots"):
-        blob = create_bundle(data, card, ws.signing_key(), recipients=recipients)
-    atomic_write_bytes(out_path, blob)
-    from insitu.bundle import Bundle
-
-    bundle = Bundle.parse(blob)
-    with ws.ledger() as ledger:
-        ledger.record(
-            "bundle.created",
-            model=card.name,
-            version=card.version,
-            bundle_id=bundle.bundle_id,
-            bundle_sha256=hashlib.sha256(blob).hexdigest(),
-            encrypted=bundle.encrypted,
-            recipients=len(bundle.recipients),
+        blob, bundle = bundle_model(
+            ws,
+            data,
+            name=name or model.stem.lower(),
+            version=version,
+            recipients=recipients,
+            encrypt=not no_encrypt,
+            metrics=_parse_metrics(metric or []),
             epsilon=epsilon,
+            delta=delta,
+            accountant=accountant,
+            data_schema_sha256=(
+                hashlib.sha256(_read(data_schema, "data schema")).hexdigest()
+                if data_schema
+                else None
+            ),
+            description=description,
+            republishes=republishes,
         )
+    atomic_write_bytes(out_path, blob)
     summary = {"path": str(out_path), "length": len(blob)} | bundle.summary()
     if json_output:
         print_json(summary)
         return
     out.print(
-        f"[green]created[/] {out_path} ({len(blob):,} bytes): {card.name} {card.version}, "
+        f"[green]created[/] {out_path} ({len(blob):,} bytes): {bundle.name} {bundle.version}, "
         + (
             f"encrypted for {len(bundle.recipients)} keys"
             if bundle.encrypted

@@ -1,0 +1,98 @@
+"""Bundling a model from a workspace: card, provenance, signature, encryption, ledger.
+
+The one code path behind ``insitu bundle create`` and the quickstart: the model card's
+input/output schema is read from the ONNX graph, its provenance from the workspace's
+ledger (``_provenance``), the bundle is signed with the workspace key and encrypted for
+the recipients plus the publisher's own encryption key (so that the repository can
+compute deltas), and ``bundle.created`` is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from insitu.bundle._card import ModelCard, schema_of
+from insitu.bundle._format import Bundle, create_bundle
+from insitu.bundle._provenance import provenance_for
+from insitu.errors import UsageError
+
+if TYPE_CHECKING:
+    from insitu.workspace import Workspace
+
+__all__ = ["bundle_model"]
+
+
+def bundle_model(
+    workspace: Workspace,
+    model: bytes,
+    *,
+    name: str,
+    version: str,
+    recipients: Iterable[X25519PublicKey] = (),
+    encrypt: bool = True,
+    metrics: dict[str, float] | None = None,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    accountant: str = "rdp",
+    data_schema_sha256: str | None = None,
+    description: str = "",
+    republishes: str | None = None,
+) -> tuple[bytes, Bundle]:
+    """Build, sign and (unless ``encrypt`` is false) encrypt a bundle; record it.
+
+    Raises:
+        UsageError: no recipients while encrypting, or epsilon without delta.
+
+    """
+    recipients = list(recipients)
+    if encrypt and not recipients:
+        raise UsageError(
+            "name the devices allowed to run this model (their keys/encryption.pub.pem), "
+            "or ship it unencrypted"
+        )
+    if (epsilon is None) != (delta is None):
+        raise UsageError("give epsilon and delta together (or neither)")
+    inputs, outputs = schema_of(model)
+    with workspace.ledger() as ledger:
+        provenance = provenance_for(
+            ledger,
+            model_sha256=hashlib.sha256(model).hexdigest(),
+            node=workspace.node_id,
+            data_schema_sha256=data_schema_sha256,
+            stated_epsilon=epsilon,
+        )
+    card = ModelCard(
+        name=name,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        metrics=metrics or {},
+        privacy=(
+            {"epsilon": epsilon, "delta": delta, "accountant": accountant}
+            if epsilon is not None
+            else None
+        ),
+        provenance=provenance,
+        description=description,
+        republishes=republishes,
+    )
+    if recipients:
+        recipients.append(workspace.encryption_public_key)
+    blob = create_bundle(model, card, workspace.signing_key(), recipients=recipients)
+    bundle = Bundle.parse(blob)
+    payload: dict[str, Any] = {
+        "model": card.name,
+        "version": card.version,
+        "bundle_id": bundle.bundle_id,
+        "bundle_sha256": hashlib.sha256(blob).hexdigest(),
+        "encrypted": bundle.encrypted,
+        "recipients": len(bundle.recipients),
+        "epsilon": epsilon,
+    }
+    with workspace.ledger() as ledger:
+        ledger.record("bundle.created", **payload)
+    return blob, bundle
