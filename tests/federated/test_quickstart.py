@@ -33,3 +33,7 @@ def test_quickstart_json(tmp_path, capsys):
     assert summary["excluded_without_consent"] > 0
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert (Path(summary["model_dir"]) / "model.onnx").exists()
+    # Bundled, published, and every site updated, verified and ran it locally.
+    assert summary["bundle"]["version"] == "1.0.0"
+    assert summary["bundle"]["methods"] == ["full"] * 5
+    assert summary["bundle"]["local_accuracy"] > 0.75
