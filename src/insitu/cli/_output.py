@@ -35,7 +35,8 @@ HomeOption = Annotated[
     typer.Option(
         "--home",
         envvar=HOME_ENV,
-        help=f"Workspace directory [default: ./.insitu, or ${HOME_ENV}].",
+        # "\[" keeps Rich from reading the brackets as markup and dropping them.
+        help=f"Workspace directory \\[default: ./.insitu, or ${HOME_ENV}].",
         show_default=False,
     ),
 ]
