@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ModelFn", "build_model", "get_weights", "set_weights"]
+__all__ = ["ModelFn", "build_model", "get_weights", "set_weights", "weights_digest"]
 
 #: Builds a fresh model for ``n_features`` inputs (any ``torch.nn.Module`` whose output is
 #: one logit per row for a binary label). Must be picklable: sites run it in other
@@ -24,6 +25,14 @@ def build_model(family: str, n_features: int, *, hidden: int = 32, n_classes: in
     if family == "mlp":
         return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
     raise ValueError(f"unknown model family {family!r}")
+
+
+def weights_digest(weights: list[np.ndarray]) -> str:
+    """SHA-256 (hex) of a list of arrays as float32 bytes: names a set of weights."""
+    sha = hashlib.sha256()
+    for array in weights:
+        sha.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+    return sha.hexdigest()
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:

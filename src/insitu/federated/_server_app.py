@@ -18,7 +18,6 @@ run with a clear error when fewer sites than required took part.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,17 +45,11 @@ from flwr.server.strategy import (
 
 from insitu.errors import FederationError
 from insitu.federated._config import FederationConfig
+from insitu.federated._models import weights_digest
 
 __all__ = ["RoundRecord", "RoundRecorder", "build_strategy"]
 
 logger = logging.getLogger(__name__)
-
-
-def _digest(parameters: Parameters) -> str:
-    sha = hashlib.sha256()
-    for array in parameters_to_ndarrays(parameters):
-        sha.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
-    return sha.hexdigest()[:16]
 
 
 @dataclass
@@ -161,7 +154,9 @@ class RoundRecorder(Strategy):
         record = self._record(server_round)
         record.sites_ok, record.failures = len(results), len(failures)
         for _, res in results:
-            record.seen_by_strategy.append(_digest(res.parameters))
+            record.seen_by_strategy.append(
+                weights_digest(parameters_to_ndarrays(res.parameters))[:16]
+            )
             metrics = res.metrics or {}
             if "update_digest" in metrics:
                 record.site_update_digests.append(str(metrics["update_digest"]))

@@ -52,6 +52,7 @@ from insitu.federated._models import (
     export_onnx,
     get_weights,
     set_weights,
+    weights_digest,
 )
 from insitu.federated._partition import partition
 from insitu.federated._server_app import RoundRecord, RoundRecorder, build_strategy
@@ -148,13 +149,6 @@ def _site_workspace(coordinator: Workspace, index: int, epsilon_budget: float | 
         save_config(ws.config_path, ws.config)
         ws = Workspace.open(ws.home)
     return ws
-
-
-def _digest_weights(weights: list[np.ndarray]) -> str:
-    sha = hashlib.sha256()
-    for w in weights:
-        sha.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
-    return sha.hexdigest()
 
 
 def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in one place
@@ -435,7 +429,7 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
             run=run_id,
             rounds=len(rounds),
             central_accuracy=central_accuracy,
-            model_sha256=_digest_weights(weights),
+            model_sha256=weights_digest(weights),
             onnx_sha256=hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest(),
             round_entries=[e.seq for e in entries if e.payload.get("run") == run_id],
         )

@@ -26,7 +26,6 @@ curious, with fewer than the reconstruction threshold of colluding sites).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,13 @@ from insitu._atomic import atomic_write_text
 from insitu.data import SiteDataset
 from insitu.federated._config import FederationConfig
 from insitu.federated._local import evaluate, planned_event, train
-from insitu.federated._models import ModelFn, build_model, get_weights, set_weights
+from insitu.federated._models import (
+    ModelFn,
+    build_model,
+    get_weights,
+    set_weights,
+    weights_digest,
+)
 from insitu.privacy import PrivacyEvent, SiteBudget, calibrate_noise
 from insitu.workspace import Workspace
 
@@ -79,13 +84,6 @@ def site_budget(ws: Workspace, ledger: Any, dataset: str) -> SiteBudget:
         delta=float(ws.config.get("privacy", "delta")),
         lock=ws.home / "privacy.lock",
     )
-
-
-def _digest(weights: list[np.ndarray]) -> str:
-    sha = hashlib.sha256()
-    for w in weights:
-        sha.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
-    return sha.hexdigest()[:16]
 
 
 class SiteClient(NumPyClient):
@@ -190,7 +188,7 @@ class SiteClient(NumPyClient):
             "site": plan.site,
             "epsilon": epsilon,
             "loss": result.loss,
-            "update_digest": _digest(weights),
+            "update_digest": weights_digest(weights)[:16],
         }
         return weights, result.examples, metrics
 
