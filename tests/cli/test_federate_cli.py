@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from insitu.cli import run
+from insitu.datasets import builtin_data
 
-ADULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "adult.csv"
+# The Adult rows insitu carries (the same as ../shared/data/adult.csv, plus record ids).
+ADULT = builtin_data("adult")
 
 
 @pytest.fixture

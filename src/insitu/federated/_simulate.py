@@ -216,13 +216,6 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     pool = frame.iloc[np.sort(order[n_central:])].reset_index(drop=True)
     parts = partition(pool, config.partition, config.sites, label=schema.label, seed=config.seed)
 
-    encoder = FeatureEncoder.for_schema(schema, pool)
-    central = prepare(
-        central_frame, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="central", k=1
-    ).frame
-    central_x, central_y = encoder.encode(central), encoder.labels(central)
-    n_features = len(encoder.names)
-
     # Check every site before any workspace or file is created: nothing half-made.
     splits = [
         np.random.default_rng(config.seed + index).random(len(rows)) < config.test_fraction
@@ -239,6 +232,13 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
                     f"site (at batch {config.batch_size}); use fewer sites or rounds, or a "
                     "larger epsilon"
                 )
+
+    encoder = FeatureEncoder.for_schema(schema, pool)
+    central = prepare(
+        central_frame, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="central", k=1
+    ).frame
+    central_x, central_y = encoder.encode(central), encoder.labels(central)
+    n_features = len(encoder.names)
 
     plans: list[SitePlan] = []
     site_homes: list[Path] = []
