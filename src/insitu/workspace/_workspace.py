@@ -58,6 +58,7 @@ __all__ = ["DEFAULT_HOME", "HOME_ENV", "Workspace", "resolve_home"]
 logger = logging.getLogger(__name__)
 
 HOME_ENV = "INSITU_HOME"
+_warned = {"unencrypted": False}
 DEFAULT_HOME = Path(".insitu")
 
 
@@ -222,7 +223,9 @@ class Workspace:
                 f"{path} exists and is not an insitu workspace; choose another --home or remove it"
             )
         passphrase = passphrase or passphrase_from_env()
-        if not passphrase:
+        if not passphrase and not _warned["unencrypted"]:
+            # Once per process: a simulation creates a workspace per site.
+            _warned["unencrypted"] = True
             logger.warning(
                 "INSITU_PASSPHRASE is not set: private keys will be stored unencrypted "
                 "(mode 0600). Set it before 'insitu init' on any machine that holds real data."
