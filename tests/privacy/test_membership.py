@@ -9,8 +9,8 @@ import pytest
 
 from insitu.errors import OverlappingSetsError, TooFewRecordsError, UsageError
 from insitu.privacy.attacks import (
-    audit_membership,
     auc,
+    audit_membership,
     dp_tpr_bound,
     per_record_loss,
     required_non_members,
@@ -41,7 +41,8 @@ def test_auc_and_curve_agree_with_scikit_learn():
     assert auc(members, non_members) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     fpr, tpr = roc_curve(members, non_members)
     sk_fpr, sk_tpr, _ = sk_roc_curve(labels, scores, drop_intermediate=False)
-    assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr)
+    assert np.allclose(fpr, sk_fpr)
+    assert np.allclose(tpr, sk_tpr)
 
 
 def test_tpr_at_fpr_never_admits_more_false_positives_than_asked():
@@ -83,7 +84,8 @@ def test_a_point_above_the_bound_is_flagged_and_a_significant_one_is_a_violation
         delta=1e-5,
         bootstrap=300,
     )
-    assert leaky.points[0].above_bound and leaky.points[0].violation
+    assert leaky.points[0].above_bound
+    assert leaky.points[0].violation
     fair = summarize(
         rng.normal(0, 1, 2000),
         rng.normal(0, 1, 2000),
@@ -111,7 +113,8 @@ def test_an_overfit_model_leaks_membership(adult, overfit_model):
     (loss,) = audit.results
     assert loss.summary.auc > 0.55
     assert loss.summary.auc_low > 0.5, "the interval must exclude chance"
-    assert audit.epsilon is None and loss.summary.points[0].bound is None
+    assert audit.epsilon is None
+    assert loss.summary.points[0].bound is None
 
 
 def test_a_dp_model_at_epsilon_1_stays_under_the_bound_at_every_fpr(adult, dp_model):
@@ -129,14 +132,15 @@ def test_a_dp_model_at_epsilon_1_stays_under_the_bound_at_every_fpr(adult, dp_mo
     for point in audit.results[0].summary.points:
         assert point.bound is not None
         assert point.tpr <= point.bound, point
-    assert not audit.above_bound and not audit.violation
+    assert not audit.above_bound
+    assert not audit.violation
     assert audit.results[0].summary.auc < 0.56
 
 
 def test_lira_offline_runs_with_shadow_models_and_finds_the_overfit_members(adult, overfit_model):
-    from .conftest import HIDDEN, LEARNING_RATE
-
     from insitu.privacy.attacks._target import ShadowRecipe, _make_trainer
+
+    from .conftest import HIDDEN, LEARNING_RATE
 
     n_features = adult.x_m.shape[1]
     trainer = _make_trainer(
@@ -156,7 +160,8 @@ def test_lira_offline_runs_with_shadow_models_and_finds_the_overfit_members(adul
         shadow_models=4,
     )
     loss, lira = audit.results
-    assert lira.attack == "lira-offline" and audit.shadow_models == 4
+    assert lira.attack == "lira-offline"
+    assert audit.shadow_models == 4
     assert lira.summary.auc_low > 0.5
     print(f"loss AUC {loss.summary.auc:.3f}, lira-offline AUC {lira.summary.auc:.3f}")
 
@@ -213,4 +218,4 @@ def test_lira_without_a_shadow_trainer_and_unknown_attacks_are_usage_errors(adul
         audit_membership(*args, attacks=("lira-offline",), fprs=(0.01,), **ids)
     with pytest.raises(UsageError, match="unknown attack"):
         audit_membership(*args, attacks=("gradient",), fprs=(0.01,), **ids)
-    assert (MEMBERS, NON_MEMBERS) == (len(adult.y_m), len(adult.y_n))
+    assert (len(adult.y_m), len(adult.y_n)) == (MEMBERS, NON_MEMBERS)
