@@ -36,7 +36,7 @@ OutDirOption = Annotated[
     typer.Option(
         "--out",
         "-o",
-        help="Directory for the report (JSON) and the plot [default: <home>/reports/...].",
+        help="Directory for the report (JSON) and the plot \\[default: <home>/reports/...].",
         file_okay=False,
     ),
 ]
@@ -91,24 +91,24 @@ def audit_command(
         int, typer.Option(min=4, help="Shadow models LiRA trains (each like the target).")
     ] = 16,
     shadow_epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs of each shadow [default: the run's].")
+        int | None, typer.Option(min=1, help="Epochs of each shadow \\[default: the run's].")
     ] = None,
     fpr: Annotated[
         list[float] | None,
-        typer.Option(help="FPR at which TPR is reported (repeatable) [default: 0.01, 0.001]."),
+        typer.Option(help="FPR at which TPR is reported (repeatable) \\[default: 0.01, 0.001]."),
     ] = None,
     schema: Annotated[
         Path | None,
         typer.Option(
             "--schema",
             "-s",
-            help="Data schema [default: the model's own].",
+            help="Data schema \\[default: the model's own].",
             exists=True,
             dir_okay=False,
         ),
     ] = None,
     epsilon: Annotated[
-        float | None, typer.Option(help="Epsilon on paper [default: the run's record].")
+        float | None, typer.Option(help="Epsilon on paper \\[default: the run's record].")
     ] = None,
     delta: Annotated[float | None, typer.Option(help="Delta on paper.")] = None,
     bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 1000,
