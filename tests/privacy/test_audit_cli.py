@@ -180,3 +180,38 @@ def test_inversion_command_on_digits(capsys, home, tmp_path):
     with Workspace.open(home).ledger() as ledger:
         (entry,) = ledger.entries(event_type="privacy.inversion")
     assert entry.payload["results"][0]["cosine"] == raw["cosine"]
+
+
+def test_a_model_whose_epsilon_is_wrong_is_flagged_as_a_violation(capsys, home, tmp_path, adult):
+    # A model that memorized 20 records, recorded as if trained at epsilon 0.1: an
+    # accounting bug of the kind the bound check exists to catch. At FPR 0.5 the bound is
+    # 1 - e^-0.1 * 0.5 = 0.548; the loss attack reaches 0.80 (interval 0.65-1.0).
+    torch.manual_seed(0)
+    from insitu.federated._local import train
+    from insitu.federated._models import build_model
+
+    model = build_model("mlp", adult.x_m.shape[1], hidden=HIDDEN)
+    train(
+        model, adult.x_m[:20], adult.y_m[:20], epochs=1500, batch_size=20,
+        learning_rate=LEARNING_RATE, event=None, max_grad_norm=1.0, seed=0,
+    )  # fmt: skip
+    model_dir = write_model_dir(tmp_path / "m", model.eval(), adult, privacy="record", epsilon=0.1)
+    members = tmp_path / "twenty.csv"
+    adult.member_rows.iloc[:20].to_csv(members, index=False)
+    non_members = tmp_path / "non_members.csv"
+    adult.non_member_rows.to_csv(non_members, index=False)
+    out_dir = tmp_path / "report"
+    code, out, err = audit(
+        capsys, home, model_dir, members, non_members, "--fpr", "0.5", "--no-plot",
+        "--bootstrap", "200", "--out", str(out_dir),
+    )  # fmt: skip
+    assert code == 1
+    assert "VIOLATION" in out
+    assert "above the DP bound" in err
+    assert "do not ship this model" in err
+    # The evidence is kept: the report and the ledger entry are written before the error.
+    report = json.loads((out_dir / "audit.json").read_text())
+    assert report["violation"] is True
+    with Workspace.open(home).ledger() as ledger:
+        (entry,) = ledger.entries(event_type="privacy.audit")
+    assert entry.payload["violation"] is True
