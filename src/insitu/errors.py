@@ -24,7 +24,11 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   └── ConsentError                 a consent file or change that cannot be applied
     ├── PrivacyError
     │   ├── BudgetExceededError          a round would take a site past its privacy budget
-    │   └── InsufficientDataError        too few records for the requested epsilon
+    │   ├── InsufficientDataError        too few records for the requested epsilon
+    │   └── AuditError                   an empirical privacy audit that cannot run as asked
+    │       ├── OverlappingSetsError     a record both in the member and non-member sets
+    │       ├── TooFewRecordsError       sets too small for the FPR asked (says how many)
+    │       └── BoundViolationError      measured leakage above the (epsilon, delta) bound
     ├── FederationError                  a federated run that cannot start or complete
     ├── LedgerError
     │   ├── InvalidEventError            an event type or payload is not acceptable
@@ -65,8 +69,10 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
 from __future__ import annotations
 
 __all__ = [
+    "AuditError",
     "BadEntrySignatureError",
     "BadHeadSignatureError",
+    "BoundViolationError",
     "BrokenChainError",
     "BudgetExceededError",
     "BundleError",
@@ -94,6 +100,7 @@ __all__ = [
     "MixAndMatchError",
     "NotEnrolledError",
     "NothingToRollBackError",
+    "OverlappingSetsError",
     "PassphraseRequiredError",
     "PersonalDataError",
     "PrivacyError",
@@ -106,6 +113,7 @@ __all__ = [
     "SealedFileError",
     "TamperedBundleError",
     "TargetMismatchError",
+    "TooFewRecordsError",
     "TruncatedLedgerError",
     "UnsignedBundleError",
     "UnsignedMetadataError",
@@ -203,6 +211,26 @@ class BudgetExceededError(PrivacyError):
 
 class InsufficientDataError(PrivacyError):
     """A site holds too few records to train at the requested epsilon."""
+
+
+class AuditError(PrivacyError):
+    """An empirical privacy audit (membership inference, inversion) that cannot run as asked."""
+
+
+class OverlappingSetsError(AuditError):
+    """Records found both in the member and in the non-member set."""
+
+
+class TooFewRecordsError(AuditError):
+    """Member or non-member sets too small to read a TPR at the requested FPR."""
+
+
+class BoundViolationError(AuditError):
+    """A measured attack whose TPR interval lies wholly above e^epsilon * FPR + delta.
+
+    Either the epsilon on paper is wrong (an accounting or implementation bug) or the
+    model was not trained as recorded. The audit's report is written before this is raised.
+    """
 
 
 class FederationError(InsituError):

@@ -82,7 +82,7 @@ def train(
                 loss = _loss_fn(model(xb), yb)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 steps += 1
         return LocalResult(len(dataset), steps, float(np.mean(losses)) if losses else 0.0)
 
@@ -121,7 +121,7 @@ def train(
                 dp_optimizer.zero_grad()
                 loss = _loss_fn(private(xb), yb)
                 loss.backward()  # type: ignore[no-untyped-call]
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 dp_optimizer.step()
         private._close()
     return LocalResult(len(dataset), steps, float(np.mean(losses)) if losses else 0.0)

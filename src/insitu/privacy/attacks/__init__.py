@@ -1,0 +1,78 @@
+"""Empirical privacy audit: insitu attacks its own models and updates (SPEC capability 7).
+
+An epsilon is a promise on paper; these attacks measure what an attacker actually
+extracts, and check the measurement against the promise:
+
+* membership inference against a trained model (``loss``, ``lira-offline``), reported as
+  ROC AUC and TPR at low FPR with bootstrap intervals, beside the bound
+  ``TPR <= e^epsilon * FPR + delta`` that no attack on an (epsilon, delta)-DP model can
+  exceed (:func:`audit_membership`, ``insitu privacy audit``);
+* gradient inversion (DLG with the iDLG label trick) against one site's raw update and
+  against what the aggregator sees under SecAgg+ with DP clipping and noise
+  (:func:`inversion_demo`, ``insitu privacy inversion``).
+
+Each module's docstring says what its attack assumes and what it does not cover. See
+``docs/privacy-audit.md``.
+"""
+
+from __future__ import annotations
+
+from insitu.privacy.attacks._inversion import (
+    InversionDemo,
+    InversionResult,
+    dp_secagg_aggregate,
+    infer_label,
+    inversion_demo,
+    invert_gradient,
+    raw_update,
+)
+from insitu.privacy.attacks._lira import lira_offline_scores
+from insitu.privacy.attacks._membership import (
+    ATTACKS,
+    AttackResult,
+    MembershipAudit,
+    Predict,
+    ShadowTrainer,
+    audit_membership,
+    check_sets,
+    logit_confidence,
+    loss_scores,
+    per_record_loss,
+)
+from insitu.privacy.attacks._roc import (
+    RocPoint,
+    RocSummary,
+    auc,
+    dp_tpr_bound,
+    required_non_members,
+    roc_curve,
+    tpr_at_fpr,
+)
+
+__all__ = [
+    "ATTACKS",
+    "AttackResult",
+    "InversionDemo",
+    "InversionResult",
+    "MembershipAudit",
+    "Predict",
+    "RocPoint",
+    "RocSummary",
+    "ShadowTrainer",
+    "auc",
+    "audit_membership",
+    "check_sets",
+    "dp_secagg_aggregate",
+    "dp_tpr_bound",
+    "infer_label",
+    "inversion_demo",
+    "invert_gradient",
+    "lira_offline_scores",
+    "logit_confidence",
+    "loss_scores",
+    "per_record_loss",
+    "raw_update",
+    "required_non_members",
+    "roc_curve",
+    "tpr_at_fpr",
+]
