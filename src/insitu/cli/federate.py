@@ -441,7 +441,7 @@ def site_command(
     with [bold]--once[/].
 
     [dim]Example:[/]
-      insitu --home site-a federate site --data a.csv -s adult.schema.toml \
+      insitu federate site --home site-a --data a.csv -s adult.schema.toml \
         --ca fed-certs/ca.pem --key fed-certs/sites/hospital-a.key --server 127.0.0.1:9092
     """
     from insitu.workspace import resolve_home

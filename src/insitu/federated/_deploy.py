@@ -5,39 +5,46 @@ Processes (every one of them Flower's own, started from this environment)::
     insitu federate server                       insitu federate site  (one per site)
       └─ flower-superlink  (TLS, SuperNode auth)   └─ flower-supernode  (TLS, site key)
            └─ flower-superexec                          └─ flower-superexec
-                └─ flwr-serverapp: server_app               └─ flwr-clientapp: client_app
+                └─ flwr-serverapp                           └─ flwr-clientapp
+                   (insitu._flower_app.server_app)             (insitu._flower_app.client_app)
 
 * :func:`serve` checks the server certificate against the CA and the address sites dial,
   starts the SuperLink with ``--enable-supernode-auth`` (only keys registered through its
   Control API may join), registers the federation's site keys, submits one run (a Flower
-  App Bundle whose only code is ``import`` of this module: the app's dependency list is
+  App Bundle whose only code imports ``insitu._flower_app``: its dependency list is
   empty and runtime dependency installation is off, so the run uses this environment,
   never a fresh one with a CUDA build of torch), waits for it and stops the SuperLink.
-* :data:`server_app` is the same legacy-path ServerApp as in simulation (ADR 0008):
-  ``build_strategy`` inside ``RoundRecorder``, SecAgg+ through ``SecAggPlusWorkflow``.
+* :func:`run_server_app` (the ServerApp, via ``insitu._flower_app``) is the legacy-path
+  ServerApp of simulation (ADR 0008): ``build_strategy`` inside ``RoundRecorder``,
+  SecAgg+ through ``SecAggPlusWorkflow``.
   It records ``federation.started`` / ``federation.round`` / ``federation.completed`` in
   the server's workspace and saves the model as simulation does.
 * :func:`join` checks that the server answers and presents a certificate signed by the
   federation's CA (retrying with exponential backoff), prepares the site's own file under
   the schema into its own workspace (sealed, pseudonymized with the site's key), and
   starts a SuperNode that authenticates with the site's key.
-* :data:`client_app` is :class:`~insitu.federated.SiteClient`: the site enforces its own
-  privacy budget in its own ledger exactly as in simulation. It refuses a run whose
-  schema digest differs from the one its data was prepared under.
+* :func:`site_client` (the ClientApp, via ``insitu._flower_app``) is
+  :class:`~insitu.federated.SiteClient`: the site enforces its own privacy budget in its
+  own ledger exactly as in simulation. It refuses a run whose schema digest differs from
+  the one its data was prepared under.
 
 Invariants: every process listens on and dials the loopback address unless the operator
 gives another; every child process gets :data:`insitu._privacy_env.NO_TELEMETRY_ENV`
-forced into its environment; a check that fails (unreachable server, certificate that does
-not match, unregistered key) fails before anything is written to the site's workspace.
+forced into its environment; an unreachable server or a certificate that does not match
+fails before anything is written to the site's workspace. (An unregistered key is found
+only when the SuperNode tries to activate, after the site's data is prepared: the
+refusal is recorded in the site's ledger and the command exits 1.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -45,17 +52,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import torch
-from flwr.client import ClientApp
-from flwr.client.mod import fixedclipping_mod, secaggplus_mod
-from flwr.common import Context, Message, ndarrays_to_parameters
-from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.common import Context, ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from insitu._atomic import atomic_write_text
@@ -80,13 +85,16 @@ from insitu.workspace import Workspace
 __all__ = [
     "DEFAULT_ADDRESS",
     "DeployResult",
-    "client_app",
     "join",
+    "probe_server",
+    "run_server_app",
     "serve",
-    "server_app",
+    "site_client",
 ]
 
 logger = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 #: Where the SuperLink listens (Fleet, Control and ServerAppIo share one HTTPS port).
 DEFAULT_ADDRESS = "127.0.0.1:9092"
@@ -151,15 +159,51 @@ def _split_address(address: str) -> tuple[str, int]:
 
 
 def _stop(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
-    """Stop a process insitu started: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
+    """Stop a Flower process insitu started, and the processes it started.
+
+    Each is started in a session of its own (``start_new_session``), so its process
+    group holds exactly it and its descendants (SuperExec, ServerApp or ClientApps):
+    SIGTERM to the group, then SIGKILL to whatever is left after ``grace`` seconds.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(grace)
     except subprocess.TimeoutExpired:
-        process.kill()
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while a Flower process runs, so it is stopped too."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, unwind)
+    except ValueError:  # not the main thread: the caller handles its own signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _unwinds_on_sigterm(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with SIGTERM unwinding (its ``finally`` blocks stop what it started)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _sigterm_unwinds():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _log_tail(path: Path, lines: int = 40) -> str:
@@ -284,6 +328,7 @@ def _key_fingerprint(openssh_public: bytes) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+@_unwinds_on_sigterm
 def serve(  # noqa: PLR0915 -- the run, step by step
     ws: Workspace,
     config: FederationConfig,
@@ -308,7 +353,7 @@ def serve(  # noqa: PLR0915 -- the run, step by step
     """
     started = time.perf_counter()
     host, port = _split_address(address)
-    files = FederationCerts(certs)
+    files = FederationCerts(certs.absolute())
     check_server_pair(files.ca, files.server_cert, files.server_key, host=host)
     keys = {p.stem: p for p in site_keys} if site_keys is not None else dict(files.site_publics())
     if not keys:
@@ -333,7 +378,7 @@ def serve(  # noqa: PLR0915 -- the run, step by step
             ) from exc
 
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    base = ws.home / "federation"
+    base = ws.home.absolute() / "federation"
     run_dir = base / "runs" / run_id
     app_dir = base / "app"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +387,7 @@ def serve(  # noqa: PLR0915 -- the run, step by step
     atomic_write_text(
         app_dir / f"{_APP_MODULE}.py",
         '"""The Flower app of an insitu federation: its code is insitu\'s."""\n\n'
-        "from insitu.federated._deploy import client_app, server_app\n\n"
+        "from insitu._flower_app import client_app, server_app\n\n"
         '__all__ = ["client_app", "server_app"]\n',
     )
     site_sigma = 0.0
@@ -396,6 +441,7 @@ def serve(  # noqa: PLR0915 -- the run, step by step
             stderr=subprocess.STDOUT,
             env=child_env(base / "flwr"),
             cwd=run_dir,
+            start_new_session=True,
         )
     try:
         if on_status:
@@ -534,12 +580,8 @@ def _wait_for_run(
     )
 
 
-server_app = ServerApp()
-
-
-@server_app.main()
-def _server_main(grid: Grid, context: Context) -> None:
-    """The ServerApp of a deployed run (runs in ``flwr-serverapp``, started by Flower)."""
+def run_server_app(grid: Grid, context: Context) -> None:
+    """The ServerApp of a deployed run (in ``flwr-serverapp``; see ``insitu._flower_app``)."""
     plan = json.loads(str(context.run_config["insitu"]))
     run_dir = Path(plan["run_dir"])
     try:
@@ -730,31 +772,13 @@ def _site_plan(context: Context) -> SitePlan:
     )
 
 
-def _client_fn(context: Context) -> Any:
+def site_client(context: Context) -> Any:
+    """The site's Flower client for one message (in ``flwr-clientapp``)."""
     return _DeployedSite(_site_plan(context)).to_client()
 
 
-def _privacy_mods(msg: Message, context: Context, call_next: Any) -> Message:
-    """The run's mods, chosen by its settings: SecAgg+ outside, site clipping inside."""
-    config = json.loads(str(context.run_config["insitu"]))["config"]
-    chain = call_next
-    if config["privacy"] == "site":
-        inner = chain
-
-        def clipped(m: Message, c: Context) -> Message:
-            return fixedclipping_mod(m, c, inner)
-
-        chain = clipped
-    if config["secure_aggregation"]:
-        return secaggplus_mod(msg, context, chain)
-    result: Message = chain(msg, context)
-    return result
-
-
-client_app = ClientApp(client_fn=_client_fn, mods=[_privacy_mods])
-
-
-def join(
+@_unwinds_on_sigterm
+def join(  # noqa: PLR0912, PLR0915 -- checks, preparation, the node's life: in order
     ws_home: Path,
     data: Path,
     *,
@@ -797,15 +821,23 @@ def join(
     site = name or key.stem
     base = ws.home / "prepared" / schema.name
     is_test = np.random.default_rng(seed).random(len(frame)) < test_fraction
-    for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):
-        SiteDataset.from_frame(
-            ws,
-            subset.reset_index(drop=True),
-            schema,
-            source=f"{data.name} ({part})",
-            out=base / part,
-        )
-    fed = ws.home / "federation"
+    try:
+        for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):
+            # k=1 as in simulation: the prepared records never leave the site; k-anonymity
+            # is a property of releases ('insitu data prepare'), not of local training.
+            SiteDataset.from_frame(
+                ws,
+                subset.reset_index(drop=True),
+                schema,
+                source=f"{data.name} ({part})",
+                k=1,
+                out=base / part,
+            )
+    except BaseException:
+        if created:  # nothing half-made: a workspace this call created goes with it
+            shutil.rmtree(ws.home, ignore_errors=True)
+        raise
+    fed = ws.home.absolute() / "federation"
     fed.mkdir(exist_ok=True)
     atomic_write_text(
         fed / "site.json",
@@ -860,6 +892,7 @@ def join(
             stderr=subprocess.STDOUT,
             env=child_env(fed / "flwr"),
             cwd=fed,
+            start_new_session=True,
         )
     runs: list[str] = []
     try:
