@@ -898,6 +898,7 @@ def join(  # noqa: PLR0912, PLR0915 -- checks, preparation, the node's life: in 
             if done_dir.exists():
                 runs = sorted(p.name for p in set(done_dir.iterdir()) - before)
                 if runs and once:
+                    _wait_for_last_reply(process, log_path, sent_before=_sent(log_path))
                     break
             time.sleep(0.5)
     finally:
@@ -916,7 +917,36 @@ def join(  # noqa: PLR0912, PLR0915 -- checks, preparation, the node's life: in 
             f"the SuperNode stopped with code {code}; see {log_path}: "
             f"{tail.splitlines()[-1] if tail else 'no output'}"
         )
-    return {"site": site, "home": str(ws.home), "runs": runs, "supernode_log": str(log_path)}
+    return {
+        "site": site,
+        "home": str(ws.home.absolute()),
+        "runs": runs,
+        "supernode_log": str(log_path),
+    }
+
+
+def _sent(log_path: Path) -> int:
+    """How many replies the SuperNode has sent (its log says "Sent successfully")."""
+    try:
+        return log_path.read_text(errors="replace").count("Sent successfully")
+    except OSError:
+        return 0
+
+
+def _wait_for_last_reply(
+    process: subprocess.Popen[bytes], log_path: Path, *, sent_before: int, limit: float = 60.0
+) -> None:
+    """Let the SuperNode send the last round's evaluation before it is stopped.
+
+    The ClientApp marks the run done inside its last evaluation, before Flower sends
+    the reply; stopping the SuperNode at once would drop it (the round would count the
+    site as failed).
+    """
+    deadline = time.monotonic() + limit
+    while process.poll() is None and time.monotonic() < deadline:
+        if _sent(log_path) > sent_before:
+            return
+        time.sleep(0.2)
 
 
 def _load_site_key(path: Path) -> bytes:
