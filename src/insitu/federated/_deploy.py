@@ -99,6 +99,7 @@ _R = TypeVar("_R")
 #: Where the SuperLink listens (Fleet, Control and ServerAppIo share one HTTPS port).
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 _APP_MODULE = "insitu_federation_app"
+_RUN_DIR_ENV = "INSITU_RUN_DIR"
 _PYPROJECT = """\
 # A Flower App Bundle whose code is insitu's (installed in the environment that runs it).
 [project]
@@ -437,7 +438,7 @@ def serve(  # noqa: PLR0915 -- the run, step by step
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env(base / "flwr"),
+            env=child_env(base / "flwr") | {_RUN_DIR_ENV: str(run_dir)},
             cwd=run_dir,
             start_new_session=True,
         )
@@ -475,6 +476,12 @@ def serve(  # noqa: PLR0915 -- the run, step by step
         model_sha256=result["model_sha256"],
         seconds=time.perf_counter() - started,
     )
+
+
+def _for_sites(plan: dict[str, Any]) -> dict[str, Any]:
+    """What every site receives of the plan (never the server's paths)."""
+    keys = ("run_id", "config", "dataset", "schema_sha256", "n_features", "site_noise_multiplier")
+    return {key: plan[key] for key in keys}
 
 
 def _wait_for_control(
@@ -529,7 +536,7 @@ def _start_run(client: Any, app_dir: Path, plan: dict[str, Any]) -> int:
     response = client.StartRun(
         StartRunRequest(
             fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
-            override_config=user_config_to_proto({"insitu": json.dumps(plan)}),
+            override_config=user_config_to_proto({"insitu": json.dumps(_for_sites(plan))}),
         )
     )
     if not response.HasField("run_id"):
@@ -579,10 +586,17 @@ def _wait_for_run(
 
 
 def run_server_app(grid: Grid, context: Context) -> None:
-    """The ServerApp of a deployed run (in ``flwr-serverapp``; see ``insitu._flower_app``)."""
-    plan = json.loads(str(context.run_config["insitu"]))
-    run_dir = Path(plan["run_dir"])
+    """The ServerApp of a deployed run (in ``flwr-serverapp``; see ``insitu._flower_app``).
+
+    The server's own plan (its workspace, paths) comes from the run directory named in
+    ``INSITU_RUN_DIR``, which :func:`serve` sets on the SuperLink it starts; the run
+    config, which every site also receives, carries only what sites need.
+    """
+    run_dir = Path(os.environ[_RUN_DIR_ENV])
+    plan = json.loads((run_dir / "plan.json").read_text())
     try:
+        if json.loads(str(context.run_config["insitu"]))["run_id"] != plan["run_id"]:
+            raise FederationError("the run submitted is not the run this server planned")
         _run_server(grid, context, plan)
     except BaseException as exc:
         atomic_write_text(run_dir / "result.json", json.dumps({"error": str(exc)}) + "\n")
