@@ -425,6 +425,7 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
             assert len(ledger.entries(event_type="privacy.spent")) == 2
             assert len(ledger.entries(event_type="federation.site_round")) == 2
             assert len(ledger.entries(event_type="federation.site_joined")) == 1
+            assert len(ledger.entries(event_type="federation.site_left")) == 1
             ledger.verify()
 
     # The stranger's key was never registered: refused, one line, exit 1.

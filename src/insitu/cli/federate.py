@@ -435,10 +435,10 @@ def site_command(
 ) -> None:
     r"""Take part in a federation as one site: a Flower SuperNode that trains here.
 
-    Checks the server and its certificate first, prepares [bold]--data[/] under the schema
-    in this site's own workspace (pseudonymized with its key, sealed), then trains when the
-    server asks, within this site's own privacy budget. Runs until interrupted, or one run
-    with [bold]--once[/].
+    Checks the server and its certificate first, prepares [bold]--data[/] under the
+    schema in this site's own workspace (pseudonymized with its key, sealed), then trains
+    when the server asks, within this site's own privacy budget. Runs until interrupted,
+    or one run with [bold]--once[/].
 
     [dim]Example:[/]
       insitu federate site --home site-a --data a.csv -s adult.schema.toml \
