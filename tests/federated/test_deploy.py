@@ -230,6 +230,74 @@ def test_a_server_certificate_from_another_ca_is_refused_at_once(
     assert not home.exists()
 
 
+# --------------------------------------------------------------------------- the app
+
+
+@pytest.mark.parametrize(
+    ("privacy", "secure", "expected"),
+    [
+        ("record", True, ["secaggplus", "app"]),
+        ("site", True, ["secaggplus", "clipping", "app"]),
+        ("site", False, ["clipping", "app"]),
+        ("none", False, ["app"]),
+    ],
+)
+def test_the_client_mods_follow_the_runs_settings(
+    monkeypatch: pytest.MonkeyPatch, privacy: str, secure: bool, expected: list[str]
+) -> None:
+    from flwr.common import Context, RecordDict
+
+    import insitu._flower_app as flower_app
+
+    calls: list[str] = []
+
+    def recording(name: str):
+        def mod(msg, context, call_next):
+            calls.append(name)
+            return call_next(msg, context)
+
+        return mod
+
+    monkeypatch.setattr(flower_app, "secaggplus_mod", recording("secaggplus"))
+    monkeypatch.setattr(flower_app, "fixedclipping_mod", recording("clipping"))
+    run_config = {
+        "insitu": json.dumps({"config": {"privacy": privacy, "secure_aggregation": secure}})
+    }
+    context = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    flower_app._privacy_mods("msg", context, lambda m, c: calls.append("app") or m)
+    assert calls == expected
+
+
+def test_sites_receive_the_runs_settings_but_not_the_servers_paths() -> None:
+    from insitu.federated._deploy import _for_sites
+
+    plan = {
+        "run_id": "r",
+        "home": "/srv/insitu",
+        "run_dir": "/srv/insitu/federation/runs/r",
+        "config": {},
+        "dataset": "d",
+        "schema_sha256": "0" * 64,
+        "n_features": 3,
+        "feature_names": ["a", "b", "c"],
+        "schema_source": "/srv/schema.toml",
+        "site_noise_multiplier": 0.0,
+        "sites_registered": ["a"],
+    }
+    shared = json.dumps(_for_sites(plan))
+    assert "/srv" not in shared
+    assert set(_for_sites(plan)) == {
+        "run_id",
+        "config",
+        "dataset",
+        "schema_sha256",
+        "n_features",
+        "site_noise_multiplier",
+    }
+
+
 # --------------------------------------------------------------------------- a federation
 
 
