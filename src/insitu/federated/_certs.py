@@ -252,13 +252,14 @@ def _read(path: Path, what: str) -> bytes:
         ) from exc
 
 
-def check_server_pair(ca: Path, cert: Path, key: Path, *, host: str) -> None:
+def check_server_pair(ca: Path, cert: Path, key: Path, *, host: str | None) -> None:
     """Check a SuperLink certificate before serving it.
 
     Raises:
         CertificateError: unreadable files, a key that is not the certificate's, a
             certificate the CA did not sign, one that has expired, or whose SAN does
-            not cover ``host``.
+            not cover ``host`` (not checked when ``host`` is None: a server bound to all
+            interfaces is dialled by names only the operator knows).
 
     """
     try:
@@ -291,6 +292,8 @@ def check_server_pair(ca: Path, cert: Path, key: Path, *, host: str) -> None:
             f"the server certificate {cert} is valid from {server_cert.not_valid_before_utc} "
             f"to {server_cert.not_valid_after_utc}, not now; issue a new one"
         )
+    if host is None:
+        return
     try:
         san = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
