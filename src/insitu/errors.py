@@ -30,6 +30,9 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │       ├── TooFewRecordsError       sets too small for the FPR asked (says how many)
     │       └── BoundViolationError      measured leakage above the (epsilon, delta) bound
     ├── FederationError                  a federated run that cannot start or complete
+    │   ├── CertificateError             a TLS certificate or key missing, invalid or mismatched
+    │   ├── ServerUnreachableError       the SuperLink does not answer at the address given
+    │   └── SiteRefusedError             the SuperLink refused the site's key (not registered)
     ├── LedgerError
     │   ├── InvalidEventError            an event type or payload is not acceptable
     │   │   └── PersonalDataError        a payload value looks like personal data
@@ -76,6 +79,7 @@ __all__ = [
     "BrokenChainError",
     "BudgetExceededError",
     "BundleError",
+    "CertificateError",
     "ConfigError",
     "ConsentError",
     "DataError",
@@ -111,6 +115,8 @@ __all__ = [
     "RootMismatchError",
     "SchemaError",
     "SealedFileError",
+    "ServerUnreachableError",
+    "SiteRefusedError",
     "TamperedBundleError",
     "TargetMismatchError",
     "TooFewRecordsError",
@@ -235,6 +241,18 @@ class BoundViolationError(AuditError):
 
 class FederationError(InsituError):
     """A federated run that cannot start or complete (too few sites, a failed round)."""
+
+
+class CertificateError(FederationError):
+    """A federation's TLS certificate or key that is missing, invalid or does not match."""
+
+
+class ServerUnreachableError(FederationError):
+    """The SuperLink did not answer at the address given, after retries with backoff."""
+
+
+class SiteRefusedError(FederationError):
+    """The SuperLink refused this site: its authentication key is not registered."""
 
 
 class LedgerError(InsituError):

@@ -13,6 +13,8 @@ from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.data import DataSchema
 from insitu.federated import FederationConfig, RoundRecord, simulate
+from insitu.federated._certs import make_certs
+from insitu.federated._deploy import DEFAULT_ADDRESS, join, serve
 from insitu.workspace import Workspace
 
 __all__ = ["federate_app"]
@@ -179,4 +181,290 @@ def simulate_command(
     out.print(
         f"model: {result.model_dir} (model.onnx, model.pt, record.json); held-out accuracy "
         f"{result.central_accuracy:.4f}; {result.seconds:.1f} s"
+    )
+
+
+def _deploy_config(
+    *,
+    sites: int,
+    rounds: int,
+    privacy: str,
+    epsilon: float,
+    delta: float,
+    secure_aggregation: bool,
+    robust: str,
+    model: str,
+    local_epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    min_sites: int,
+    seed: int,
+) -> FederationConfig:
+    return FederationConfig(
+        sites=sites,
+        rounds=rounds,
+        privacy=privacy,  # type: ignore[arg-type]
+        epsilon=epsilon,
+        delta=delta,
+        secure_aggregation=secure_aggregation,
+        robust=robust,  # type: ignore[arg-type]
+        model=model,  # type: ignore[arg-type]
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        min_sites=min_sites,
+        seed=seed,
+    )
+
+
+@federate_app.command("certs")
+def certs_command(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory to write the federation's certificates to.")
+    ],
+    site: Annotated[
+        list[str],
+        typer.Option("--site", help="A site name (repeat for each site); one key per site."),
+    ],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host",
+            help="Another name or IP the server is reached at (127.0.0.1 and localhost "
+            "are always included).",
+        ),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity of the certificates, in days.")] = 365,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace certificates that exist already.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Create a federation's CA, the server's TLS certificate and one key per site.
+
+    Give [bold]ca.pem[/] and [bold]sites/NAME.key[/] to each site; the server registers
+    every [bold]sites/*.pub[/]. Private keys are written 0600. To use your own CA, put
+    ca.pem, server.pem and server.key in a directory and pass it to the server.
+
+    [dim]Example:[/]
+      insitu federate certs --out fed-certs --site hospital-a --site hospital-b --site hospital-c
+    """
+    made = make_certs(out_dir, sites=site, hosts=tuple(host or ()), days=days, force=force)
+    summary = {
+        "directory": str(made.directory),
+        "ca": str(made.ca),
+        "server_cert": str(made.server_cert),
+        "server_key": str(made.server_key),
+        "sites": {
+            s: {"key": str(made.site_key(s)), "public": str(made.site_public(s))} for s in site
+        },
+    }
+    if json_output:
+        print_json(summary)
+        return
+    out.print(f"CA and server certificate in {made.directory}")
+    for name in site:
+        out.print(f"  {name}: give it {made.ca} and {made.site_key(name)}")
+
+
+@federate_app.command("server")
+def server_command(
+    schema: Annotated[
+        Path,
+        typer.Option(
+            "--schema",
+            "-s",
+            help="Data schema (TOML) every site uses.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    certs: Annotated[
+        Path,
+        typer.Option(
+            "--certs",
+            help="Directory with ca.pem, server.pem, server.key and sites/*.pub.",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    sites: Annotated[int, typer.Option(min=1, help="Sites that must connect.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
+    address: Annotated[
+        str, typer.Option(help="HOST:PORT the SuperLink listens on (HTTPS).")
+    ] = DEFAULT_ADDRESS,
+    site_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--site-key",
+            help="A site public key to register (repeatable) [default: <certs>/sites/*.pub].",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    privacy: Annotated[
+        str, typer.Option(help="record (DP-SGD at each site), site (DP-FedAvg) or none.")
+    ] = "record",
+    epsilon: Annotated[float, typer.Option(help="Target epsilon of this run, per site.")] = 3.0,
+    delta: Annotated[float, typer.Option(help="Target delta.")] = 1e-5,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation/--no-secure-aggregation",
+            help="SecAgg+: the aggregator sees only the sum.",
+        ),
+    ] = True,
+    robust: Annotated[
+        str, typer.Option(help="none, trimmed-mean or median (needs --no-secure-aggregation).")
+    ] = "none",
+    model: Annotated[str, typer.Option(help="logistic or mlp.")] = "logistic",
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Expected batch size (Poisson sampling under DP).")
+    ] = 256,
+    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 2.0,
+    min_sites: Annotated[
+        int, typer.Option(min=0, help="Sites needed for a round to count [default: all].")
+    ] = 0,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for the run to finish.")
+    ] = 3600.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial model.")] = 0,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Run a federation's server: a Flower SuperLink over TLS that admits registered sites.
+
+    Starts Flower's SuperLink with SuperNode authentication, registers the site keys,
+    runs one federated run (the same strategy, SecAgg+ and ledger records as
+    [bold]simulate[/]) and stops. The model goes to [bold]<home>/models/<run>/[/].
+
+    [dim]Example:[/]
+      insitu federate server -s adult.schema.toml --certs fed-certs --sites 3 --rounds 5
+    """
+    config = _deploy_config(
+        sites=sites,
+        rounds=rounds,
+        privacy=privacy,
+        epsilon=epsilon,
+        delta=delta,
+        secure_aggregation=secure_aggregation,
+        robust=robust,
+        model=model,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        min_sites=min_sites,
+        seed=seed,
+    )
+    ws = Workspace.open(home)
+    parsed = DataSchema.load(schema)
+
+    def status(text: str) -> None:
+        if not json_output:
+            err_console.print(text)
+
+    result = serve(
+        ws,
+        config,
+        schema=parsed,
+        certs=certs,
+        site_keys=site_key,
+        address=address,
+        timeout=timeout,
+        on_status=status,
+    )
+    if json_output:
+        print_json(result.to_json())
+        return
+    table = Table(title=f"run {result.run_id}", title_justify="left")
+    for column in ("round", "sites", "failed", "accuracy (sites)", "epsilon (max site)"):
+        table.add_column(column)
+    for record in result.rounds:
+        eps = max(record["epsilon_by_site"].values(), default=0.0)
+        accuracy = record["accuracy"]
+        table.add_row(
+            str(record["round"]),
+            str(record["sites_ok"]),
+            str(record["failures"]),
+            f"{accuracy:.4f}" if accuracy is not None else "-",
+            f"{eps:.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"model: {result.model_dir} (model.onnx, model.pt, record.json); {result.seconds:.1f} s"
+    )
+
+
+@federate_app.command("site")
+def site_command(
+    data: Annotated[
+        Path, typer.Option("--data", help="This site's own CSV or Parquet file.", dir_okay=False)
+    ],
+    schema: Annotated[
+        Path,
+        typer.Option(
+            "--schema",
+            "-s",
+            help="The federation's data schema (TOML).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    ca: Annotated[
+        Path, typer.Option("--ca", help="The federation's CA certificate (ca.pem).", dir_okay=False)
+    ],
+    key: Annotated[
+        Path,
+        typer.Option(
+            "--key", help="This site's authentication key (sites/NAME.key).", dir_okay=False
+        ),
+    ],
+    server: Annotated[str, typer.Option(help="The server's HOST:PORT.")] = DEFAULT_ADDRESS,
+    name: Annotated[
+        str | None, typer.Option(help="This site's name [default: the key's file name].")
+    ] = None,
+    retries: Annotated[
+        int, typer.Option(min=0, help="Connection retries, with exponential backoff.")
+    ] = 5,
+    once: Annotated[
+        bool, typer.Option("--once", help="Stop after taking part in one complete run.")
+    ] = False,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    r"""Take part in a federation as one site: a Flower SuperNode that trains here.
+
+    Checks the server and its certificate first, prepares [bold]--data[/] under the
+    schema in this site's own workspace (pseudonymized with its key, sealed), then trains
+    when the server asks, within this site's own privacy budget. Runs until interrupted,
+    or one run with [bold]--once[/].
+
+    [dim]Example:[/]
+      insitu federate site --home site-a --data a.csv -s adult.schema.toml \
+        --ca fed-certs/ca.pem --key fed-certs/sites/hospital-a.key --server 127.0.0.1:9092
+    """
+    from insitu.workspace import resolve_home
+
+    def status(text: str) -> None:
+        if not json_output:
+            err_console.print(text)
+
+    result = join(
+        resolve_home(home),
+        data,
+        schema=DataSchema.load(schema),
+        server=server,
+        ca=ca,
+        key=key,
+        name=name,
+        retries=retries,
+        once=once,
+        on_status=status,
+    )
+    if json_output:
+        print_json(result)
+        return
+    out.print(
+        f"{result['site']}: took part in {len(result['runs'])} run(s); ledger in {result['home']}"
     )

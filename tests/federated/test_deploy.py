@@ -1,0 +1,505 @@
+"""Deployment on Flower's SuperLink / SuperNode: TLS, SuperNode auth, clean failures.
+
+The federation test runs the real thing: ``insitu federate server`` and three
+``insitu federate site`` as separate processes on loopback, each starting Flower's own
+processes (SuperLink, SuperNodes, SuperExec, ServerApp, ClientApps). The failure tests
+need no federation and are quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from insitu.cli import run
+from insitu.data import read_table
+from insitu.datasets import builtin_data, builtin_schema
+from insitu.errors import CertificateError, ServerUnreachableError
+from insitu.federated._certs import check_server_pair, make_certs
+from insitu.federated._deploy import probe_server
+from insitu.workspace import Workspace
+
+INSITU = str(Path(sys.executable).parent / "insitu")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def one_error_line(err: str) -> str:
+    """The command's error: exactly one line, ``error: ...``, and no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def schema_file(tmp_path: Path) -> Path:
+    """The carried Adult schema, with a stated legal basis instead of per-record consent."""
+    text = builtin_schema("adult").read_text()
+    text = text.replace(
+        "required = true", 'required = false\nlegal_basis = "GDPR art. 6(1)(f), test"'
+    )
+    path = tmp_path / "adult.schema.toml"
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def test_certs_verify_and_private_keys_are_0600(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "c", sites=["a", "b"])
+    check_server_pair(certs.ca, certs.server_cert, certs.server_key, host="127.0.0.1")
+    check_server_pair(certs.ca, certs.server_cert, certs.server_key, host="localhost")
+    for private in (certs.ca_key, certs.server_key, certs.site_key("a"), certs.site_key("b")):
+        assert private.stat().st_mode & 0o777 == 0o600
+    assert certs.site_public("a").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_server_certificate_that_does_not_match_is_named(tmp_path: Path) -> None:
+    ours = make_certs(tmp_path / "ours", sites=["a"])
+    theirs = make_certs(tmp_path / "theirs", sites=["a"])
+    with pytest.raises(CertificateError, match="does not match the certificate"):
+        check_server_pair(ours.ca, ours.server_cert, theirs.server_key, host="127.0.0.1")
+    with pytest.raises(CertificateError, match="is not signed by the CA"):
+        check_server_pair(theirs.ca, ours.server_cert, ours.server_key, host="127.0.0.1")
+    with pytest.raises(CertificateError, match=r"does not name 10\.0\.0\.7"):
+        check_server_pair(ours.ca, ours.server_cert, ours.server_key, host="10.0.0.7")
+
+
+def test_certs_command_refuses_to_overwrite_a_federation(tmp_path: Path, capsys) -> None:
+    args = ["federate", "certs", "--out", str(tmp_path / "c"), "--site", "a", "--json"]
+    assert run(args) == 0
+    ca = (tmp_path / "c" / "ca.pem").read_bytes()
+    assert run(args) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert (tmp_path / "c" / "ca.pem").read_bytes() == ca
+
+
+def test_server_with_a_key_that_does_not_match_exits_1_before_starting(
+    tmp_path: Path, schema_file: Path, capsys
+) -> None:
+    ours = make_certs(tmp_path / "ours", sites=["a", "b", "c"])
+    theirs = make_certs(tmp_path / "theirs", sites=["x"])
+    ours.server_key.write_bytes(theirs.server_key.read_bytes())
+    ws, _ = Workspace.init(tmp_path / "srv", name="srv")
+    code = run(
+        [
+            "federate",
+            "server",
+            "--home",
+            str(ws.home),
+            "-s",
+            str(schema_file),
+            "--certs",
+            str(ours.directory),
+            "--address",
+            f"127.0.0.1:{free_port()}",
+        ]
+    )
+    err = one_error_line(capsys.readouterr().err)
+    assert code == 1
+    assert "does not match the certificate" in err
+    assert not (ws.home / "federation").exists()  # nothing written, nothing started
+
+
+# --------------------------------------------------------------------------- site checks
+
+
+def test_probe_backs_off_exponentially_then_names_the_address(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "c", sites=["a"])
+    address = f"127.0.0.1:{free_port()}"
+    delays: list[float] = []
+    with pytest.raises(ServerUnreachableError, match=f"at {address} after 7 attempts"):
+        probe_server(address, certs.ca, retries=6, sleep=delays.append)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+
+
+def test_site_that_cannot_reach_the_server_exits_1_and_writes_nothing(
+    tmp_path: Path, schema_file: Path, capsys
+) -> None:
+    certs = make_certs(tmp_path / "c", sites=["a"])
+    data = tmp_path / "a.csv"
+    read_table(builtin_data("adult")).head(50).to_csv(data, index=False)
+    address = f"127.0.0.1:{free_port()}"
+    home = tmp_path / "site-a"
+    code = run(
+        [
+            "federate",
+            "site",
+            "--home",
+            str(home),
+            "--data",
+            str(data),
+            "-s",
+            str(schema_file),
+            "--ca",
+            str(certs.ca),
+            "--key",
+            str(certs.site_key("a")),
+            "--server",
+            address,
+            "--retries",
+            "2",
+        ]
+    )
+    err = one_error_line(capsys.readouterr().err)
+    assert code == 1
+    assert f"cannot reach the federation server at {address} after 3 attempts" in err
+    assert not home.exists()
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A TLS listener presenting a federation's server certificate (not a SuperLink)."""
+    certs = make_certs(tmp_path / "served", sites=["a"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}", certs.ca
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def test_a_server_certificate_from_another_ca_is_refused_at_once(
+    tmp_path: Path, schema_file: Path, tls_server: tuple[str, Path], capsys
+) -> None:
+    address, right_ca = tls_server
+    probe_server(address, right_ca, retries=0)  # control: the right CA verifies
+    other = make_certs(tmp_path / "other", sites=["a"])
+    data = tmp_path / "a.csv"
+    read_table(builtin_data("adult")).head(50).to_csv(data, index=False)
+    home = tmp_path / "site-a"
+    started = time.monotonic()
+    code = run(
+        [
+            "federate",
+            "site",
+            "--home",
+            str(home),
+            "--data",
+            str(data),
+            "-s",
+            str(schema_file),
+            "--ca",
+            str(other.ca),
+            "--key",
+            str(other.site_key("a")),
+            "--server",
+            address,
+        ]
+    )
+    err = one_error_line(capsys.readouterr().err)
+    assert code == 1
+    assert f"the server at {address} presented a certificate that" in err
+    assert time.monotonic() - started < 5  # not retried
+    assert not home.exists()
+
+
+# --------------------------------------------------------------------------- the app
+
+
+@pytest.mark.parametrize(
+    ("privacy", "secure", "expected"),
+    [
+        ("record", True, ["secaggplus", "app"]),
+        ("site", True, ["secaggplus", "clipping", "app"]),
+        ("site", False, ["clipping", "app"]),
+        ("none", False, ["app"]),
+    ],
+)
+def test_the_client_mods_follow_the_runs_settings(
+    monkeypatch: pytest.MonkeyPatch, privacy: str, secure: bool, expected: list[str]
+) -> None:
+    from flwr.common import Context, RecordDict
+
+    import insitu._flower_app as flower_app
+
+    calls: list[str] = []
+
+    def recording(name: str):
+        def mod(msg, context, call_next):
+            calls.append(name)
+            return call_next(msg, context)
+
+        return mod
+
+    monkeypatch.setattr(flower_app, "secaggplus_mod", recording("secaggplus"))
+    monkeypatch.setattr(flower_app, "fixedclipping_mod", recording("clipping"))
+    run_config = {
+        "insitu": json.dumps({"config": {"privacy": privacy, "secure_aggregation": secure}})
+    }
+    context = Context(
+        run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    flower_app._privacy_mods("msg", context, lambda m, c: calls.append("app") or m)
+    assert calls == expected
+
+
+def test_sites_receive_the_runs_settings_but_not_the_servers_paths() -> None:
+    from insitu.federated._deploy import _for_sites
+
+    plan = {
+        "run_id": "r",
+        "home": "/srv/insitu",
+        "run_dir": "/srv/insitu/federation/runs/r",
+        "config": {},
+        "dataset": "d",
+        "schema_sha256": "0" * 64,
+        "n_features": 3,
+        "feature_names": ["a", "b", "c"],
+        "schema_source": "/srv/schema.toml",
+        "site_noise_multiplier": 0.0,
+        "sites_registered": ["a"],
+    }
+    shared = json.dumps(_for_sites(plan))
+    assert "/srv" not in shared
+    assert set(_for_sites(plan)) == {
+        "run_id",
+        "config",
+        "dataset",
+        "schema_sha256",
+        "n_features",
+        "site_noise_multiplier",
+    }
+
+
+# --------------------------------------------------------------------------- a federation
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        pass
+    return inodes
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _non_loopback_endpoints(pids: set[int]) -> set[str]:
+    """Local or remote TCP endpoints of ``pids`` that are not loopback (or unbound)."""
+    inodes = set().union(*(_socket_inodes(p) for p in pids)) if pids else set()
+    bad = set()
+    for table, loopback in (
+        ("/proc/net/tcp", ("0100007F",)),
+        (
+            "/proc/net/tcp6",
+            ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F"),
+        ),
+    ):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] not in inodes:
+                continue
+            for endpoint in (fields[1], fields[2]):
+                address = endpoint.split(":")[0]
+                if set(address) == {"0"}:
+                    if endpoint is fields[1]:
+                        bad.add(f"listening on all interfaces: {line}")
+                    continue
+                if address not in loopback:
+                    bad.add(endpoint)
+    return bad
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.slow
+def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_is_refused(
+    tmp_path: Path, schema_file: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs", sites=["hospital-a", "hospital-b", "hospital-c"])
+    strangers = make_certs(tmp_path / "strangers", sites=["rogue"])
+    frame = read_table(builtin_data("adult"))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    Workspace.init(tmp_path / "server", name="server")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="1")  # insitu must force it off anyway
+    server = subprocess.Popen(
+        [
+            INSITU,
+            "federate",
+            "server",
+            "--home",
+            str(tmp_path / "server"),
+            "-s",
+            str(schema_file),
+            "--certs",
+            str(certs.directory),
+            "--address",
+            address,
+            "--sites",
+            "3",
+            "--rounds",
+            "2",
+            "--privacy",
+            "record",
+            "--epsilon",
+            "3",
+            "--timeout",
+            "600",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        names = ["hospital-a", "hospital-b", "hospital-c", "rogue"]
+        for index, name in enumerate(names):
+            data = tmp_path / f"{name}.csv"
+            frame.iloc[index * 3000 : (index + 1) * 3000].to_csv(data, index=False)
+            key = (strangers if name == "rogue" else certs).site_key(name)
+            procs[name] = subprocess.Popen(
+                [
+                    INSITU,
+                    "federate",
+                    "site",
+                    "--home",
+                    str(tmp_path / name),
+                    "--data",
+                    str(data),
+                    "-s",
+                    str(schema_file),
+                    "--ca",
+                    str(certs.ca),
+                    "--key",
+                    str(key),
+                    "--server",
+                    address,
+                    "--retries",
+                    "6",
+                    "--once",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+        checked_env = False
+        endpoints: set[str] = set()
+        deadline = time.monotonic() + 600
+        while server.poll() is None and time.monotonic() < deadline:
+            flower = _descendants(os.getpid()) - {server.pid, *(p.pid for p in procs.values())}
+            endpoints |= _non_loopback_endpoints(flower | {server.pid})
+            for pid in flower:
+                try:
+                    environ = _environ(pid)
+                except OSError:  # gone already
+                    continue
+                if "FLWR_HOME" in environ:  # a Flower process insitu started
+                    assert environ["FLWR_TELEMETRY_ENABLED"] == "0"
+                    assert environ["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+                    checked_env = True
+            time.sleep(1)
+        out, err = server.communicate(timeout=30)
+        assert server.returncode == 0, err.decode()[-3000:]
+        results = {name: p.communicate(timeout=60) for name, p in procs.items()}
+    finally:
+        for process in (server, *procs.values()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+
+    assert checked_env
+    assert not endpoints, endpoints
+
+    # The server: two rounds with three sites, through SecAgg+ (one aggregate seen).
+    result = json.loads(out)
+    assert [r["sites_ok"] for r in result["rounds"]] == [3, 3]
+    for record in result["rounds"]:
+        assert len(set(record["site_update_digests"])) == 3
+        assert len(set(record["seen_by_strategy"])) == 1
+        assert not set(record["seen_by_strategy"]) & set(record["site_update_digests"])
+        assert record["accuracy"] > 0.6
+        assert all(0 < eps <= 3.0 for eps in record["epsilon_by_site"].values())
+    assert (Path(result["model_dir"]) / "model.onnx").exists()
+    with Workspace.open(tmp_path / "server").ledger() as ledger:
+        kinds = [e.type for e in ledger.entries() if e.type.startswith("federation.")]
+        assert kinds == [
+            "federation.sites_registered",
+            "federation.started",
+            "federation.round",
+            "federation.round",
+            "federation.completed",
+        ]
+        ledger.verify()
+
+    # Each registered site: its own ledger, its own budget charged twice.
+    for name in ("hospital-a", "hospital-b", "hospital-c"):
+        site_out, site_err = results[name]
+        assert procs[name].returncode == 0, site_err.decode()[-2000:]
+        assert json.loads(site_out)["runs"] == [result["run_id"]]
+        with Workspace.open(tmp_path / name).ledger() as ledger:
+            assert len(ledger.entries(event_type="privacy.spent")) == 2
+            assert len(ledger.entries(event_type="federation.site_round")) == 2
+            assert len(ledger.entries(event_type="federation.site_joined")) == 1
+            assert len(ledger.entries(event_type="federation.site_left")) == 1
+            ledger.verify()
+
+    # The stranger's key was never registered: refused, one line, exit 1.
+    rogue_err = results["rogue"][1].decode()
+    assert procs["rogue"].returncode == 1
+    assert "refused this site" in rogue_err
+    assert "is not registered" in rogue_err
+    with Workspace.open(tmp_path / "rogue").ledger() as ledger:
+        assert not ledger.entries(event_type="privacy.spent")
