@@ -8,8 +8,9 @@ this machine, in one run per part:
   (DP-SGD) at epsilon 0.5, 1, 3 and 8 (delta 1e-5), IID and label-skewed (Dirichlet 2.0)
   over 5 sites, 10 rounds, SecAgg+ on;
 * ``overhead``: wall time per round of plain Flower FedAvg (a NumPyClient doing the same
-  local SGD on in-memory data, no DP, no secure aggregation, no ledger) against insitu
-  (DP-SGD, SecAgg+, sealed data, consent, budgets, ledgers), at 5 and 20 sites;
+  local SGD and the same local evaluation on in-memory data, no DP, no secure
+  aggregation, no ledger) against insitu (DP-SGD, SecAgg+, sealed data, consent, budgets,
+  ledgers), and insitu without SecAgg+ to show where the time goes, at 5 and 20 sites;
 * ``scale``: 100 sites x 5 rounds: wall time and peak memory of all processes.
 
     .venv/bin/python benchmarks/federated_bench.py [accuracy] [overhead] [scale]
@@ -152,7 +153,11 @@ def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int)
             return get_weights(model), len(self.idx), {}
 
         def evaluate(self, parameters, config):
-            return 0.0, 1, {}
+            # The same work insitu's sites do each round: the global model on local rows.
+            model = build_model("logistic", x.shape[1])
+            set_weights(model, parameters)
+            loss, accuracy = evaluate(model, x[self.idx], y[self.idx])
+            return loss, len(self.idx), {"accuracy": accuracy}
 
     def client_fn(context: Context):
         return Plain(parts[int(context.node_config["partition-id"])]).to_client()
@@ -168,9 +173,10 @@ def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int)
     def server_fn(context: Context):
         strategy = Timed(
             fraction_fit=1.0,
-            fraction_evaluate=0.0,
+            fraction_evaluate=1.0,
             min_available_clients=sites,
             min_fit_clients=sites,
+            min_evaluate_clients=sites,
             initial_parameters=initial,
         )
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
@@ -193,10 +199,18 @@ def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int)
     )
 
 
-def insitu_seconds_per_round(frame: pd.DataFrame, tmp: Path, sites: int, rounds: int) -> float:
+def insitu_seconds_per_round(
+    frame: pd.DataFrame, tmp: Path, sites: int, rounds: int, *, secure_aggregation: bool = True
+) -> float:
     marks: list[float] = []
-    ws, _ = Workspace.init(tmp / f"overhead-{sites}")
-    config = FederationConfig(sites=sites, rounds=rounds, privacy="record", epsilon=8.0)
+    ws, _ = Workspace.init(tmp / f"overhead-{sites}-{secure_aggregation}")
+    config = FederationConfig(
+        sites=sites,
+        rounds=rounds,
+        privacy="record",
+        epsilon=8.0,
+        secure_aggregation=secure_aggregation,
+    )
     simulate(
         ws,
         frame,
@@ -213,10 +227,12 @@ def overhead_part(frame: pd.DataFrame, tmp: Path) -> dict:
     for sites in (5, 20):
         plain = plain_flower_seconds_per_round(frame, sites, 4)
         ours = insitu_seconds_per_round(frame, tmp, sites, 4)
+        no_secagg = insitu_seconds_per_round(frame, tmp, sites, 4, secure_aggregation=False)
         results[f"{sites}_sites"] = {
             "plain_flower_fedavg_s_per_round": round(plain, 2),
             "insitu_dp_secagg_s_per_round": round(ours, 2),
             "insitu_over_anchor": round(ours / plain, 2),
+            "insitu_dp_without_secagg_s_per_round": round(no_secagg, 2),
         }
         print(sites, results[f"{sites}_sites"], flush=True)
     return results
