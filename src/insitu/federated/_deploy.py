@@ -60,8 +60,7 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 import torch
 from flwr.common import Context, ndarrays_to_parameters
-from flwr.server import Grid, LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server import Grid
 
 from insitu._atomic import atomic_write_text
 from insitu._privacy_env import NO_TELEMETRY_ENV
@@ -77,7 +76,13 @@ from insitu.errors import (
 from insitu.federated._certs import FederationCerts, check_server_pair, load_site_public_key
 from insitu.federated._config import FederationConfig
 from insitu.federated._models import build_model, get_weights, set_weights, weights_digest
-from insitu.federated._server_app import RoundRecord, RoundRecorder, build_strategy
+from insitu.federated._server_app import (
+    RoundRecord,
+    RoundRecorder,
+    build_strategy,
+    record_completed,
+    run_rounds,
+)
 from insitu.federated._site_app import SiteClient, SitePlan
 from insitu.privacy import calibrate_noise
 from insitu.workspace import Workspace
@@ -665,35 +670,18 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
         required_sites=config.required_sites,
         on_round=record_round,
     )
-    legacy = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy
-    )
-    fit_workflow = (
-        SecAggPlusWorkflow(
-            num_shares=1.0 if config.sites <= 10 else 0.5,
-            reconstruction_threshold=0.6,
-            clipping_range=config.secagg_clipping_range,
-            max_weight=1e6,
-        )
-        if config.secure_aggregation
-        else None
-    )
-    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-    arrays = legacy.state.array_records["parameters"]
-    weights = [a.numpy() for a in arrays.values()]
+    weights = run_rounds(grid, context, config, strategy)
     set_weights(model, weights)
     model_dir = _save_deployed_model(ws, run_id=run_id, model=model, plan=plan)
     digest = weights_digest(weights)
     with ws.ledger() as ledger:
-        entries = ledger.entries(event_type="federation.round")
-        ledger.record(
-            "federation.completed",
-            run=run_id,
+        record_completed(
+            ledger,
+            run_id=run_id,
             rounds=len(rounds),
             central_accuracy=None,
-            model_sha256=digest,
-            onnx_sha256=hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest(),
-            round_entries=[e.seq for e in entries if e.payload.get("run") == run_id],
+            weights=weights,
+            onnx=(model_dir / "model.onnx").read_bytes(),
         )
     result = {"rounds": rounds, "model_dir": str(model_dir), "model_sha256": digest}
     atomic_write_text(model_dir / "record.json", json.dumps(result | plan, indent=2) + "\n")

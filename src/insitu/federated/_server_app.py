@@ -18,6 +18,7 @@ run with a clear error when fewer sites than required took part.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,13 @@ from insitu.errors import FederationError
 from insitu.federated._config import FederationConfig
 from insitu.federated._models import weights_digest
 
-__all__ = ["RoundRecord", "RoundRecorder", "build_strategy"]
+__all__ = [
+    "RoundRecord",
+    "RoundRecorder",
+    "build_strategy",
+    "record_completed",
+    "run_rounds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -210,3 +217,56 @@ class RoundRecorder(Strategy):
             record.central_loss, metrics = result[0], result[1]
             record.central_accuracy = float(metrics.get("accuracy", 0.0))
         return result
+
+
+def run_rounds(
+    grid: Any, context: Any, config: FederationConfig, strategy: Strategy
+) -> list[np.ndarray]:
+    """Run ``config.rounds`` rounds of ``strategy`` on Flower's legacy workflow.
+
+    The one server loop of simulation and deployment: with secure aggregation the fit
+    stage is Flower's ``SecAggPlusWorkflow`` (every share with up to 10 sites, half
+    beyond; 60% of the shares reconstruct a dropped site's mask). Returns the final
+    global weights.
+    """
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy
+    )
+    fit_workflow = (
+        SecAggPlusWorkflow(
+            num_shares=1.0 if config.sites <= 10 else 0.5,
+            reconstruction_threshold=0.6,
+            clipping_range=config.secagg_clipping_range,
+            max_weight=1e6,
+        )
+        if config.secure_aggregation
+        else None
+    )
+    DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+    arrays = legacy.state.array_records["parameters"]
+    return [a.numpy() for a in arrays.values()]
+
+
+def record_completed(
+    ledger: Any,
+    *,
+    run_id: str,
+    rounds: int,
+    central_accuracy: float | None,
+    weights: list[np.ndarray],
+    onnx: bytes,
+) -> None:
+    """Record ``federation.completed``: digests of the model and the run's round entries."""
+    entries = ledger.entries(event_type="federation.round")
+    ledger.record(
+        "federation.completed",
+        run=run_id,
+        rounds=rounds,
+        central_accuracy=central_accuracy,
+        model_sha256=weights_digest(weights),
+        onnx_sha256=hashlib.sha256(onnx).hexdigest(),
+        round_entries=[e.seq for e in entries if e.payload.get("run") == run_id],
+    )

@@ -16,7 +16,6 @@ simulation-only evaluation (real sites report only their own held-out accuracy).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -52,10 +51,15 @@ from insitu.federated._models import (
     export_onnx,
     get_weights,
     set_weights,
-    weights_digest,
 )
 from insitu.federated._partition import partition
-from insitu.federated._server_app import RoundRecord, RoundRecorder, build_strategy
+from insitu.federated._server_app import (
+    RoundRecord,
+    RoundRecorder,
+    build_strategy,
+    record_completed,
+    run_rounds,
+)
 from insitu.federated._site_app import SiteClient, SitePlan
 from insitu.privacy import calibrate_noise
 from insitu.workspace import Workspace
@@ -192,8 +196,7 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     from flwr.client import ClientApp
     from flwr.client.mod import fixedclipping_mod, secaggplus_mod
     from flwr.common import Context, ndarrays_to_parameters
-    from flwr.server import LegacyContext, ServerApp, ServerConfig
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server import ServerApp
     from flwr.simulation import run_simulation
 
     started = time.perf_counter()
@@ -342,23 +345,8 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
 
     @server_app.main()
     def _main(grid: Any, context: Context) -> None:
-        legacy = LegacyContext(
-            context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy
-        )
-        fit_workflow = (
-            SecAggPlusWorkflow(
-                num_shares=1.0 if config.sites <= 10 else 0.5,
-                reconstruction_threshold=0.6,
-                clipping_range=config.secagg_clipping_range,
-                max_weight=1e6,
-            )
-            if config.secure_aggregation
-            else None
-        )
         try:
-            DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-            arrays = legacy.state.array_records["parameters"]
-            outcome["weights"] = [a.numpy() for a in arrays.values()]
+            outcome["weights"] = run_rounds(grid, context, config, strategy)
         except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread below
             outcome["error"] = exc
 
@@ -423,15 +411,13 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     )
     atomic_write_text(model_dir / "record.json", json.dumps(result.to_json(), indent=2) + "\n")
     with coordinator.ledger() as ledger:
-        entries = ledger.entries(event_type="federation.round")
-        ledger.record(
-            "federation.completed",
-            run=run_id,
+        record_completed(
+            ledger,
+            run_id=run_id,
             rounds=len(rounds),
             central_accuracy=central_accuracy,
-            model_sha256=weights_digest(weights),
-            onnx_sha256=hashlib.sha256((model_dir / "model.onnx").read_bytes()).hexdigest(),
-            round_entries=[e.seq for e in entries if e.payload.get("run") == run_id],
+            weights=weights,
+            onnx=(model_dir / "model.onnx").read_bytes(),
         )
     return result
 
