@@ -30,6 +30,35 @@ federate_app = typer.Typer(
 )
 app.add_typer(federate_app, name="federate", rich_help_panel="Training")
 
+# Settings shared by 'simulate' and 'server' (one declaration each).
+PrivacyOption = Annotated[
+    str, typer.Option(help="record (DP-SGD at each site), site (DP-FedAvg) or none.")
+]
+EpsilonOption = Annotated[float, typer.Option(help="Target epsilon of this run, per site.")]
+DeltaOption = Annotated[float, typer.Option(help="Target delta.")]
+SecAggOption = Annotated[
+    bool,
+    typer.Option(
+        "--secure-aggregation/--no-secure-aggregation",
+        help="SecAgg+: the aggregator sees only the sum.",
+    ),
+]
+RobustOption = Annotated[
+    str, typer.Option(help="none, trimmed-mean or median (needs --no-secure-aggregation).")
+]
+ModelOption = Annotated[str, typer.Option(help="logistic or mlp.")]
+LocalEpochsOption = Annotated[int, typer.Option(min=1, help="Local epochs per round.")]
+BatchSizeOption = Annotated[
+    int, typer.Option(min=1, help="Expected batch size (Poisson sampling under DP).")
+]
+LearningRateOption = Annotated[float, typer.Option(help="Local SGD learning rate.")]
+MinSitesOption = Annotated[
+    int,
+    typer.Option(
+        min=0, show_default=False, help="Sites needed for a round to count \\[default: all]."
+    ),
+]
+
 
 @federate_app.command("simulate")
 def simulate_command(
@@ -58,30 +87,16 @@ def simulate_command(
     partition: Annotated[
         str, typer.Option(help="iid, by:COLUMN or dirichlet:ALPHA (label skew).")
     ] = "iid",
-    privacy: Annotated[
-        str, typer.Option(help="record (DP-SGD at each site), site (DP-FedAvg) or none.")
-    ] = "record",
-    epsilon: Annotated[float, typer.Option(help="Target epsilon of this run, per site.")] = 3.0,
-    delta: Annotated[float, typer.Option(help="Target delta.")] = 1e-5,
-    secure_aggregation: Annotated[
-        bool,
-        typer.Option(
-            "--secure-aggregation/--no-secure-aggregation",
-            help="SecAgg+: the aggregator sees only the sum.",
-        ),
-    ] = True,
-    robust: Annotated[
-        str, typer.Option(help="none, trimmed-mean or median (needs --no-secure-aggregation).")
-    ] = "none",
-    model: Annotated[str, typer.Option(help="logistic or mlp.")] = "logistic",
-    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Expected batch size (Poisson sampling under DP).")
-    ] = 256,
-    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 2.0,
-    min_sites: Annotated[
-        int, typer.Option(min=0, help="Sites needed for a round to count [default: all].")
-    ] = 0,
+    privacy: PrivacyOption = "record",
+    epsilon: EpsilonOption = 3.0,
+    delta: DeltaOption = 1e-5,
+    secure_aggregation: SecAggOption = True,
+    robust: RobustOption = "none",
+    model: ModelOption = "logistic",
+    local_epochs: LocalEpochsOption = 1,
+    batch_size: BatchSizeOption = 256,
+    learning_rate: LearningRateOption = 2.0,
+    min_sites: MinSitesOption = 0,
     consent: Annotated[
         Path | None,
         typer.Option(
@@ -302,30 +317,16 @@ def server_command(
             dir_okay=False,
         ),
     ] = None,
-    privacy: Annotated[
-        str, typer.Option(help="record (DP-SGD at each site), site (DP-FedAvg) or none.")
-    ] = "record",
-    epsilon: Annotated[float, typer.Option(help="Target epsilon of this run, per site.")] = 3.0,
-    delta: Annotated[float, typer.Option(help="Target delta.")] = 1e-5,
-    secure_aggregation: Annotated[
-        bool,
-        typer.Option(
-            "--secure-aggregation/--no-secure-aggregation",
-            help="SecAgg+: the aggregator sees only the sum.",
-        ),
-    ] = True,
-    robust: Annotated[
-        str, typer.Option(help="none, trimmed-mean or median (needs --no-secure-aggregation).")
-    ] = "none",
-    model: Annotated[str, typer.Option(help="logistic or mlp.")] = "logistic",
-    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Expected batch size (Poisson sampling under DP).")
-    ] = 256,
-    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 2.0,
-    min_sites: Annotated[
-        int, typer.Option(min=0, help="Sites needed for a round to count [default: all].")
-    ] = 0,
+    privacy: PrivacyOption = "record",
+    epsilon: EpsilonOption = 3.0,
+    delta: DeltaOption = 1e-5,
+    secure_aggregation: SecAggOption = True,
+    robust: RobustOption = "none",
+    model: ModelOption = "logistic",
+    local_epochs: LocalEpochsOption = 1,
+    batch_size: BatchSizeOption = 256,
+    learning_rate: LearningRateOption = 2.0,
+    min_sites: MinSitesOption = 0,
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for the run to finish.")
     ] = 3600.0,

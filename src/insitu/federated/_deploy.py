@@ -64,7 +64,7 @@ from flwr.server import Grid
 
 from insitu._atomic import atomic_write_text
 from insitu._privacy_env import NO_TELEMETRY_ENV
-from insitu.data import DataSchema, FeatureEncoder, SiteDataset, read_table
+from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.errors import (
     CertificateError,
     FederationError,
@@ -83,7 +83,7 @@ from insitu.federated._server_app import (
     record_completed,
     run_rounds,
 )
-from insitu.federated._site_app import SiteClient, SitePlan
+from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
 from insitu.privacy import calibrate_noise
 from insitu.workspace import Workspace
 
@@ -780,7 +780,7 @@ def site_client(context: Context) -> Any:
 
 
 @_unwinds_on_sigterm
-def join(  # noqa: PLR0912, PLR0915 -- checks, preparation, the node's life: in order
+def join(  # noqa: PLR0915 -- checks, preparation, the node's life: in order
     ws_home: Path,
     data: Path,
     *,
@@ -821,20 +821,11 @@ def join(  # noqa: PLR0912, PLR0915 -- checks, preparation, the node's life: in 
     else:
         ws, created = Workspace.init(ws_home, name=name or key.stem)
     site = name or key.stem
-    base = ws.home / "prepared" / schema.name
     is_test = np.random.default_rng(seed).random(len(frame)) < test_fraction
     try:
-        for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):
-            # k=1 as in simulation: the prepared records never leave the site; k-anonymity
-            # is a property of releases ('insitu data prepare'), not of local training.
-            SiteDataset.from_frame(
-                ws,
-                subset.reset_index(drop=True),
-                schema,
-                source=f"{data.name} ({part})",
-                k=1,
-                out=base / part,
-            )
+        train_dir, test_dir = prepare_site_data(
+            ws, frame, schema, is_test=is_test, source=data.name
+        )
     except BaseException:
         if created:  # nothing half-made: a workspace this call created goes with it
             shutil.rmtree(ws.home, ignore_errors=True)
@@ -848,8 +839,8 @@ def join(  # noqa: PLR0912, PLR0915 -- checks, preparation, the node's life: in 
                 "site": site,
                 "dataset": schema.name,
                 "schema_sha256": schema.digest(),
-                "train_dir": str((base / "train").absolute()),
-                "test_dir": str((base / "test").absolute()),
+                "train_dir": str(train_dir),
+                "test_dir": str(test_dir),
             },
             indent=2,
         )

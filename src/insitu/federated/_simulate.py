@@ -38,7 +38,6 @@ from insitu.data import (
     DataSchema,
     FeatureEncoder,
     Pseudonymizer,
-    SiteDataset,
     prepare,
     read_table,
 )
@@ -60,7 +59,7 @@ from insitu.federated._server_app import (
     record_completed,
     run_rounds,
 )
-from insitu.federated._site_app import SiteClient, SitePlan
+from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
 from insitu.privacy import calibrate_noise
 from insitu.workspace import Workspace
 
@@ -248,16 +247,9 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     for index, (rows, is_test) in enumerate(zip(parts, splits, strict=True), start=1):
         ws = _site_workspace(coordinator, index, site_epsilon_budget)
         site_frame = pool.iloc[rows].reset_index(drop=True)
-        base = ws.home / "prepared" / schema.name
-        for name, subset in (("train", site_frame[~is_test]), ("test", site_frame[is_test])):
-            SiteDataset.from_frame(
-                ws,
-                subset.reset_index(drop=True),
-                schema,
-                source=f"{source} ({name})",
-                k=1,
-                out=base / name,
-            )
+        train_dir, test_dir = prepare_site_data(
+            ws, site_frame, schema, is_test=is_test, source=source
+        )
         if consent is not None:
             with ws.ledger() as ledger:
                 registry = ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym")))
@@ -272,8 +264,8 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
                 run_id=run_id,
                 site=f"site-{index:02d}",
                 home=ws.home.absolute(),
-                train_dir=(base / "train").absolute(),
-                test_dir=(base / "test").absolute(),
+                train_dir=train_dir,
+                test_dir=test_dir,
                 dataset=schema.name,
                 n_features=n_features,
                 config=config,

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.client import NumPyClient
 
 from insitu._atomic import atomic_write_text
-from insitu.data import SiteDataset
+from insitu.data import DataSchema, SiteDataset
 from insitu.federated._config import FederationConfig
 from insitu.federated._local import evaluate, planned_event, train
 from insitu.federated._models import (
@@ -51,7 +52,7 @@ from insitu.federated._models import (
 from insitu.privacy import PrivacyEvent, SiteBudget, calibrate_noise
 from insitu.workspace import Workspace
 
-__all__ = ["SiteClient", "SitePlan", "site_budget"]
+__all__ = ["SiteClient", "SitePlan", "prepare_site_data", "site_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,27 @@ class SitePlan:
     #: Fault injection for tests of dropouts and poisoning: "raise:ROUND", "exit:ROUND"
     #: (the process dies mid-round) or "scale:FACTOR" (a poisoned, scaled update).
     fault: str = ""
+
+
+def prepare_site_data(
+    ws: Workspace, frame: pd.DataFrame, schema: DataSchema, *, is_test: np.ndarray, source: str
+) -> tuple[Path, Path]:
+    """Prepare and seal a site's training and held-out records; returns their directories.
+
+    k=1: the prepared records never leave the site; k-anonymity is a property of
+    releases ('insitu data prepare'), not of local training.
+    """
+    base = ws.home / "prepared" / schema.name
+    for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):
+        SiteDataset.from_frame(
+            ws,
+            subset.reset_index(drop=True),
+            schema,
+            source=f"{source} ({part})",
+            k=1,
+            out=base / part,
+        )
+    return (base / "train").absolute(), (base / "test").absolute()
 
 
 def site_budget(ws: Workspace, ledger: Any, dataset: str) -> SiteBudget:
