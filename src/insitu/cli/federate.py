@@ -199,39 +199,6 @@ def simulate_command(
     )
 
 
-def _deploy_config(
-    *,
-    sites: int,
-    rounds: int,
-    privacy: str,
-    epsilon: float,
-    delta: float,
-    secure_aggregation: bool,
-    robust: str,
-    model: str,
-    local_epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    min_sites: int,
-    seed: int,
-) -> FederationConfig:
-    return FederationConfig(
-        sites=sites,
-        rounds=rounds,
-        privacy=privacy,  # type: ignore[arg-type]
-        epsilon=epsilon,
-        delta=delta,
-        secure_aggregation=secure_aggregation,
-        robust=robust,  # type: ignore[arg-type]
-        model=model,  # type: ignore[arg-type]
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        min_sites=min_sites,
-        seed=seed,
-    )
-
-
 @federate_app.command("certs")
 def certs_command(
     out_dir: Annotated[
@@ -343,15 +310,15 @@ def server_command(
     [dim]Example:[/]
       insitu federate server -s adult.schema.toml --certs fed-certs --sites 3 --rounds 5
     """
-    config = _deploy_config(
+    config = FederationConfig(
         sites=sites,
         rounds=rounds,
-        privacy=privacy,
+        privacy=privacy,  # type: ignore[arg-type]
         epsilon=epsilon,
         delta=delta,
         secure_aggregation=secure_aggregation,
-        robust=robust,
-        model=model,
+        robust=robust,  # type: ignore[arg-type]
+        model=model,  # type: ignore[arg-type]
         local_epochs=local_epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
