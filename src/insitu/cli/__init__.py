@@ -8,6 +8,7 @@ from insitu.cli import (  # noqa: F401
     bundle,
     consent,
     data,
+    drift,
     federate,
     privacy,
     quickstart,
