@@ -10,6 +10,7 @@ from insitu.cli import (  # noqa: F401
     data,
     drift,
     federate,
+    finetune,
     privacy,
     quickstart,
     repo,

@@ -236,6 +236,9 @@ class ReferenceProfile:
     sites: int
     epsilon: float
     delta: float
+    #: The data schema document (``DataSchema.source``): column names, ranges and
+    #: categories only; fine-tuning encodes local data with it.
+    schema: dict[str, Any] | None = None
 
     def proportions(self, name: str) -> np.ndarray:
         """Bin proportions of histogram ``name`` (negative noisy counts read as 0)."""
@@ -258,7 +261,7 @@ class ReferenceProfile:
                 "delta": self.delta,
                 "mechanism": "gaussian-histograms",
             },
-        }
+        } | ({"schema": self.schema} if self.schema is not None else {})
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ReferenceProfile:
@@ -270,10 +273,16 @@ class ReferenceProfile:
             int(doc["sites"]),
             float(doc["privacy"]["epsilon"]),
             float(doc["privacy"]["delta"]),
+            doc.get("schema"),
         )
 
 
-def combine_releases(layout: ProfileLayout, releases: list[dict[str, Any]]) -> ReferenceProfile:
+def combine_releases(
+    layout: ProfileLayout,
+    releases: list[dict[str, Any]],
+    *,
+    schema: dict[str, Any] | None = None,
+) -> ReferenceProfile:
     """The coordinator's sum of the sites' noisy releases (it never sees a true count).
 
     The reported epsilon is the largest any site spent (each site's records are only in
@@ -296,4 +305,5 @@ def combine_releases(layout: ProfileLayout, releases: list[dict[str, Any]]) -> R
         len(releases),
         max(float(r["epsilon"]) for r in releases),
         max(float(r["delta"]) for r in releases),
+        schema,
     )
