@@ -166,7 +166,10 @@ class DriftMonitor:
                     logger.warning("drift: %s %s is not registered; not monitored", *key)
                     self._warned.add(key)
                 return
-            batch = bin_counts(stream.profile.layout, inputs, outputs)
+            # The output is counted only when the reference has an output histogram.
+            batch = bin_counts(
+                stream.profile.layout, inputs, outputs if OUTPUT in stream.counts else None
+            )
             for name, values in batch.items():
                 stream.counts[name] += values
             rows = int(np.asarray(inputs).shape[0])
