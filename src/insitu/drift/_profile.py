@@ -222,7 +222,13 @@ def noisy_release(
         name: [round(float(v), 2) for v in values + rng.normal(0.0, std, size=values.shape)]
         for name, values in counts.items()
     }
-    release = {"counts": noisy, "noise_std": std, "epsilon": epsilon, "delta": delta}
+    release = {
+        "layout": layout.to_json(),
+        "counts": noisy,
+        "noise_std": std,
+        "epsilon": epsilon,
+        "delta": delta,
+    }
     return release, PrivacyEvent(sigma, 1.0, 1)
 
 
@@ -293,7 +299,9 @@ def combine_releases(
     names = set(releases[0]["counts"])
     total: dict[str, np.ndarray] = {}
     for release in releases:
-        if set(release["counts"]) != names:
+        if set(release["counts"]) != names or release.get("layout", layout.to_json()) != (
+            layout.to_json()
+        ):
             raise UsageError("releases of different layouts cannot be combined")
         for name, values in release["counts"].items():
             total[name] = total.get(name, 0) + np.asarray(values, dtype=np.float64)

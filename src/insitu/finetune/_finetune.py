@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,17 +123,20 @@ def _accuracy(model: bytes, features: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _schema_of(card: ModelCard, schema_path: Path | None) -> DataSchema:
-    if schema_path is not None:
-        schema = DataSchema.load(schema_path)
-    elif card.drift_reference and card.drift_reference.get("schema"):
-        schema = DataSchema.from_dict(card.drift_reference["schema"])
-    else:
+    if card.drift_reference and card.drift_reference.get("schema"):
+        # Signed with the card: the schema the model was trained with.
+        return DataSchema.from_dict(card.drift_reference["schema"])
+    if schema_path is None:
         raise SchemaError(
             f"the model card of {card.name} {card.version} carries no data schema; pass the "
             "schema it was trained with (--schema FILE)"
         )
+    schema = DataSchema.load(schema_path)
     expected = card.provenance.get("data_schema_sha256")
-    if expected and expected != schema.digest():
+    # 'insitu bundle create --data-schema' records the file's SHA-256, the Python API
+    # the canonical digest: either names this schema.
+    file_digest = hashlib.sha256(schema_path.read_bytes()).hexdigest()
+    if expected and expected not in {schema.digest(), file_digest}:
         raise SchemaError(
             f"the schema is not the one {card.name} {card.version} was trained with (its "
             "digest differs from the card's data_schema_sha256); use that schema"
