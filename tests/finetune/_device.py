@@ -27,6 +27,7 @@ class Device:
     home: Path
     data: Path  # the site's labelled local records (CSV)
     schema: DataSchema
+    base: Path  # also holds coordinator/ and repository/
 
     def workspace(self) -> Workspace:
         return Workspace.open(self.home)
@@ -43,9 +44,10 @@ class Device:
         return (self.home / "update" / "slots" / "state.json").read_bytes()
 
     def copy(self, target: Path) -> Device:
-        shutil.copytree(self.home, target / "device")
+        for part in ("device", "coordinator", "repository"):
+            shutil.copytree(self.base / part, target / part)
         shutil.copy(self.data, target / "local.csv")
-        return Device(target / "device", target / "local.csv", self.schema)
+        return Device(target / "device", target / "local.csv", self.schema, target)
 
 
 def weak_model(n_features: int) -> torch.nn.Module:
@@ -112,7 +114,7 @@ def build_device(base: Path, model_fn=weak_model, *, rows: int = 4000) -> Device
         registry.change_many([(str(s), "training", "granted") for s in local[schema.subject or ""]])
     data = base / "local.csv"
     local.to_csv(data, index=False)
-    return Device(device.home, data, schema)
+    return Device(device.home, data, schema, base)
 
 
 def prepared_holdout(device: Device, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

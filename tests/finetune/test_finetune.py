@@ -116,7 +116,7 @@ def test_bad_local_data_is_one_line_exit_1_and_nothing_installed(
     assert _entries(device, "privacy.spent") == spent  # nothing charged either
 
 
-def test_finetune_cli_json_and_a_local_version_is_not_a_rollback(
+def test_finetune_cli_json_and_a_local_version_verifies_only_with_the_device_key(
     device: Device, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import json
@@ -134,3 +134,56 @@ def test_finetune_cli_json_and_a_local_version_is_not_a_rollback(
     )
     with pytest.raises(Exception, match="publisher"):
         without_local_key.session()
+
+
+def test_a_local_version_is_not_a_rollback_and_the_next_release_replaces_it(
+    device: Device,
+) -> None:
+    import threading
+
+    from insitu.bundle import bundle_model
+    from insitu.federated._models import build_model, export_onnx
+    from insitu.update import open_directory_repository
+    from insitu.update._serve import make_server
+    from insitu.workspace import Workspace
+
+    assert finetune(device.workspace(), NAME, device.data).installed
+    server = make_server(device.base / "repository", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        update_dir = device.home / "update"
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        UpdateClient.enroll(
+            update_dir, root=(update_dir / "root.json").read_bytes(), url=url, model=NAME
+        )
+        ws = device.workspace()
+        with ws.ledger() as ledger:
+            client = UpdateClient(
+                update_dir,
+                device_key=ws.encryption_key(),
+                ledger=ledger,
+                local_publisher=ws.signing_public_key,
+            )
+            # The repository still offers 1.0.0: older than 1.0.1-local.1, not a rollback.
+            assert client.update()["status"] == "local"
+            coordinator = Workspace.open(device.base / "coordinator")
+            blob, _ = bundle_model(
+                coordinator,
+                export_onnx(build_model("logistic", 103), 103),
+                name=NAME,
+                version="1.0.1",
+                recipients=[ws.encryption_public_key],
+            )
+            with coordinator.ledger() as coordinator_ledger:
+                open_directory_repository(device.base / "repository").publish(
+                    blob,
+                    channels=["stable"],
+                    devices=[],
+                    publisher_key=coordinator.encryption_key(),
+                    max_deltas=0,
+                    ledger=coordinator_ledger,
+                )
+            assert client.update()["installed"] == "1.0.1"
+    finally:
+        server.shutdown()
+        server.server_close()
