@@ -180,3 +180,20 @@ def test_psi_and_p_value_are_well_formed(reference: list[int], data: st.DataObje
     assert psi >= 0
     assert population_stability_index(np.array(reference), np.array(reference)) == 0
     assert 0.0 <= two_sample_p_value(np.array(reference), np.array(live)) <= 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts, st.data())
+def test_p_value_is_scipys_chi2_contingency(reference: list[int], data: st.DataObject) -> None:
+    from scipy.stats import chi2_contingency
+
+    live = data.draw(
+        st.lists(st.integers(0, 10_000), min_size=len(reference), max_size=len(reference))
+    )
+    ref, cur = np.array(reference, float), np.array(live, float)
+    keep = (ref + cur) > 0
+    if keep.sum() < 2 or ref.sum() == 0 or cur.sum() == 0:
+        assert two_sample_p_value(ref, cur) == 1.0
+        return
+    expected = chi2_contingency(np.vstack([ref[keep], cur[keep]]), correction=False).pvalue
+    assert two_sample_p_value(ref, cur) == pytest.approx(expected, rel=1e-6, abs=1e-12)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu._atomic import atomic_write_text
-from insitu.drift._profile import OUTPUT, ReferenceProfile, bin_counts
+from insitu.drift._profile import OUTPUT, BinCounter, ReferenceProfile
 from insitu.drift._stats import FeatureDrift, population_stability_index, two_sample_p_value
 from insitu.errors import ConfigError
 
@@ -89,14 +89,23 @@ class DriftThresholds:
 
 
 class _Stream:
-    """The running counts of one model version."""
+    """The running counts of one model version (plus counts restored from its state file)."""
 
     def __init__(self, profile: ReferenceProfile) -> None:
         self.profile = profile
-        self.counts = {name: np.zeros(len(v)) for name, v in profile.counts.items()}
-        self.rows = 0
+        self.counter = BinCounter(profile.layout, with_output=OUTPUT in profile.counts)
+        self.restored = {name: np.zeros(len(v)) for name, v in profile.counts.items()}
+        self.restored_rows = 0
         self.since_check = 0
         self.figures: list[FeatureDrift] = []
+
+    @property
+    def rows(self) -> int:
+        return self.restored_rows + self.counter.rows
+
+    def counts(self) -> dict[str, np.ndarray]:
+        live = self.counter.histograms()
+        return {name: self.restored[name] + live[name] for name in self.restored}
 
 
 def _state_name(model: str, version: str) -> str:
@@ -135,11 +144,11 @@ class DriftMonitor:
         path = state_dir / _state_name(model, version) if state_dir else None
         if path is not None and path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if set(saved["counts"]) == set(stream.counts):
-                stream.counts = {
+            if set(saved["counts"]) == set(stream.restored):
+                stream.restored = {
                     k: np.asarray(v, dtype=np.float64) for k, v in saved["counts"].items()
                 }
-                stream.rows = int(saved["rows"])
+                stream.restored_rows = int(saved["rows"])
         with self._lock:
             self._streams[(model, version)] = stream
 
@@ -166,14 +175,7 @@ class DriftMonitor:
                     logger.warning("drift: %s %s is not registered; not monitored", *key)
                     self._warned.add(key)
                 return
-            # The output is counted only when the reference has an output histogram.
-            batch = bin_counts(
-                stream.profile.layout, inputs, outputs if OUTPUT in stream.counts else None
-            )
-            for name, values in batch.items():
-                stream.counts[name] += values
-            rows = int(np.asarray(inputs).shape[0])
-            stream.rows += rows
+            rows = stream.counter.add(inputs, outputs)
             stream.since_check += rows
             due = stream.since_check >= self.thresholds.check_every
         if due:
@@ -189,7 +191,7 @@ class DriftMonitor:
                 previous = {f.feature for f in stream.figures if f.flagged}
                 stream.figures = [
                     self.thresholds.judge(name, np.asarray(stream.profile.counts[name]), live)
-                    for name, live in stream.counts.items()
+                    for name, live in stream.counts().items()
                 ]
                 stream.since_check = 0
                 results += stream.figures
@@ -240,7 +242,7 @@ class DriftMonitor:
             "version": key[1],
             "rows": stream.rows,
             "updated": utc_now(),
-            "counts": {k: [round(float(x)) for x in v] for k, v in stream.counts.items()},
+            "counts": {k: [round(float(x)) for x in v] for k, v in stream.counts().items()},
             "reference": stream.profile.to_json(),
             "figures": [f.to_json() for f in stream.figures],
         }

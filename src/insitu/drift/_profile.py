@@ -157,6 +157,70 @@ def _numeric_bins(values: np.ndarray, bins: int) -> np.ndarray:
     return result
 
 
+class BinCounter:
+    """Running bin counts of a layout, kept flat so that adding a batch is a few NumPy calls.
+
+    ``add`` bins a batch and forgets it; :meth:`histograms` splits the flat counts into
+    one histogram per feature (and the output). Only counts are ever held.
+    """
+
+    def __init__(self, layout: ProfileLayout, *, with_output: bool) -> None:
+        self.layout = layout
+        self.with_output = with_output
+        self._numeric = [f for f in layout.features if f["kind"] == "numeric"]
+        self._numeric_cols = np.array([f["start"] for f in self._numeric], dtype=np.int64)
+        self._offsets = np.arange(len(self._numeric)) * layout.bins
+        self.numeric = np.zeros(len(self._numeric) * layout.bins, dtype=np.int64)
+        self.hot = np.zeros(layout.n_inputs, dtype=np.int64)
+        self.output = np.zeros(
+            layout.output_classes if layout.output_classes > 1 else layout.bins, dtype=np.int64
+        )
+        self.rows = 0
+
+    def add(self, inputs: np.ndarray, outputs: np.ndarray | None) -> int:
+        """Count a batch (rows of encoded inputs); returns its number of rows.
+
+        Raises:
+            SchemaError: ``inputs`` does not have the layout's number of columns.
+
+        """
+        inputs = np.asarray(inputs)
+        if inputs.ndim != 2 or inputs.shape[1] != self.layout.n_inputs:
+            raise SchemaError(
+                f"inputs of shape {inputs.shape} do not match the profile's "
+                f"{self.layout.n_inputs} encoded columns; encode them with the model's schema"
+            )
+        if len(self._numeric):
+            index = _numeric_bins(inputs[:, self._numeric_cols], self.layout.bins)
+            self.numeric += np.bincount(
+                (index + self._offsets).ravel(), minlength=len(self.numeric)
+            )
+        # Categorical: indicator columns summed (the encoder sets exactly one per known
+        # value); rows with none of a feature's indicators set are its "unknown" bin.
+        self.hot += np.count_nonzero(inputs > 0.5, axis=0)
+        if self.with_output and outputs is not None:
+            self.output += _output_counts(self.layout, np.asarray(outputs, dtype=np.float64))
+        self.rows += inputs.shape[0]
+        return int(inputs.shape[0])
+
+    def histograms(self) -> dict[str, np.ndarray]:
+        """One count vector per histogram name (features, then the output if counted)."""
+        counts: dict[str, np.ndarray] = {}
+        bins = self.layout.bins
+        numeric_index = 0
+        for feature in self.layout.features:
+            if feature["kind"] == "numeric":
+                start = numeric_index * bins
+                counts[feature["name"]] = self.numeric[start : start + bins].astype(np.float64)
+                numeric_index += 1
+            else:
+                known = self.hot[feature["start"] : feature["stop"]].astype(np.float64)
+                counts[feature["name"]] = np.append(known, max(0.0, self.rows - known.sum()))
+        if self.with_output:
+            counts[OUTPUT] = self.output.astype(np.float64)
+        return counts
+
+
 def bin_counts(
     layout: ProfileLayout, inputs: np.ndarray, outputs: np.ndarray | None
 ) -> dict[str, np.ndarray]:
@@ -166,27 +230,9 @@ def bin_counts(
         SchemaError: ``inputs`` does not have the layout's number of columns.
 
     """
-    inputs = np.asarray(inputs, dtype=np.float64)
-    if inputs.ndim != 2 or inputs.shape[1] != layout.n_inputs:
-        raise SchemaError(
-            f"inputs of shape {inputs.shape} do not match the profile's {layout.n_inputs} "
-            "encoded columns; encode them with the model's data schema"
-        )
-    counts: dict[str, np.ndarray] = {}
-    for feature in layout.features:
-        block = inputs[:, feature["start"] : feature["stop"]]
-        if feature["kind"] == "numeric":
-            index = _numeric_bins(block[:, 0], layout.bins)
-            counts[feature["name"]] = np.bincount(index, minlength=layout.bins).astype(np.float64)
-        else:
-            known = block.max(axis=1) > 0.5 if block.shape[1] else np.zeros(len(block), bool)
-            index = np.where(known, block.argmax(axis=1), block.shape[1])
-            counts[feature["name"]] = np.bincount(index, minlength=block.shape[1] + 1).astype(
-                np.float64
-            )
-    if outputs is not None:
-        counts[OUTPUT] = _output_counts(layout, np.asarray(outputs, dtype=np.float64))
-    return counts
+    counter = BinCounter(layout, with_output=outputs is not None)
+    counter.add(inputs, outputs)
+    return counter.histograms()
 
 
 def _output_counts(layout: ProfileLayout, outputs: np.ndarray) -> np.ndarray:
@@ -194,10 +240,10 @@ def _output_counts(layout: ProfileLayout, outputs: np.ndarray) -> np.ndarray:
         outputs = outputs[:, None]
     if layout.output_classes > 1:
         index = outputs.argmax(axis=1)
-        return np.bincount(index, minlength=layout.output_classes).astype(np.float64)
+        return np.bincount(index, minlength=layout.output_classes)
     # One logit per row: bin the score sigmoid(logit) in [0, 1].
     score = 1.0 / (1.0 + np.exp(-np.clip(outputs[:, 0], -50, 50)))
-    return np.bincount(_numeric_bins(score, layout.bins), minlength=layout.bins).astype(np.float64)
+    return np.bincount(_numeric_bins(score, layout.bins), minlength=layout.bins)
 
 
 def noisy_release(

@@ -15,7 +15,6 @@ the test alone flags negligible shifts once samples are large.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,18 +37,25 @@ def population_stability_index(reference: np.ndarray, live: np.ndarray) -> float
 
 
 def two_sample_p_value(reference: np.ndarray, live: np.ndarray) -> float:
-    """p-value of the chi-square test that both count vectors come from one distribution."""
-    from scipy.stats import chi2_contingency
+    """p-value of Pearson's chi-square test that both count vectors share a distribution.
+
+    The statistic of ``scipy.stats.chi2_contingency`` (no continuity correction) on the
+    2 x K table, computed with NumPy and its tail from ``scipy.special.chdtrc``: the
+    same figure (a test checks it) at a fraction of the cost, which matters because the
+    runtime's monitor runs it for every feature.
+    """
+    from scipy.special import chdtrc
 
     ref = np.clip(np.asarray(reference, dtype=np.float64), 0.0, None)
     cur = np.clip(np.asarray(live, dtype=np.float64), 0.0, None)
     keep = (ref + cur) > 0
     if keep.sum() < 2 or ref.sum() <= 0 or cur.sum() <= 0:
         return 1.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        result = chi2_contingency(np.vstack([ref[keep], cur[keep]]), correction=False)
-    p = float(result.pvalue)
+    table = np.vstack([ref[keep], cur[keep]])
+    total = table.sum()
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / total
+    statistic = float(np.sum((table - expected) ** 2 / expected))
+    p = float(chdtrc(table.shape[1] - 1, statistic))
     return 1.0 if math.isnan(p) else p
 
 
