@@ -187,3 +187,9 @@ def test_a_local_version_is_not_a_rollback_and_the_next_release_replaces_it(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_local_version_names_are_only_made_on_devices() -> None:
+    assert is_local_version("1.0.1-local.3")
+    assert not is_local_version("1.0.1")
+    assert not is_local_version("1.0.1-rc.1")

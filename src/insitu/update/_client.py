@@ -322,6 +322,13 @@ class UpdateClient:
         pointer_path, pointer = self._pointer(updater, channel)
         installed = self.slots.active()
         version = str(pointer["version"])
+        if is_local_version(version):
+            # "-local.N" names versions made on a device (insitu finetune), which its own
+            # key verifies; a repository never serves one.
+            raise RepositoryError(
+                f"{pointer_path} offers {version}, a device-local version name; the "
+                "publisher must release it under a plain version"
+            )
         result: dict[str, Any] = {
             "model": self.config.model,
             "pointer": pointer_path,
