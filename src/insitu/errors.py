@@ -21,7 +21,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── SchemaError                  a data schema that is invalid or does not fit the data
     │   ├── DataFormatError              a data file that cannot be read, or bad values in it
     │   ├── KAnonymityError              a release that would fall below the requested k
-    │   └── ConsentError                 a consent file or change that cannot be applied
+    │   ├── ConsentError                 a consent file or change that cannot be applied
+    │   └── UnusableSplitError           a local train/held-out split that is empty or one-class
     ├── PrivacyError
     │   ├── BudgetExceededError          a round would take a site past its privacy budget
     │   ├── InsufficientDataError        too few records for the requested epsilon
@@ -124,6 +125,7 @@ __all__ = [
     "UnsignedBundleError",
     "UnsignedMetadataError",
     "UntrustedPublisherError",
+    "UnusableSplitError",
     "UpdateError",
     "UpdateInProgressError",
     "UpdateRefusedError",
@@ -205,6 +207,10 @@ class KAnonymityError(DataError):
 
 class ConsentError(DataError):
     """A consent file or consent change that cannot be applied."""
+
+
+class UnusableSplitError(DataError):
+    """A local training or held-out split that is empty or holds a single class."""
 
 
 class PrivacyError(InsituError):
