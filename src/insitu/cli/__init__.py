@@ -9,6 +9,7 @@ from insitu.cli import (  # noqa: F401
     consent,
     data,
     federate,
+    optimize,
     privacy,
     quickstart,
     repo,
