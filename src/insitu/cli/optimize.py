@@ -64,9 +64,7 @@ def optimize_command(
     ],
     out_dir: Annotated[
         Path,
-        typer.Option(
-            "--out", "-o", help="Directory for model.onnx, candidates, report and plot."
-        ),
+        typer.Option("--out", "-o", help="Directory for model.onnx, candidates, report and plot."),
     ],
     target: Annotated[
         str,
@@ -108,10 +106,12 @@ def optimize_command(
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Export MODEL to ONNX, quantize, prune and distil it, measure every candidate here,
-    and keep the smallest that meets the constraints and is no slower than fp32.
+    """The smallest ONNX model that meets the constraints, chosen by measurement here.
 
-    Exits 1 when no candidate meets the constraints (the table and report still written).
+    Exports MODEL to ONNX, quantizes, prunes and distils it, measures every candidate on
+    this machine, and keeps the smallest that meets the constraints and is no slower
+    than fp32 at batch 1. Exits 1 when no candidate meets the constraints (the table and
+    the report are still written).
 
     [dim]Examples:[/]
       insitu optimize .insitu/models/RUN --calibration site.csv --eval held.csv --out opt/

@@ -1,4 +1,4 @@
-"""Models for the edge: ONNX export, int8 quantization, pruning, distillation, chosen by measurement.
+"""Models for the edge: ONNX export, int8 quantization, pruning, distillation, measured.
 
 :func:`optimize` turns a trained model (a federated run's model directory, a
 ``torch.export`` program, a scikit-learn pipeline, or an ONNX file) into candidates,

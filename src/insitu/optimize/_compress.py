@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from insitu.errors import UsageError
+from insitu.optimize._export import set_mode
 
 __all__ = ["CompressionPlan", "distill", "propose_student", "prune"]
 
@@ -76,11 +77,11 @@ def _soft_loss(student: Any, teacher: Any, labels: Any, temperature: float) -> A
 
 def _teacher_logits(scores: np.ndarray, *, probabilities: bool) -> np.ndarray:
     if not probabilities:
-        return scores.astype(np.float32)
+        return np.asarray(scores, dtype=np.float32)
     # scikit-learn classifiers give probabilities: their logs are logits up to a constant.
-    logits = np.log(np.clip(scores, 1e-7, 1.0)).astype(np.float32)
+    logits = np.asarray(np.log(np.clip(scores, 1e-7, 1.0)), dtype=np.float32)
     if logits.shape[1] == 2:
-        return (logits[:, 1:] - logits[:, :1]).astype(np.float32)
+        return np.asarray(logits[:, 1:] - logits[:, :1], dtype=np.float32)
     return logits
 
 
@@ -103,7 +104,7 @@ def fit_to_teacher(
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=plan.learning_rate)
     named = dict(model.named_parameters())
-    model.train()
+    set_mode(model, training=True)
     for _ in range(epochs):
         order = torch.randperm(len(tx), generator=generator)
         for start in range(0, len(tx), plan.batch_size):
@@ -119,7 +120,7 @@ def fit_to_teacher(
                 with torch.no_grad():
                     for key, mask in masks.items():
                         named[key].mul_(mask)
-    model.eval()
+    set_mode(model, training=False)
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -138,91 +139,84 @@ _PASS_THROUGH = (
 )
 
 
-def _structured(model: Any, example: np.ndarray, fraction: float) -> Any | None:
-    """A copy of a Sequential with hidden units/channels removed, or None if not one."""
+def _conv_like(layer: Any, in_channels: int, out_channels: int) -> Any:
+    from torch import nn
+
+    return nn.Conv2d(
+        in_channels,
+        out_channels,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        bias=layer.bias is not None,
+    )
+
+
+def _shrink_pair(layers: list[Any], a: int, b: int, fraction: float) -> bool:
+    """Remove the weakest outputs of ``layers[a]`` and the matching inputs of ``layers[b]``."""
     import torch
+    from torch import nn
+
+    first: Any = layers[a]
+    second: Any = layers[b]
+    width = int(first.weight.shape[0])
+    keep_n = max(1, round(width * (1 - fraction)))
+    if keep_n >= width:
+        return False
+    norms = first.weight.detach().abs().reshape(width, -1).sum(dim=1)
+    keep = torch.sort(torch.topk(norms, keep_n).indices).values
+    with torch.no_grad():
+        if isinstance(first, nn.Linear):
+            new_first: Any = nn.Linear(first.in_features, keep_n, bias=first.bias is not None)
+        else:
+            new_first = _conv_like(first, first.in_channels, keep_n)
+        new_first.weight.copy_(first.weight[keep])
+        if first.bias is not None:
+            new_first.bias.copy_(first.bias[keep])
+        for i in range(a + 1, b):
+            norm: Any = layers[i]
+            if isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                bn: Any = type(norm)(keep_n, eps=norm.eps, momentum=norm.momentum)
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(bn, name).copy_(getattr(norm, name)[keep])
+                layers[i] = bn
+        if isinstance(second, nn.Linear):
+            columns = keep
+            if isinstance(first, nn.Conv2d):
+                # Flattened channels: each kept channel keeps its block of positions.
+                block = int(second.in_features) // width
+                columns = (keep[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+            new_second: Any = nn.Linear(
+                len(columns), second.out_features, bias=second.bias is not None
+            )
+            new_second.weight.copy_(second.weight[:, columns])
+        else:
+            new_second = _conv_like(second, keep_n, second.out_channels)
+            new_second.weight.copy_(second.weight[:, keep])
+        if second.bias is not None:
+            new_second.bias.copy_(second.bias)
+    layers[a], layers[b] = new_first, new_second
+    return True
+
+
+def _structured(model: Any, fraction: float) -> Any | None:
+    """A copy of a Sequential with hidden units/channels removed, or None if not one."""
+    from itertools import pairwise
+
     from torch import nn
 
     if not isinstance(model, nn.Sequential):
         return None
-    layers = list(copy.deepcopy(model))
-    shapes: list[tuple[int, ...]] = []
-    with torch.no_grad():
-        out = torch.from_numpy(example[:1])
-        for layer in layers:
-            out = layer(out)
-            shapes.append(tuple(out.shape[1:]))
-    changed = False
+    layers: list[Any] = list(copy.deepcopy(model))
     weighted = [i for i, layer in enumerate(layers) if isinstance(layer, (nn.Linear, nn.Conv2d))]
-    for a, b in zip(weighted, weighted[1:], strict=False):
-        first, second = layers[a], layers[b]
+    between_ok = (nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d)
+    changed = False
+    for a, b in pairwise(weighted):
         between = layers[a + 1 : b]
-        if not all(
-            type(m).__name__ in _PASS_THROUGH
-            or isinstance(m, (nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d))
-            for m in between
-        ):
+        if not all(type(m).__name__ in _PASS_THROUGH or isinstance(m, between_ok) for m in between):
             return None
-        width = first.weight.shape[0]
-        keep_n = max(1, round(width * (1 - fraction)))
-        if keep_n >= width:
-            continue
-        norms = first.weight.detach().abs().reshape(width, -1).sum(dim=1)
-        keep = torch.sort(torch.topk(norms, keep_n).indices).values
-        flatten_at = [m for m in between if isinstance(m, nn.Flatten)]
-        with torch.no_grad():
-            if isinstance(first, nn.Linear):
-                new_first: nn.Module = nn.Linear(
-                    first.in_features, keep_n, bias=first.bias is not None
-                )
-            else:
-                new_first = nn.Conv2d(
-                    first.in_channels,
-                    keep_n,
-                    first.kernel_size,
-                    stride=first.stride,
-                    padding=first.padding,
-                    dilation=first.dilation,
-                    bias=first.bias is not None,
-                )
-            new_first.weight.copy_(first.weight[keep])
-            if first.bias is not None:
-                new_first.bias.copy_(first.bias[keep])
-            for i in range(a + 1, b):
-                m = layers[i]
-                if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                    bn = type(m)(keep_n, eps=m.eps, momentum=m.momentum)
-                    bn.weight.copy_(m.weight[keep])
-                    bn.bias.copy_(m.bias[keep])
-                    bn.running_mean.copy_(m.running_mean[keep])
-                    bn.running_var.copy_(m.running_var[keep])
-                    layers[i] = bn
-            if isinstance(second, nn.Linear):
-                columns = keep
-                if flatten_at and isinstance(first, nn.Conv2d):
-                    # Flattened channels: each kept channel keeps its block of positions.
-                    block = second.in_features // width
-                    columns = (keep[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
-                new_second: nn.Module = nn.Linear(
-                    len(columns), second.out_features, bias=second.bias is not None
-                )
-                new_second.weight.copy_(second.weight[:, columns])
-            else:
-                new_second = nn.Conv2d(
-                    keep_n,
-                    second.out_channels,
-                    second.kernel_size,
-                    stride=second.stride,
-                    padding=second.padding,
-                    dilation=second.dilation,
-                    bias=second.bias is not None,
-                )
-                new_second.weight.copy_(second.weight[:, keep])
-            if second.bias is not None:
-                new_second.bias.copy_(second.bias)
-        layers[a], layers[b] = new_first, new_second
-        changed = True
-    del shapes
+        changed |= _shrink_pair(layers, a, b, fraction)
     return nn.Sequential(*layers) if changed else None
 
 
@@ -238,7 +232,7 @@ def prune(
     import torch
 
     torch.manual_seed(plan.seed)
-    pruned = _structured(module, x, plan.prune_fraction)
+    pruned = _structured(module, plan.prune_fraction)
     if pruned is not None:
         fit_to_teacher(pruned, x, teacher, labels, epochs=plan.finetune_epochs, plan=plan)
         return pruned, "structured"

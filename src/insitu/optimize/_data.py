@@ -70,7 +70,7 @@ def load_data(data: DataLike, source: SourceModel, *, role: str, label: str | No
                 if "x" not in archive:
                     raise DataFormatError(f"{path.name} has no array 'x' (arrays: {archive.files})")
                 x = archive["x"]
-                y = archive["y"] if "y" in archive else None
+                y = archive.get("y", None)
         else:
             from insitu.data import read_table
 

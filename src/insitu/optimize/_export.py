@@ -23,7 +23,14 @@ import numpy as np
 from insitu.errors import UnsupportedOperatorError
 from insitu.optimize._onnx import pin_ir
 
-__all__ = ["export_sklearn", "export_torch"]
+__all__ = ["export_sklearn", "export_torch", "set_mode"]
+
+
+def set_mode(module: Any, *, training: bool) -> Any:
+    """``module.train(training)``; a ``torch.export`` program's module has its mode baked in."""
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)
+    return module
 
 
 def export_torch(module: Any, example: np.ndarray, *, name: str = "model") -> bytes:
@@ -38,7 +45,7 @@ def export_torch(module: Any, example: np.ndarray, *, name: str = "model") -> by
     """
     import torch
 
-    module = module.eval()
+    module = set_mode(module, training=False)
     tensor = torch.from_numpy(np.ascontiguousarray(example[:2] if len(example) >= 2 else example))
     batch = torch.export.Dim("batch", min=1)
     try:

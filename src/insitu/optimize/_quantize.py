@@ -32,6 +32,11 @@ __all__ = ["ArrayReader", "quantize_dynamic_int8", "quantize_static_int8"]
 logger = logging.getLogger(__name__)
 
 
+#: Tensors whose type shape inference cannot find (outputs of ai.onnx.ml operators in
+#: skl2onnx graphs) are float32: without this the quantizers stop on them.
+_EXTRA = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
+
+
 class ArrayReader:
     """A ``CalibrationDataReader`` over an array of the user's records, in batches."""
 
@@ -73,7 +78,7 @@ def quantize_dynamic_int8(model: bytes) -> bytes:
         warnings.simplefilter("ignore")
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         src.write_bytes(prepared)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, extra_options=_EXTRA)
         return pin_ir(dst.read_bytes())
 
 
@@ -85,7 +90,13 @@ def preprocess(model: bytes) -> bytes:
         warnings.simplefilter("ignore")
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
         src.write_bytes(model)
-        quant_pre_process(src, dst, skip_symbolic_shape=False)
+        try:
+            quant_pre_process(src, dst, skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 -- ONNX Runtime raises a bare Exception here
+            # Symbolic shape inference knows no ai.onnx.ml operators (skl2onnx graphs):
+            # ONNX's own shape inference is enough for the MatMul/Gemm nodes quantized.
+            logger.debug("symbolic shape inference failed; using ONNX shape inference")
+            quant_pre_process(src, dst, skip_symbolic_shape=True)
         return dst.read_bytes()
 
 
@@ -112,5 +123,6 @@ def quantize_static_int8(model: bytes, input_name: str, calibration: np.ndarray)
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            extra_options=_EXTRA,
         )
         return pin_ir(dst.read_bytes())

@@ -1,14 +1,17 @@
 """What ``insitu optimize`` starts from: four kinds of model, one :class:`SourceModel`.
 
-* a **workspace model**: a directory written by ``insitu federate`` (``<home>/models/<run>/``
-  with ``model.pt``, ``model.onnx``, ``features.json``, ``record.json``). The PyTorch
-  model is rebuilt from ``record.json`` (family and width) and ``model.pt`` (loaded with
+* a **workspace model**: a directory written by ``insitu federate``
+  (``<home>/models/<run>/`` with ``model.pt``, ``model.onnx``, ``features.json``,
+  ``record.json``). The PyTorch model is rebuilt from ``record.json`` (family and width) and ``model.pt`` (loaded with
   ``weights_only=True``: no code runs); data files are prepared and encoded under the
   schema in ``features.json``, with the categories the model was trained on.
 * a **PyTorch program**: a ``torch.export`` ``ExportedProgram`` saved with
   ``torch.export.save(program, "model.pt2")``. It carries its example input (the shape of
   one row) and its graph, and loading it runs no pickled code, unlike ``torch.save`` of
-  a module. In Python, a ``torch.nn.Module`` and an example batch can be passed directly.
+  a module. It must be exported with a dynamic batch axis
+  (``dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)``): a fixed batch is baked
+  into the program's reshapes, and is refused. In Python, a ``torch.nn.Module`` and an
+  example batch can be passed directly.
 * a **scikit-learn pipeline** in a pickle or joblib file, converted by skl2onnx.
   Loading a pickle executes whatever code it holds: only open files you made or trust.
   insitu logs a warning each time and never loads one implicitly.
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from insitu.errors import NotAModelError, UsageError
-from insitu.optimize._export import export_sklearn, export_torch
+from insitu.optimize._export import export_sklearn, export_torch, set_mode
 from insitu.optimize._onnx import check_model, input_spec
 
 __all__ = ["SourceModel", "load_model", "scores_and_labels", "sklearn_source", "torch_source"]
@@ -100,7 +103,7 @@ def torch_source(module: Any, example: np.ndarray, *, name: str = "module") -> S
     import torch
 
     example = np.ascontiguousarray(example, dtype=np.float32)
-    module = module.eval()
+    module = set_mode(module, training=False)
     onnx_bytes = export_torch(module, example, name=name)
 
     def reference(x: np.ndarray) -> np.ndarray:
@@ -215,11 +218,21 @@ def _exported_program_source(path: Path) -> SourceModel:
             f"{path.name} is not a torch.export program ({type(exc).__name__}); save one with "
             "torch.export.save(torch.export.export(model, (example,)), 'model.pt2')"
         ) from exc
-    args = program.example_inputs[0] if program.example_inputs else ()
+    args: tuple[Any, ...] = program.example_inputs[0] if program.example_inputs else ()
     if len(args) != 1 or not isinstance(args[0], torch.Tensor):
         raise NotAModelError(
             f"{path.name} was exported with {len(args)} example inputs; insitu optimizes "
             "programs with one tensor input"
+        )
+    placeholder = next(
+        n
+        for n in program.graph.nodes
+        if n.op == "placeholder" and n.name in program.graph_signature.user_inputs
+    )
+    if isinstance(placeholder.meta["val"].shape[0], int):
+        raise NotAModelError(
+            f"{path.name} was exported with a fixed batch of {args[0].shape[0]}; export it with "
+            "dynamic_shapes=({0: torch.export.Dim('batch', min=1)},) so it runs on any batch"
         )
     example = args[0].detach().to(torch.float32).numpy()
     if len(example) < 2:
@@ -239,7 +252,7 @@ def _pickle_source(path: Path, *, allow_pickle: bool) -> SourceModel:
     )
     try:
         if path.suffix.lower() == ".joblib":
-            import joblib
+            import joblib  # type: ignore[import-untyped]
 
             estimator = joblib.load(path)
         else:
