@@ -2,9 +2,10 @@
 
 * a **workspace model**: a directory written by ``insitu federate``
   (``<home>/models/<run>/`` with ``model.pt``, ``model.onnx``, ``features.json``,
-  ``record.json``). The PyTorch model is rebuilt from ``record.json`` (family and width) and ``model.pt`` (loaded with
-  ``weights_only=True``: no code runs); data files are prepared and encoded under the
-  schema in ``features.json``, with the categories the model was trained on.
+  ``record.json``). The PyTorch model is rebuilt from ``record.json`` (family and
+  width) and ``model.pt`` (loaded with ``weights_only=True``: no code runs); data
+  files are prepared and encoded under the schema in ``features.json``, with the
+  categories the model was trained on.
 * a **PyTorch program**: a ``torch.export`` ``ExportedProgram`` saved with
   ``torch.export.save(program, "model.pt2")``. It carries its example input (the shape of
   one row) and its graph, and loading it runs no pickled code, unlike ``torch.save`` of
