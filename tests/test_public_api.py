@@ -94,6 +94,17 @@ EXPECTED = {
         "rotate_directory_keys",
     ],
     "insitu.cli": ["app", "main", "run"],
+    "insitu.optimize": [
+        "CANDIDATES",
+        "TARGETS",
+        "Candidate",
+        "Constraints",
+        "OptimizationReport",
+        "SourceModel",
+        "load_model",
+        "optimize",
+        "select",
+    ],
     "insitu.privacy.attacks": [
         "ATTACKS",
         "AttackResult",
