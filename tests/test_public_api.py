@@ -103,6 +103,7 @@ EXPECTED = {
         "SourceModel",
         "load_model",
         "optimize",
+        "optimize_workspace_model",
         "select",
     ],
     "insitu.privacy.attacks": [

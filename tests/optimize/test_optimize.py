@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from insitu.errors import InputShapeMismatchError, NotAModelError
-from insitu.optimize import Constraints, load_model, optimize
+from insitu.optimize import Constraints, load_model, optimize, optimize_workspace_model
 from insitu.optimize._compress import CompressionPlan, prune
 from insitu.optimize._measure import measure_outputs
 from insitu.optimize._source import scores_and_labels, torch_source
@@ -61,15 +61,10 @@ def auto_run(tmp_path_factory, adult):
 
     root = tmp_path_factory.mktemp("auto")
     ws, _ = Workspace.init(root / "ws", name="opt")
-    model_dir = write_model_dir(ws.home / "models" / "run-1", adult)
-    report = optimize(
-        model_dir,
-        adult.cal_rows,
-        adult.eval_rows,
-        constraints=Constraints(max_accuracy_drop=0.5),
-        out_dir=root / "out",
-        quick=True,
-        workspace=ws,
+    write_model_dir(ws.home / "models" / "run-1", adult)
+    # What the quickstart calls: the newest run of the workspace, quick, recorded.
+    report = optimize_workspace_model(
+        ws, adult.cal_rows, adult.eval_rows, constraints=Constraints(max_accuracy_drop=0.5)
     )
     return ws, report
 
@@ -102,6 +97,8 @@ def test_auto_reports_every_candidate_with_parity_and_enforces_the_accuracy_bar(
 def test_auto_writes_the_chosen_model_the_report_the_plot_and_a_ledger_entry(auto_run):
     ws, report = auto_run
     out = report.out_dir
+    assert out == ws.home / "models" / "run-1" / "optimized"
+    assert report.quick
     assert (out / "model.onnx").read_bytes() == report.onnx
     assert (out / "candidates.png").read_bytes()[:4] == b"\x89PNG"
     document = json.loads((out / "report.json").read_text())

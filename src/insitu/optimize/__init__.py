@@ -9,7 +9,7 @@ that meets the user's constraints and is no slower than fp32. See ``docs/optimiz
 
 from __future__ import annotations
 
-from insitu.optimize._optimize import CANDIDATES, TARGETS, optimize
+from insitu.optimize._optimize import CANDIDATES, TARGETS, optimize, optimize_workspace_model
 from insitu.optimize._report import OptimizationReport
 from insitu.optimize._select import Candidate, Constraints, select
 from insitu.optimize._source import SourceModel, load_model
@@ -23,5 +23,6 @@ __all__ = [
     "SourceModel",
     "load_model",
     "optimize",
+    "optimize_workspace_model",
     "select",
 ]

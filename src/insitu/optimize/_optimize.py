@@ -49,7 +49,7 @@ from insitu.optimize._source import (
     torch_source,
 )
 
-__all__ = ["CANDIDATES", "TARGETS", "optimize"]
+__all__ = ["CANDIDATES", "TARGETS", "optimize", "optimize_workspace_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -402,3 +402,49 @@ def _write(report: OptimizationReport) -> None:
         (directory / "model.onnx").unlink(missing_ok=True)
     atomic_write_bytes(directory / "candidates.png", plot_candidates(report))
     _write_json(report)
+
+
+def optimize_workspace_model(
+    workspace: Any,
+    calibration: DataLike,
+    evaluation: DataLike,
+    *,
+    run_id: str | None = None,
+    out_dir: Path | None = None,
+    quick: bool = True,
+    **options: Any,
+) -> OptimizationReport:
+    """Optimize the model a federated run wrote into ``workspace`` (quick by default).
+
+    ``run_id`` defaults to the newest run under ``<home>/models/``; ``out_dir`` to
+    ``<home>/models/<run>/optimized/``. The result is recorded in the workspace's ledger
+    (``model.optimized``). Other options are those of :func:`optimize`.
+
+    Raises:
+        UsageError: the workspace holds no model (or none with that run id).
+
+    """
+    models = workspace.home / "models"
+    if run_id is None:
+        runs = sorted(
+            (p for p in models.glob("*") if (p / "features.json").is_file()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not runs:
+            raise UsageError(
+                f"{workspace.home} holds no trained model; run 'insitu federate simulate' first"
+            )
+        model_dir = runs[-1]
+    else:
+        model_dir = models / run_id
+        if not (model_dir / "features.json").is_file():
+            raise UsageError(f"{workspace.home} has no model of run {run_id!r}")
+    return optimize(
+        model_dir,
+        calibration,
+        evaluation,
+        out_dir=out_dir or model_dir / "optimized",
+        quick=quick,
+        workspace=workspace,
+        **options,
+    )
