@@ -98,12 +98,45 @@ def fit_to_teacher(
     """Train ``model`` in place to match ``teacher`` logits on ``x`` (Adam, shuffled)."""
     import torch
 
-    generator = torch.Generator().manual_seed(plan.seed)
     tx, tt = torch.from_numpy(x), torch.from_numpy(teacher)
     ty = None if labels is None else torch.from_numpy(labels.astype(np.int64))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=plan.learning_rate)
     named = dict(model.named_parameters())
+    # Small models on a small CPU: a second thread only spins (ADR 0404).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _epochs(
+            model,
+            optimizer,
+            tx=tx,
+            tt=tt,
+            ty=ty,
+            named=named,
+            masks=masks,
+            epochs=epochs,
+            plan=plan,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _epochs(
+    model: Any,
+    optimizer: Any,
+    *,
+    tx: Any,
+    tt: Any,
+    ty: Any,
+    named: dict[str, Any],
+    masks: dict[str, Any] | None,
+    epochs: int,
+    plan: CompressionPlan,
+) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(plan.seed)
     set_mode(model, training=True)
     for _ in range(epochs):
         order = torch.randperm(len(tx), generator=generator)

@@ -142,17 +142,24 @@ class _Builder:
             )
         if name == "distilled":
             named = self.student if isinstance(self.student, str) else None
+            teacher_parameters = _parameters(source)
             model, description = distill(
                 cal.x,
                 self.teacher,
                 cal.y,
                 input_shape=tuple(int(d) for d in cal.x.shape[1:]),
-                teacher_parameters=_parameters(source),
+                teacher_parameters=teacher_parameters,
                 probabilities=source.kind == "sklearn",
                 plan=plan,
                 student=None if named else self.student,
                 spec=named,
             )
+            student_parameters = int(sum(p.numel() for p in model.parameters()))
+            if self.student is None and student_parameters >= teacher_parameters:
+                raise OptimizationError(
+                    f"the source has {teacher_parameters} parameters, no more than the "
+                    f"smallest student insitu proposes ({student_parameters}); nothing to distil"
+                )
             return (
                 export_torch(model, cal.x[:2], name="distilled"),
                 f"student {description} distilled {plan.distill_epochs} epochs",
@@ -262,11 +269,10 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         step(f"building {name}")
         try:
             onnx_bytes, technique = builder.build(name)
-        except InsituError:
+        except InsituError as exc:
             if target != "auto" or name == "fp32":
                 raise
-            logger.warning("candidate %s could not be built", name, exc_info=True)
-            candidates.append(Candidate(name, "", error="see the log"))
+            candidates.append(Candidate(name, "", error=str(exc)))
             continue
         except Exception as exc:  # a quantizer or exporter failing on one candidate
             if target != "auto":
