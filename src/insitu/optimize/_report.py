@@ -93,6 +93,7 @@ def plot_candidates(report: OptimizationReport) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     built = [c for c in report.candidates if c.error is None and math.isfinite(c.latency_p50_ms)]
     figure, axes = plt.subplots(figsize=(7.5, 5))
@@ -129,6 +130,7 @@ def plot_candidates(report: OptimizationReport) -> bytes:
             )
             axes.legend(loc="best", fontsize=8)
         axes.set_xscale("log")
+        axes.xaxis.set_minor_formatter(NullFormatter())
         axes.set_xlabel("size (KiB, log scale)")
         axes.set_ylabel("p50 latency at batch 1 (µs)")
         axes.set_title(
