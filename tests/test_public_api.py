@@ -111,6 +111,18 @@ EXPECTED = {
     "insitu.finetune": ["FinetuneResult", "finetune", "local_start_weights", "split_holdout"],
     "insitu.dashboard": ["MetricsSource", "router", "site_view"],
     "insitu.cli": ["app", "main", "run"],
+    "insitu.optimize": [
+        "CANDIDATES",
+        "TARGETS",
+        "Candidate",
+        "Constraints",
+        "OptimizationReport",
+        "SourceModel",
+        "load_model",
+        "optimize",
+        "optimize_workspace_model",
+        "select",
+    ],
     "insitu.privacy.attacks": [
         "ATTACKS",
         "AttackResult",

@@ -30,6 +30,11 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │       ├── OverlappingSetsError     a record both in the member and non-member sets
     │       ├── TooFewRecordsError       sets too small for the FPR asked (says how many)
     │       └── BoundViolationError      measured leakage above the (epsilon, delta) bound
+    ├── OptimizationError                a model that cannot be optimized as asked
+    │   ├── NotAModelError               a file that is not a model insitu can read
+    │   ├── InputShapeMismatchError      data whose shape is not the model's input shape
+    │   ├── UnsupportedOperatorError     an operator the exporter or ONNX Runtime cannot run
+    │   └── ConstraintsNotMetError       no candidate meets the constraints (report written)
     ├── FederationError                  a federated run that cannot start or complete
     │   ├── CertificateError             a TLS certificate or key missing, invalid or mismatched
     │   ├── ServerUnreachableError       the SuperLink does not answer at the address given
@@ -83,6 +88,7 @@ __all__ = [
     "CertificateError",
     "ConfigError",
     "ConsentError",
+    "ConstraintsNotMetError",
     "DataError",
     "DataFormatError",
     "DeltaError",
@@ -91,6 +97,7 @@ __all__ = [
     "EntryHashMismatchError",
     "ExpiredMetadataError",
     "FederationError",
+    "InputShapeMismatchError",
     "InsituError",
     "InstallError",
     "InsufficientDataError",
@@ -103,8 +110,10 @@ __all__ = [
     "MalformedBundleError",
     "MalformedLedgerError",
     "MixAndMatchError",
+    "NotAModelError",
     "NotEnrolledError",
     "NothingToRollBackError",
+    "OptimizationError",
     "OverlappingSetsError",
     "PassphraseRequiredError",
     "PersonalDataError",
@@ -124,6 +133,7 @@ __all__ = [
     "TruncatedLedgerError",
     "UnsignedBundleError",
     "UnsignedMetadataError",
+    "UnsupportedOperatorError",
     "UntrustedPublisherError",
     "UnusableSplitError",
     "UpdateError",
@@ -243,6 +253,26 @@ class BoundViolationError(AuditError):
     Either the epsilon on paper is wrong (an accounting or implementation bug) or the
     model was not trained as recorded. The audit's report is written before this is raised.
     """
+
+
+class OptimizationError(InsituError):
+    """A model that cannot be exported, quantized, pruned or distilled as asked."""
+
+
+class NotAModelError(OptimizationError):
+    """A file that is not a model insitu can read (not ONNX, not a saved program, empty)."""
+
+
+class InputShapeMismatchError(OptimizationError):
+    """Calibration or evaluation data whose shape differs from the model's input."""
+
+
+class UnsupportedOperatorError(OptimizationError):
+    """An operator that the exporter or ONNX Runtime's CPU provider cannot run."""
+
+
+class ConstraintsNotMetError(OptimizationError):
+    """No candidate meets the constraints; the report and the table are produced first."""
 
 
 class FederationError(InsituError):

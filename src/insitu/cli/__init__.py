@@ -11,6 +11,7 @@ from insitu.cli import (  # noqa: F401
     drift,
     federate,
     finetune,
+    optimize,
     privacy,
     quickstart,
     repo,
