@@ -45,6 +45,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │       ├── BadHeadSignatureError    a tree head not signed by this node's key (forged)
     │       ├── RootMismatchError        a signed head that does not match the entries
     │       └── TruncatedLedgerError     fewer entries than a trusted head covers
+    ├── ReportError                      a compliance report that cannot be built or written
+    │   └── UnverifiedEvidenceError      a ledger or artefact behind it fails verification
     ├── BundleError
     │   ├── MalformedBundleError         not a bundle, or a header that cannot be read
     │   ├── UnsignedBundleError          no signature, or one that does not verify
@@ -53,8 +55,10 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── WrongDeviceKeyError          this device's key cannot open the bundle
     │   └── DeltaError                   a delta that cannot be made or applied
     │       └── DeltaMismatchError       a delta that does not rebuild the signed bundle
-    └── UpdateError
-        ├── RepositoryError              the update repository on disk is missing or invalid
+    ├── UpdateError
+    └── ReportError                      a compliance report that cannot be built or written
+        └── UnverifiedEvidenceError      a ledger or artefact behind a report fails verification
+    │   ├── RepositoryError              the update repository on disk is missing or invalid
         ├── RepositoryUnavailableError   the repository cannot be reached (network, HTTP)
         ├── NotEnrolledError             this device has no trusted root yet
         ├── UpdateInProgressError        another update or rollback holds the lock
@@ -109,6 +113,7 @@ __all__ = [
     "PersonalDataError",
     "PrivacyError",
     "ProofError",
+    "ReportError",
     "RepositoryError",
     "RepositoryUnavailableError",
     "RollbackError",
@@ -122,6 +127,7 @@ __all__ = [
     "TooFewRecordsError",
     "TruncatedLedgerError",
     "UnsignedBundleError",
+    "UnverifiedEvidenceError",
     "UnsignedMetadataError",
     "UntrustedPublisherError",
     "UpdateError",
@@ -397,3 +403,11 @@ class TargetMismatchError(UpdateRefusedError):
 
 class EndlessDataError(TargetMismatchError):
     """A download that sends more bytes than the signed metadata allows."""
+
+
+class ReportError(InsituError):
+    """A compliance report that cannot be built or written (e.g. no Chromium for a PDF)."""
+
+
+class UnverifiedEvidenceError(ReportError):
+    """A ledger or an artefact behind a report failed verification: nothing was written."""
