@@ -94,6 +94,18 @@ EXPECTED = {
         "rotate_directory_keys",
     ],
     "insitu.cli": ["app", "main", "run"],
+    "insitu.report": [
+        "ArtefactCheck",
+        "Evidence",
+        "LedgerEvidence",
+        "Report",
+        "build_report",
+        "collect_evidence",
+        "find_workspaces",
+        "render_html",
+        "render_pdf",
+        "write_report",
+    ],
     "insitu.privacy.attacks": [
         "ATTACKS",
         "AttackResult",

@@ -112,7 +112,7 @@ def _onnx_predict(onnx: bytes) -> Any:
     return predict
 
 
-def audit_membership_of(  # noqa: PLR0913 -- the audit's inputs, named
+def audit_membership_of(
     coordinator: Workspace,
     *,
     run_id: str,

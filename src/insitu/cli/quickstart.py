@@ -287,7 +287,9 @@ def _print_summary(summary: dict[str, Any], results: dict[str, StepResult]) -> N
     verified, total = summary["ledgers_verified"]
     table.add_row(
         "ledgers verified",
-        f"[green]{verified} of {total}[/]" if verified == total else f"[red]{verified} of {total}[/]",
+        f"[green]{verified} of {total}[/]"
+        if verified == total
+        else f"[red]{verified} of {total}[/]",
     )
     out.print(table)
     out.print(f"report: [bold]{summary['report']}[/]")
@@ -318,7 +320,9 @@ def _verify_ledgers(
         inclusion = check_proof(
             inclusion_document(ledger, started_entry.seq), coordinator.signing_public_key
         )
-        growth = check_proof(consistency_document(ledger, kept_head), coordinator.signing_public_key)
+        growth = check_proof(
+            consistency_document(ledger, kept_head), coordinator.signing_public_key
+        )
     total = 1 + len(site_homes)
     return StepResult(
         "ledgers",

@@ -107,9 +107,7 @@ def egress_mod(site_of: Callable[[Any], EgressSite]) -> Callable[[Any, Any, Any]
 
         # Read before the call: SecAgg+ consumes the stage from the incoming message.
         configs = (
-            message.content.config_records.get(_SECAGG_CONFIGS)
-            if message.has_content()
-            else None
+            message.content.config_records.get(_SECAGG_CONFIGS) if message.has_content() else None
         )
         stage = str(configs.get("stage", "")) if configs is not None else ""
         bytes_in = int(message_to_proto(message).ByteSize())

@@ -247,7 +247,9 @@ def collect_evidence(paths: list[Path]) -> Evidence:
         UsageError: a path holds no workspace.
 
     """
-    evidence = Evidence(ledgers=[_read_ledger(home) for home in find_workspaces(paths)], artefacts=[])
+    evidence = Evidence(
+        ledgers=[_read_ledger(home) for home in find_workspaces(paths)], artefacts=[]
+    )
     for le in evidence.ledgers:
         _check_artefacts(evidence, le)
     return evidence

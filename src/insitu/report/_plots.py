@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,7 +47,9 @@ def _svg(fig: Any) -> str:
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buffer.getvalue()
-    return text[text.index("<svg") :]
+    text = text[text.index("<svg") :]
+    # Matplotlib's RDF block (creator, format) names namespaces by URL; the page needs none.
+    return re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.DOTALL)
 
 
 def accuracy_plot(rounds: list[dict[str, Any]], baseline: float | None) -> str | None:
@@ -80,8 +83,8 @@ def epsilon_plot(by_round: dict[int, dict[str, float]], target: float | None) ->
         xs = sorted(by_round)
         for index, site in enumerate(sites):
             ax.plot(
-                xs,
-                [by_round[x].get(site, math.nan) for x in xs],
+                [0, *xs],
+                [0.0, *(by_round[x].get(site, math.nan) for x in xs)],
                 marker="o",
                 markersize=3,
                 label=site,
@@ -92,31 +95,40 @@ def epsilon_plot(by_round: dict[int, dict[str, float]], target: float | None) ->
             ax.axhline(target, linestyle="--", color="#555555", label=f"target {target:g}")
         ax.set_xlabel("round")
         ax.set_ylabel("epsilon spent (RDP, cumulative)")
-        ax.set_xticks(xs)
-        ax.legend(loc="upper left", frameon=False, ncol=2)
+        ax.set_xticks([0, *xs])
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="lower right", frameon=False, ncol=2)
         return _svg(fig)
 
 
-def roc_plot(roc: dict[str, Any], epsilon: float | None, delta: float) -> str | None:
-    """The attack's ROC on log axes, with chance and the (epsilon, delta) bound."""
+def roc_plot(
+    roc: dict[str, Any], epsilon: float | None, delta: float, non_members: int
+) -> str | None:
+    """The attack's ROC on log axes, with chance and the (epsilon, delta) bound.
+
+    Drawn from FPR 1/non-members up: below it the curve has no resolution.
+    """
     import numpy as np
 
     fpr = np.asarray(roc.get("fpr", []), dtype=float)
     tpr = np.asarray(roc.get("tpr", []), dtype=float)
-    keep = fpr > 0
+    low = 1.0 / max(1, non_members)
+    keep = fpr >= low
     if not keep.any():
         return None
     with _figure(5.0, 3.6) as (fig, ax):
-        grid = np.geomspace(max(1e-4, float(fpr[keep].min())), 1.0, 200)
+        grid = np.geomspace(low, 1.0, 200)
         ax.plot(fpr[keep], np.maximum(tpr[keep], 1e-4), color=_COLORS[0], label=roc["attack"])
         ax.plot(grid, grid, linestyle=":", color="#777777", label="chance")
         if epsilon is not None:
             bound = np.minimum(1.0, math.exp(epsilon) * grid + delta)
-            ax.plot(grid, bound, linestyle="--", color=_COLORS[1], label=f"DP bound (eps {epsilon:.2f})")
+            ax.plot(
+                grid, bound, linestyle="--", color=_COLORS[1], label=f"DP bound (eps {epsilon:.2f})"
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(grid[0], 1)
-        ax.set_ylim(1e-4, 1.05)
+        ax.set_ylim(min(low, 1e-2), 1.05)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.legend(loc="lower right", frameon=False)

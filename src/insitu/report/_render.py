@@ -45,7 +45,12 @@ class Report:
             "problems": self.evidence.problems,
             "run": self.sections["run"],
             "ledgers": [
-                {"name": le.name, "role": le.role, "entries": len(le.entries), "verified": le.verified}
+                {
+                    "name": le.name,
+                    "role": le.role,
+                    "entries": len(le.entries),
+                    "verified": le.verified,
+                }
                 for le in self.evidence.ledgers
             ],
             "artefacts": [
@@ -103,19 +108,28 @@ def _summary(evidence: Evidence, s: dict[str, Any]) -> dict[str, Any]:
     def pct(value: Any) -> str | None:
         return None if value is None else f"{100 * float(value):.2f}%"
 
+    eps_text = ", ".join(
+        f"{k} {v:.3f}" for k, v in summary["epsilon_by_site"].items() if v is not None
+    )
+    raw = flows["raw_record_bytes"]
+    sizes = (
+        f"{opt.get('model_bytes_before', 0):,} / {opt.get('model_bytes_after', 0):,} bytes"
+        if opt
+        else None
+    )
     summary["rows"] = [
-        ("accuracy, federated with DP (sites' held-out records)", pct(private), "federation.baseline"),
-        ("accuracy, non-private centralized baseline", pct(baseline.get("baseline_accuracy")), "federation.baseline"),
-        (
-            "epsilon spent this run, per site",
-            ", ".join(f"{k} {v:.3f}" for k, v in summary["epsilon_by_site"].items() if v is not None)
-            or None,
-            "each site's privacy.spent",
-        ),
-        ("membership attack AUC (loss attack)", None if attack is None else f"{attack['auc']:.4f}", "privacy.audit"),
-        ("raw-data bytes that crossed a site boundary", None if flows["raw_record_bytes"] is None else f"{flows['raw_record_bytes']:,}", "each site's federation.egress"),
-        ("model size before / after optimization", None if not opt else f"{opt.get('model_bytes_before', 0):,} / {opt.get('model_bytes_after', 0):,} bytes", "quickstart.step optimize"),
-        ("p50 latency", None if p50 is None else f"{float(p50):.2f} ms", "quickstart.step serve/optimize"),
+        ("accuracy, federated with DP (sites' held-out records)", pct(private),
+         "federation.baseline"),
+        ("accuracy, non-private centralized baseline", pct(baseline.get("baseline_accuracy")),
+         "federation.baseline"),
+        ("epsilon spent this run, per site", eps_text or None, "each site's privacy.spent"),
+        ("membership attack AUC (loss attack)", None if attack is None else f"{attack['auc']:.4f}",
+         "privacy.audit"),
+        ("raw-data bytes that crossed a site boundary", None if raw is None else f"{raw:,}",
+         "each site's federation.egress"),
+        ("model size before / after optimization", sizes, "quickstart.step optimize"),
+        ("p50 latency", None if p50 is None else f"{float(p50):.2f} ms",
+         "quickstart.step serve/optimize"),
         ("ledgers verified", f"{verified} of {len(evidence.ledgers)}", "insitu audit verify"),
     ]  # fmt: skip
     return summary
@@ -167,17 +181,65 @@ def _annex(s: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str | 
     d = s["declared"] or {}
     versions = s["models"]["versions"]
     latest = versions[-1] if versions else None
+    audit = (
+        None
+        if summary["attack_auc"] is None
+        else f"membership inference (loss attack) AUC {summary['attack_auc']:.3f}, checked "
+        "against the (epsilon, delta) bound"
+    )
+    accuracy = (
+        None
+        if summary["private_accuracy"] is None
+        else f"accuracy {summary['private_accuracy']:.4f} on the sites' held-out records, after "
+        "every round in signed, dated ledger entries"
+    )
+    version = (
+        None
+        if latest is None
+        else f"{latest['model']} {latest['version']}, shipped as signed bundles through a TUF "
+        "repository"
+    )
+    secagg = " under SecAgg+" if c.get("secure_aggregation") else ""
+    design = (
+        f"{c.get('model')} model; FedAvg{secagg}; DP-SGD ({c.get('privacy')}-level, epsilon "
+        f"{c.get('epsilon')}): privacy traded for accuracy, see the baseline"
+    )
+    data = (
+        f"data schema {str(c.get('schema_sha256', ''))[:16]}: declared features only, "
+        "identifiers pseudonymized, consent per record; each site prepared and sealed its own "
+        "records"
+    )
+    limits = (
+        None
+        if summary["baseline_accuracy"] is None
+        else f"non-private baseline {summary['baseline_accuracy']:.4f}; accuracy per group of "
+        "persons is not measured"
+    )
+    security = (
+        "signed and encrypted bundles, TUF updates, signed hash-chained ledgers, SecAgg+, "
+        "egress measured at every site"
+    )
+    method = (
+        f"federated training over {c.get('sites')} sites, {c.get('rounds')} rounds, each site "
+        "training on its own records"
+    )
+    changes = f"{len(versions)} model version(s) with install history" if versions else None
     return [
-        ("1(a) intended purpose", "; ".join(d.get("purposes", [])) or None, "processing.declared"),
-        ("1(c) versions of the system", None if latest is None else f"{latest['model']} {latest['version']} (bundle {latest['bundle_sha256'][:16]})", "section 8"),
-        ("2(b) design: training procedure", f"federated {c.get('model')} model, {c.get('rounds')} rounds over {c.get('sites')} sites, FedAvg{' with SecAgg+' if c.get('secure_aggregation') else ''}, DP-SGD ({c.get('privacy')}-level)", "section 6"),
-        ("2(d) data governance: data sets, provenance, preparation", f"schema {str(c.get('schema_sha256', ''))[:16]}; each site prepared, pseudonymized and sealed its own records; consent applied per round", "sections 3, 4"),
-        ("2(e) human oversight measures", None, ""),
-        ("2(g) validation and testing, metrics", f"accuracy {summary['private_accuracy']:.4f} on held-out records" if summary["private_accuracy"] is not None else None, "section 6"),
-        ("3 accuracy, limitations, non-private reference", None if summary["baseline_accuracy"] is None else f"baseline {summary['baseline_accuracy']:.4f} without DP or federation", "section 6"),
-        ("2(h) cybersecurity measures", "signed and encrypted bundles, TUF updates, signed ledgers, SecAgg+, loopback-only services", "sections 2, 8"),
-        ("15 robustness: privacy attacks", None if summary["attack_auc"] is None else f"membership inference AUC {summary['attack_auc']:.3f}, checked against the DP bound", "section 5"),
-        ("4 monitoring in operation (post-market)", None, ""),
+        ("1(a) intended purpose, provider, version", "; ".join(d.get("purposes", [])) or None,
+         "sections 3, 8"),
+        ("1(c) versions and update requirements", version, "section 8"),
+        ("2(a) methods and steps of development", method, "section 6"),
+        ("2(b) design: logic, algorithms, key choices", design, "sections 5, 6"),
+        ("2(c) architecture, computational resources", None, ""),
+        ("2(d) data: provenance, scope, selection, cleaning", data, "sections 3, 4"),
+        ("2(e) human oversight measures (Art. 14)", None, ""),
+        ("2(g) validation and testing; metrics", accuracy, "section 6"),
+        ("2(g) robustness metrics (privacy attacks)", audit, "section 5"),
+        ("2(h) cybersecurity measures", security, "sections 2, 4, 8"),
+        ("3 capabilities and limitations in performance", limits, "section 6"),
+        ("5 risk management system (Art. 9)", None, ""),
+        ("6 changes through the lifecycle", changes, "section 8"),
+        ("9 post-market monitoring", None, ""),
     ]  # fmt: skip
 
 
@@ -198,7 +260,12 @@ def build_report(paths: list[Path]) -> Report:
         "accuracy": _plots.accuracy_plot(s["training"]["rounds"], summary["baseline_accuracy"]),
         "epsilon": _plots.epsilon_plot(s["epsilon_by_round"], c.get("epsilon")),
         "flow": _plots.flow_plot(s["flows"]),
-        "roc": _plots.roc_plot(audit["roc"], audit["epsilon"], float(audit["delta"] or 0))
+        "roc": _plots.roc_plot(
+            audit["roc"],
+            audit["epsilon"],
+            float(audit["delta"] or 0),
+            int(audit["non_members"] or 0),
+        )
         if audit and audit["roc"]
         else None,
         "optimize": _plots.optimize_plot(optimize.get("figures", {}).get("candidates", []))
@@ -236,6 +303,10 @@ def render_html(report: Report) -> str:
             return f"{value / 1024:,.1f} KiB"
         return f"{value / 1024 / 1024:,.1f} MiB"
 
+    def when(value: Any) -> str:
+        text = str(value or "")
+        return f"{text[:10]} {text[11:19]} UTC" if len(text) >= 19 else text or "-"
+
     s = report.sections
     model = s["models"]["versions"][-1]["model"] if s["models"]["versions"] else None
     title = model or str(s["training"]["config"].get("dataset", "federated model"))
@@ -258,6 +329,7 @@ def render_html(report: Report) -> str:
         },
         num=num,
         pct=pct,
+        when=when,
         bytes=size,
     )
 
@@ -310,7 +382,9 @@ def render_pdf(html: str, out: Path, *, chromium: Path | None = None) -> None:
         try:
             done = subprocess.run(command, capture_output=True, timeout=120, check=False)  # noqa: S603 -- a fixed argument list
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ReportError(f"Chromium could not print the report ({exc}); use --format html") from exc
+            raise ReportError(
+                f"Chromium could not print the report ({exc}); use --format html"
+            ) from exc
         if not pdf.is_file() or pdf.stat().st_size == 0:
             tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise ReportError(
