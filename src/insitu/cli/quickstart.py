@@ -43,6 +43,7 @@ from insitu.cli._quickstart_steps import (
 )
 from insitu.data import DataSchema, read_table
 from insitu.datasets import builtin_data, builtin_schema
+from insitu.errors import FederationError
 from insitu.federated import FederationConfig, RoundRecord, simulate
 from insitu.workspace import Workspace
 
@@ -128,6 +129,14 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
             coordinator, frame, config, schema=schema, consent=consent, on_round=on_round
         )
         last = result.rounds[-1]
+        short = [r.round for r in result.rounds if r.sites_ok < config.required_sites]
+        if short or len(result.rounds) < rounds:
+            # Flower's SecAgg+ workflow can end a round whose sites all failed without
+            # handing the strategy anything: never report such a model as trained.
+            raise FederationError(
+                f"rounds {short or 'missing'} aggregated fewer than {config.required_sites} "
+                "sites' updates (see the log above and the sites' ledgers); nothing was shipped"
+            )
         spent = max(last.epsilon_by_site.values(), default=0.0)
         done(
             StepResult(

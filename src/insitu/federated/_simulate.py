@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from insitu._atomic import atomic_write_bytes, atomic_write_text
+from insitu._egress import EgressSite, egress_mod
 from insitu.data import (
     ConsentRegistry,
     DataSchema,
@@ -43,7 +44,6 @@ from insitu.data import (
 )
 from insitu.errors import FederationError, InsufficientDataError, UsageError
 from insitu.federated._config import FederationConfig
-from insitu.federated._egress import EgressSite, egress_mod
 from insitu.federated._local import evaluate, planned_event
 from insitu.federated._models import (
     ModelFn,
