@@ -60,7 +60,7 @@ def accuracy_plot(rounds: list[dict[str, Any]], baseline: float | None) -> str |
         xs = [r["round"] for r in rounds]
         for key, label, color in (
             ("central_accuracy", "coordinator hold-out", _COLORS[0]),
-            ("accuracy", "sites' held-out records", _COLORS[3]),
+            ("accuracy", "sites' held-out records", _COLORS[2]),
         ):
             ys = [r.get(key) for r in rounds]
             if any(y is not None for y in ys):
@@ -155,7 +155,7 @@ def flow_plot(flows: list[dict[str, Any]]) -> str | None:
             left = [a + b for a, b in zip(left, values, strict=True)]
         ax.invert_yaxis()
         ax.set_xlabel("KiB sent by the site over the run")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         return _svg(fig)
 
 
