@@ -1,14 +1,16 @@
 """``insitu quickstart``: the first thing a newcomer runs.
 
-The main job on the Adult census data insitu carries, through what exists so far: a
-coordinator and five sites (each a workspace with its own keys, ledger and privacy
-budget), each site preparing its part of the data under the data schema (minimized,
-pseudonymized with its own key, consent applied), federated training on Flower's engine
-with record-level DP (Opacus) and SecAgg+, the global model exported to ONNX, bundled
-(signed, encrypted for the five sites) and published to a TUF repository served on
-loopback, every site updating, verifying and running it in memory, and every ledger
-verified, the coordinator's also through an export and Merkle proofs. Optimization, the
-localhost server and the privacy audit join as they land.
+The main job on the Adult census data insitu carries, as a fixed list of steps
+(``_quickstart_steps.STEPS``), each recorded in the coordinator's ledger: a coordinator
+and five sites (each a workspace with its own keys, ledger and privacy budget), each site
+preparing its part of the data under the data schema (minimized, pseudonymized with its
+own key, consent applied); federated training on Flower's engine with record-level DP
+(Opacus) and SecAgg+, each site recording what it sends; a membership-inference audit of
+the trained model and a non-private baseline; the model exported to ONNX, bundled
+(signed, encrypted for the sites) and published to a TUF repository served on loopback,
+every site updating, verifying and running it in memory; every ledger verified; and the
+compliance report (``insitu report``) written from the ledgers. ``optimize`` and
+``serve`` are recorded as "not run" until they land (their seams are marked below).
 
 Running it again on the same ``--out`` trains again on the same data: it spends the
 sites' privacy budgets (epsilon 10 each by default), which refuse once exhausted.
