@@ -223,10 +223,12 @@ def _check_artefacts(evidence: Evidence, le: LedgerEvidence) -> None:
         for key, ref in artefacts.items():
             if not isinstance(ref, dict) or "path" not in ref or "sha256" not in ref:
                 continue
-            path = le.home / str(ref["path"])
+            path = (le.home / str(ref["path"])).resolve()
+            # An entry may only point inside its own workspace (never /etc/...).
+            inside = path.is_relative_to(le.home.resolve())
             check = ArtefactCheck(
                 f"{entry.type} {key}", str(ref["path"]), le.name, entry.seq,
-                str(ref["sha256"]), _sha256(path),
+                str(ref["sha256"]), _sha256(path) if inside else None,
             )  # fmt: skip
             evidence.artefacts.append(check)
             if check.ok:
