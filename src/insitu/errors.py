@@ -21,7 +21,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── SchemaError                  a data schema that is invalid or does not fit the data
     │   ├── DataFormatError              a data file that cannot be read, or bad values in it
     │   ├── KAnonymityError              a release that would fall below the requested k
-    │   └── ConsentError                 a consent file or change that cannot be applied
+    │   ├── ConsentError                 a consent file or change that cannot be applied
+    │   └── UnusableSplitError           a local train/held-out split that is empty or one-class
     ├── PrivacyError
     │   ├── BudgetExceededError          a round would take a site past its privacy budget
     │   ├── InsufficientDataError        too few records for the requested epsilon
@@ -55,10 +56,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── WrongDeviceKeyError          this device's key cannot open the bundle
     │   └── DeltaError                   a delta that cannot be made or applied
     │       └── DeltaMismatchError       a delta that does not rebuild the signed bundle
-    ├── UpdateError
-    └── ReportError                      a compliance report that cannot be built or written
-        └── UnverifiedEvidenceError      a ledger or artefact behind a report fails verification
-    │   ├── RepositoryError              the update repository on disk is missing or invalid
+    └── UpdateError
+        ├── RepositoryError              the update repository on disk is missing or invalid
         ├── RepositoryUnavailableError   the repository cannot be reached (network, HTTP)
         ├── NotEnrolledError             this device has no trusted root yet
         ├── UpdateInProgressError        another update or rollback holds the lock
@@ -129,6 +128,7 @@ __all__ = [
     "UnsignedBundleError",
     "UnsignedMetadataError",
     "UntrustedPublisherError",
+    "UnusableSplitError",
     "UnverifiedEvidenceError",
     "UpdateError",
     "UpdateInProgressError",
@@ -211,6 +211,10 @@ class KAnonymityError(DataError):
 
 class ConsentError(DataError):
     """A consent file or consent change that cannot be applied."""
+
+
+class UnusableSplitError(DataError):
+    """A local training or held-out split that is empty or holds a single class."""
 
 
 class PrivacyError(InsituError):
