@@ -87,7 +87,8 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
             return time.perf_counter()
 
         def done(result: StepResult, since: float) -> None:
-            result.seconds = time.perf_counter() - since
+            if not result.seconds:  # steps that time themselves keep their own figure
+                result.seconds = time.perf_counter() - since
             results[result.step] = result
             progress.update(task, advance=1)
 
