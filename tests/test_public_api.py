@@ -123,6 +123,18 @@ EXPECTED = {
         "optimize_workspace_model",
         "select",
     ],
+    "insitu.report": [
+        "ArtefactCheck",
+        "Evidence",
+        "LedgerEvidence",
+        "Report",
+        "build_report",
+        "collect_evidence",
+        "find_workspaces",
+        "render_html",
+        "render_pdf",
+        "write_report",
+    ],
     "insitu.privacy.attacks": [
         "ATTACKS",
         "AttackResult",

@@ -51,6 +51,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │       ├── BadHeadSignatureError    a tree head not signed by this node's key (forged)
     │       ├── RootMismatchError        a signed head that does not match the entries
     │       └── TruncatedLedgerError     fewer entries than a trusted head covers
+    ├── ReportError                      a compliance report that cannot be built or written
+    │   └── UnverifiedEvidenceError      a ledger or artefact behind it fails verification
     ├── BundleError
     │   ├── MalformedBundleError         not a bundle, or a header that cannot be read
     │   ├── UnsignedBundleError          no signature, or one that does not verify
@@ -119,6 +121,7 @@ __all__ = [
     "PersonalDataError",
     "PrivacyError",
     "ProofError",
+    "ReportError",
     "RepositoryError",
     "RepositoryUnavailableError",
     "RollbackError",
@@ -136,6 +139,7 @@ __all__ = [
     "UnsupportedOperatorError",
     "UntrustedPublisherError",
     "UnusableSplitError",
+    "UnverifiedEvidenceError",
     "UpdateError",
     "UpdateInProgressError",
     "UpdateRefusedError",
@@ -433,3 +437,11 @@ class TargetMismatchError(UpdateRefusedError):
 
 class EndlessDataError(TargetMismatchError):
     """A download that sends more bytes than the signed metadata allows."""
+
+
+class ReportError(InsituError):
+    """A compliance report that cannot be built or written (e.g. no Chromium for a PDF)."""
+
+
+class UnverifiedEvidenceError(ReportError):
+    """A ledger or an artefact behind a report failed verification: nothing was written."""

@@ -15,6 +15,7 @@ from insitu.cli import (  # noqa: F401
     privacy,
     quickstart,
     repo,
+    report,
     update,
     workspace,
 )

@@ -1,14 +1,16 @@
 """``insitu quickstart``: the first thing a newcomer runs.
 
-The main job on the Adult census data insitu carries, through what exists so far: a
-coordinator and five sites (each a workspace with its own keys, ledger and privacy
-budget), each site preparing its part of the data under the data schema (minimized,
-pseudonymized with its own key, consent applied), federated training on Flower's engine
-with record-level DP (Opacus) and SecAgg+, the global model exported to ONNX, bundled
-(signed, encrypted for the five sites) and published to a TUF repository served on
-loopback, every site updating, verifying and running it in memory, and every ledger
-verified, the coordinator's also through an export and Merkle proofs. Optimization, the
-localhost server and the privacy audit join as they land.
+The main job on the Adult census data insitu carries, as a fixed list of steps
+(``_quickstart_steps.STEPS``), each recorded in the coordinator's ledger: a coordinator
+and five sites (each a workspace with its own keys, ledger and privacy budget), each site
+preparing its part of the data under the data schema (minimized, pseudonymized with its
+own key, consent applied); federated training on Flower's engine with record-level DP
+(Opacus) and SecAgg+, each site recording what it sends; a membership-inference audit of
+the trained model and a non-private baseline; the model exported to ONNX, bundled
+(signed, encrypted for the sites) and published to a TUF repository served on loopback,
+every site updating, verifying and running it in memory; every ledger verified; and the
+compliance report (``insitu report``) written from the ledgers. ``optimize`` and
+``serve`` are recorded as "not run" until they land (their seams are marked below).
 
 Running it again on the same ``--out`` trains again on the same data: it spends the
 sites' privacy budgets (epsilon 10 each by default), which refuse once exhausted.
@@ -33,8 +35,17 @@ from insitu.audit import (
 )
 from insitu.cli._app import app
 from insitu.cli._output import JsonOption, err_console, out, print_json
+from insitu.cli._quickstart_steps import (
+    STEPS,
+    StepResult,
+    audit_membership_of,
+    declare_processing,
+    not_run,
+    record_step,
+)
 from insitu.data import DataSchema, read_table
 from insitu.datasets import builtin_data, builtin_schema
+from insitu.errors import FederationError
 from insitu.federated import FederationConfig, RoundRecord, simulate
 from insitu.workspace import Workspace
 
@@ -49,14 +60,18 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
     sites: Annotated[int, typer.Option(min=3, help="Number of simulated sites.")] = 5,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
     epsilon: Annotated[float, typer.Option(help="Record-level epsilon per site.")] = 3.0,
+    rows: Annotated[
+        int | None,
+        typer.Option(min=100, help="Use a random sample of this many rows (a quicker look)."),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Run the whole job on the data insitu carries, and verify the evidence it leaves.
+    """Run the whole job on the data insitu carries, verify the evidence, write the report.
 
     [dim]Example:[/] insitu quickstart --out /tmp/demo --epsilon 1
     """
     started = time.perf_counter()
-    steps: list[tuple[str, str]] = []
+    results: dict[str, StepResult] = {}
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -65,124 +80,270 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
         console=err_console,
         disable=json_output,
     ) as progress:
-        task = progress.add_task("quickstart", total=rounds + 5)
+        task = progress.add_task("quickstart", total=rounds + len(STEPS))
 
-        def step(description: str, result: str) -> None:
-            steps.append((description, result))
-            progress.update(task, advance=1, description=description)
+        def begin(description: str) -> float:
+            progress.update(task, description=description)
+            return time.perf_counter()
 
+        def done(result: StepResult, since: float) -> None:
+            if not result.seconds:  # steps that time themselves keep their own figure
+                result.seconds = time.perf_counter() - since
+            results[result.step] = result
+            progress.update(task, advance=1)
+
+        t0 = begin("creating the coordinator's workspace")
         coordinator, created = Workspace.init(out_dir / "coordinator", name="coordinator")
-        step("workspace", f"{'created' if created else 'reused'} {coordinator.home}")
         with coordinator.ledger() as ledger:
             kept_head = ledger.sign_head()
 
         schema = DataSchema.load(builtin_schema("adult"))
-        subjects = read_table(builtin_data("adult"))[schema.subject or ""].astype(str).tolist()
+        frame = read_table(builtin_data("adult"))
+        if rows is not None and rows < len(frame):
+            frame = frame.sample(n=rows, random_state=0).reset_index(drop=True)
+        subjects = frame[schema.subject or ""].astype(str).tolist()
         # The sites' consent systems: everyone consented, one in a hundred withdrew since.
         consent = [(s, "training", "granted") for s in subjects]
         consent += [(s, "training", "withdrawn") for s in subjects[::100]]
+        declare_processing(coordinator, schema, sites)
+        done(
+            StepResult(
+                "workspaces",
+                "ok",
+                f"{'created' if created else 'reused'} {coordinator.home} and {sites} site "
+                f"workspaces under it; {len(frame):,} records of {schema.name}",
+                {"records": len(frame), "sites": sites},
+            ),
+            t0,
+        )
 
         def on_round(record: RoundRecord) -> None:
             eps = max(record.epsilon_by_site.values(), default=0.0)
             progress.update(
                 task,
                 advance=1,
-                description=f"round {record.round}: accuracy "
+                description=f"round {record.round}/{rounds}: accuracy "
                 f"{record.central_accuracy or 0:.3f}, epsilon {eps:.2f}",
             )
 
+        t0 = begin("federated training: preparing the sites' data")
         config = FederationConfig(sites=sites, rounds=rounds, privacy="record", epsilon=epsilon)
         result = simulate(
-            coordinator,
-            builtin_data("adult"),
-            config,
-            schema=schema,
-            consent=consent,
-            on_round=on_round,
+            coordinator, frame, config, schema=schema, consent=consent, on_round=on_round
         )
         last = result.rounds[-1]
-        steps.append(
-            (
+        short = [r.round for r in result.rounds if r.sites_ok < config.required_sites]
+        if short or len(result.rounds) < rounds:
+            # Flower's SecAgg+ workflow can end a round whose sites all failed without
+            # handing the strategy anything: never report such a model as trained.
+            raise FederationError(
+                f"rounds {short or 'missing'} aggregated fewer than {config.required_sites} "
+                "sites' updates (see the log above and the sites' ledgers); nothing was shipped"
+            )
+        spent = max(last.epsilon_by_site.values(), default=0.0)
+        done(
+            StepResult(
                 "federated training",
-                f"{sites} sites x {rounds} rounds, DP-SGD + SecAgg+: held-out accuracy "
-                f"{result.central_accuracy:.4f}, epsilon per site "
-                f"{max(last.epsilon_by_site.values(), default=0):.2f} (target {epsilon})",
-            )
+                "ok",
+                f"{sites} sites x {rounds} rounds, DP-SGD + SecAgg+: accuracy "
+                f"{result.central_accuracy:.4f} on the coordinator's hold-out, epsilon per "
+                f"site {spent:.2f} (target {epsilon})",
+                {
+                    "run": result.run_id,
+                    "central_accuracy": result.central_accuracy,
+                    "epsilon_by_site": last.epsilon_by_site,
+                },
+            ),
+            t0,
         )
+        for step in (
+            results["workspaces"],
+            results["federated training"],
+        ):
+            record_step(coordinator, result.run_id, step)
 
-        progress.update(task, description="bundle, publish, update the sites")
+        t0 = begin("auditing the model (membership inference) and the baseline")
+        audit, baseline = audit_membership_of(
+            coordinator,
+            run_id=result.run_id,
+            model_dir=result.model_dir,
+            site_homes=result.site_homes,
+            schema=schema,
+            epsilon=spent,
+            delta=config.delta,
+        )
+        done(baseline, t0)
+        done(audit, t0)
+        record_step(coordinator, result.run_id, baseline)
+        record_step(coordinator, result.run_id, audit)
+
+        # Seam for 'insitu optimize' (issue 5): a StepResult with model_bytes_before,
+        # model_bytes_after, candidates [{name, bytes, p50_ms, accuracy}], chosen, p50_ms.
+        optimized = not_run("optimize", "insitu optimize is not part of this build yet")
+        done(optimized, time.perf_counter())
+        record_step(coordinator, result.run_id, optimized)
+
+        t0 = begin("bundle, sign, encrypt, publish; every site updates")
         shipped = _ship(coordinator, result, schema, epsilon, out_dir)
-        step(
-            "supply chain",
-            f"{shipped['name']} {shipped['version']} signed and encrypted for {sites} sites "
-            f"({shipped['bundle_bytes']:,} bytes), published to a TUF repository; every site "
-            f"updated ({', '.join(sorted(set(shipped['methods'])))} download), verified and "
-            f"loaded it in memory: local accuracy {shipped['local_accuracy']:.4f} on the "
-            "sites' held-out records",
+        done(
+            StepResult(
+                "supply chain",
+                "ok",
+                f"{shipped['name']} {shipped['version']} signed and encrypted for {sites} sites "
+                f"({shipped['bundle_bytes']:,} bytes), published to a TUF repository; every "
+                f"site updated ({', '.join(sorted(set(shipped['methods'])))} download), "
+                f"verified and loaded it in memory: local accuracy "
+                f"{shipped['local_accuracy']:.4f}",
+                shipped,
+            ),
+            t0,
+        )
+        record_step(coordinator, result.run_id, results["supply chain"])
+
+        # Seam for 'insitu serve' (issue 7): a StepResult with p50_ms, requests,
+        # predictions and explanations, from predicting held-out records over loopback.
+        served = not_run("serve", "insitu serve is not part of this build yet")
+        done(served, time.perf_counter())
+        record_step(coordinator, result.run_id, served)
+
+        t0 = begin("verifying every ledger")
+        ledgers = _verify_ledgers(coordinator, result.site_homes, kept_head, out_dir, rounds)
+        done(ledgers, t0)
+        record_step(coordinator, result.run_id, ledgers)
+
+        t0 = begin("writing the compliance report")
+        report_path = out_dir / "report.html"
+        from insitu.report import write_report
+
+        written = write_report(
+            [out_dir],
+            report_path,
+            command=f"insitu report {out_dir} --out {report_path}",
+        )
+        done(
+            StepResult(
+                "report",
+                "ok",
+                f"{report_path} ({len(written.evidence.ledgers)} ledgers and "
+                f"{len(written.evidence.artefacts)} artefacts verified)",
+                {"path": str(report_path)},
+            ),
+            t0,
         )
 
-        excluded = 0
-        verified_entries = 0
-        for home in result.site_homes:
-            site = Workspace.open(home)
-            with site.ledger() as ledger:
-                verified_entries += ledger.verify().entries
-                excluded += sum(
-                    e.payload["excluded_without_consent"]
-                    for e in ledger.entries(event_type="data.consent_applied")
-                    if e.payload.get("role") == "training" and e.payload.get("round") == rounds
-                )
-        steps.append(
-            (
-                "sites",
-                f"{verified_entries} ledger entries verified at {sites} sites; {excluded} "
-                "training records left out of the last round for lack of consent",
-            )
-        )
-
-        with coordinator.ledger() as ledger:
-            verified = ledger.verify(trusted_head=kept_head)
-            export_path = out_dir / "coordinator-ledger.jsonl"
-            export_ledger(ledger, export_path)
-            exported = verify_export(export_path, public_key=coordinator.signing_public_key)
-            started_entry = ledger.entries(event_type="federation.started")[-1]
-            inclusion = check_proof(
-                inclusion_document(ledger, started_entry.seq), coordinator.signing_public_key
-            )
-            growth = check_proof(
-                consistency_document(ledger, kept_head), coordinator.signing_public_key
-            )
-        step(
-            "coordinator ledger",
-            f"{verified.entries} entries verified; export verified with the pinned key "
-            f"({exported.report.entries}); {inclusion.summary}; {growth.summary}",
-        )
-
+    seconds = round(time.perf_counter() - started, 2)
     summary: dict[str, Any] = {
         "coordinator": str(coordinator.home),
         "model_dir": str(result.model_dir),
+        "run": result.run_id,
         "central_accuracy": result.central_accuracy,
+        "private_accuracy": baseline.figures["private_accuracy"],
+        "baseline_accuracy": baseline.figures["baseline_accuracy"],
         "epsilon_target": epsilon,
         "epsilon_by_site": last.epsilon_by_site,
-        "excluded_without_consent": excluded,
+        "attack_auc": audit.figures["attack_auc"],
+        "model_bytes_before": len((result.model_dir / "model.onnx").read_bytes()),
+        "model_bytes_after": optimized.figures.get("model_bytes_after"),
+        "p50_ms": served.figures.get("p50_ms", optimized.figures.get("p50_ms")),
+        "excluded_without_consent": ledgers.figures["excluded_without_consent"],
         "rounds": result.to_json()["rounds"],
-        "ledgers_verified": 1 + len(result.site_homes),
+        "ledgers_verified": ledgers.figures["ledgers_verified"],
         "bundle": shipped,
-        "steps": [{"step": s, "result": r} for s, r in steps],
-        "seconds": round(time.perf_counter() - started, 2),
+        "report": str(report_path),
+        "steps": [results[name].to_json() for name in STEPS if name in results],
+        "seconds": seconds,
     }
     if json_output:
         print_json(summary)
         return
-    table = Table(title="insitu quickstart", title_justify="left")
-    table.add_column("step", style="bold")
-    table.add_column("result", overflow="fold")
-    for description, text in steps:
-        table.add_row(description, text)
+    _print_summary(summary, results)
+
+
+def _print_summary(summary: dict[str, Any], results: dict[str, StepResult]) -> None:
+    steps = Table(title="insitu quickstart: steps", title_justify="left")
+    steps.add_column("step", style="bold")
+    steps.add_column("", no_wrap=True)
+    steps.add_column("result", overflow="fold")
+    for name in STEPS:
+        step = results.get(name)
+        if step is None:
+            continue
+        mark = "[green]ok[/]" if step.status == "ok" else f"[dim]{step.status}[/]"
+        steps.add_row(name, mark, step.summary)
+    out.print(steps)
+
+    def figure(value: Any, text: str) -> str:
+        return "[dim]not run[/]" if value is None else text
+
+    table = Table(title="summary", title_justify="left")
+    table.add_column("figure", style="bold")
+    table.add_column("value")
+    table.add_row(
+        "accuracy (federated, DP)",
+        f"{summary['private_accuracy']:.4f} vs {summary['baseline_accuracy']:.4f} non-private "
+        "baseline (sites' held-out records)",
+    )
+    table.add_row(
+        "epsilon spent per site",
+        ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary["epsilon_by_site"].items()))
+        + f" (target {summary['epsilon_target']})",
+    )
+    table.add_row("membership attack AUC", f"{summary['attack_auc']:.4f} (0.5 is chance)")
+    before = summary["model_bytes_before"]
+    after = summary["model_bytes_after"]
+    table.add_row(
+        "model size before / after",
+        f"{before:,} bytes / " + figure(after, f"{after or 0:,} bytes"),
+    )
+    table.add_row("p50 latency", figure(summary["p50_ms"], f"{summary['p50_ms'] or 0:.2f} ms"))
+    verified, total = summary["ledgers_verified"]
+    table.add_row(
+        "ledgers verified",
+        f"[green]{verified} of {total}[/]"
+        if verified == total
+        else f"[red]{verified} of {total}[/]",
+    )
     out.print(table)
-    out.print(
-        f"[bold green]done[/] in {summary['seconds']} s; model and training record: "
-        f"{result.model_dir}"
+    out.print(f"report: [bold]{summary['report']}[/]")
+    out.print(f"[bold green]done[/] in {summary['seconds']} s")
+
+
+def _verify_ledgers(
+    coordinator: Workspace, site_homes: list[Path], kept_head: Any, out_dir: Path, rounds: int
+) -> StepResult:
+    """Verify every site's ledger and the coordinator's (with an export and proofs)."""
+    excluded = 0
+    entries = 0
+    for home in site_homes:
+        site = Workspace.open(home)
+        with site.ledger() as ledger:
+            entries += ledger.verify().entries
+            excluded += sum(
+                e.payload["excluded_without_consent"]
+                for e in ledger.entries(event_type="data.consent_applied")
+                if e.payload.get("role") == "training" and e.payload.get("round") == rounds
+            )
+    with coordinator.ledger() as ledger:
+        verified = ledger.verify(trusted_head=kept_head)
+        export_path = out_dir / "coordinator-ledger.jsonl"
+        export_ledger(ledger, export_path)
+        exported = verify_export(export_path, public_key=coordinator.signing_public_key)
+        started_entry = ledger.entries(event_type="federation.started")[-1]
+        inclusion = check_proof(
+            inclusion_document(ledger, started_entry.seq), coordinator.signing_public_key
+        )
+        growth = check_proof(
+            consistency_document(ledger, kept_head), coordinator.signing_public_key
+        )
+    total = 1 + len(site_homes)
+    return StepResult(
+        "ledgers",
+        "ok",
+        f"{total} ledgers verified ({entries + verified.entries:,} entries); the "
+        f"coordinator's export verified with the pinned key ({exported.report.entries}); "
+        f"{inclusion.summary}; {growth.summary}; {excluded} training records left out of the "
+        "last round for lack of consent",
+        {"ledgers_verified": [total, total], "excluded_without_consent": excluded},
     )
 
 

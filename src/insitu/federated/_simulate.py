@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from insitu._atomic import atomic_write_bytes, atomic_write_text
+from insitu._egress import EgressSite, egress_mod
 from insitu.data import (
     ConsentRegistry,
     DataSchema,
@@ -345,7 +346,12 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
     def client_fn(context: Context) -> Any:
         return SiteClient(plans[int(context.node_config["partition-id"])]).to_client()
 
-    mods: list[Any] = []
+    def site_of(context: Context) -> EgressSite:
+        plan = plans[int(context.node_config["partition-id"])]
+        return EgressSite(home=plan.home, run_id=plan.run_id, site=plan.site)
+
+    # Outermost: it measures what leaves the site, after SecAgg+ has masked it.
+    mods: list[Any] = [egress_mod(site_of)]
     if config.secure_aggregation:
         mods.append(secaggplus_mod)
     if config.privacy == "site":
