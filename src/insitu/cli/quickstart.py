@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import pandas as pd
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -177,14 +178,13 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
         record_step(coordinator, result.run_id, baseline)
         record_step(coordinator, result.run_id, audit)
 
-        # Seam for 'insitu optimize' (issue 5): a StepResult with model_bytes_before,
-        # model_bytes_after, candidates [{name, bytes, p50_ms, accuracy}], chosen, p50_ms.
-        optimized = not_run("optimize", "insitu optimize is not part of this build yet")
-        done(optimized, time.perf_counter())
+        t0 = begin("optimizing the model for the edge (measured on this machine)")
+        optimized, shipped_onnx = _optimize_step(coordinator, result, frame)
+        done(optimized, t0)
         record_step(coordinator, result.run_id, optimized)
 
         t0 = begin("bundle, sign, encrypt, publish; every site updates")
-        shipped = _ship(coordinator, result, schema, epsilon, out_dir)
+        shipped = _ship(coordinator, result, schema, epsilon, out_dir, shipped_onnx)
         done(
             StepResult(
                 "supply chain",
@@ -347,10 +347,72 @@ def _verify_ledgers(
     )
 
 
+def _optimize_step(
+    coordinator: Workspace, result: Any, frame: pd.DataFrame
+) -> tuple[StepResult, bytes]:
+    """Run ``insitu optimize --target auto`` (quick) on the trained model.
+
+    Calibration and evaluation use the *public* census rows the package carries, never a
+    site's records: in a deployment the coordinator holds no site data, and public data
+    of the same kind is what it can calibrate on. Returns the step and the ONNX model to
+    ship (the chosen candidate, or the fp32 export when nothing met the constraints).
+    """
+    from insitu.optimize import optimize_workspace_model
+
+    fp32 = (result.model_dir / "model.onnx").read_bytes()
+    rows = frame.sample(n=min(len(frame), 4000), random_state=7)
+    calibration, evaluation = rows.iloc[:1000], rows.iloc[1000:]
+    report = optimize_workspace_model(coordinator, calibration, evaluation, run_id=result.run_id)
+    chosen = report.chosen_candidate
+    base = report.candidate.get("fp32")
+    candidates = [
+        {
+            "name": c.name,
+            "bytes": c.size_bytes,
+            "p50_ms": None if c.error else round(c.latency_p50_ms, 4),
+            "accuracy": c.accuracy,
+        }
+        for c in report.candidates
+    ]
+    figures: dict[str, Any] = {
+        "model_bytes_before": len(fp32),
+        "model_bytes_after": chosen.size_bytes if chosen else len(fp32),
+        "p50_ms": round(chosen.latency_p50_ms, 4) if chosen else None,
+        "p50_ms_fp32": round(base.latency_p50_ms, 4) if base else None,
+        "chosen": report.chosen,
+        "reason": report.reason,
+        "candidates": candidates,
+    }
+    if chosen is None or chosen.onnx is None:
+        return (
+            StepResult(
+                "optimize",
+                "warn",
+                f"nothing met the constraints ({report.reason}); shipping the fp32 model",
+                figures,
+            ),
+            fp32,
+        )
+    ratio = len(fp32) / max(1, chosen.size_bytes)
+    summary = (
+        f"{report.chosen}: {chosen.size_bytes:,} bytes ({ratio:.1f}x smaller than fp32), "
+        f"p50 {chosen.latency_p50_ms:.3f} ms at batch 1"
+        + (f" (fp32 {base.latency_p50_ms:.3f} ms)" if base else "")
+        + f", accuracy drop {chosen.accuracy_drop or 0.0:.2f} points; "
+        f"{len(candidates)} candidates measured"
+    )
+    return StepResult("optimize", "ok", summary, figures), chosen.onnx
+
+
 def _ship(
-    coordinator: Workspace, result: Any, schema: DataSchema, epsilon: float, out_dir: Path
+    coordinator: Workspace,
+    result: Any,
+    schema: DataSchema,
+    epsilon: float,
+    out_dir: Path,
+    model: bytes,
 ) -> dict[str, Any]:
-    """Bundle the global model, publish it, and have every site update to it and run it."""
+    """Bundle the (optimized) model, publish it, and have every site update to it and run it."""
     import threading
 
     import numpy as np
@@ -368,7 +430,7 @@ def _ship(
     spent = max(result.rounds[-1].epsilon_by_site.values(), default=epsilon)
     blob, bundle = bundle_model(
         coordinator,
-        (result.model_dir / "model.onnx").read_bytes(),
+        model,
         name=name,
         version=version,
         recipients=[site.encryption_public_key for site in sites],
@@ -417,7 +479,8 @@ def _ship(
                 _, session = client.session()
             test_dir = site.home / "prepared" / schema.name / "test"
             data = SiteDataset.open(site, test_dir).for_round(role="inference")
-            logits = session.run(None, {"features": data.features})[0].reshape(-1)
+            feed = {session.get_inputs()[0].name: data.features}
+            logits = session.run(None, feed)[0].reshape(-1)
             correct += int(np.sum((logits > 0).astype(np.int64) == data.labels))
             total += len(data.labels)
     finally:
