@@ -12,6 +12,7 @@ from insitu.cli import (  # noqa: F401
     privacy,
     quickstart,
     repo,
+    serve,
     update,
     workspace,
 )

@@ -438,7 +438,7 @@ class UpdateClient:
         # the rest, so the ciphertext digest is not computed a second time.
         return self.verifier().open(Bundle.parse(data), self.device_key, check_payload=False)
 
-    def session(self) -> tuple[Bundle, Any]:
+    def session(self, *, intra_op_threads: int | None = None) -> tuple[Bundle, Any]:
         """The active bundle, verified, and an ONNX Runtime session of its model."""
         info = self.slots.active()
         if info is None:
@@ -447,7 +447,10 @@ class UpdateClient:
         # check makes sure the slot still holds the bundle that was installed (and not
         # another validly signed one, e.g. an older version copied over it).
         bundle, session = load_session(
-            self.slots.slot_path(info.slot), self.verifier(), self.device_key
+            self.slots.slot_path(info.slot),
+            self.verifier(),
+            self.device_key,
+            intra_op_threads=intra_op_threads,
         )
         if bundle.bundle_id != info.bundle_id:
             raise InstallError(
