@@ -174,7 +174,7 @@ def test_explain_endpoint(client: httpx.Client) -> None:
     assert values.shape == (2, 8)
     # SHAP's efficiency: base value plus attributions is the model's output.
     np.testing.assert_allclose(values.sum(axis=1) + doc["base_value"], doc["outputs"], atol=1e-4)
-    too_many = client.post("/v1/models/mlp/explain", json={"inputs": [ROW] * 40})
+    too_many = client.post("/v1/models/mlp/explain", json={"inputs": [ROW] * 20})
     assert too_many.status_code == 422
 
 
@@ -219,10 +219,17 @@ def _plaintext_files(roots: list[Path], model: bytes) -> list[Path]:
 
 
 def test_no_plaintext_model_on_disk_while_serving_and_hot_swap_under_load(
-    tmp_path: Path, mlp_models: tuple[bytes, bytes]
+    tmp_path: Path, mlp_models: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The process's temp directory is a fresh one, so that the scan sees what this
+    # server writes (and not the rest of a shared machine's /tmp).
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     site = make_site(tmp_path / "site", mlp_models[0])
     roots = [site.workspace.home, Path(tempfile.gettempdir())]
+    assert roots[1] == temp
     errors: list[str] = []
     versions: set[str] = set()
     stop = threading.Event()

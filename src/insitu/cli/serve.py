@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,17 +66,6 @@ def serve(
     )
 
 
-@contextlib.contextmanager
-def _opened(runtime: Any) -> Iterator[Any]:
-    """The runtime started, then closed with its ledger."""
-    try:
-        with runtime:
-            yield runtime
-    finally:
-        if runtime.ledger is not None:
-            runtime.ledger.close()
-
-
 def _model_name(runtime: Any, model: str | None) -> str:
     if model is None:
         return str(runtime.names[0])
@@ -115,7 +102,7 @@ def predict(
     ws = Workspace.open(home)
     parsed = DataSchema.load(schema) if schema else None
     total = input_file.stat().st_size if input_file.is_file() else None
-    with _opened(ModelRuntime.for_workspace(ws)) as runtime:
+    with ModelRuntime.for_workspace(ws) as runtime:
         name = _model_name(runtime, model)
         with Progress(
             SpinnerColumn(),
@@ -151,7 +138,7 @@ def predict(
 def explain(
     model: Annotated[str, typer.Argument(help="Name of the installed model.")],
     input_file: Annotated[
-        Path, typer.Argument(help="Rows to explain (.csv/.parquet, at most 32).", dir_okay=False)
+        Path, typer.Argument(help="Rows to explain (.csv/.parquet, at most 16).", dir_okay=False)
     ],
     schema: Annotated[
         Path | None, typer.Option(help="Encode raw records with this data schema.")
@@ -188,7 +175,7 @@ def explain(
             raise InvalidInputError(
                 f"{input_file} holds non-numeric values; give --schema to encode raw records"
             ) from exc
-    with _opened(ModelRuntime.for_workspace(ws)) as runtime:
+    with ModelRuntime.for_workspace(ws) as runtime:
         name = _model_name(runtime, model)
         found = site_background(ws)(name)
         if found is None:

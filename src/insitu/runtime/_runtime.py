@@ -168,6 +168,7 @@ class ModelRuntime:
         self.usage = UsageCounter(self._record)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._owns_ledger = False
 
     @classmethod
     def for_workspace(cls, workspace: Workspace, **options: Any) -> ModelRuntime:
@@ -184,8 +185,12 @@ class ModelRuntime:
                 "enroll' and install one with 'insitu update'"
             )
         source = InstalledModel(update_dir, device_key=workspace.encryption_key())
-        options.setdefault("ledger", workspace.ledger())
-        return cls([source], **options)
+        owned = "ledger" not in options
+        if owned:
+            options["ledger"] = workspace.ledger()
+        runtime = cls([source], **options)
+        runtime._owns_ledger = owned  # closed with the runtime
+        return runtime
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -205,19 +210,25 @@ class ModelRuntime:
         return self
 
     def close(self) -> None:
-        """Stop watching, write the usage counts, release the guard, drop sessions."""
-        if self._watcher is None:
-            return
-        self._stop.set()
-        self._watcher.join()
-        self._watcher = None
-        if self._guard:
-            egress_guard.flush()
-            egress_guard.release()
-            egress_guard.remove_recorder(self._record)
-        self.usage.flush(final=True)
+        """Stop watching, write the usage counts, release the guard, drop sessions.
+
+        A runtime made by :meth:`for_workspace` also closes the ledger it opened.
+        """
+        if self._watcher is not None:
+            self._stop.set()
+            self._watcher.join()
+            self._watcher = None
+            if self._guard:
+                egress_guard.flush()
+                egress_guard.release()
+                egress_guard.remove_recorder(self._record)
+        if self.ledger is not None:
+            self.usage.flush(final=True)
         with self._lock:
             self._loaded.clear()
+        if self._owns_ledger and self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
 
     def __enter__(self) -> ModelRuntime:
         return self.start()

@@ -180,12 +180,10 @@ def running(  # noqa: PLR0913 -- each option is one independent choice
     import uvicorn
 
     check_bind(host)
-    owned_ledger = None
     if runtime is None:
         if workspace is None:
             raise UsageError("give a workspace or a runtime")
         runtime = ModelRuntime.for_workspace(workspace)
-        owned_ledger = runtime.ledger
     if token is None:
         if workspace is None:
             raise UsageError("give the API token, or the workspace that holds it")
@@ -211,8 +209,6 @@ def running(  # noqa: PLR0913 -- each option is one independent choice
         server.should_exit = True
         thread.join(timeout=30)
         runtime.close()
-        if owned_ledger is not None:
-            owned_ledger.close()
 
 
 def serve(  # noqa: PLR0913 -- each option is one independent choice
@@ -238,5 +234,3 @@ def serve(  # noqa: PLR0913 -- each option is one independent choice
         uvicorn.Server(_uvicorn_config(app, host, port, **options)).run()
     finally:
         runtime.close()
-        if runtime.ledger is not None:
-            runtime.ledger.close()
