@@ -256,6 +256,10 @@ def test_no_plaintext_model_on_disk_while_serving_and_hot_swap_under_load(
         for thread in threads:
             thread.start()
         try:
+            for _ in range(400):  # the clients are running on 1.0.0
+                if "1.0.0" in versions:
+                    break
+                stop.wait(0.05)
             assert _plaintext_files(roots, mlp_models[0]) == []
             site.publish("1.1.0", mlp_models[1])
             assert site.update()["installed"] == "1.1.0"  # what 'insitu update' does

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,7 +103,9 @@ def predict(
     ws = Workspace.open(home)
     parsed = DataSchema.load(schema) if schema else None
     total = input_file.stat().st_size if input_file.is_file() else None
-    with ModelRuntime.for_workspace(ws) as runtime:
+    # No server here: every core goes to the model, threads spinning between chunks.
+    threads = os.cpu_count() or 1
+    with ModelRuntime.for_workspace(ws, threads=threads, spinning=True) as runtime:
         name = _model_name(runtime, model)
         with Progress(
             SpinnerColumn(),

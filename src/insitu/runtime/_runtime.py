@@ -16,9 +16,13 @@ run models through. Invariants:
 * the ledger counts inferences per model version per hour (``inference.counted``:
   requests, rows, errors), never inputs or outputs.
 
-Threads: each session uses ``threads`` intra-op threads (default: all cores) and one
-inter-op thread. The server runs one batch per model at a time (micro-batching), so the
-cores go to one large batch rather than to many small calls competing (ADR 0502).
+Threads: each session uses ``threads`` intra-op threads and one inter-op thread, and its
+idle workers sleep rather than spin. The default leaves one core to the caller (the
+server's event loop, which parses requests while a batch runs): all cores but one, at
+least one. The server runs one batch per model at a time (micro-batching), so the cores
+go to one large batch rather than to many small calls competing. On this project's
+2-core test machine, two spinning intra-op threads made a CNN batch 2-4x *slower* than
+one thread whenever anything else ran (ADR 0502).
 """
 
 from __future__ import annotations
@@ -148,6 +152,7 @@ class ModelRuntime:
         memory_budget: int = 1 << 30,
         idle_seconds: float = 900.0,
         threads: int | None = None,
+        spinning: bool = False,
         max_rows: int = DEFAULT_MAX_ROWS,
         watch_interval: float = 0.5,
         guard: bool = True,
@@ -156,7 +161,8 @@ class ModelRuntime:
         self.ledger = ledger
         self.memory_budget = memory_budget
         self.idle_seconds = idle_seconds
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or max(1, (os.cpu_count() or 1) - 1)
+        self.spinning = spinning
         self.max_rows = max_rows
         self.watch_interval = watch_interval
         self._guard = guard
@@ -288,7 +294,7 @@ class ModelRuntime:
             raise ModelNotFoundError(
                 f"no version of {name!r} is installed; run 'insitu update' to install one"
             )
-        bundle, session = source.load(intra_op_threads=self.threads)
+        bundle, session = source.load(intra_op_threads=self.threads, spinning=self.spinning)
         card = bundle.card
         model = LoadedModel(
             name=name,

@@ -38,7 +38,7 @@ class ModelSource(Protocol):
         """A token naming what is installed now (changes when a new version is)."""
         ...
 
-    def load(self, *, intra_op_threads: int | None) -> tuple[Bundle, Any]:
+    def load(self, *, intra_op_threads: int | None, spinning: bool = True) -> tuple[Bundle, Any]:
         """The verified header and a session of what is installed now."""
         ...
 
@@ -66,10 +66,10 @@ class InstalledModel:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def load(self, *, intra_op_threads: int | None) -> tuple[Bundle, Any]:
+    def load(self, *, intra_op_threads: int | None, spinning: bool = True) -> tuple[Bundle, Any]:
         """See :class:`ModelSource`; the slot's bundle id is checked as well."""
         try:
-            return self._client.session(intra_op_threads=intra_op_threads)
+            return self._client.session(intra_op_threads=intra_op_threads, spinning=spinning)
         except InstallError as exc:
             raise ModelNotFoundError(f"model {self._name!r}: {exc}") from exc
 
@@ -107,10 +107,14 @@ class BundleFile:
             return None
         return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"
 
-    def load(self, *, intra_op_threads: int | None) -> tuple[Bundle, Any]:
+    def load(self, *, intra_op_threads: int | None, spinning: bool = True) -> tuple[Bundle, Any]:
         """See :class:`ModelSource`."""
         from insitu.bundle import load_session
 
         return load_session(
-            self.path, self._verifier, self._device_key, intra_op_threads=intra_op_threads
+            self.path,
+            self._verifier,
+            self._device_key,
+            intra_op_threads=intra_op_threads,
+            spinning=spinning,
         )

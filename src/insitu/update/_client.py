@@ -438,7 +438,9 @@ class UpdateClient:
         # the rest, so the ciphertext digest is not computed a second time.
         return self.verifier().open(Bundle.parse(data), self.device_key, check_payload=False)
 
-    def session(self, *, intra_op_threads: int | None = None) -> tuple[Bundle, Any]:
+    def session(
+        self, *, intra_op_threads: int | None = None, spinning: bool = True
+    ) -> tuple[Bundle, Any]:
         """The active bundle, verified, and an ONNX Runtime session of its model."""
         info = self.slots.active()
         if info is None:
@@ -451,6 +453,7 @@ class UpdateClient:
             self.verifier(),
             self.device_key,
             intra_op_threads=intra_op_threads,
+            spinning=spinning,
         )
         if bundle.bundle_id != info.bundle_id:
             raise InstallError(
