@@ -345,6 +345,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="per scenario, at most")
     parser.add_argument("--seconds", type=float, default=20.0, help="per scenario, at most")
     parser.add_argument("--bare-calls", type=int, default=2000)
+    parser.add_argument("--models", default="adult-mlp,small-cnn", help="comma-separated")
     parser.add_argument(
         "--client", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
         help="load generator (wrk when installed: Debian package 'wrk')",
@@ -363,6 +364,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for label, build in (("adult-mlp", _adult_mlp), ("small-cnn", _small_cnn)):
+            if label not in args.models.split(","):
+                continue
             model, shape = build()
             results["models"][label] = bench_model(label, model, shape, args, Path(tmp))
     results["machine"]["loadavg_after"] = os.getloadavg()
