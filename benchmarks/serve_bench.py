@@ -109,17 +109,27 @@ def _small_cnn() -> tuple[bytes, tuple[int, ...]]:
 
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 7 * 7, 10),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 7 * 7, 10),
     ).eval()
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(
-            model, (torch.zeros(2, 1, 28, 28),), input_names=["images"], output_names=["logits"],
-            dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+            model,
+            (torch.zeros(2, 1, 28, 28),),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
         )
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, 10)
@@ -141,9 +151,10 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 120) -> 
             raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
         try:
             httpx.get(url, timeout=1)
-            return
         except httpx.HTTPError:
             time.sleep(0.2)
+        else:
+            return
     raise RuntimeError(f"{url} did not come up")
 
 
@@ -168,7 +179,7 @@ async def _load(
                 started = time.perf_counter()
                 response = await client.post(url, **make())
                 latencies.append(time.perf_counter() - started)
-                errors += response.status_code != 200  # noqa: PLR2004
+                errors += response.status_code != 200
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -200,7 +211,7 @@ def _wrk(
     url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float, work: Path
 ) -> dict[str, Any]:
     """wrk (C, epoll): a client that is not the bottleneck on a 2-core machine."""
-    lines = ['wrk.method = "POST"', "wrk.body = \"" + "".join(f"\\{b:03d}" for b in body) + "\""]
+    lines = ['wrk.method = "POST"', 'wrk.body = "' + "".join(f"\\{b:03d}" for b in body) + '"']
     lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
     script = work / f"wrk-{os.getpid()}-{concurrency}.lua"
     script.write_text("\n".join(lines) + _WRK_DONE, encoding="ascii")
@@ -246,7 +257,7 @@ def _bare(model: bytes, shape: tuple[int, ...], count: int) -> dict[str, Any]:
     }
 
 
-def bench_model(  # noqa: PLR0915 -- one scenario after another, in order
+def bench_model(
     label: str, model: bytes, shape: tuple[int, ...], args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -271,27 +282,50 @@ def bench_model(  # noqa: PLR0915 -- one scenario after another, in order
     env = dict(os.environ)
     x = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
     as_json = {"json": {"inputs": x.tolist()}}
-    raw_headers = {"Content-Type": "application/octet-stream",
-                   "X-Insitu-Shape": ",".join(str(d) for d in x.shape)}
+    raw_headers = {
+        "Content-Type": "application/octet-stream",
+        "X-Insitu-Shape": ",".join(str(d) for d in x.shape),
+    }
     as_raw = {"content": x.tobytes(), "headers": raw_headers}
-    result: dict[str, Any] = {"input_shape": list(shape),
-                              "bare_session_run": _bare(model, shape, args.bare_calls)}
+    result: dict[str, Any] = {
+        "input_shape": list(shape),
+        "bare_session_run": _bare(model, shape, args.bare_calls),
+    }
     servers: dict[str, tuple[list[str], str]] = {}
     plain_port, insitu_port = _free_port(), _free_port()
     servers["plain"] = (
-        [sys.executable, "-c", PLAIN_SERVER, str(plain_model), str(plain_port), str(len(shape) + 1)],
+        [
+            sys.executable,
+            "-c",
+            PLAIN_SERVER,
+            str(plain_model),
+            str(plain_port),
+            str(len(shape) + 1),
+        ],
         f"http://127.0.0.1:{plain_port}",
     )
     servers["insitu"] = (
-        [sys.executable, "-c", INSITU_SERVER, str(bundle),
-         publisher.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex(),
-         device.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(),
-         token, str(insitu_port)],
+        [
+            sys.executable,
+            "-c",
+            INSITU_SERVER,
+            str(bundle),
+            publisher.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex(),
+            device.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()).hex(),
+            token,
+            str(insitu_port),
+        ],
         f"http://127.0.0.1:{insitu_port}",
     )
     for which, (command, base) in servers.items():
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         try:
             _wait_ready(base + ("/healthz" if which == "insitu" else "/docs"), proc)
             json_body = json.dumps(as_json["json"]).encode()
@@ -309,11 +343,20 @@ def bench_model(  # noqa: PLR0915 -- one scenario after another, in order
                     }
                 for form, (body, form_headers, httpx_kwargs) in forms.items():
                     if args.client == "wrk":
-                        figures = _wrk(url, body, {**form_headers, **auth}, concurrency,
-                                       args.seconds, work)
+                        figures = _wrk(
+                            url, body, {**form_headers, **auth}, concurrency, args.seconds, work
+                        )
                     else:
-                        figures = asyncio.run(_load(url, lambda kw=httpx_kwargs: kw, concurrency,
-                                                    args.requests, args.seconds, auth))
+                        figures = asyncio.run(
+                            _load(
+                                url,
+                                lambda kw=httpx_kwargs: kw,
+                                concurrency,
+                                args.requests,
+                                args.seconds,
+                                auth,
+                            )
+                        )
                     result.setdefault(which, {})[f"c{concurrency}_{form}"] = figures
                     print(label, which, form, figures, flush=True)
         finally:
@@ -324,18 +367,22 @@ def bench_model(  # noqa: PLR0915 -- one scenario after another, in order
     plain, ours = result["plain"], result["insitu"]
     result["ratios"] = {
         "c32_throughput_insitu_binary_over_plain": round(
-            ours["c32_binary"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2),
+            ours["c32_binary"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
+        ),
         "c32_throughput_insitu_json_over_plain": round(
-            ours["c32_json"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2),
+            ours["c32_json"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
+        ),
         "c1_p50_insitu_binary_over_plain": round(
-            ours["c1_binary"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2),
+            ours["c1_binary"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
+        ),
         "c1_p50_insitu_json_over_plain": round(
-            ours["c1_json"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2),
+            ours["c1_json"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
+        ),
     }
     ratios = result["ratios"]
     result["goals"] = {
-        "c32_throughput_at_least_3x": ratios["c32_throughput_insitu_binary_over_plain"] >= 3,  # noqa: PLR2004
-        "c1_p50_at_most_1.2x": ratios["c1_p50_insitu_binary_over_plain"] <= 1.2,  # noqa: PLR2004
+        "c32_throughput_at_least_3x": ratios["c32_throughput_insitu_binary_over_plain"] >= 3,
+        "c1_p50_at_most_1.2x": ratios["c1_p50_insitu_binary_over_plain"] <= 1.2,
     }
     return result
 
@@ -347,19 +394,31 @@ def main() -> None:
     parser.add_argument("--bare-calls", type=int, default=2000)
     parser.add_argument("--models", default="adult-mlp,small-cnn", help="comma-separated")
     parser.add_argument(
-        "--client", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
+        "--client",
+        choices=["wrk", "httpx"],
+        default="wrk" if shutil.which("wrk") else "httpx",
         help="load generator (wrk when installed: Debian package 'wrk')",
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "serve.json"
+    )
     args = parser.parse_args()
     load_before = os.getloadavg()
     results: dict[str, Any] = {
         "benchmark": "serve",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "loadavg_before": load_before},
-        "settings": {"requests": args.requests, "seconds": args.seconds, "rows_per_request": 1,
-                     "client": args.client,
-                     "insitu": {"max_batch_rows": 256, "max_wait_ms": 1.0}},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+        },
+        "settings": {
+            "requests": args.requests,
+            "seconds": args.seconds,
+            "rows_per_request": 1,
+            "client": args.client,
+            "insitu": {"max_batch_rows": 256, "max_wait_ms": 1.0},
+        },
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -70,4 +70,4 @@ def mlp_models() -> tuple[bytes, bytes]:
 
 @pytest.fixture
 def site(tmp_path: Path, mlp_models: tuple[bytes, bytes]) -> Iterator[Site]:
-    yield make_site(tmp_path / "site", mlp_models[0])
+    return make_site(tmp_path / "site", mlp_models[0])

@@ -24,8 +24,18 @@ def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     [
         (["--host", "0.0.0.0"], "refusing to listen on 0.0.0.0"),
         (["--host", "192.0.2.4", "--expose"], "needs --tls-cert and --tls-key"),
-        (["--host", "0.0.0.0", "--expose", "--tls-cert", "/nonexistent.pem", "--tls-key",
-          "/nonexistent.key"], "does not exist"),
+        (
+            [
+                "--host",
+                "0.0.0.0",
+                "--expose",
+                "--tls-cert",
+                "/nonexistent.pem",
+                "--tls-key",
+                "/nonexistent.key",
+            ],
+            "does not exist",
+        ),
         (["--host", "models.example"], "not an IP address"),
     ],
 )
@@ -44,12 +54,23 @@ def test_predict_command_streams_a_file(
     rows = np.random.default_rng(3).random((300, 8))
     pd.DataFrame(rows).to_csv(tmp_path / "in.csv", index=False)
     code, out, err = invoke(
-        capsys, "predict", "mlp", str(tmp_path / "in.csv"), "-o", str(tmp_path / "out.csv"),
-        "--chunk-rows", "64", "--home", str(site.workspace.home), "--json",
+        capsys,
+        "predict",
+        "mlp",
+        str(tmp_path / "in.csv"),
+        "-o",
+        str(tmp_path / "out.csv"),
+        "--chunk-rows",
+        "64",
+        "--home",
+        str(site.workspace.home),
+        "--json",
     )
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["rows"] == 300 and doc["chunks"] == 5 and doc["version"] == "1.0.0"
+    assert doc["rows"] == 300
+    assert doc["chunks"] == 5
+    assert doc["version"] == "1.0.0"
     assert len(pd.read_csv(tmp_path / "out.csv")) == 300
 
 
@@ -58,8 +79,14 @@ def test_predict_command_bad_input_is_one_line_exit_1(
 ) -> None:
     pd.DataFrame(np.zeros((4, 3))).to_csv(tmp_path / "narrow.csv", index=False)
     code, _, err = invoke(
-        capsys, "predict", "mlp", str(tmp_path / "narrow.csv"), "-o", str(tmp_path / "o.csv"),
-        "--home", str(site.workspace.home),
+        capsys,
+        "predict",
+        "mlp",
+        str(tmp_path / "narrow.csv"),
+        "-o",
+        str(tmp_path / "o.csv"),
+        "--home",
+        str(site.workspace.home),
     )
     assert code == 1
     assert "axis 1 must have 8 values" in err

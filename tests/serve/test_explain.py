@@ -43,10 +43,12 @@ def test_global_importance_plot(logistic: tuple[ModelRuntime, np.ndarray], tmp_p
     runtime, _ = logistic
     rng = np.random.default_rng(1)
     names = ["age", "hours", "education", "capital", "noise", "tenure"]
-    explanation = Explainer(runtime.get("mlp"), rng.normal(size=(50, 6)),
-                            feature_names=names).explain(rng.normal(size=(40, 6)), max_rows=40)
+    explanation = Explainer(
+        runtime.get("mlp"), rng.normal(size=(50, 6)), feature_names=names
+    ).explain(rng.normal(size=(40, 6)), max_rows=40)
     ranking = list(global_importance(explanation))
-    assert ranking[0] == "age" and ranking[-1] == "noise"
+    assert ranking[0] == "age"
+    assert ranking[-1] == "noise"
     figure = plot_global_importance(explanation, tmp_path / "importance.png", top=4)
     assert (tmp_path / "importance.png").stat().st_size > 1000
     assert len(figure.axes[0].patches) == 4

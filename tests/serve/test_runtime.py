@@ -23,8 +23,9 @@ SPEC = InputSpec("x", np.dtype(np.float32), (None, 8))
 
 
 @settings(max_examples=50, deadline=None)
-@given(rows=st.integers(1, 20), bad=st.sampled_from([np.nan, np.inf, -np.inf]),
-       at=st.integers(0, 159))
+@given(
+    rows=st.integers(1, 20), bad=st.sampled_from([np.nan, np.inf, -np.inf]), at=st.integers(0, 159)
+)
 def test_any_nan_or_inf_is_refused(rows: int, bad: float, at: int) -> None:
     values = np.zeros((rows, 8), dtype=np.float32)
     np.testing.assert_array_equal(SPEC.check(values), values)
@@ -66,7 +67,8 @@ def test_every_load_verifies_the_signature(site: Site) -> None:
             runtime.get("mlp")
     with site.workspace.ledger() as ledger:
         loads = ledger.entries(event_type="inference.loaded")
-    assert len(loads) == 1 and loads[0].payload["signature_verified"] is True
+    assert len(loads) == 1
+    assert loads[0].payload["signature_verified"] is True
 
 
 def _bundle_file(tmp_path: Path, name: str, widths: list[int]) -> tuple[Path, BundleVerifier]:
@@ -119,8 +121,15 @@ def test_usage_is_counted_per_version_and_hour_without_data() -> None:
     now[0] += 3600
     counter.add("m", "1.1.0", requests=1, rows=2, errors=0)
     assert counter.flush() == 1
-    assert records[0][1] == {"model": "m", "version": "1.0.0", "hour": "1970-01-01T10:00:00Z",
-                             "requests": 2, "rows": 4, "errors": 1, "partial": False}
+    assert records[0][1] == {
+        "model": "m",
+        "version": "1.0.0",
+        "hour": "1970-01-01T10:00:00Z",
+        "requests": 2,
+        "rows": 4,
+        "errors": 1,
+        "partial": False,
+    }
     assert counter.flush(final=True) == 1
     assert records[1][1]["partial"] is True
 
@@ -133,17 +142,27 @@ def test_predict_file_streams_csv_and_parquet(site: Site, tmp_path: Path) -> Non
     with ModelRuntime.for_workspace(site.workspace, guard=False) as runtime:
         expected = runtime.predict("mlp", rows)["y"][:, 0]
         progress: list[int] = []
-        done = predict_file(runtime, "mlp", tmp_path / "in.csv", tmp_path / "out.csv",
-                            chunk_rows=128, progress=progress.append)
-        assert done["rows"] == 1000 and done["chunks"] == 8 and progress[-1] == 1000
-        predict_file(runtime, "mlp", tmp_path / "in.parquet", tmp_path / "out.parquet",
-                     chunk_rows=300)
+        done = predict_file(
+            runtime,
+            "mlp",
+            tmp_path / "in.csv",
+            tmp_path / "out.csv",
+            chunk_rows=128,
+            progress=progress.append,
+        )
+        assert done["rows"] == 1000
+        assert done["chunks"] == 8
+        assert progress[-1] == 1000
+        predict_file(
+            runtime, "mlp", tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=300
+        )
         frame = frame.astype(object)
         frame.iloc[700, 3] = "oops"
         frame.to_csv(tmp_path / "bad.csv", index=False)
-        with pytest.raises(InvalidInputError, match="rows 513-640|non-numeric"):
-            predict_file(runtime, "mlp", tmp_path / "bad.csv", tmp_path / "bad-out.csv",
-                         chunk_rows=128)
+        with pytest.raises(InvalidInputError, match=r"rows 641-768|non-numeric"):
+            predict_file(
+                runtime, "mlp", tmp_path / "bad.csv", tmp_path / "bad-out.csv", chunk_rows=128
+            )
     np.testing.assert_allclose(pd.read_csv(tmp_path / "out.csv")["y"], expected, rtol=1e-5)
     np.testing.assert_allclose(pd.read_parquet(tmp_path / "out.parquet")["y"], expected, rtol=1e-6)
     assert not (tmp_path / "bad-out.csv").exists()

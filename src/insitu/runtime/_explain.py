@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from insitu.runtime._runtime import LoadedModel
 
 __all__ = [
-    "Explanation",
     "Explainer",
+    "Explanation",
     "global_importance",
     "plot_global_importance",
 ]
@@ -87,7 +87,7 @@ class Explainer:
         feature_names: list[str] | None = None,
         seed: int = 0,
     ) -> None:
-        if len(model.inputs) != 1 or len(model.input.shape) != 2:  # noqa: PLR2004
+        if len(model.inputs) != 1 or len(model.input.shape) != 2:
             raise UsageError(
                 f"model {model.name!r} is not tabular (one input of [batch, features]); "
                 "explanations cover tabular models"
@@ -103,9 +103,7 @@ class Explainer:
         width = background.shape[1]
         self.feature_names = feature_names or [f"x{j}" for j in range(width)]
         if len(self.feature_names) != width:
-            raise UsageError(
-                f"{len(self.feature_names)} feature names for {width} model inputs"
-            )
+            raise UsageError(f"{len(self.feature_names)} feature names for {width} model inputs")
         self._seed = seed
         shap = _shap()
         self._shap = shap.KernelExplainer(self._predict, background.astype(np.float64))
@@ -126,7 +124,7 @@ class Explainer:
         values = np.asarray(
             self._shap.shap_values(
                 rows.astype(np.float64),
-                nsamples=min(2 * width + 2048, 2**width + 2 * width) if width < 30 else "auto",  # noqa: PLR2004
+                nsamples=min(2 * width + 2048, 2**width + 2 * width) if width < 30 else "auto",
                 l1_reg=False,
                 silent=True,
             ),

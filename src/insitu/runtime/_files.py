@@ -42,7 +42,7 @@ def _chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
         raise DataFormatError(f"input file {path} does not exist")
     try:
         if name.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
             for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
                 yield batch.to_pandas()
@@ -74,7 +74,7 @@ def _features(
         ) from exc
 
 
-def predict_file(  # noqa: PLR0913 -- each option is one independent choice
+def predict_file(
     runtime: ModelRuntime,
     model: str,
     source: Path,

@@ -161,9 +161,7 @@ class EgressGuard:
             host = args[0] if args else None
             if event == "socket.getnameinfo" and isinstance(host, tuple):
                 host = host[0] if host else None
-            allowed = _loopback_host(host) or (
-                event == "socket.getaddrinfo" and _literal_ip(host)
-            )
+            allowed = _loopback_host(host) or (event == "socket.getaddrinfo" and _literal_ip(host))
             target = str(host)
         else:
             return
@@ -190,7 +188,7 @@ class EgressGuard:
             for recorder in recorders:
                 try:
                     recorder("egress.blocked", payload)
-                except Exception:  # noqa: BLE001 -- a recorder must not stop the others
+                except Exception:
                     logger.exception("cannot record a blocked egress attempt")
         return sum(pending.values())
 

@@ -125,9 +125,9 @@ def _as_array(value: Any, spec: InputSpec, *, cast: bool) -> np.ndarray:
         # client sending float64 bytes for a float32 model learns it.
         return given.astype(spec.dtype)
     if want in "iu" and kind in "iu":
-        cast = given.astype(spec.dtype)
-        if np.array_equal(cast, given):
-            return cast
+        narrowed = given.astype(spec.dtype)
+        if np.array_equal(narrowed, given):
+            return narrowed
         raise InvalidInputError(
             f"input {spec.name!r} holds integers out of the range of {spec.dtype.name}"
         )

@@ -352,7 +352,7 @@ class ModelRuntime:
                 self.check_updates()
                 self.unload_idle()
                 self.usage.flush()
-            except Exception:  # noqa: BLE001 -- the watcher must survive a bad install
+            except Exception:
                 logger.exception("model watcher")
 
     def check_updates(self) -> list[str]:
@@ -372,8 +372,12 @@ class ModelRuntime:
                 try:
                     self._load(name, reason="new version installed")
                 except Exception as exc:  # noqa: BLE001 -- keep serving the running version
-                    logger.warning("cannot load the new version of %s (%s); keeping %s",
-                                   name, exc, model.version)
+                    logger.warning(
+                        "cannot load the new version of %s (%s); keeping %s",
+                        name,
+                        exc,
+                        model.version,
+                    )
                     model.token = token  # do not retry a broken install every tick
                     continue
             swapped.append(name)
@@ -403,7 +407,7 @@ class ModelRuntime:
         for observer in self._observers:
             try:
                 observer(model.name, model.version, feeds[model.input.name], outputs[0])
-            except Exception:  # noqa: BLE001 -- an observer never fails a prediction
+            except Exception:
                 logger.exception("batch observer %r failed", observer)
         return outputs
 

@@ -11,7 +11,6 @@ anonymous memory file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,7 +101,7 @@ class BundleFile:
     def current(self) -> str | None:
         """The file's identity and modification time (a rename replaces it)."""
         try:
-            stat = os.stat(self.path)
+            stat = self.path.stat()
         except OSError:
             return None
         return f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_size}"

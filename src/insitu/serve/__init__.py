@@ -1,4 +1,4 @@
-"""The localhost API (``insitu serve``): FastAPI + uvicorn over :class:`~insitu.runtime.ModelRuntime`.
+"""The localhost API (``insitu serve``): FastAPI and uvicorn over a model runtime.
 
 :func:`create_app` builds the app (extra routers, e.g. the site dashboard's, are
 included; ``app.state.metrics`` is a :class:`ServeMetrics`), :func:`running` serves it

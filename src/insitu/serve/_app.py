@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 Background = tuple[np.ndarray, list[str] | None]
 BackgroundSource = Mapping[str, Background] | Callable[[str], Background | None]
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body cannot be read (malformed JSON, NPY or raw values)."},
     401: {"description": "Missing or wrong bearer token."},
     404: {"description": "No model of that name."},
@@ -85,7 +85,7 @@ _EXPLAIN_BODY = {
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None  # noqa: PLR2004
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
@@ -163,7 +163,7 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
     ``app.state.runtime``. The app starts the runtime (egress guard, watcher) when it
     starts and closes it when it stops.
     """
-    if len(token) < 16:  # noqa: PLR2004
+    if len(token) < 16:
         raise UsageError("the API token is too short; use Workspace.api_token()")
     metrics = metrics or ServeMetrics()
     state = _State(
@@ -207,8 +207,11 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
     ) -> None:
         given = credentials.credentials if credentials else ""
         if not secrets.compare_digest(given.encode(), token.encode()):
-            raise BodyError(401, "missing or wrong bearer token; send 'Authorization: Bearer "
-                                 "<keys/api-token of the workspace>'")
+            raise BodyError(
+                401,
+                "missing or wrong bearer token; send 'Authorization: Bearer "
+                "<keys/api-token of the workspace>'",
+            )
 
     @app.exception_handler(BodyError)
     async def _body_error(request: Request, exc: BodyError) -> JSONResponse:
@@ -287,8 +290,10 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
                 )
             body = await state.body(request)
             inputs = decode_inputs(body, request.headers.get("content-type", ""), request.headers)
-            model = runtime.get(name) if name in runtime.loaded() else await run_in_threadpool(
-                runtime.get, name
+            model = (
+                runtime.get(name)
+                if name in runtime.loaded()
+                else await run_in_threadpool(runtime.get, name)
             )
             try:
                 feeds = model.check(inputs, max_rows=runtime.max_rows)
@@ -300,8 +305,9 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
             headers = {"X-Insitu-Model": name, "X-Insitu-Version": model.version}
             status = 200
             if "application/x-npy" in request.headers.get("accept", ""):
-                return Response(encode_npy(outputs[0]), media_type="application/x-npy",
-                                headers=headers)
+                return Response(
+                    encode_npy(outputs[0]), media_type="application/x-npy", headers=headers
+                )
             doc = {
                 "model": name,
                 "version": model.version,
@@ -336,7 +342,7 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
             body = await state.body(request)
             content_type = request.headers.get("content-type", "") or "application/json"
             if not content_type.lower().startswith("application/json"):
-                raise BodyError(415, "explanations take a JSON body {\"inputs\": [[...]]}")
+                raise BodyError(415, 'explanations take a JSON body {"inputs": [[...]]}')
             inputs = decode_inputs(body, content_type, request.headers)
             model = await run_in_threadpool(runtime.get, name)
             explainer = await run_in_threadpool(state.explainer, model)
@@ -359,4 +365,3 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
     for router in routers:
         app.include_router(router)
     return app
-

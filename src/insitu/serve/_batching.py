@@ -106,7 +106,7 @@ class MicroBatcher:
         while rows < self.max_batch_rows:
             if self._queue.empty():
                 remaining = deadline - loop.time()
-                if len(batch) < 2 or remaining <= 0:  # noqa: PLR2004 -- a lone request never waits
+                if len(batch) < 2 or remaining <= 0:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
@@ -139,7 +139,9 @@ class MicroBatcher:
                     else:
                         results = await loop.run_in_executor(self._executor, self._run, items)
                     seconds = time.perf_counter() - started
-                    self._average = 0.9 * self._average + 0.1 * seconds if self._average else seconds
+                    self._average = (
+                        0.9 * self._average + 0.1 * seconds if self._average else seconds
+                    )
                 except Exception as exc:  # noqa: BLE001 -- every waiting request gets the error
                     for item in items:
                         if not item.future.done():

@@ -54,7 +54,9 @@ def _shape(header: str | None, size: int, itemsize: int) -> tuple[int, ...]:
             raise BodyError(400, f"{count} values do not fit X-Insitu-Shape {header!r}")
         dims[dims.index(-1)] = count // known
     elif known != count:
-        raise BodyError(400, f"X-Insitu-Shape {header!r} needs {known} values, the body has {count}")
+        raise BodyError(
+            400, f"X-Insitu-Shape {header!r} needs {known} values, the body has {count}"
+        )
     return tuple(dims)
 
 
@@ -86,7 +88,8 @@ def decode_inputs(body: bytes, content_type: str, headers: Any) -> Any:
         dtype_name = (headers.get("x-insitu-dtype") or "float32").strip().lower()
         if dtype_name not in BINARY_DTYPES:
             raise BodyError(
-                400, f"X-Insitu-Dtype {dtype_name!r} is not one of {', '.join(sorted(BINARY_DTYPES))}"
+                400,
+                f"X-Insitu-Dtype {dtype_name!r} is not one of {', '.join(sorted(BINARY_DTYPES))}",
             )
         dtype = np.dtype(dtype_name).newbyteorder("<")
         shape = _shape(headers.get("x-insitu-shape"), len(body), dtype.itemsize)

@@ -105,8 +105,8 @@ class ServeMetrics:
         self.latency.labels(endpoint=endpoint).observe(seconds)
         with self._lock:
             self._totals[0] += 1
-            self._totals[1] += status >= 400  # noqa: PLR2004
-            if endpoint == "predict" and status < 400:  # noqa: PLR2004
+            self._totals[1] += status >= 400
+            if endpoint == "predict" and status < 400:
                 self._window.append((time.monotonic(), seconds))
 
     def observe_batch(self, model: str, rows: int) -> None:

@@ -155,7 +155,7 @@ def _uvicorn_config(app: FastAPI, host: str, port: int, **tls: Any) -> Any:
 
 
 @contextlib.contextmanager
-def running(  # noqa: PLR0913 -- each option is one independent choice
+def running(
     workspace: Workspace | None = None,
     *,
     port: int = 0,
@@ -198,9 +198,7 @@ def running(  # noqa: PLR0913 -- each option is one independent choice
         deadline = time.monotonic() + startup_timeout
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise InsituError(
-                    f"the server did not start on {host}:{port}; is the port in use?"
-                )
+                raise InsituError(f"the server did not start on {host}:{port}; is the port in use?")
             time.sleep(0.01)
         bound = server.servers[0].sockets[0].getsockname()[1]
         url_host = f"[{host}]" if ":" in host else host
@@ -211,7 +209,7 @@ def running(  # noqa: PLR0913 -- each option is one independent choice
         runtime.close()
 
 
-def serve(  # noqa: PLR0913 -- each option is one independent choice
+def serve(
     workspace: Workspace,
     *,
     host: str = DEFAULT_HOST,
