@@ -282,6 +282,13 @@ class ModelRuntime:
                 model = self._load(name, reason="first use")
         return model
 
+    def peek(self, name: str) -> LoadedModel | None:
+        """The loaded current version of ``name``, or ``None`` (never loads: no I/O)."""
+        model = self._loaded.get(name)
+        if model is not None:
+            model.last_used = time.monotonic()
+        return model
+
     def loaded(self) -> dict[str, LoadedModel]:
         """The models loaded now (a copy)."""
         with self._lock:
