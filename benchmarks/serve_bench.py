@@ -14,10 +14,11 @@ Each server runs in its own process (one uvicorn worker); the client is an httpx
 ``AsyncClient`` bounded in concurrency (1 and 32), in requests and in time; ``wrk`` is
 used instead when installed (Debian package ``wrk``): on 2 cores a Python client is the
 bottleneck. Every request carries one row. The machine is shared, so scenarios are
-interleaved and repeated (``--repeats``), and the median repetition is reported. Goals: at concurrency 32, >= 3x the plain endpoint's
-throughput; at concurrency 1, p50 <= 1.2x the plain endpoint's.
+interleaved and repeated (``--repeats``), and the median repetition is reported.
+Goals: at concurrency 32, >= 3x the plain endpoint's throughput; at concurrency 1, p50
+<= 1.2x the plain endpoint's.
 
-    .venv/bin/python benchmarks/serve_bench.py [--requests 2000] [--seconds 20]
+    .venv/bin/python benchmarks/serve_bench.py [--seconds 20] [--repeats 3] [--client wrk|httpx]
 
 Writes benchmarks/results/serve.json.
 """
