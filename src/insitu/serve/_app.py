@@ -300,7 +300,9 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
                 )
             body = await state.body(request)
             inputs = decode_inputs(body, request.headers.get("content-type", ""), request.headers)
-            model = runtime.peek(name) or await run_in_threadpool(runtime.get, name)
+            model = runtime.peek(name)
+            if model is None:  # unloaded (idle, budget): load it off the event loop
+                model = await run_in_threadpool(runtime.get, name)
             try:
                 feeds = model.check(inputs, max_rows=runtime.max_rows)
             except InvalidInputError:
