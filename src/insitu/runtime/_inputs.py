@@ -105,7 +105,7 @@ def _as_array(value: Any, spec: InputSpec, *, cast: bool) -> np.ndarray:
     else:
         try:
             given = np.asarray(value)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidInputError(
                 f"input {spec.name!r} is not a rectangular array of numbers ({exc}); send "
                 f"rows of equal length, {spec.describe()}"
