@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from insitu.data import DataSchema, FeatureEncoder, read_table
+from insitu.errors import InsufficientDataError
 from insitu.federated import FederationConfig, simulate
 from insitu.federated._local import evaluate, train
 from insitu.federated._models import build_model, get_weights, set_weights
@@ -46,9 +47,34 @@ def load() -> pd.DataFrame:
     return read_table(ADULT).drop(columns=["fnlwgt"])
 
 
-def centralized_baseline(frame: pd.DataFrame, seed: int = 0) -> float:
-    """Same split as simulate(): 20% held out, the logistic model trained on the rest."""
-    schema = DataSchema.infer(frame, label="income", name="adult")
+def adult_schema(frame: pd.DataFrame) -> DataSchema:
+    """The inferred schema plus the public feature engineering of the package's schema.
+
+    Log scaling of the heavy-tailed amounts and bins of age, hours and education: a
+    function of public knowledge about census data, identical at every site, so choosing
+    it spends no site's privacy budget.
+    """
+    doc = dict(DataSchema.infer(frame, label="income", name="adult").source)
+    features = dict(doc["features"])
+    features["transforms"] = {"capital_gain": "log", "capital_loss": "log"}
+    features["bins"] = {
+        "age": [25, 30, 35, 40, 45, 50, 55, 60, 65],
+        "hr_per_week": [35, 40, 41, 50],
+        "education_num": [9, 10, 13, 14],
+    }
+    doc["features"] = features
+    return DataSchema.from_dict(doc)
+
+
+def centralized_baseline(frame: pd.DataFrame, seed: int = 0) -> dict[str, float]:
+    """Same split as simulate(): 20% held out, the logistic model trained on the rest.
+
+    Trained by SGD like the sites (20 epochs), and by scikit-learn's L-BFGS to
+    convergence, the usual reference figure for this data set.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    schema = adult_schema(frame)
     order = np.random.default_rng(seed).permutation(len(frame))
     n_test = int(len(frame) * 0.2)
     test, pool = frame.iloc[np.sort(order[:n_test])], frame.iloc[np.sort(order[n_test:])]
@@ -70,18 +96,22 @@ def centralized_baseline(frame: pd.DataFrame, seed: int = 0) -> float:
         y,
         epochs=20,
         batch_size=256,
-        learning_rate=2.0,
+        learning_rate=0.5,
         event=None,
         max_grad_norm=1.0,
         seed=seed,
     )
-    return evaluate(model, tx, ty)[1]
+    reference = LogisticRegression(max_iter=5000).fit(x, y)
+    return {
+        "sgd_logistic": round(evaluate(model, tx, ty)[1], 4),
+        "sklearn_lbfgs_logistic": round(float(reference.score(tx, ty)), 4),
+    }
 
 
 def fed(home: Path, frame: pd.DataFrame, **settings) -> dict:
     ws, _ = Workspace.init(home)
     config = FederationConfig(**settings)
-    result = simulate(ws, frame, config, label="income", site_epsilon_budget=1000.0)
+    result = simulate(ws, frame, config, schema=adult_schema(frame), site_epsilon_budget=1000.0)
     per_round = [r.central_accuracy for r in result.rounds]
     return {
         "central_accuracy": round(result.central_accuracy or 0.0, 4),
@@ -92,21 +122,45 @@ def fed(home: Path, frame: pd.DataFrame, **settings) -> dict:
 
 
 def accuracy_part(frame: pd.DataFrame, tmp: Path) -> dict:
-    results: dict = {"centralized_non_private": round(centralized_baseline(frame), 4)}
+    results: dict = {"centralized_non_private": centralized_baseline(frame)}
     print("centralized", results["centralized_non_private"], flush=True)
     # Label skew: Dirichlet(0.5) left a site with 292 training records in one draw, too few
     # for epsilon 0.5 at any workable noise (insitu refuses, naming the smallest size);
-    # Dirichlet(2.0) with batch 64 keeps every site trainable at every epsilon here.
-    splits = {"iid": {"batch_size": 256}, "dirichlet:2.0": {"batch_size": 64, "learning_rate": 1.0}}
+    # Dirichlet(2.0) keeps every site trainable at every epsilon here. Settings were tuned
+    # on this public data set (a handful of runs at epsilon 1, charged to no site): more
+    # local epochs at a lower rate on IID data; fewer, smaller steps under label skew, where
+    # long local training drifts apart. Non-private runs use the rate that suits them.
+    splits = {
+        "iid": {"batch_size": 256, "local_epochs": 5, "learning_rate": 1.0},
+        "dirichlet:2.0": {"batch_size": 128, "local_epochs": 2, "learning_rate": 0.5},
+    }
     for split, extra in splits.items():
         rows: dict = {"settings": extra}
         common = {"sites": 5, "rounds": 10, "partition": split, **extra}
-        rows["federated_non_private"] = fed(tmp / f"np-{split}", frame, privacy="none", **common)
+        rows["federated_non_private"] = fed(
+            tmp / f"np-{split}", frame, privacy="none", **{**common, "learning_rate": 0.5}
+        )
         print(split, "non-private", rows["federated_non_private"], flush=True)
         for eps in (0.5, 1.0, 3.0, 8.0):
-            rows[f"record_dp_epsilon_{eps:g}"] = fed(
-                tmp / f"dp{eps}-{split}", frame, privacy="record", epsilon=eps, **common
-            )
+            key = f"record_dp_epsilon_{eps:g}"
+            try:
+                rows[key] = fed(
+                    tmp / f"dp{eps}-{split}", frame, privacy="record", epsilon=eps, **common
+                )
+            except InsufficientDataError as exc:
+                # insitu refuses settings this small a site cannot afford; say so, and
+                # measure the nearest affordable setting (one local epoch per round).
+                print(split, eps, "refused:", exc, flush=True)
+                rows[key] = {
+                    "refused": str(exc),
+                    "with_one_local_epoch": fed(
+                        tmp / f"dp{eps}-{split}-le1",
+                        frame,
+                        privacy="record",
+                        epsilon=eps,
+                        **{**common, "local_epochs": 1},
+                    ),
+                }
             print(split, eps, rows[f"record_dp_epsilon_{eps:g}"], flush=True)
         results[split] = rows
     return results
@@ -267,7 +321,7 @@ def scale_part(frame: pd.DataFrame, tmp: Path) -> dict:
     started = time.perf_counter()
     ws, _ = Workspace.init(tmp / "scale")
     config = FederationConfig(sites=100, rounds=5, privacy="record", epsilon=8.0, batch_size=64)
-    result = simulate(ws, frame, config, label="income", site_epsilon_budget=1000.0)
+    result = simulate(ws, frame, config, schema=adult_schema(frame), site_epsilon_budget=1000.0)
     seconds = time.perf_counter() - started
     stop.set()
     thread.join()

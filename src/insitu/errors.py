@@ -21,7 +21,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── SchemaError                  a data schema that is invalid or does not fit the data
     │   ├── DataFormatError              a data file that cannot be read, or bad values in it
     │   ├── KAnonymityError              a release that would fall below the requested k
-    │   └── ConsentError                 a consent file or change that cannot be applied
+    │   ├── ConsentError                 a consent file or change that cannot be applied
+    │   └── UnusableSplitError           a local train/held-out split that is empty or one-class
     ├── PrivacyError
     │   ├── BudgetExceededError          a round would take a site past its privacy budget
     │   ├── InsufficientDataError        too few records for the requested epsilon
@@ -29,6 +30,11 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │       ├── OverlappingSetsError     a record both in the member and non-member sets
     │       ├── TooFewRecordsError       sets too small for the FPR asked (says how many)
     │       └── BoundViolationError      measured leakage above the (epsilon, delta) bound
+    ├── OptimizationError                a model that cannot be optimized as asked
+    │   ├── NotAModelError               a file that is not a model insitu can read
+    │   ├── InputShapeMismatchError      data whose shape is not the model's input shape
+    │   ├── UnsupportedOperatorError     an operator the exporter or ONNX Runtime cannot run
+    │   └── ConstraintsNotMetError       no candidate meets the constraints (report written)
     ├── FederationError                  a federated run that cannot start or complete
     │   ├── CertificateError             a TLS certificate or key missing, invalid or mismatched
     │   ├── ServerUnreachableError       the SuperLink does not answer at the address given
@@ -86,6 +92,7 @@ __all__ = [
     "CertificateError",
     "ConfigError",
     "ConsentError",
+    "ConstraintsNotMetError",
     "DataError",
     "DataFormatError",
     "DeltaError",
@@ -96,6 +103,7 @@ __all__ = [
     "ExpiredMetadataError",
     "FederationError",
     "InferenceError",
+    "InputShapeMismatchError",
     "InsituError",
     "InstallError",
     "InsufficientDataError",
@@ -110,8 +118,10 @@ __all__ = [
     "MalformedLedgerError",
     "MixAndMatchError",
     "ModelNotFoundError",
+    "NotAModelError",
     "NotEnrolledError",
     "NothingToRollBackError",
+    "OptimizationError",
     "OverlappingSetsError",
     "PassphraseRequiredError",
     "PersonalDataError",
@@ -131,7 +141,9 @@ __all__ = [
     "TruncatedLedgerError",
     "UnsignedBundleError",
     "UnsignedMetadataError",
+    "UnsupportedOperatorError",
     "UntrustedPublisherError",
+    "UnusableSplitError",
     "UpdateError",
     "UpdateInProgressError",
     "UpdateRefusedError",
@@ -215,6 +227,10 @@ class ConsentError(DataError):
     """A consent file or consent change that cannot be applied."""
 
 
+class UnusableSplitError(DataError):
+    """A local training or held-out split that is empty or holds a single class."""
+
+
 class PrivacyError(InsituError):
     """An error of privacy accounting or budgets."""
 
@@ -245,6 +261,26 @@ class BoundViolationError(AuditError):
     Either the epsilon on paper is wrong (an accounting or implementation bug) or the
     model was not trained as recorded. The audit's report is written before this is raised.
     """
+
+
+class OptimizationError(InsituError):
+    """A model that cannot be exported, quantized, pruned or distilled as asked."""
+
+
+class NotAModelError(OptimizationError):
+    """A file that is not a model insitu can read (not ONNX, not a saved program, empty)."""
+
+
+class InputShapeMismatchError(OptimizationError):
+    """Calibration or evaluation data whose shape differs from the model's input."""
+
+
+class UnsupportedOperatorError(OptimizationError):
+    """An operator that the exporter or ONNX Runtime's CPU provider cannot run."""
+
+
+class ConstraintsNotMetError(OptimizationError):
+    """No candidate meets the constraints; the report and the table are produced first."""
 
 
 class FederationError(InsituError):

@@ -200,6 +200,10 @@ def test_models_metrics_and_dashboard_router(client: httpx.Client) -> None:
     assert snapshot["models"] == {"mlp": "1.0.0"}
     assert snapshot["latency_p50_ms"] > 0
     assert client.get("/docs").status_code == 200
+    # The site dashboard (issue 10) is mounted and reads the server's live figures.
+    page = client.get("/dashboard/")
+    assert page.status_code == 200
+    assert "mlp" in page.text
 
 
 def test_explain_endpoint(client: httpx.Client) -> None:

@@ -2,8 +2,11 @@
 
 A card says what the model is (name, version, input and output schema), how good it is
 (metrics), what privacy it cost (epsilon, delta and the accountant that computed them),
-and where it came from (the ledger entries of its training rounds and the hash of the
-data schema). It is signed with the bundle, so none of it can be changed in transit.
+where it came from (the ledger entries of its training rounds and the hash of the data
+schema), and optionally the differentially private reference profile of its training
+data that drift monitoring compares with (``insitu.drift``; absent from the signed form
+when there is none, so older cards keep their bytes). It is signed with the bundle, so
+none of it can be changed in transit.
 
 An operator who wants the fleet back on an old model publishes it again under a *new*
 version (TUF and the update client refuse downgrades); ``republishes`` records which
@@ -139,6 +142,8 @@ class ModelCard:
     provenance: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     republishes: str | None = None
+    #: The DP reference profile of the training data (``insitu.drift``), or ``None``.
+    drift_reference: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -169,7 +174,7 @@ class ModelCard:
             "provenance": self.provenance,
             "description": self.description,
             "republishes": self.republishes,
-        }
+        } | ({"drift_reference": self.drift_reference} if self.drift_reference else {})
 
     def to_bytes(self) -> bytes:
         """The canonical JSON bytes whose digest the manifest lists."""
@@ -189,6 +194,7 @@ class ModelCard:
                 provenance=dict(doc.get("provenance") or {}),
                 description=str(doc.get("description") or ""),
                 republishes=doc.get("republishes"),
+                drift_reference=doc.get("drift_reference"),
             )
         except (KeyError, TypeError, ValueError, UsageError) as exc:
             raise MalformedBundleError(f"the bundle's model card is invalid ({exc})") from exc

@@ -41,6 +41,7 @@ def bundle_model(
     data_schema_sha256: str | None = None,
     description: str = "",
     republishes: str | None = None,
+    drift_reference: dict[str, Any] | None = None,
 ) -> tuple[bytes, Bundle]:
     """Build, sign and (unless ``encrypt`` is false) encrypt a bundle; record it.
 
@@ -79,6 +80,7 @@ def bundle_model(
         provenance=provenance,
         description=description,
         republishes=republishes,
+        drift_reference=drift_reference,
     )
     if recipients:
         recipients.append(workspace.encryption_public_key)

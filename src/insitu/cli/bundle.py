@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +39,19 @@ def _read(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {what} {path} ({exc.strerror or exc})") from exc
+
+
+def _profile(path: Path) -> dict[str, Any]:
+    from insitu.drift import ReferenceProfile
+
+    try:
+        doc: dict[str, Any] = json.loads(_read(path, "drift reference"))
+        ReferenceProfile.from_json(doc)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"{path} is not a reference profile ({exc}); make it with 'insitu drift combine'"
+        ) from exc
+    return doc
 
 
 def _public_key(path: Path, kind: type) -> Any:
@@ -96,6 +110,10 @@ def create(
         str | None,
         typer.Option(help="This model is an earlier version published again; say which."),
     ] = None,
+    drift_reference: Annotated[
+        Path | None,
+        typer.Option(help="The DP reference profile for drift monitoring (insitu drift combine)."),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -142,6 +160,7 @@ def create(
             ),
             description=description,
             republishes=republishes,
+            drift_reference=_profile(drift_reference) if drift_reference else None,
         )
     atomic_write_bytes(out_path, blob)
     summary = {"path": str(out_path), "length": len(blob)} | bundle.summary()

@@ -1,8 +1,11 @@
 """Turning a prepared release into model inputs, identically at every site.
 
 The encoding is a function of the *schema*, not of the data: numeric features are
-scaled to [0, 1] by the ranges the schema declares, categorical features are one-hot
-encoded over the categories the schema declares. No site has to share a mean, a
+scaled to [0, 1] by the ranges the schema declares (through ``log(1 + x)`` for those with
+a ``log`` transform: a linear scale would crush heavy-tailed amounts such as capital gains
+next to zero), optionally also one-hot encoded by the interval of declared bin edges they
+fall in, and categorical features are one-hot encoded over the categories the schema
+declares. No site has to share a mean, a
 vocabulary or a count for all sites to produce the same columns, so preprocessing leaks
 nothing (the federated threat model in ``docs/`` depends on this).
 
@@ -12,6 +15,7 @@ categories then come from the local data, and two sites would disagree on column
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -56,6 +60,8 @@ class FeatureEncoder:
     def names(self) -> list[str]:
         """Model input column names: numeric features, then ``column=category`` indicators."""
         names = list(self.schema.numeric)
+        for column, edges in self.schema.bins.items():
+            names += _bin_names(column, edges)
         for column in self.schema.categorical:
             names += [f"{column}={value}" for value in self.categories[column]]
         return names
@@ -67,8 +73,18 @@ class FeatureEncoder:
             values = frame[column].to_numpy(dtype=np.float64)
             if column in self.schema.ranges:
                 low, high = self.schema.ranges[column]
-                values = np.clip((values - low) / (high - low), 0.0, 1.0)
+                values = np.clip(values, low, high)
+                if self.schema.transforms.get(column) == "log":
+                    values, low, high = np.log1p(values), np.log1p(low), np.log1p(high)
+                values = (values - low) / (high - low)
             blocks.append(values[:, None])
+        for column, edges in self.schema.bins.items():
+            values = frame[column].to_numpy(dtype=np.float64)
+            index = np.searchsorted(np.asarray(edges), values, side="right")
+            onehot = np.zeros((len(frame), len(edges) + 1), dtype=np.float64)
+            known = ~np.isnan(values)
+            onehot[np.flatnonzero(known), index[known]] = 1.0
+            blocks.append(onehot)
         for column in self.schema.categorical:
             cats = self.categories[column]
             codes = pd.Categorical(frame[column].astype(str), categories=list(cats)).codes
@@ -87,3 +103,11 @@ class FeatureEncoder:
             return (values == self.schema.positive).to_numpy(dtype=np.int64)
         codes = pd.Categorical(values, categories=sorted(values.unique())).codes
         return np.asarray(codes, dtype=np.int64)
+
+
+def _bin_names(column: str, edges: tuple[float, ...]) -> list[str]:
+    shown = [f"{e:g}" for e in edges]
+    names = [f"{column}<{shown[0]}"]
+    names += [f"{column}[{a},{b})" for a, b in itertools.pairwise(shown)]
+    names.append(f"{column}>={shown[-1]}")
+    return names

@@ -17,6 +17,13 @@ One schema per data set, in TOML (documented in ``docs/data-protection.md``)::
 
     [features.ranges]                 # numeric scaling from declared ranges, not from data
     age = [17, 90]
+    capital_gain = [0, 99999]
+
+    [features.transforms]             # optional: "log" scales log(1 + x) over the range,
+    capital_gain = "log"              # for heavy-tailed amounts (needs a range from 0)
+
+    [features.bins]                   # optional: also one-hot the value's interval among
+    age = [25, 35, 45, 55, 65]        # these public edges (a model sees non-linear effects)
 
     [identifiers]
     direct = ["name", "email"]        # must be dropped or pseudonymized
@@ -55,6 +62,7 @@ that names a column the data does not have.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,7 +79,7 @@ __all__ = ["DataSchema"]
 
 _SECTIONS: dict[str, set[str]] = {
     "dataset": {"name", "label", "positive", "subject"},
-    "features": {"numeric", "categorical", "categories", "ranges"},
+    "features": {"numeric", "categorical", "categories", "ranges", "transforms", "bins"},
     "identifiers": {"direct", "quasi"},
     "treatment": {"drop", "pseudonymize", "generalize", "keep"},
     "consent": {"required", "purpose", "legal_basis"},
@@ -112,6 +120,8 @@ class DataSchema:
     legal_basis: str
     k: int
     source: dict[str, Any] = field(repr=False, compare=False)
+    transforms: dict[str, str] = field(default_factory=dict)
+    bins: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     # -- loading -------------------------------------------------------------------
 
@@ -240,6 +250,8 @@ class DataSchema:
 
         categories = _categories(doc, categorical)
         ranges = _ranges(doc, numeric)
+        transforms = _transforms(doc, numeric, ranges)
+        bins = _bins(doc, numeric)
 
         consent = doc.get("consent", {})
         required = consent.get("required", subject is not None)
@@ -284,6 +296,8 @@ class DataSchema:
             legal_basis=legal_basis,
             k=k,
             source=doc,
+            transforms=transforms,
+            bins=bins,
         )
 
     @classmethod
@@ -420,4 +434,52 @@ def _ranges(doc: dict[str, Any], numeric: list[str]) -> dict[str, tuple[float, f
         if not ok:
             raise SchemaError(f"features.ranges.{column} must be [min, max] with min < max")
         result[column] = (float(bounds[0]), float(bounds[1]))
+    return result
+
+
+_TRANSFORMS = ("log",)
+
+
+def _transforms(
+    doc: dict[str, Any], numeric: list[str], ranges: dict[str, tuple[float, float]]
+) -> dict[str, str]:
+    raw = doc.get("features", {}).get("transforms", {})
+    if not isinstance(raw, dict):
+        raise SchemaError('features.transforms must be a table of column = "log"')
+    result: dict[str, str] = {}
+    for column, name in raw.items():
+        if column not in numeric:
+            raise SchemaError(f"features.transforms names {column!r}, which is not numeric")
+        if name not in _TRANSFORMS:
+            raise SchemaError(
+                f"features.transforms.{column} = {name!r} is unknown; use one of {_TRANSFORMS}"
+            )
+        if column not in ranges or ranges[column][0] < 0:
+            raise SchemaError(
+                f"features.transforms.{column} = 'log' needs features.ranges.{column} "
+                "with a minimum of 0 or more"
+            )
+        result[column] = name
+    return result
+
+
+def _bins(doc: dict[str, Any], numeric: list[str]) -> dict[str, tuple[float, ...]]:
+    raw = doc.get("features", {}).get("bins", {})
+    if not isinstance(raw, dict):
+        raise SchemaError("features.bins must be a table of column = [edge, edge, ...]")
+    result: dict[str, tuple[float, ...]] = {}
+    for column, edges in raw.items():
+        if column not in numeric:
+            raise SchemaError(f"features.bins names {column!r}, which is not numeric")
+        ok = (
+            isinstance(edges, list)
+            and len(edges) >= 1
+            and all(isinstance(e, int | float) and not isinstance(e, bool) for e in edges)
+            and all(a < b for a, b in itertools.pairwise(edges))
+        )
+        if not ok:
+            raise SchemaError(
+                f"features.bins.{column} must be a non-empty list of strictly increasing numbers"
+            )
+        result[column] = tuple(float(e) for e in edges)
     return result

@@ -128,6 +128,21 @@ class ServeMetrics:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
 
+    def live_figures(self) -> dict[str, Any]:
+        """The figures the site dashboard shows (``insitu.dashboard.MetricsSource``)."""
+        snapshot = self.snapshot()
+        with self._lock:
+            now = time.monotonic()
+            recent = [s for t, s in self._window if now - t <= self._horizon]
+        p95 = float(np.quantile(recent, 0.95)) * 1000 if recent else None
+        return {
+            "request_rate": snapshot.requests_per_second,
+            "latency_p50_ms": snapshot.latency_p50_ms,
+            "latency_p95_ms": p95,
+            "requests_total": snapshot.requests_total,
+            "models": [{"name": n, "version": v} for n, v in sorted(snapshot.models.items())],
+        }
+
     def snapshot(self) -> MetricsSnapshot:
         """Rate and quantiles of recent successful predictions; versions served."""
         now = time.monotonic()

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu.errors import InsituError, UsageError
-from insitu.runtime import ModelRuntime
+from insitu.runtime import LoadedModel, ModelRuntime
 from insitu.serve._app import Background, create_app
 from insitu.serve._metrics import MetricsSnapshot, ServeMetrics
 
@@ -110,6 +110,28 @@ def site_background(workspace: Workspace) -> Any:
     return find
 
 
+def _site_extras(
+    workspace: Workspace, runtime: ModelRuntime, app_options: dict[str, Any]
+) -> tuple[list[APIRouter], Any]:
+    """The site dashboard's router and the drift monitor, wired to this runtime.
+
+    The monitor registers each version as it loads (from the reference profile in its
+    card) and counts every batch (``DriftMonitor.on_batch``, an observer).
+    """
+    from insitu.dashboard import router as dashboard_router
+    from insitu.drift import DriftMonitor
+
+    monitor = DriftMonitor(workspace)
+
+    def register(model: LoadedModel) -> None:
+        monitor.register_card(model.card)
+
+    runtime.on_swap(register)
+    runtime.add_observer(monitor.on_batch)
+    metrics = app_options.setdefault("metrics", ServeMetrics())
+    return [dashboard_router(workspace, metrics.live_figures, drift_monitor=monitor)], monitor
+
+
 @dataclass
 class RunningServer:
     """A server started by :func:`running`."""
@@ -164,12 +186,15 @@ def running(
     token: str | None = None,
     routers: Sequence[APIRouter] = (),
     startup_timeout: float = 60.0,
+    dashboard: bool = True,
     **app_options: Any,
 ) -> Iterator[RunningServer]:
     """Serve ``workspace``'s installed model on ``host:port`` (0: an ephemeral port).
 
     Yields a :class:`RunningServer` (``.url``, ``.token``, ``.snapshot()``) once the
-    server accepts connections; stops it (and closes the runtime) on exit.
+    server accepts connections; stops it (and closes the runtime) on exit. With a
+    workspace, the site dashboard is mounted at ``/dashboard`` and the drift monitor
+    observes every batch (``dashboard=False`` leaves both out).
     ``app_options`` go to :func:`create_app` (``max_batch_rows``, ``max_wait``, ...).
 
     Raises:
@@ -188,8 +213,12 @@ def running(
         if workspace is None:
             raise UsageError("give the API token, or the workspace that holds it")
         token = workspace.api_token()
+    monitor = None
     if workspace is not None:
         app_options.setdefault("backgrounds", site_background(workspace))
+        if dashboard:
+            extra, monitor = _site_extras(workspace, runtime, app_options)
+            routers = [*extra, *routers]
     app = create_app(runtime, token=token, routers=routers, **app_options)
     server = uvicorn.Server(_uvicorn_config(app, host, port))
     thread = threading.Thread(target=server.run, name="insitu-serve", daemon=True)
@@ -207,6 +236,8 @@ def running(
         server.should_exit = True
         thread.join(timeout=30)
         runtime.close()
+        if monitor is not None:
+            monitor.flush()
 
 
 def serve(
@@ -226,9 +257,13 @@ def serve(
     tls = check_bind(host, expose=expose, certfile=certfile, keyfile=keyfile)
     runtime = ModelRuntime.for_workspace(workspace)
     app_options.setdefault("backgrounds", site_background(workspace))
-    app = create_app(runtime, token=workspace.api_token(), routers=routers, **app_options)
+    extra, monitor = _site_extras(workspace, runtime, app_options)
+    app = create_app(
+        runtime, token=workspace.api_token(), routers=[*extra, *routers], **app_options
+    )
     options = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if tls else {}
     try:
         uvicorn.Server(_uvicorn_config(app, host, port, **options)).run()
     finally:
         runtime.close()
+        monitor.flush()

@@ -69,7 +69,7 @@ from insitu.update._refusals import tuf_refusals
 from insitu.update._repository import PUBLISHERS_FIELD, bundle_path, channel_path, device_path
 from insitu.update._slots import SlotInfo, SlotStore
 
-__all__ = ["ClientConfig", "UpdateClient"]
+__all__ = ["ClientConfig", "UpdateClient", "is_local_version"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,11 @@ class ClientConfig:
         }
 
 
+def is_local_version(version: str) -> bool:
+    """A version made on this device (``MAJOR.MINOR.PATCH-local.N``, ``insitu finetune``)."""
+    return SemVer.parse(version).prerelease[:1] == ("local",)
+
+
 class UpdateClient:
     """Updates, rolls back and loads the model of one device.
 
@@ -108,8 +113,12 @@ class UpdateClient:
         device_key: X25519PrivateKey,
         ledger: Ledger | None = None,
         fetcher: FetcherInterface | None = None,
+        local_publisher: Ed25519PublicKey | None = None,
     ) -> None:
         self.directory = Path(directory)
+        # The device's own signing key, trusted for *local* versions only (fine-tuned
+        # here, ``insitu finetune``): see ADR 0603. Repository downloads never use it.
+        self.local_publisher = local_publisher
         self.device_key = device_key
         self.ledger = ledger
         self.fetcher = fetcher
@@ -207,6 +216,12 @@ class UpdateClient:
     def verifier(self) -> BundleVerifier:
         """A verifier for bundles from the publishers the trusted root lists."""
         return BundleVerifier(self._publishers())
+
+    def slot_verifier(self, info: SlotInfo) -> BundleVerifier:
+        """The verifier of an installed slot: the device's own key for a local version."""
+        if self.local_publisher is not None and is_local_version(info.version):
+            return BundleVerifier([self.local_publisher])
+        return self.verifier()
 
     def _download(self, updater: Updater, info: TargetFile, kind: str) -> bytes:
         part = self.directory / "downloads" / f"{uuid.uuid4().hex}.part"
@@ -307,6 +322,13 @@ class UpdateClient:
         pointer_path, pointer = self._pointer(updater, channel)
         installed = self.slots.active()
         version = str(pointer["version"])
+        if is_local_version(version):
+            # "-local.N" names versions made on a device (insitu finetune), which its own
+            # key verifies; a repository never serves one.
+            raise RepositoryError(
+                f"{pointer_path} offers {version}, a device-local version name; the "
+                "publisher must release it under a plain version"
+            )
         result: dict[str, Any] = {
             "model": self.config.model,
             "pointer": pointer_path,
@@ -322,6 +344,10 @@ class UpdateClient:
             if SemVer.parse(version) == SemVer.parse(installed.version):
                 return result | {"status": "up-to-date", "installed": installed.version}
             if SemVer.parse(version) < SemVer.parse(installed.version):
+                if is_local_version(installed.version):
+                    # A local fine-tune of the offered release (or of a later one):
+                    # nothing to install until the repository offers a newer release.
+                    return result | {"status": "local", "installed": installed.version}
                 raise RollbackError(
                     f"{pointer_path} offers {version}, older than the installed "
                     f"{installed.version}; downgrades are refused (the operator publishes "
@@ -436,7 +462,9 @@ class UpdateClient:
         data = self.slots.read(info)
         # The slot digest was checked; the AEAD tags and the signed model digest bind
         # the rest, so the ciphertext digest is not computed a second time.
-        return self.verifier().open(Bundle.parse(data), self.device_key, check_payload=False)
+        return self.slot_verifier(info).open(
+            Bundle.parse(data), self.device_key, check_payload=False
+        )
 
     def session(
         self, *, intra_op_threads: int | None = None, spinning: bool = True
@@ -450,7 +478,7 @@ class UpdateClient:
         # another validly signed one, e.g. an older version copied over it).
         bundle, session = load_session(
             self.slots.slot_path(info.slot),
-            self.verifier(),
+            self.slot_verifier(info),
             self.device_key,
             intra_op_threads=intra_op_threads,
             spinning=spinning,

@@ -39,6 +39,13 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "epsilon_budget": (float, 10.0),
         "delta": (float, 1e-5),
     },
+    # Drift monitoring (insitu.drift): when a feature is flagged.
+    "drift": {
+        "psi_threshold": (float, 0.2),
+        "p_value": (float, 0.01),
+        "min_samples": (int, 500),
+        "check_every": (int, 1000),
+    },
 }
 
 _HEADER = (
@@ -94,7 +101,19 @@ def _validate(doc: dict[str, Any], path: Path) -> Config:
         raise ConfigError(f"{path}: privacy.epsilon_budget must be positive")
     if not 0 < privacy.get("delta", 1e-5) < 1:
         raise ConfigError(f"{path}: privacy.delta must be between 0 and 1")
+    _check_drift(sections.get("drift", {}), path)
     return Config(sections)
+
+
+def _check_drift(drift: dict[str, Any], path: Path) -> None:
+    if not 0 < drift.get("psi_threshold", 0.2) <= 10:
+        raise ConfigError(
+            f"{path}: drift.psi_threshold must be in (0, 10] (0.2 is a significant shift)"
+        )
+    if not 0 < drift.get("p_value", 0.01) < 1:
+        raise ConfigError(f"{path}: drift.p_value must be between 0 and 1 (e.g. 0.01)")
+    if drift.get("min_samples", 1) < 1 or drift.get("check_every", 1) < 1:
+        raise ConfigError(f"{path}: drift.min_samples and drift.check_every must be at least 1")
 
 
 def load_config(path: Path) -> Config:

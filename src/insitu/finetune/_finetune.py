@@ -1,0 +1,376 @@
+"""On-device fine-tuning: the last layers, DP-SGD, the site's budget, installed only if better.
+
+``finetune`` at a site, in order (each step refuses rather than guesses):
+
+1. the installed version is loaded from the A/B slots and verified (signature, digest);
+2. the local file is read under the data schema the model card carries (columns
+   checked, identifiers pseudonymized, records without consent left out);
+3. the records are split, stratified by label, into a training part and a held-out
+   part; an empty or one-class part is refused (:class:`UnusableSplitError`);
+4. the ONNX model is rebuilt as a PyTorch module (``_rebuild``, checked equal to ONNX
+   Runtime's outputs) and all but its last ``layers`` linear layers are frozen;
+5. the DP-SGD event (Opacus, as in federated training: ``federated._local.train``) is
+   calibrated for ``epsilon`` and *charged to the site's budget for the data set before
+   training*, the same enforced budget federated rounds spend: a charge that would
+   exceed it raises :class:`BudgetExceededError` and is recorded
+   (``privacy.budget_refused``);
+6. the fine-tuned model is exported to ONNX and both it and the installed version are
+   scored by ONNX Runtime on the held-out part; only a *strictly* better one is bundled
+   (signed by this device, encrypted to it), installed into the inactive slot and made
+   active, as a local version ``X.Y.(Z+1)-local.N`` that sorts after its base and before
+   the federation's next release. ``finetune.installed`` or ``finetune.rejected`` records
+   the figures; the weights of an installed version are kept so that the site can offer
+   them as the next federated round's starting point (:func:`local_start_weights`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insitu._atomic import atomic_write_bytes
+from insitu.bundle import ModelCard, SemVer
+from insitu.data import DataSchema, SiteDataset, read_table
+from insitu.errors import InstallError, SchemaError, UnusableSplitError, UsageError
+from insitu.workspace import Workspace
+
+__all__ = ["FinetuneResult", "finetune", "local_start_weights", "split_holdout"]
+
+logger = logging.getLogger(__name__)
+
+INSTALLED = "finetune.installed"
+REJECTED = "finetune.rejected"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What one fine-tuning did."""
+
+    model: str
+    base_version: str
+    version: str | None
+    installed: bool
+    accuracy_installed: float
+    accuracy_finetuned: float
+    rows_train: int
+    rows_holdout: int
+    epsilon: float
+    epsilon_spent_total: float
+    epsilon_budget: float
+    noise_multiplier: float
+    weights: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """As printed by ``insitu finetune --json``."""
+        return dict(self.__dict__)
+
+
+def split_holdout(
+    labels: np.ndarray, *, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out): ``fraction`` of each class held out, at random.
+
+    Raises:
+        UnusableSplitError: a part is empty or holds a single class.
+
+    """
+    labels = np.asarray(labels)
+    if not 0 < fraction < 1:
+        raise UsageError(f"--holdout must be between 0 and 1, not {fraction}")
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    held: list[np.ndarray] = []
+    for value in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        cut = round(len(rows) * fraction)
+        held.append(rows[:cut])
+        train.append(rows[cut:])
+    train_idx = np.sort(np.concatenate(train)) if train else np.zeros(0, np.int64)
+    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    for name, index in (("training", train_idx), ("held-out", held_idx)):
+        if len(index) == 0:
+            raise UnusableSplitError(
+                f"the local {name} split is empty ({len(labels)} usable records); fine-tuning "
+                "needs labelled records with consent in the data file"
+            )
+        classes = np.unique(labels[index])
+        if len(classes) < 2:
+            raise UnusableSplitError(
+                f"the local {name} split holds a single class ({classes[0]}) in "
+                f"{len(index)} records; fine-tuning needs labelled records of every class"
+            )
+    return train_idx, held_idx
+
+
+def _accuracy(model: bytes, features: np.ndarray, labels: np.ndarray) -> float:
+    from insitu.runtime import create_session
+
+    session = create_session(model, intra_op_threads=1)
+    name = session.get_inputs()[0].name
+    logits = session.run(None, {name: np.ascontiguousarray(features, dtype=np.float32)})[0]
+    if logits.ndim == 1 or logits.shape[-1] == 1:
+        predicted = (logits.reshape(-1) > 0).astype(np.int64)
+    else:
+        predicted = logits.argmax(axis=-1)
+    return float(np.mean(predicted == labels))
+
+
+def _schema_of(card: ModelCard, schema_path: Path | None) -> DataSchema:
+    if card.drift_reference and card.drift_reference.get("schema"):
+        # Signed with the card: the schema the model was trained with.
+        return DataSchema.from_dict(card.drift_reference["schema"])
+    if schema_path is None:
+        raise SchemaError(
+            f"the model card of {card.name} {card.version} carries no data schema; pass the "
+            "schema it was trained with (--schema FILE)"
+        )
+    schema = DataSchema.load(schema_path)
+    expected = card.provenance.get("data_schema_sha256")
+    # 'insitu bundle create --data-schema' records the file's SHA-256, the Python API
+    # the canonical digest: either names this schema.
+    file_digest = hashlib.sha256(schema_path.read_bytes()).hexdigest()
+    if expected and expected not in {schema.digest(), file_digest}:
+        raise SchemaError(
+            f"the schema is not the one {card.name} {card.version} was trained with (its "
+            "digest differs from the card's data_schema_sha256); use that schema"
+        )
+    return schema
+
+
+def _next_version(base: str, workspace: Workspace, model: str) -> str:
+    parsed = SemVer.parse(base)
+    release = (
+        (parsed.major, parsed.minor, parsed.patch)
+        if parsed.prerelease[:1] == ("local",)
+        else (parsed.major, parsed.minor, parsed.patch + 1)
+    )
+    stem = ".".join(str(x) for x in release)
+    with workspace.ledger() as ledger:
+        earlier = [
+            e
+            for e in ledger.entries(event_type=INSTALLED)
+            if e.payload.get("model") == model
+            and str(e.payload.get("version", "")).startswith(f"{stem}-local.")
+        ]
+    return f"{stem}-local.{len(earlier) + 1}"
+
+
+def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
+    workspace: Workspace,
+    model: str,
+    data: Path,
+    *,
+    epsilon: float = 1.0,
+    epochs: int = 3,
+    batch_size: int = 64,
+    learning_rate: float = 0.5,
+    max_grad_norm: float = 1.0,
+    holdout: float = 0.3,
+    layers: int = 1,
+    seed: int = 0,
+    schema_path: Path | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune the installed ``model`` on ``data``; see the module docstring.
+
+    Raises:
+        InstallError: ``model`` is not the model installed on this device.
+        SchemaError: ``data``'s columns do not match the card's schema.
+        UnusableSplitError: an empty or one-class training or held-out split.
+        BudgetExceededError: the fine-tuning would exceed the site's budget.
+
+    """
+    from insitu.federated._local import planned_event, train
+    from insitu.federated._models import export_onnx, get_weights
+    from insitu.federated._site_app import site_budget
+    from insitu.finetune._rebuild import rebuild_sequential
+    from insitu.privacy import calibrate_noise
+    from insitu.update import UpdateClient
+
+    stage = on_stage or (lambda _: None)
+    if epsilon <= 0 or epochs < 1 or batch_size < 1 or layers < 1 or learning_rate <= 0:
+        raise UsageError("epsilon, learning rate, epochs, batch size and layers must be positive")
+    stage("loading the installed model")
+    client = UpdateClient(
+        workspace.home / "update",
+        device_key=workspace.encryption_key(),
+        local_publisher=workspace.signing_public_key,
+    )
+    if client.config.model != model:
+        raise InstallError(
+            f"this device runs {client.config.model!r}, not {model!r}; fine-tune the "
+            "installed model"
+        )
+    active = client.slots.active()
+    if active is None:
+        raise InstallError(f"no version of {model} is installed; run 'insitu update' first")
+    opened = client.load()
+    card, installed_model = opened.card, bytes(opened.model)
+    schema = _schema_of(card, schema_path)
+
+    stage("reading the local data")
+    frame = read_table(data)
+    schema.check_columns(frame.columns, source=str(data))
+    records = SiteDataset.from_frame(workspace, frame, schema, source=str(data), k=1)
+    local = records.for_round(role="training")
+    width = card.inputs[0]["shape"][-1] if card.inputs and card.inputs[0]["shape"] else None
+    if isinstance(width, int) and local.features.shape[1] != width:
+        raise SchemaError(
+            f"{data} encodes to {local.features.shape[1]} columns, the model takes {width}; "
+            "use the schema the model was trained with"
+        )
+    train_idx, held_idx = split_holdout(local.labels, fraction=holdout, seed=seed)
+    x_train, y_train = local.features[train_idx], local.labels[train_idx]
+    x_held, y_held = local.features[held_idx], local.labels[held_idx]
+
+    torch_model = rebuild_sequential(installed_model, x_held)
+    linears = [m for m in torch_model if hasattr(m, "weight")]
+    for module in linears[: max(0, len(linears) - layers)]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+    accuracy_before = _accuracy(installed_model, x_held, y_held)
+
+    stage("charging the privacy budget")
+    rows = len(y_train)
+    one = planned_event(rows=rows, batch_size=batch_size, epochs=epochs, noise_multiplier=1.0)
+    delta = float(workspace.config.get("privacy", "delta"))
+    sigma = calibrate_noise(
+        target_epsilon=epsilon, delta=delta, sample_rate=one.sample_rate, steps=one.steps
+    )
+    event = planned_event(rows=rows, batch_size=batch_size, epochs=epochs, noise_multiplier=sigma)
+    with workspace.ledger() as ledger:
+        charge = site_budget(workspace, ledger, schema.name).charge(
+            event, mechanism="finetune", model=model, base_version=card.version
+        )
+
+    stage(f"DP-SGD on {rows} records")
+    train(
+        torch_model,
+        np.ascontiguousarray(x_train, dtype=np.float32),
+        y_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        event=event,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+    )
+    stage("evaluating on the held-out split")
+    candidate = export_onnx(torch_model, local.features.shape[1])
+    accuracy_after = _accuracy(candidate, x_held, y_held)
+    figures = {
+        "model": model,
+        "base_version": card.version,
+        "accuracy_installed": round(accuracy_before, 6),
+        "accuracy_finetuned": round(accuracy_after, 6),
+        "rows_train": rows,
+        "rows_holdout": len(y_held),
+        "epsilon": epsilon,
+        "epsilon_spent_total": round(charge.epsilon_after, 6),
+        "noise_multiplier": sigma,
+        "layers": layers,
+    }
+    outcome = FinetuneResult(
+        model=model,
+        base_version=card.version,
+        version=None,
+        installed=False,
+        accuracy_installed=accuracy_before,
+        accuracy_finetuned=accuracy_after,
+        rows_train=rows,
+        rows_holdout=len(y_held),
+        epsilon=epsilon,
+        epsilon_spent_total=charge.epsilon_after,
+        epsilon_budget=charge.budget,
+        noise_multiplier=sigma,
+        weights=None,
+    )
+    if not accuracy_after > accuracy_before:
+        with workspace.ledger() as ledger:
+            ledger.record(REJECTED, **figures, reason="not better on the local held-out split")
+        return outcome
+
+    stage("bundling and installing")
+    version = _next_version(card.version, workspace, model)
+    weights = get_weights(torch_model)
+    weights_path = workspace.home / "finetune" / model / f"{version}.npz"
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, *weights)
+    atomic_write_bytes(weights_path, buffer.getvalue())
+    from insitu.audit._records import utc_now
+    from insitu.bundle import bundle_model
+    from insitu.federated._models import weights_digest
+
+    base_eps = float(card.privacy["epsilon"]) if card.privacy else 0.0
+    blob, bundle = bundle_model(
+        workspace,
+        candidate,
+        name=model,
+        version=version,
+        recipients=[workspace.encryption_public_key],
+        metrics={**card.metrics, "local_holdout_accuracy": round(accuracy_after, 4)},
+        # Per record: the federation's epsilon for other sites' records; this site's
+        # records have now spent its composed total.
+        epsilon=max(base_eps, charge.epsilon_after),
+        delta=max(float(card.privacy["delta"]) if card.privacy else 0.0, delta),
+        data_schema_sha256=schema.digest(),
+        description=f"Local fine-tune of {model} {card.version} (last {layers} layer(s), "
+        f"DP-SGD at epsilon {epsilon}).",
+        drift_reference=card.drift_reference,
+    )
+    with client._exclusive():
+        info = client.slots.install(
+            blob, name=model, version=version, bundle_id=bundle.bundle_id, now=utc_now()
+        )
+    with workspace.ledger() as ledger:
+        ledger.record(
+            INSTALLED,
+            **figures,
+            version=version,
+            slot=info.slot,
+            bundle_sha256=info.sha256,
+            weights_sha256=weights_digest(weights),
+            weights_file=str(weights_path.relative_to(workspace.home)),
+            offered_as_start=True,
+        )
+    return dataclasses.replace(outcome, version=version, installed=True, weights=str(weights_path))
+
+
+def local_start_weights(workspace: Workspace, model: str) -> list[np.ndarray] | None:
+    """The weights of the latest installed local version of ``model``, digest-checked.
+
+    A site offers them as the next federated round's starting point; ``None`` when the
+    model was never fine-tuned here.
+
+    Raises:
+        InstallError: the weights file is missing or does not match its ledger digest.
+
+    """
+    from insitu.federated._models import weights_digest
+
+    with workspace.ledger() as ledger:
+        entries = [
+            e for e in ledger.entries(event_type=INSTALLED) if e.payload.get("model") == model
+        ]
+    if not entries:
+        return None
+    latest = entries[-1].payload
+    path = workspace.home / latest["weights_file"]
+    try:
+        with np.load(path) as archive:
+            weights = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    except OSError as exc:
+        raise InstallError(f"cannot read the fine-tuned weights {path} ({exc})") from exc
+    if weights_digest(weights) != latest["weights_sha256"]:
+        raise InstallError(f"{path} does not match the digest the ledger recorded; it was altered")
+    return weights

@@ -1,0 +1,456 @@
+"""``optimize``: build every candidate, check its parity, measure it here, choose.
+
+Candidates, each built from the fp32 ONNX export of the source (or from the pruned or
+distilled PyTorch model) and each checked against the source's own outputs on the
+evaluation data (max abs difference of scores, label agreement):
+
+======================  =============================================================
+``fp32``                the export itself (PyTorch: must match within 1e-4)
+``int8-dynamic``        ONNX Runtime dynamic quantization
+``int8-static``         ONNX Runtime static QDQ, per-channel, calibrated on the user's data
+``pruned``              structured (or magnitude) pruning, fine-tuned against the source
+``distilled``           a smaller student trained on the source's outputs
+``pruned+int8-*``       the pruned model, quantized
+``distilled+int8-*``    the student, quantized
+======================  =============================================================
+
+``target="auto"`` builds them all and lets :func:`~insitu.optimize._select.select`
+choose; any other target builds fp32 (the baseline) and that candidate only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from insitu._atomic import atomic_write_bytes, atomic_write_text
+from insitu.errors import InsituError, OptimizationError, UsageError
+from insitu.optimize._compress import CompressionPlan, distill, prune
+from insitu.optimize._data import DataLike, DataSet, load_data
+from insitu.optimize._export import export_torch
+from insitu.optimize._measure import measure_outputs, time_session, timing_plan
+from insitu.optimize._onnx import run, session_for
+from insitu.optimize._quantize import quantize_dynamic_int8, quantize_static_int8
+from insitu.optimize._report import OptimizationReport, plot_candidates
+from insitu.optimize._select import Candidate, Constraints, select
+from insitu.optimize._source import (
+    SourceModel,
+    load_model,
+    scores_and_labels,
+    sklearn_source,
+    torch_source,
+)
+
+__all__ = ["CANDIDATES", "TARGETS", "optimize", "optimize_workspace_model"]
+
+logger = logging.getLogger(__name__)
+
+#: Every candidate ``auto`` builds, in build order.
+CANDIDATES = (
+    "fp32",
+    "int8-dynamic",
+    "int8-static",
+    "pruned",
+    "pruned+int8-dynamic",
+    "pruned+int8-static",
+    "distilled",
+    "distilled+int8-dynamic",
+    "distilled+int8-static",
+)
+#: What ``target`` accepts.
+TARGETS = ("auto", *CANDIDATES)
+
+#: fp32 ONNX must reproduce the PyTorch model within this (max abs difference of outputs).
+PARITY_TOLERANCE = 1e-4
+
+ModelLike = SourceModel | Path | str | Any
+
+
+def _resolve(model: ModelLike, example: np.ndarray | None, allow_pickle: bool) -> SourceModel:
+    if isinstance(model, SourceModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(Path(model), allow_pickle=allow_pickle)
+    try:
+        import torch
+
+        if isinstance(model, torch.nn.Module):
+            if example is None:
+                raise UsageError("a PyTorch module needs an example input batch (example=...)")
+            return torch_source(model, example, name=type(model).__name__)
+    except ImportError:  # pragma: no cover - torch is in the optimize extra
+        pass
+    if hasattr(model, "n_features_in_"):
+        return sklearn_source(model, int(model.n_features_in_), name=type(model).__name__)
+    raise UsageError(
+        f"cannot optimize a {type(model).__name__}: give a model path, a SourceModel, a "
+        "torch.nn.Module with an example, or a fitted scikit-learn estimator"
+    )
+
+
+@dataclass
+class _Builder:
+    """Builds candidates by name; bases (fp32, pruned, distilled) once, memoized."""
+
+    source: SourceModel
+    calibration: DataSet
+    teacher: np.ndarray
+    plan: CompressionPlan
+    student: Any
+    built: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+
+    def build(self, name: str) -> tuple[bytes, str]:
+        """ONNX bytes and a description of candidate ``name``."""
+        if name not in self.built:
+            self.built[name] = self._make(name)
+        return self.built[name]
+
+    def _make(self, name: str) -> tuple[bytes, str]:
+        source, cal, plan = self.source, self.calibration, self.plan
+        if name == "fp32":
+            return source.onnx, f"{source.kind} export, float32"
+        if "+" in name or name.startswith("int8-"):
+            base, _, method = name.rpartition("+") if "+" in name else ("fp32", "", name)
+            base_onnx, base_technique = self.build(base)
+            if method == "int8-dynamic":
+                return quantize_dynamic_int8(base_onnx), f"{base_technique}; dynamic int8"
+            input_name = source.input_name if base == "fp32" else "input"
+            return (
+                quantize_static_int8(base_onnx, input_name, cal.x),
+                f"{base_technique}; static int8 QDQ per-channel "
+                f"({min(len(cal), 1024)} calibration records)",
+            )
+        if name == "pruned":
+            if source.module is None:
+                raise OptimizationError(
+                    f"pruning needs the trainable PyTorch model; a {source.kind} source has none"
+                )
+            model, how = prune(source.module, cal.x, self.teacher, cal.y, plan=plan)
+            return (
+                export_torch(model, cal.x[:2], name="pruned"),
+                f"{how} magnitude pruning {plan.prune_fraction:.0%}, fine-tuned "
+                f"{plan.finetune_epochs} epochs"
+                + ("" if how == "structured" else " (zeros stay in dense tensors)"),
+            )
+        if name == "distilled":
+            named = self.student if isinstance(self.student, str) else None
+            teacher_parameters = _parameters(source)
+            model, description = distill(
+                cal.x,
+                self.teacher,
+                cal.y,
+                input_shape=tuple(int(d) for d in cal.x.shape[1:]),
+                teacher_parameters=teacher_parameters,
+                probabilities=source.kind == "sklearn",
+                plan=plan,
+                student=None if named else self.student,
+                spec=named,
+            )
+            student_parameters = int(sum(p.numel() for p in model.parameters()))
+            if self.student is None and student_parameters >= teacher_parameters:
+                raise OptimizationError(
+                    f"the source has {teacher_parameters} parameters, no more than the "
+                    f"smallest student insitu proposes ({student_parameters}); nothing to distil"
+                )
+            return (
+                export_torch(model, cal.x[:2], name="distilled"),
+                f"student {description} distilled {plan.distill_epochs} epochs",
+            )
+        raise UsageError(f"unknown candidate {name!r}: use one of {', '.join(TARGETS)}")
+
+
+def _parameters(source: SourceModel) -> int:
+    if source.module is not None:
+        return int(sum(p.numel() for p in source.module.parameters()))
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(source.onnx)
+    return int(sum(numpy_helper.to_array(t).size for t in proto.graph.initializer))
+
+
+def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads best in one place
+    model: ModelLike,
+    calibration: DataLike,
+    evaluation: DataLike,
+    *,
+    target: str = "auto",
+    constraints: Constraints | None = None,
+    out_dir: Path | None = None,
+    quick: bool = False,
+    example: np.ndarray | None = None,
+    student: Any = None,
+    label: str | None = None,
+    workspace: Any = None,
+    allow_pickle: bool = False,
+    threads: int = 1,
+    on_step: Callable[[str], None] | None = None,
+) -> OptimizationReport:
+    """Build, check, measure and choose the smallest model that meets ``constraints``.
+
+    Args:
+        model: a model path (workspace model directory, ``.pt2``, ``.onnx``, pickle), a
+            :class:`SourceModel`, a ``torch.nn.Module`` (with ``example``) or a fitted
+            scikit-learn estimator.
+        calibration: the user's records for static quantization, pruning fine-tune and
+            distillation (a file, a frame, an array, or ``(x, y)``).
+        evaluation: labelled records on which accuracy and parity are measured
+            (without labels, accuracy is agreement with the source model).
+        target: ``auto`` or one candidate name (:data:`TARGETS`).
+        constraints: accuracy drop (points), size (MB), p50 latency (ms) limits.
+        out_dir: where ``model.onnx`` (the choice), ``candidates/*.onnx``,
+            ``report.json`` and ``candidates.png`` are written.
+        quick: fewer timing repetitions and shorter training (a quickstart's setting).
+        example: an input batch for a ``torch.nn.Module``.
+        student: a ``torch.nn.Module`` to distil into, or ``mlp:H`` / ``cnn:C``.
+        label: the label column of CSV data for models without a schema.
+        workspace: a :class:`~insitu.workspace.Workspace` whose ledger records the result.
+        allow_pickle: allow opening a scikit-learn pickle (runs code from the file).
+        threads: ONNX Runtime intra-op threads for every measurement.
+        on_step: called with a description before each step (progress display).
+
+    Returns:
+        The report; ``report.chosen`` is None when nothing met the constraints.
+
+    Raises:
+        UsageError, NotAModelError, InputShapeMismatchError, UnsupportedOperatorError:
+            bad input, one line each, before anything is written.
+        OptimizationError: the fp32 export does not reproduce the PyTorch model.
+
+    """
+    started = time.perf_counter()
+    if target not in TARGETS:
+        raise UsageError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    constraints = constraints or Constraints()
+    step = on_step or (lambda _text: None)
+    step("loading the model")
+    source = _resolve(model, example, allow_pickle)
+    cal = load_data(calibration, source, role="calibration", label=label)
+    ev = load_data(evaluation, source, role="evaluation", label=label)
+    plan = CompressionPlan(finetune_epochs=4, distill_epochs=15) if quick else CompressionPlan()
+    timing = timing_plan(quick=quick)
+
+    # The source's own outputs: the reference for parity, and the teacher's targets.
+    fp32_session = session_for(source.onnx, threads=threads, name=source.name)
+    if source.reference is not None:
+        ref_scores = np.asarray(source.reference(ev.x), dtype=np.float32).reshape(len(ev.x), -1)
+        teacher = np.asarray(source.reference(cal.x), dtype=np.float32).reshape(len(cal.x), -1)
+        ref_labels = scores_and_labels(run(fp32_session, ev.x))[1]
+        if source.kind != "sklearn":
+            ref_labels = scores_and_labels([ref_scores])[1]
+    else:
+        ref_scores, ref_labels = scores_and_labels(run(fp32_session, ev.x))
+        teacher = scores_and_labels(run(fp32_session, cal.x))[0]
+    ref_accuracy = None if ev.y is None else float(np.mean(ref_labels == ev.y))
+    names = (
+        list(CANDIDATES)
+        if target == "auto"
+        else (["fp32"] if target == "fp32" else ["fp32", target])
+    )
+    if source.module is None and source.kind != "sklearn" and target == "auto":
+        names = [n for n in names if not n.startswith("pruned")]
+    if source.kind == "sklearn" and target == "auto":
+        names = [n for n in names if not n.startswith("pruned")]
+    notes: list[str] = []
+    if "pruned" not in names and target == "auto":
+        notes.append(f"pruning skipped: a {source.kind} source has no trainable PyTorch model")
+
+    builder = _Builder(source, cal, teacher, plan, student)
+    candidates: list[Candidate] = []
+    for name in names:
+        step(f"building {name}")
+        try:
+            onnx_bytes, technique = builder.build(name)
+        except InsituError as exc:
+            if target != "auto" or name == "fp32":
+                raise
+            candidates.append(Candidate(name, "", error=str(exc)))
+            continue
+        except Exception as exc:  # a quantizer or exporter failing on one candidate
+            if target != "auto":
+                raise OptimizationError(f"{name} could not be built: {exc}") from exc
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            candidates.append(Candidate(name, "", error=text[:200]))
+            continue
+        step(f"measuring {name}")
+        session, figures = measure_outputs(
+            onnx_bytes, ev.x, ev.y, ref_scores, ref_labels, name=name
+        )
+        if threads != 1:
+            session = session_for(onnx_bytes, threads=threads, name=name)
+        timed = time_session(session, ev.x, timing)
+        accuracy = figures["accuracy"]
+        if ref_accuracy is not None and accuracy is not None:
+            drop = 100 * (ref_accuracy - accuracy)
+        else:
+            drop = 100 * (1 - float(figures["label_agreement"] or 0.0))
+        candidate = Candidate(
+            name,
+            technique,
+            onnx=onnx_bytes,
+            size_bytes=len(onnx_bytes),
+            latency_p50_ms=timed["latency_p50_ms"],
+            latency_p99_ms=timed["latency_p99_ms"],
+            throughput_per_s=timed["throughput_per_s"],
+            accuracy=accuracy,
+            accuracy_drop=drop,
+            max_abs_diff=figures["max_abs_diff"],
+            label_agreement=figures["label_agreement"],
+        )
+        if name == "fp32" and source.kind in {"pytorch", "workspace"} and source.module is not None:
+            diff = candidate.max_abs_diff
+            if diff is None or diff > PARITY_TOLERANCE:
+                raise OptimizationError(
+                    f"the ONNX export of {source.name} differs from the PyTorch model by "
+                    f"{diff} (> {PARITY_TOLERANCE:g}) on the evaluation data; report this "
+                    "with the model"
+                )
+        candidates.append(candidate)
+
+    chosen, reason = select(candidates, constraints)
+    if target != "auto" and chosen is not None and chosen.name != target:
+        # An explicit target is that model or nothing.
+        mine = next(c for c in candidates if c.name == target)
+        chosen = mine if mine.feasible else None
+        reason = (
+            f"{target}: asked for, and it meets the constraints"
+            if chosen
+            else f"{target} does not meet the constraints ({', '.join(mine.failures)})"
+        )
+    elif target != "auto" and chosen is not None:
+        reason = f"{target}: asked for, and it meets the constraints"
+    source_json = {
+        "name": source.name,
+        "kind": source.kind,
+        "sha256": source.sha256,
+        "size_bytes": len(source.onnx),
+        "input_shape": ["batch", *(d if d is not None else "?" for d in source.input_shape)],
+        "reference_accuracy": ref_accuracy,
+        "calibration_records": len(cal),
+        "evaluation_records": len(ev),
+        "run_id": source.run_id,
+    }
+    report = OptimizationReport(
+        source=source_json,
+        constraints=constraints,
+        candidates=candidates,
+        chosen=None if chosen is None else chosen.name,
+        reason=reason,
+        seconds=0.0,
+        threads=threads,
+        quick=quick,
+        out_dir=Path(out_dir) if out_dir is not None else None,
+        notes=notes,
+    )
+    report.seconds = time.perf_counter() - started
+    if out_dir is not None:
+        step("writing the report")
+        _write(report)
+    if workspace is not None:
+        with workspace.ledger() as ledger:
+            entry = ledger.record("model.optimized", **_ledger_payload(report))
+        report.ledger_seq = entry.seq
+        if out_dir is not None:
+            _write_json(report)
+    return report
+
+
+def _ledger_payload(report: OptimizationReport) -> dict[str, Any]:
+    chosen = report.chosen_candidate
+    return {
+        "source_sha256": report.source["sha256"],
+        "source_kind": report.source["kind"],
+        "run": report.source["run_id"],
+        "chosen": report.chosen,
+        "chosen_sha256": None
+        if chosen is None or chosen.onnx is None
+        else hashlib.sha256(chosen.onnx).hexdigest(),
+        "constraints": report.constraints.to_json(),
+        "candidates": {
+            c.name: {
+                "size_bytes": c.size_bytes,
+                "latency_p50_ms": None if c.error else round(c.latency_p50_ms, 5),
+                "accuracy": c.accuracy,
+                "feasible": c.feasible,
+            }
+            for c in report.candidates
+        },
+    }
+
+
+def _write_json(report: OptimizationReport) -> None:
+    assert report.out_dir is not None
+    atomic_write_text(
+        report.out_dir / "report.json",
+        json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n",
+    )
+
+
+def _write(report: OptimizationReport) -> None:
+    assert report.out_dir is not None
+    directory = report.out_dir
+    (directory / "candidates").mkdir(parents=True, exist_ok=True)
+    for candidate in report.candidates:
+        if candidate.onnx is not None:
+            atomic_write_bytes(directory / "candidates" / f"{candidate.name}.onnx", candidate.onnx)
+    chosen = report.chosen_candidate
+    if chosen is not None and chosen.onnx is not None:
+        atomic_write_bytes(directory / "model.onnx", chosen.onnx)
+    else:
+        (directory / "model.onnx").unlink(missing_ok=True)
+    atomic_write_bytes(directory / "candidates.png", plot_candidates(report))
+    _write_json(report)
+
+
+def optimize_workspace_model(
+    workspace: Any,
+    calibration: DataLike,
+    evaluation: DataLike,
+    *,
+    run_id: str | None = None,
+    out_dir: Path | None = None,
+    quick: bool = True,
+    **options: Any,
+) -> OptimizationReport:
+    """Optimize the model a federated run wrote into ``workspace`` (quick by default).
+
+    ``run_id`` defaults to the newest run under ``<home>/models/``; ``out_dir`` to
+    ``<home>/models/<run>/optimized/``. The result is recorded in the workspace's ledger
+    (``model.optimized``). Other options are those of :func:`optimize`.
+
+    Raises:
+        UsageError: the workspace holds no model (or none with that run id).
+
+    """
+    models = workspace.home / "models"
+    if run_id is None:
+        runs = sorted(
+            (p for p in models.glob("*") if (p / "features.json").is_file()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not runs:
+            raise UsageError(
+                f"{workspace.home} holds no trained model; run 'insitu federate simulate' first"
+            )
+        model_dir = runs[-1]
+    else:
+        model_dir = models / run_id
+        if not (model_dir / "features.json").is_file():
+            raise UsageError(f"{workspace.home} has no model of run {run_id!r}")
+    return optimize(
+        model_dir,
+        calibration,
+        evaluation,
+        out_dir=out_dir or model_dir / "optimized",
+        quick=quick,
+        workspace=workspace,
+        **options,
+    )
