@@ -61,20 +61,24 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── WrongDeviceKeyError          this device's key cannot open the bundle
     │   └── DeltaError                   a delta that cannot be made or applied
     │       └── DeltaMismatchError       a delta that does not rebuild the signed bundle
-    └── UpdateError
-        ├── RepositoryError              the update repository on disk is missing or invalid
-        ├── RepositoryUnavailableError   the repository cannot be reached (network, HTTP)
-        ├── NotEnrolledError             this device has no trusted root yet
-        ├── UpdateInProgressError        another update or rollback holds the lock
-        ├── InstallError                 the A/B slots cannot be written or read
-        │   └── NothingToRollBackError   no previous slot to return to
-        └── UpdateRefusedError           TUF (or insitu) refused what the repository served
-            ├── ExpiredMetadataError     freeze: signed metadata past its expiry
-            ├── RollbackError            an older version than one already trusted
-            ├── MixAndMatchError         metadata files from different repository states
-            ├── UnsignedMetadataError    metadata without a threshold of trusted signatures
-            └── TargetMismatchError      a download whose length or hash differs from metadata
-                └── EndlessDataError     a download longer than its metadata says
+    ├── UpdateError
+    │   ├── RepositoryError              the update repository on disk is missing or invalid
+    │   ├── RepositoryUnavailableError   the repository cannot be reached (network, HTTP)
+    │   ├── NotEnrolledError             this device has no trusted root yet
+    │   ├── UpdateInProgressError        another update or rollback holds the lock
+    │   ├── InstallError                 the A/B slots cannot be written or read
+    │   │   └── NothingToRollBackError   no previous slot to return to
+    │   └── UpdateRefusedError           TUF (or insitu) refused what the repository served
+    │       ├── ExpiredMetadataError     freeze: signed metadata past its expiry
+    │       ├── RollbackError            an older version than one already trusted
+    │       ├── MixAndMatchError         metadata files from different repository states
+    │       ├── UnsignedMetadataError    metadata without a threshold of trusted signatures
+    │       └── TargetMismatchError      a download whose length or hash differs from metadata
+    │           └── EndlessDataError     a download longer than its metadata says
+    └── InferenceError                   a model that cannot be loaded or run as asked
+        ├── ModelNotFoundError           no installed model of that name
+        ├── InvalidInputError            an input that does not fit the model card's schema
+        └── EgressBlockedError           a network connection or lookup refused while serving
 """
 
 from __future__ import annotations
@@ -95,15 +99,18 @@ __all__ = [
     "DataFormatError",
     "DeltaError",
     "DeltaMismatchError",
+    "EgressBlockedError",
     "EndlessDataError",
     "EntryHashMismatchError",
     "ExpiredMetadataError",
     "FederationError",
+    "InferenceError",
     "InputShapeMismatchError",
     "InsituError",
     "InstallError",
     "InsufficientDataError",
     "InvalidEventError",
+    "InvalidInputError",
     "KAnonymityError",
     "KeyFileError",
     "KeyStoreError",
@@ -112,6 +119,7 @@ __all__ = [
     "MalformedBundleError",
     "MalformedLedgerError",
     "MixAndMatchError",
+    "ModelNotFoundError",
     "NotAModelError",
     "NotEnrolledError",
     "NothingToRollBackError",
@@ -445,3 +453,23 @@ class ReportError(InsituError):
 
 class UnverifiedEvidenceError(ReportError):
     """A ledger or an artefact behind a report failed verification: nothing was written."""
+
+
+class InferenceError(InsituError):
+    """A model that cannot be loaded or run as asked."""
+
+
+class ModelNotFoundError(InferenceError):
+    """No installed (or registered) model of the name asked for."""
+
+
+class InvalidInputError(InferenceError):
+    """An input that does not fit the model card's schema: shape, dtype, NaN/inf, size."""
+
+
+class EgressBlockedError(InferenceError, PermissionError):
+    """A connection or name lookup to another machine, refused while insitu runs a model.
+
+    Also a :class:`PermissionError` (an ``OSError``), so that networking code which
+    handles connection failures handles this one the same way.
+    """

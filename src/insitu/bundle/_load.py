@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from insitu.bundle._format import Bundle
 from insitu.bundle._verify import BundleVerifier
 from insitu.errors import MalformedBundleError
-from insitu.runtime import create_session
+from insitu.runtime._ort import create_session
 
 __all__ = ["load_session"]
 
@@ -48,10 +48,15 @@ def load_session(
     source: Path | bytes | bytearray | memoryview,
     verifier: BundleVerifier,
     device_key: X25519PrivateKey | None,
+    *,
+    intra_op_threads: int | None = None,
+    spinning: bool = True,
 ) -> tuple[Bundle, Any]:
     """Verify and decrypt a bundle (a file or its bytes); return it and a session.
 
     The returned :class:`Bundle` carries the verified header only (no payload).
+    ``intra_op_threads`` and ``spinning`` are passed to
+    :func:`~insitu.runtime.create_session`.
     """
     data = _source(source) if isinstance(source, Path) else source
     bundle = Bundle.parse(data)
@@ -61,7 +66,9 @@ def load_session(
     length = int(bundle.signed["files"]["model.onnx"]["length"])
     if not hasattr(os, "memfd_create") or length == 0:
         opened = verifier.open(bundle, device_key, check_payload=False)
-        return header, create_session(bytes(opened.model))
+        return header, create_session(
+            bytes(opened.model), intra_op_threads=intra_op_threads, spinning=spinning
+        )
     fd = os.memfd_create("insitu-model", os.MFD_CLOEXEC)
 
     def write(segment: memoryview) -> None:
@@ -72,6 +79,8 @@ def load_session(
 
     try:
         verifier.open_to(bundle, device_key, write, check_payload=False)
-        return header, create_session(f"/proc/self/fd/{fd}")
+        return header, create_session(
+            f"/proc/self/fd/{fd}", intra_op_threads=intra_op_threads, spinning=spinning
+        )
     finally:
         os.close(fd)

@@ -16,6 +16,7 @@ from insitu.cli import (  # noqa: F401
     quickstart,
     repo,
     report,
+    serve,
     update,
     workspace,
 )

@@ -1,7 +1,39 @@
-"""Local inference with ONNX Runtime (sessions are created only through this package)."""
+"""Local inference with ONNX Runtime: verified in-memory sessions, explanations, egress guard.
+
+Sessions are created only through :func:`create_session`. :class:`ModelRuntime` serves a
+node's installed models (``insitu serve``, ``insitu predict``, ``insitu explain``);
+``docs/serving.md`` describes the guarantees and their limits.
+"""
 
 from __future__ import annotations
 
+from insitu.runtime._explain import (
+    Explainer,
+    Explanation,
+    global_importance,
+    plot_global_importance,
+)
+from insitu.runtime._files import predict_file
+from insitu.runtime._guard import EgressGuard, egress_guard
+from insitu.runtime._inputs import InputSpec
 from insitu.runtime._ort import create_session
+from insitu.runtime._runtime import BatchObserver, LoadedModel, ModelRuntime
+from insitu.runtime._sources import BundleFile, InstalledModel, ModelSource
 
-__all__ = ["create_session"]
+__all__ = [
+    "BatchObserver",
+    "BundleFile",
+    "EgressGuard",
+    "Explainer",
+    "Explanation",
+    "InputSpec",
+    "InstalledModel",
+    "LoadedModel",
+    "ModelRuntime",
+    "ModelSource",
+    "create_session",
+    "egress_guard",
+    "global_importance",
+    "plot_global_importance",
+    "predict_file",
+]

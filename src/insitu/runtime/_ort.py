@@ -20,14 +20,18 @@ from insitu.errors import InsituError
 __all__ = ["create_session"]
 
 
-def create_session(model: bytes | str, *, intra_op_threads: int | None = None) -> Any:
+def create_session(
+    model: bytes | str, *, intra_op_threads: int | None = None, spinning: bool = True
+) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU for a serialized model, telemetry off.
 
     ``model`` is the serialized model, or a path to one (``insitu.bundle`` passes the
     path of an in-memory file holding a decrypted model).
 
     ``intra_op_threads`` defaults to the number of cores (ONNX Runtime's own default
-    also spins inter-op threads that a small edge box cannot spare).
+    also spins inter-op threads that a small edge box cannot spare). ``spinning=False``
+    makes idle intra-op threads sleep rather than spin: a server shares its cores with
+    its HTTP event loop, and spinning workers take them from it (ADR 0502).
     """
     for name, value in _privacy_env.NO_TELEMETRY_ENV.items():
         if os.environ.get(name) != value:
@@ -41,4 +45,6 @@ def create_session(model: bytes | str, *, intra_op_threads: int | None = None) -
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])

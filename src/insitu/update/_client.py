@@ -466,7 +466,9 @@ class UpdateClient:
             Bundle.parse(data), self.device_key, check_payload=False
         )
 
-    def session(self) -> tuple[Bundle, Any]:
+    def session(
+        self, *, intra_op_threads: int | None = None, spinning: bool = True
+    ) -> tuple[Bundle, Any]:
         """The active bundle, verified, and an ONNX Runtime session of its model."""
         info = self.slots.active()
         if info is None:
@@ -475,7 +477,11 @@ class UpdateClient:
         # check makes sure the slot still holds the bundle that was installed (and not
         # another validly signed one, e.g. an older version copied over it).
         bundle, session = load_session(
-            self.slots.slot_path(info.slot), self.slot_verifier(info), self.device_key
+            self.slots.slot_path(info.slot),
+            self.slot_verifier(info),
+            self.device_key,
+            intra_op_threads=intra_op_threads,
+            spinning=spinning,
         )
         if bundle.bundle_id != info.bundle_id:
             raise InstallError(

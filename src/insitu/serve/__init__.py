@@ -1,0 +1,36 @@
+"""The localhost API (``insitu serve``): FastAPI and uvicorn over a model runtime.
+
+:func:`create_app` builds the app (extra routers, e.g. the site dashboard's, are
+included; ``app.state.metrics`` is a :class:`ServeMetrics`), :func:`running` serves it
+in-process on an ephemeral loopback port, :func:`serve` in the foreground. See
+``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+from insitu.serve._app import Background, BackgroundSource, create_app
+from insitu.serve._batching import MicroBatcher
+from insitu.serve._metrics import MetricsSnapshot, ServeMetrics
+from insitu.serve._server import (
+    DEFAULT_HOST,
+    RunningServer,
+    check_bind,
+    running,
+    serve,
+    site_background,
+)
+
+__all__ = [
+    "DEFAULT_HOST",
+    "Background",
+    "BackgroundSource",
+    "MetricsSnapshot",
+    "MicroBatcher",
+    "RunningServer",
+    "ServeMetrics",
+    "check_bind",
+    "create_app",
+    "running",
+    "serve",
+    "site_background",
+]
