@@ -69,3 +69,13 @@ def test_encoding_stays_in_unit_interval_with_one_bin_set(values):
 def test_bad_transforms_and_bins_are_refused(features, message):
     with pytest.raises(SchemaError, match=message):
         _schema(**features)
+
+
+def test_bin_columns_do_not_depend_on_the_order_of_the_bins_table():
+    # A schema read back from canonical JSON (a model card) has its keys sorted.
+    one = _schema(bins={"gain": [10.0], "age": [30.0]})
+    two = _schema(bins={"age": [30.0], "gain": [10.0]})
+    frame = pd.DataFrame({"age": [20, 40], "gain": [5, 50], "y": ["0", "1"]})
+    first, second = FeatureEncoder.for_schema(one), FeatureEncoder.for_schema(two)
+    assert first.names == second.names
+    assert np.array_equal(first.encode(frame), second.encode(frame))

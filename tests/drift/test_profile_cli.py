@@ -10,10 +10,16 @@ import pytest
 
 from insitu.bundle import Bundle
 from insitu.cli import run
+from insitu.data import DataSchema as _DataSchema
+from insitu.data import FeatureEncoder as _FeatureEncoder
 from insitu.data import read_table
 from insitu.datasets import builtin_data, builtin_schema
+from insitu.datasets import builtin_schema as _builtin_schema
 from insitu.drift import ReferenceProfile
 from insitu.federated._models import build_model, export_onnx
+
+# Encoded inputs of the carried Adult schema (numeric, bin indicators, one-hot).
+N_INPUTS = len(_FeatureEncoder.for_schema(_DataSchema.load(_builtin_schema("adult"))).names)
 
 
 def test_sites_release_the_coordinator_combines_and_the_card_carries_it(
@@ -22,7 +28,7 @@ def test_sites_release_the_coordinator_combines_and_the_card_carries_it(
     schema = str(builtin_schema("adult"))
     frame = read_table(builtin_data("adult")).iloc[:4000]
     model = tmp_path / "model.onnx"
-    model.write_bytes(export_onnx(build_model("logistic", 103), 103))
+    model.write_bytes(export_onnx(build_model("logistic", N_INPUTS), N_INPUTS))
     releases = []
     for index, part in enumerate((frame.iloc[:2000], frame.iloc[2000:])):
         home = tmp_path / f"site-{index}"

@@ -8,12 +8,18 @@ import pandas as pd
 import pytest
 
 from insitu.cli import run
+from insitu.data import DataSchema as _DataSchema
+from insitu.data import FeatureEncoder as _FeatureEncoder
+from insitu.datasets import builtin_schema as _builtin_schema
 from insitu.finetune import finetune, local_start_weights
 from insitu.update import UpdateClient
 from insitu.update._client import is_local_version
 from insitu.workspace._config import load_config, save_config
 
 from ._device import NAME, Device, accuracy_of_active, build_device, prepared_holdout
+
+# Encoded inputs of the carried Adult schema (numeric, bin indicators, one-hot).
+N_INPUTS = len(_FeatureEncoder.for_schema(_DataSchema.load(_builtin_schema("adult"))).names)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,7 @@ def test_finetune_installs_a_better_local_version_and_never_a_worse_one(device: 
     assert spent[0]["dataset"] == device.schema.name
     weights = local_start_weights(device.workspace(), NAME)
     assert weights is not None
-    assert [w.shape for w in weights] == [(1, 103), (1,)]
+    assert [w.shape for w in weights] == [(1, N_INPUTS), (1,)]
 
     # A destructive fine-tuning (huge steps, heavy noise) is worse: it is not installed.
     state = device.state()
@@ -169,7 +175,7 @@ def test_a_local_version_is_not_a_rollback_and_the_next_release_replaces_it(
             coordinator = Workspace.open(device.base / "coordinator")
             blob, _ = bundle_model(
                 coordinator,
-                export_onnx(build_model("logistic", 103), 103),
+                export_onnx(build_model("logistic", N_INPUTS), N_INPUTS),
                 name=NAME,
                 version="1.0.1",
                 recipients=[ws.encryption_public_key],

@@ -60,7 +60,7 @@ class FeatureEncoder:
     def names(self) -> list[str]:
         """Model input column names: numeric features, then ``column=category`` indicators."""
         names = list(self.schema.numeric)
-        for column, edges in self.schema.bins.items():
+        for column, edges in self._bins():
             names += _bin_names(column, edges)
         for column in self.schema.categorical:
             names += [f"{column}={value}" for value in self.categories[column]]
@@ -78,7 +78,7 @@ class FeatureEncoder:
                     values, low, high = np.log1p(values), np.log1p(low), np.log1p(high)
                 values = (values - low) / (high - low)
             blocks.append(values[:, None])
-        for column, edges in self.schema.bins.items():
+        for column, edges in self._bins():
             values = frame[column].to_numpy(dtype=np.float64)
             index = np.searchsorted(np.asarray(edges), values, side="right")
             onehot = np.zeros((len(frame), len(edges) + 1), dtype=np.float64)
@@ -95,6 +95,12 @@ class FeatureEncoder:
         if not blocks:
             return np.zeros((len(frame), 0), dtype=np.float32)
         return np.hstack(blocks).astype(np.float32)
+
+    def _bins(self) -> list[tuple[str, tuple[float, ...]]]:
+        # In the order of the numeric features, never of the bins table: a schema read
+        # back from canonical JSON (a model card) has its keys sorted, and both must
+        # produce the same columns.
+        return [(c, self.schema.bins[c]) for c in self.schema.numeric if c in self.schema.bins]
 
     def labels(self, frame: pd.DataFrame) -> np.ndarray:
         """Labels: 1/0 for a binary schema (``dataset.positive``), else category codes."""

@@ -94,6 +94,9 @@ class ProfileLayout:
                 }
             )
             column += 1
+        # The interval indicators of declared bins follow the numeric columns: they
+        # repeat what the numeric column's histogram already shows, so they are skipped.
+        column += sum(len(edges) + 1 for edges in schema.bins.values())
         for name in schema.categorical:
             cats = list(encoder.categories[name])
             features.append(
@@ -106,6 +109,8 @@ class ProfileLayout:
                 }
             )
             column += len(cats)
+        if column != len(encoder.names):  # pragma: no cover -- the encoder's order changed
+            raise SchemaError("drift profile layout disagrees with the feature encoder")
         return cls(features, column, bins, output_classes)
 
     def to_json(self) -> dict[str, Any]:
