@@ -41,7 +41,6 @@ from insitu.cli._quickstart_steps import (
     StepResult,
     audit_membership_of,
     declare_processing,
-    not_run,
     record_step,
 )
 from insitu.data import DataSchema, read_table
@@ -200,10 +199,9 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
         )
         record_step(coordinator, result.run_id, results["supply chain"])
 
-        # Seam for 'insitu serve' (issue 7): a StepResult with p50_ms, requests,
-        # predictions and explanations, from predicting held-out records over loopback.
-        served = not_run("serve", "insitu serve is not part of this build yet")
-        done(served, time.perf_counter())
+        t0 = begin("every site serves the model on loopback: predict and explain")
+        served = _serve_step(result, schema)
+        done(served, t0)
         record_step(coordinator, result.run_id, served)
 
         t0 = begin("verifying every ledger")
@@ -394,6 +392,13 @@ def _optimize_step(
             fp32,
         )
     ratio = len(fp32) / max(1, chosen.size_bytes)
+    if report.chosen == "fp32":
+        summary = (
+            f"kept fp32 ({chosen.size_bytes:,} bytes, p50 {chosen.latency_p50_ms:.3f} ms at "
+            f"batch 1): none of the other {len(candidates) - 1} candidates was smaller within "
+            "the accuracy bar and no slower"
+        )
+        return StepResult("optimize", "ok", summary, figures), chosen.onnx
     summary = (
         f"{report.chosen}: {chosen.size_bytes:,} bytes ({ratio:.1f}x smaller than fp32), "
         f"p50 {chosen.latency_p50_ms:.3f} ms at batch 1"
@@ -402,6 +407,67 @@ def _optimize_step(
         f"{len(candidates)} candidates measured"
     )
     return StepResult("optimize", "ok", summary, figures), chosen.onnx
+
+
+def _serve_step(result: Any, schema: DataSchema, requests_per_site: int = 40) -> StepResult:
+    """Each site starts ``insitu serve`` in-process on 127.0.0.1 and queries it.
+
+    One-row predictions of the site's held-out records over HTTP (what an application
+    at the site would send), checked against the labels, and an explanation of one of
+    them; the p50 is the server's own request latency.
+    """
+    import httpx
+    import numpy as np
+
+    from insitu.data import SiteDataset
+    from insitu.serve import running
+
+    requests = correct = explanations = 0
+    p50s: list[float] = []
+    top: list[str] = []
+    for home in result.site_homes:
+        site = Workspace.open(home)
+        held = SiteDataset.open(site, site.home / "prepared" / schema.name / "test").for_round(
+            role="inference"
+        )
+        rows = held.features[:requests_per_site]
+        with (
+            running(site, port=0, dashboard=False) as server,
+            httpx.Client(base_url=server.url, headers=server.headers, timeout=60.0) as client,
+        ):
+            for index, row in enumerate(rows):
+                reply = client.post(
+                    f"/v1/models/{schema.name}/predict", json={"inputs": [row.tolist()]}
+                )
+                reply.raise_for_status()
+                logit = np.asarray(next(iter(reply.json()["outputs"].values()))).reshape(-1)[0]
+                correct += int((logit > 0) == bool(held.labels[index]))
+                requests += 1
+            reply = client.post(
+                f"/v1/models/{schema.name}/explain", json={"inputs": [rows[0].tolist()]}
+            )
+            reply.raise_for_status()
+            explained = reply.json()
+            explanations += 1
+            p50s.append(float(server.snapshot().latency_p50_ms or 0.0))
+        if not top:
+            values = np.abs(np.asarray(explained["attributions"]).reshape(-1))
+            names = explained["feature_names"]
+            top = [names[i] for i in np.argsort(values)[::-1][:3]]
+    p50 = float(np.median(p50s))
+    return StepResult(
+        "serve",
+        "ok",
+        f"{len(result.site_homes)} sites served the model on 127.0.0.1: {requests} one-row "
+        f"predictions over HTTP ({correct / max(1, requests):.3f} correct), p50 {p50:.2f} ms "
+        f"at the server; {explanations} explanations (top features of one: {', '.join(top)})",
+        {
+            "p50_ms": round(p50, 3),
+            "requests": requests,
+            "predictions_correct": correct,
+            "explanations": explanations,
+        },
+    )
 
 
 def _ship(
