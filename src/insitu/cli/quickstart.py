@@ -60,6 +60,14 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
     sites: Annotated[int, typer.Option(min=3, help="Number of simulated sites.")] = 5,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
     epsilon: Annotated[float, typer.Option(help="Record-level epsilon per site.")] = 3.0,
+    local_epochs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Local epochs per round at each site (5 with rate 1.0: the settings tuned "
+            "on this public data in benchmarks/federated_bench.py).",
+        ),
+    ] = 5,
     rows: Annotated[
         int | None,
         typer.Option(min=100, help="Use a random sample of this many rows (a quicker look)."),
@@ -127,7 +135,14 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
             )
 
         t0 = begin("federated training: preparing the sites' data")
-        config = FederationConfig(sites=sites, rounds=rounds, privacy="record", epsilon=epsilon)
+        config = FederationConfig(
+            sites=sites,
+            rounds=rounds,
+            privacy="record",
+            epsilon=epsilon,
+            local_epochs=local_epochs,
+            learning_rate=1.0 if local_epochs > 1 else FederationConfig.learning_rate,
+        )
         result = simulate(
             coordinator, frame, config, schema=schema, consent=consent, on_round=on_round
         )
