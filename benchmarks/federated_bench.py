@@ -170,7 +170,14 @@ def accuracy_part(frame: pd.DataFrame, tmp: Path) -> dict:
 # -- plain Flower anchor -------------------------------------------------------------
 
 
-def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int) -> float:
+def plain_flower_seconds_per_round(
+    frame: pd.DataFrame,
+    sites: int,
+    rounds: int,
+    *,
+    local_epochs: int = 1,
+    learning_rate: float = 2.0,
+) -> float:
     """Plain Flower FedAvg with the same model and local SGD, data in memory."""
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context, ndarrays_to_parameters
@@ -198,9 +205,9 @@ def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int)
                 model,
                 x[self.idx],
                 y[self.idx],
-                epochs=1,
+                epochs=local_epochs,
                 batch_size=256,
-                learning_rate=2.0,
+                learning_rate=learning_rate,
                 event=None,
                 max_grad_norm=1.0,
                 seed=0,
@@ -255,16 +262,25 @@ def plain_flower_seconds_per_round(frame: pd.DataFrame, sites: int, rounds: int)
 
 
 def insitu_seconds_per_round(
-    frame: pd.DataFrame, tmp: Path, sites: int, rounds: int, *, secure_aggregation: bool = True
+    frame: pd.DataFrame,
+    tmp: Path,
+    sites: int,
+    rounds: int,
+    *,
+    secure_aggregation: bool = True,
+    local_epochs: int = 1,
+    learning_rate: float = 2.0,
 ) -> float:
     marks: list[float] = []
-    ws, _ = Workspace.init(tmp / f"overhead-{sites}-{secure_aggregation}")
+    ws, _ = Workspace.init(tmp / f"overhead-{sites}-{secure_aggregation}-{local_epochs}")
     config = FederationConfig(
         sites=sites,
         rounds=rounds,
         privacy="record",
         epsilon=8.0,
         secure_aggregation=secure_aggregation,
+        local_epochs=local_epochs,
+        learning_rate=learning_rate,
     )
     simulate(
         ws,
@@ -278,18 +294,24 @@ def insitu_seconds_per_round(
 
 
 def overhead_part(frame: pd.DataFrame, tmp: Path) -> dict:
-    results = {}
-    for sites in (5, 20):
-        plain = plain_flower_seconds_per_round(frame, sites, 4)
-        ours = insitu_seconds_per_round(frame, tmp, sites, 4)
-        no_secagg = insitu_seconds_per_round(frame, tmp, sites, 4, secure_aggregation=False)
-        results[f"{sites}_sites"] = {
-            "plain_flower_fedavg_s_per_round": round(plain, 2),
-            "insitu_dp_secagg_s_per_round": round(ours, 2),
-            "insitu_over_anchor": round(ours / plain, 2),
-            "insitu_dp_without_secagg_s_per_round": round(no_secagg, 2),
-        }
-        print(sites, results[f"{sites}_sites"], flush=True)
+    """Per round, at one local epoch (SecAgg+'s fixed cost weighs most) and at the tuned
+    settings of the accuracy part (5 local epochs), the anchor doing the same local work."""
+    results: dict = {"load_before": [round(x, 2) for x in os.getloadavg()]}
+    for label, local in (("", {}), ("_5_local_epochs", {"local_epochs": 5, "learning_rate": 1.0})):
+        for sites in (5, 20):
+            plain = plain_flower_seconds_per_round(frame, sites, 4, **local)
+            ours = insitu_seconds_per_round(frame, tmp, sites, 4, **local)
+            no_secagg = insitu_seconds_per_round(
+                frame, tmp, sites, 4, secure_aggregation=False, **local
+            )
+            results[f"{sites}_sites{label}"] = {
+                "plain_flower_fedavg_s_per_round": round(plain, 2),
+                "insitu_dp_secagg_s_per_round": round(ours, 2),
+                "insitu_over_anchor": round(ours / plain, 2),
+                "insitu_dp_without_secagg_s_per_round": round(no_secagg, 2),
+            }
+            print(sites, label, results[f"{sites}_sites{label}"], flush=True)
+    results["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
 
