@@ -13,15 +13,12 @@ engine and PyTorch.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from flwr.client import ClientApp
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.common import Context, Message
 from flwr.server import Grid, ServerApp
-
-from insitu._egress import EgressSite, egress_mod
 
 __all__ = ["client_app", "server_app"]
 
@@ -58,12 +55,4 @@ def _privacy_mods(msg: Message, context: Context, call_next: Any) -> Message:
     return result
 
 
-def _egress_site(context: Context) -> EgressSite:
-    home = Path(str(context.node_config["insitu-home"]))
-    site = json.loads((home / "federation" / "site.json").read_text())
-    run = json.loads(str(context.run_config["insitu"]))
-    return EgressSite(home=home, run_id=str(run["run_id"]), site=str(site["site"]))
-
-
-# The egress recorder is outermost: it measures what leaves the site, after SecAgg+.
-client_app = ClientApp(client_fn=_client_fn, mods=[egress_mod(_egress_site), _privacy_mods])
+client_app = ClientApp(client_fn=_client_fn, mods=[_privacy_mods])
