@@ -10,16 +10,11 @@ import pytest
 
 from insitu.bundle import Bundle
 from insitu.cli import run
-from insitu.data import DataSchema as _DataSchema
-from insitu.data import FeatureEncoder as _FeatureEncoder
 from insitu.data import read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.datasets import builtin_schema as _builtin_schema
 from insitu.drift import ReferenceProfile
 from insitu.federated._models import build_model, export_onnx
-
-# Encoded inputs of the carried Adult schema (numeric, bin indicators, one-hot).
-N_INPUTS = len(_FeatureEncoder.for_schema(_DataSchema.load(_builtin_schema("adult"))).names)
+from tests._adult import N_INPUTS
 
 
 def test_sites_release_the_coordinator_combines_and_the_card_carries_it(

@@ -8,18 +8,13 @@ import pandas as pd
 import pytest
 
 from insitu.cli import run
-from insitu.data import DataSchema as _DataSchema
-from insitu.data import FeatureEncoder as _FeatureEncoder
-from insitu.datasets import builtin_schema as _builtin_schema
 from insitu.finetune import finetune, local_start_weights
 from insitu.update import UpdateClient
 from insitu.update._client import is_local_version
 from insitu.workspace._config import load_config, save_config
+from tests._adult import N_INPUTS
 
 from ._device import NAME, Device, accuracy_of_active, build_device, prepared_holdout
-
-# Encoded inputs of the carried Adult schema (numeric, bin indicators, one-hot).
-N_INPUTS = len(_FeatureEncoder.for_schema(_DataSchema.load(_builtin_schema("adult"))).names)
 
 
 @pytest.fixture(scope="module")
