@@ -24,7 +24,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── ConsentError                 a consent file or change that cannot be applied
     │   └── UnusableSplitError           a local train/held-out split that is empty or one-class
     ├── PrivacyError
-    │   ├── BudgetExceededError          a round would take a site past its privacy budget
+    │   ├── BudgetExceededError          no subject of a use has privacy budget left for it
+    │   ├── BudgetEvidenceError          the record of privacy spent is incomplete or altered
     │   ├── InsufficientDataError        too few records for the requested epsilon
     │   └── AuditError                   an empirical privacy audit that cannot run as asked
     │       ├── OverlappingSetsError     a record both in the member and non-member sets
@@ -36,6 +37,7 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── UnsupportedOperatorError     an operator the exporter or ONNX Runtime cannot run
     │   └── ConstraintsNotMetError       no candidate meets the constraints (report written)
     ├── FederationError                  a federated run that cannot start or complete
+    │   ├── RoundFailedError             a round aggregated fewer sites than required
     │   ├── CertificateError             a TLS certificate or key missing, invalid or mismatched
     │   ├── ServerUnreachableError       the SuperLink does not answer at the address given
     │   └── SiteRefusedError             the SuperLink refused the site's key (not registered)
@@ -89,6 +91,7 @@ __all__ = [
     "BadHeadSignatureError",
     "BoundViolationError",
     "BrokenChainError",
+    "BudgetEvidenceError",
     "BudgetExceededError",
     "BundleError",
     "CertificateError",
@@ -134,6 +137,7 @@ __all__ = [
     "RepositoryUnavailableError",
     "RollbackError",
     "RootMismatchError",
+    "RoundFailedError",
     "SchemaError",
     "SealedFileError",
     "ServerUnreachableError",
@@ -240,7 +244,15 @@ class PrivacyError(InsituError):
 
 
 class BudgetExceededError(PrivacyError):
-    """A site refused a round: its privacy budget for a data set would be exceeded."""
+    """A site refused a use of its records: no subject in it has privacy budget left for it."""
+
+
+class BudgetEvidenceError(PrivacyError):
+    """The record of privacy spent at a site is incomplete or altered (a cohort file).
+
+    Charging anyway would forget what was spent; every private use is refused until the
+    evidence is restored.
+    """
 
 
 class InsufficientDataError(PrivacyError):
@@ -289,6 +301,19 @@ class ConstraintsNotMetError(OptimizationError):
 
 class FederationError(InsituError):
     """A federated run that cannot start or complete (too few sites, a failed round)."""
+
+
+class RoundFailedError(FederationError):
+    """A round of a federated run aggregated fewer sites than required; the run has no model.
+
+    ``round`` is the round, ``sites`` names each site that did not contribute with its
+    reason (budget, dropout, error).
+    """
+
+    def __init__(self, message: str, *, round_number: int, sites: dict[str, str]) -> None:
+        super().__init__(message)
+        self.round = round_number
+        self.sites = dict(sites)
 
 
 class CertificateError(FederationError):

@@ -88,8 +88,8 @@ def release(
 ) -> None:
     """At a site: noisy histograms of its records for the model's reference profile.
 
-    The release is charged to the site's privacy budget for the data set first (refused
-    and recorded when it would exceed it); only noisy counts leave.
+    The release is charged to the subjects of the records first (those without budget
+    left are left out; refused and recorded when none remain); only noisy counts leave.
 
     [dim]Example:[/] insitu drift release --data ward7.csv -s adult.schema.toml --out r7.json
     """
@@ -114,7 +114,13 @@ def release(
         classes = 1 if outputs.ndim == 1 or outputs.shape[-1] == 1 else int(outputs.shape[-1])
     layout = ProfileLayout.from_schema(parsed, bins=bins, output_classes=classes)
     doc = release_profile(
-        ws, layout, records.features, outputs, dataset=parsed.name, epsilon=epsilon
+        ws,
+        layout,
+        records.features,
+        outputs,
+        subject_keys=records.subject_keys,
+        dataset=parsed.name,
+        epsilon=epsilon,
     )
     atomic_write_text(out_path, json.dumps(doc, sort_keys=True) + "\n")
     summary = {"out": str(out_path), "rows": records.rows, "epsilon": epsilon}
@@ -123,7 +129,7 @@ def release(
         return
     out.print(
         f"released noisy histograms of {records.rows:,} records to {out_path} "
-        f"(epsilon {epsilon} charged to {parsed.name})"
+        f"(epsilon {epsilon} charged to the subjects of these records)"
     )
 
 

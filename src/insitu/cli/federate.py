@@ -108,7 +108,12 @@ def simulate_command(
     site_budget: Annotated[
         float | None, typer.Option(help="Privacy budget (epsilon) of sites this run creates.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of partitioning and initialization.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the initial model (DP noise and sampling are secret, never seeded)."
+        ),
+    ] = 0,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:

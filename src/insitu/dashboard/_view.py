@@ -87,34 +87,25 @@ def _models(workspace: Workspace) -> list[dict[str, Any]]:
 
 
 def _budgets(workspace: Workspace, ledger: Any) -> list[dict[str, Any]]:
-    from insitu.federated._site_app import site_budget
+    """The site's per-subject budget: the most any subject has spent, and refusals."""
+    from insitu.privacy import REFUSED, SPENT, SubjectBudget
 
-    datasets = sorted(
+    if not ledger.entries(event_type=SPENT, limit=1) and not ledger.entries(
+        event_type=REFUSED, limit=1
+    ):
+        return []
+    budget = SubjectBudget.for_workspace(workspace, ledger)
+    spent = budget.spent()
+    return [
         {
-            str(e.payload.get("dataset"))
-            for e in ledger.entries(event_type="privacy.")
-            if e.payload.get("dataset")
+            "dataset": f"any of {budget.subjects():,} subjects",
+            "spent": spent,
+            "budget": budget.epsilon_budget,
+            "left": max(0.0, budget.epsilon_budget - spent),
+            "delta": budget.delta,
+            "refusals": len(ledger.entries(event_type=REFUSED)),
         }
-    )
-    out = []
-    for dataset in datasets:
-        budget = site_budget(workspace, ledger, dataset)
-        spent = budget.spent()
-        out.append(
-            {
-                "dataset": dataset,
-                "spent": spent,
-                "budget": budget.epsilon_budget,
-                "left": max(0.0, budget.epsilon_budget - spent),
-                "delta": budget.delta,
-                "refusals": sum(
-                    1
-                    for e in ledger.entries(event_type="privacy.budget_refused")
-                    if e.payload.get("dataset") == dataset
-                ),
-            }
-        )
-    return out
+    ]
 
 
 def _training(ledger: Any) -> dict[str, Any]:
@@ -132,7 +123,7 @@ def _training(ledger: Any) -> dict[str, Any]:
                     "accuracy": p.get("central_accuracy")
                     if p.get("central_accuracy") is not None
                     else p.get("accuracy"),
-                    "epsilon": p.get("epsilon_max"),
+                    "epsilon": p.get("epsilon_run_max"),
                 }
                 for p in mine
             ],
@@ -145,7 +136,7 @@ def _training(ledger: Any) -> dict[str, Any]:
             "run": run,
             "view": "site",
             "rounds": [
-                {"round": p["round"], "accuracy": None, "epsilon": p.get("epsilon_spent_total")}
+                {"round": p["round"], "accuracy": None, "epsilon": p.get("epsilon_run")}
                 for p in mine
             ],
         }

@@ -15,12 +15,16 @@ from insitu.data._encode import FeatureEncoder
 from insitu.data._io import read_table
 from insitu.data._kanon import KAnonymity
 from insitu.data._prepare import (
+    SUBJECT_COLUMN,
     InspectReport,
     PreparedData,
     PrepareReport,
     inspect_table,
     load_prepared,
     prepare,
+    subject_keys,
+    subject_tokens,
+    token_uniform,
     write_prepared,
 )
 from insitu.data._pseudonym import Pseudonymizer
@@ -28,6 +32,7 @@ from insitu.data._schema import DataSchema
 from insitu.data._site import SiteDataset, TrainingData
 
 __all__ = [
+    "SUBJECT_COLUMN",
     "ColumnFinding",
     "ConsentChange",
     "ConsentRegistry",
@@ -46,5 +51,8 @@ __all__ = [
     "read_table",
     "scan_column",
     "scan_frame",
+    "subject_keys",
+    "subject_tokens",
+    "token_uniform",
     "write_prepared",
 ]

@@ -3,8 +3,14 @@
 :func:`prepare` is the only way raw data becomes something insitu trains on. What it
 guarantees about the frame it returns (each a test):
 
-* it holds exactly the columns of :attr:`DataSchema.released` — no dropped column, no
-  direct identifier in the clear, no column the schema does not declare;
+* it holds exactly the columns of :attr:`DataSchema.released`, then
+  :data:`SUBJECT_COLUMN` — no dropped column, no direct identifier in the clear, no
+  column the schema does not declare;
+* :data:`SUBJECT_COLUMN` names the data subject of each row with a site-keyed token:
+  the pseudonym of the schema's subject column or, without one, a keyed fingerprint of
+  the row's content (:func:`subject_tokens`). Privacy budgets are charged to these
+  subjects, so renaming the file or the data set, reordering rows or passing a frame
+  through the Python API leaves them unchanged;
 * pseudonymized columns hold ``p_`` tokens keyed by the site secret, never raw values;
 * numeric features are numbers and the label has no missing value;
 * its quasi-identifiers are k-anonymous for the requested k, or rows of smaller classes
@@ -24,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from insitu._atomic import atomic_write_text
@@ -36,12 +43,16 @@ from insitu.data._schema import DataSchema
 from insitu.errors import DataFormatError, KAnonymityError
 
 __all__ = [
+    "SUBJECT_COLUMN",
     "InspectReport",
     "PrepareReport",
     "PreparedData",
     "inspect_table",
     "load_prepared",
     "prepare",
+    "subject_keys",
+    "subject_tokens",
+    "token_uniform",
     "write_prepared",
 ]
 
@@ -50,6 +61,73 @@ logger = logging.getLogger(__name__)
 SEALED_NAME = "prepared.sealed"
 MANIFEST_NAME = "manifest.json"
 CONTEXT = "prepared-data"
+FORMAT = "insitu-prepared/2"
+
+#: The column of a prepared frame that names each row's data subject (a keyed token).
+SUBJECT_COLUMN = "_subject"
+_ROW_CONTEXT = "insitu/row-fingerprint/v1\x1e"
+
+
+def _canonical_value(value: object) -> str:
+    """One cell as text that a CSV read and an in-memory frame agree on (39, 39.0, '39')."""
+    if value is None or (isinstance(value, float) and value != value):  # noqa: PLR0124 -- NaN
+        return ""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    if number != number or number in (float("inf"), float("-inf")):  # noqa: PLR0124
+        return text
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return repr(number)
+
+
+def subject_tokens(
+    frame: pd.DataFrame, schema: DataSchema, pseudonymizer: Pseudonymizer
+) -> pd.Series:
+    """The data subject of each row of a *raw* frame, as a site-keyed ``p_`` token.
+
+    With ``dataset.subject``, the subject column's pseudonym. Without one, each row is
+    its own subject, named by a keyed fingerprint of its content: the multiset of its
+    values (column names and order play no part, so a renamed or reordered column
+    changes nothing) and how many identical rows came before it (two identical rows are
+    two records; shuffling them changes nothing). Editing a row's values makes it a new
+    record: declare a subject column where that matters.
+    """
+    if schema.subject is not None:
+        return pseudonymizer.series(frame[schema.subject].astype(str)).reset_index(drop=True)
+    cells = frame.to_numpy(dtype=object)
+    contents = pd.Series(
+        ["\x1f".join(sorted(_canonical_value(v) for v in row)) for row in cells], dtype=object
+    )
+    occurrence = contents.groupby(contents).cumcount()
+    return pd.Series(
+        [
+            pseudonymizer.token(f"{_ROW_CONTEXT}{content}\x1e{nth}")
+            for content, nth in zip(contents, occurrence, strict=True)
+        ],
+        dtype=object,
+    )
+
+
+def subject_keys(tokens: pd.Series) -> np.ndarray:
+    """The 64-bit budget keys of subject tokens (the first 64 bits of each ``p_`` token)."""
+    return np.array([int(t[2:18], 16) for t in tokens], dtype=np.uint64)
+
+
+def token_uniform(tokens: pd.Series, *, part: int) -> np.ndarray:
+    """A number in [0, 1) per subject token, fixed by the token (bits 64-95 or 96-127).
+
+    Splits drawn from it (held-out records, simulated sites) follow the subject, not the
+    row's position: reordering or renaming changes none of them, and two parts are
+    independent of each other and of the budget key.
+    """
+    if part not in (0, 1):
+        raise ValueError("part is 0 or 1")
+    start = 18 + 8 * part
+    return np.array([int(t[start : start + 8], 16) for t in tokens], dtype=np.float64) / 2.0**32
 
 
 @dataclass(frozen=True)
@@ -157,6 +235,7 @@ def prepare(
     schema.check_columns(frame.columns, source=source)
     k = schema.k if k is None else k
     released = schema.released
+    subjects = subject_tokens(frame, schema, pseudonymizer)
     # Minimization first: from here on, nothing undeclared or dropped exists.
     out = frame.loc[:, list(released)].copy()
     for column in schema.pseudonymize:
@@ -181,6 +260,8 @@ def prepare(
             f"{int(out[schema.label].isna().sum())} rows; drop those rows first"
         )
 
+    columns = list(out.columns)
+    out[SUBJECT_COLUMN] = subjects.to_numpy()
     quasi = schema.released_quasi
     before = measure(out, quasi, k)
     suppressed = 0
@@ -207,7 +288,7 @@ def prepare(
         schema_sha256=schema.digest(),
         rows_in=len(frame),
         rows_out=len(out),
-        columns=list(out.columns),
+        columns=columns,
         dropped=[c for c in schema.drop if c in frame.columns],
         undeclared=[c for c in frame.columns if c not in schema.declared],
         pseudonymized=list(schema.pseudonymize),
@@ -243,7 +324,7 @@ def write_prepared(directory: Path, prepared: PreparedData, data_key: bytes) -> 
     prepared.frame.to_parquet(buffer, index=False)
     write_sealed(directory / SEALED_NAME, buffer.getvalue(), data_key, context=CONTEXT)
     manifest = {
-        "format": "insitu-prepared/1",
+        "format": FORMAT,
         "schema": prepared.schema.source,
         "report": prepared.report.to_json(),
     }
@@ -261,6 +342,12 @@ def load_prepared(directory: Path, data_key: bytes) -> PreparedData:
     """
     try:
         manifest = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT:
+            raise DataFormatError(
+                f"{directory} was prepared by an older insitu (format "
+                f"{manifest.get('format')!r}, without subject keys for privacy budgets); "
+                "prepare the data again"
+            )
         schema = DataSchema.from_dict(manifest["schema"])
         report = PrepareReport(**manifest["report"])
     except FileNotFoundError:
@@ -271,6 +358,6 @@ def load_prepared(directory: Path, data_key: bytes) -> PreparedData:
         raise DataFormatError(f"{directory / MANIFEST_NAME} is damaged ({exc})") from exc
     plaintext = read_sealed(directory / SEALED_NAME, data_key, context=CONTEXT)
     frame = pd.read_parquet(io.BytesIO(plaintext))
-    if list(frame.columns) != list(schema.released):
+    if list(frame.columns) != [*schema.released, SUBJECT_COLUMN]:
         raise DataFormatError(f"{directory}: the sealed data does not match its manifest")
     return PreparedData(frame=frame, schema=schema, report=report)

@@ -5,11 +5,15 @@
 takes its records (how many were excluded for lack of consent: a count, never who).
 Training code (federated rounds, on-device fine-tuning) asks :meth:`SiteDataset.for_round`
 for its inputs and receives only encoded features and labels: no identifier, no
-pseudonym, no undeclared column reaches it.
+pseudonym, no undeclared column reaches it. With them come the 64-bit *subject keys* of
+the rows (site-keyed, see ``insitu.data._prepare.subject_tokens``), which the privacy
+budget charges, and at most one row per subject per use: a subject's further rows are
+left out and counted, so that a charge to a subject covers exactly one record of theirs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +25,14 @@ from insitu.audit._records import utc_now
 from insitu.data._consent import ConsentRegistry
 from insitu.data._encode import FeatureEncoder
 from insitu.data._io import read_table
-from insitu.data._prepare import PreparedData, load_prepared, prepare, write_prepared
+from insitu.data._prepare import (
+    SUBJECT_COLUMN,
+    PreparedData,
+    load_prepared,
+    prepare,
+    subject_keys,
+    write_prepared,
+)
 from insitu.data._pseudonym import Pseudonymizer
 from insitu.data._schema import DataSchema
 from insitu.workspace import Workspace
@@ -33,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainingData:
-    """What training code receives: features, labels, and the figures of the selection."""
+    """What training code receives: features, labels, subject keys, figures of the selection."""
 
     features: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
@@ -42,6 +53,20 @@ class TrainingData:
     excluded_without_consent: int
     purpose: str
     at: str
+    subject_keys: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.uint64))
+    excluded_beyond_one_per_subject: int = 0
+    excluded_over_budget: int = 0
+
+    def admitted(self, mask: np.ndarray) -> TrainingData:
+        """The rows of ``mask`` (the subjects a privacy budget admitted); counts the rest."""
+        return dataclasses.replace(
+            self,
+            features=self.features[mask],
+            labels=self.labels[mask],
+            subject_keys=self.subject_keys[mask],
+            rows=int(mask.sum()),
+            excluded_over_budget=int((~mask).sum()),
+        )
 
 
 class SiteDataset:
@@ -148,6 +173,9 @@ class SiteDataset:
                 mask = frame[self.schema.subject].isin(allowed)
                 excluded = int((~mask).sum())
                 frame = frame[mask]
+            before = len(frame)
+            frame = _one_per_subject(frame)
+            beyond = before - len(frame)
             ledger.record(
                 "data.consent_applied",
                 dataset=self.schema.name,
@@ -157,6 +185,7 @@ class SiteDataset:
                 at=at,
                 rows=len(frame),
                 excluded_without_consent=excluded,
+                excluded_beyond_one_per_subject=beyond,
                 consent_required=self.schema.consent_required,
                 legal_basis=self.schema.legal_basis or None,
             )
@@ -168,4 +197,17 @@ class SiteDataset:
             excluded_without_consent=excluded,
             purpose=purpose,
             at=at,
+            subject_keys=subject_keys(frame[SUBJECT_COLUMN]),
+            excluded_beyond_one_per_subject=beyond,
         )
+
+
+def _one_per_subject(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per subject, chosen by secret randomness (which row is no one's business)."""
+    if not frame[SUBJECT_COLUMN].duplicated().any():
+        return frame
+    from insitu.privacy import SecureRandom
+
+    order = np.argsort(SecureRandom().uniform(len(frame)))
+    shuffled = frame.iloc[order]
+    return shuffled[~shuffled[SUBJECT_COLUMN].duplicated()].sort_index()

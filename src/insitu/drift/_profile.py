@@ -13,22 +13,20 @@ moves the concatenated count vector by L2 norm ``sqrt(m)``. The site adds Gaussi
 noise of standard deviation ``sigma * sqrt(m)`` to every count, which is one application
 of a Gaussian mechanism with noise multiplier ``sigma``: the
 :class:`~insitu.privacy.PrivacyEvent` ``(sigma, 1.0, 1)``. The site calibrates ``sigma``
-for the epsilon it is asked to spend and *charges its own budget* for the data set
-before anything is released (:class:`~insitu.privacy.SiteBudget`, the budget that
-federated training and fine-tuning spend), so the profile is paid for like a training
-round and refused like one. The coordinator only sums noisy releases
-(:func:`combine_releases`).
+for the epsilon it is asked to spend and *charges it to the subjects of the records*
+before anything is released (:class:`~insitu.privacy.SubjectBudget`, the budget that
+federated training and fine-tuning spend): the profile is paid for like a training
+round, and subjects without budget left are left out of it. The coordinator only sums
+noisy releases (:func:`combine_releases`).
 
-Noise is drawn from NumPy's PCG64 seeded from the OS (``secrets``): statistically sound;
-the floating-point attack on naive Gaussian samplers (Mironov 2012) is not defended
-against, as for Opacus' DP-SGD noise (``docs/operations.md``).
+Noise is drawn from :class:`~insitu.privacy.SecureRandom` (keyed from the OS, hardened
+against the floating-point attack on naive Gaussian samplers): no seed reproduces it.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +34,7 @@ import numpy as np
 
 from insitu.data import DataSchema, FeatureEncoder
 from insitu.errors import SchemaError, UsageError
-from insitu.privacy import PrivacyEvent, calibrate_noise
+from insitu.privacy import PrivacyEvent, SecureRandom, calibrate_noise
 
 __all__ = [
     "OUTPUT",
@@ -258,7 +256,6 @@ def noisy_release(
     *,
     epsilon: float,
     delta: float,
-    seed: int | None = None,
 ) -> tuple[dict[str, Any], PrivacyEvent]:
     """A site's noisy histograms and the privacy event they cost (see the module docstring).
 
@@ -268,9 +265,9 @@ def noisy_release(
     counts = bin_counts(layout, inputs, outputs)
     sigma = calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1)
     std = sigma * math.sqrt(len(counts))
-    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    random = SecureRandom()
     noisy = {
-        name: [round(float(v), 2) for v in values + rng.normal(0.0, std, size=values.shape)]
+        name: [round(float(v), 2) for v in values + random.normal(values.shape, std=std)]
         for name, values in counts.items()
     }
     release = {

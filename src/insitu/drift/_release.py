@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu.drift._profile import ProfileLayout, noisy_release
+from insitu.privacy import PrivacyEvent, SubjectBudget, calibrate_noise
 
 if TYPE_CHECKING:
     from insitu.workspace import Workspace
 
-__all__ = ["release_profile"]
+__all__ = ["MECHANISM", "release_profile"]
 
 MECHANISM = "drift-reference-histograms"
 
@@ -22,33 +23,49 @@ def release_profile(
     inputs: np.ndarray,
     outputs: np.ndarray | None,
     *,
+    subject_keys: np.ndarray,
     dataset: str,
     epsilon: float,
     run: str = "",
 ) -> dict[str, Any]:
-    """Charge the release to the site's budget for ``dataset``, then return it.
+    """Charge the release to the subjects of the records, then return it.
 
-    The delta is the site's configured ``privacy.delta``. The release holds only noisy
+    ``subject_keys`` (from :class:`~insitu.data.TrainingData`) names the subject of each
+    row of ``inputs``. Subjects without budget left are left out of the histograms. The
+    delta is the site's configured ``privacy.delta``. The release holds only noisy
     counts; ``drift.profile_released`` records what was released and what it cost.
 
     Raises:
-        BudgetExceededError: the release would take ``dataset`` past the site's budget
-            (recorded as ``privacy.budget_refused``; nothing is released).
+        BudgetExceededError: no subject has budget left for the release (recorded as
+            ``privacy.budget_refused``; nothing is released).
 
     """
-    from insitu.federated._site_app import site_budget
-
     delta = float(workspace.config.get("privacy", "delta"))
-    release, event = noisy_release(layout, inputs, outputs, epsilon=epsilon, delta=delta)
+    sigma = calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1)
     with workspace.ledger() as ledger:
-        charge = site_budget(workspace, ledger, dataset).charge(event, run=run, mechanism=MECHANISM)
+        charge = SubjectBudget.for_workspace(workspace, ledger).charge(
+            subject_keys,
+            PrivacyEvent(sigma, 1.0, 1),
+            mechanism=MECHANISM,
+            run=run,
+            dataset=dataset,
+        )
+        admitted = charge.admission.admitted
+        release, _ = noisy_release(
+            layout,
+            inputs[admitted],
+            None if outputs is None else outputs[admitted],
+            epsilon=epsilon,
+            delta=delta,
+        )
         ledger.record(
             "drift.profile_released",
             dataset=dataset,
             histograms=len(release["counts"]),
             noise_std=round(float(release["noise_std"]), 6),
             epsilon=epsilon,
-            epsilon_spent_total=round(charge.epsilon_after, 6),
+            epsilon_spent_max=round(charge.epsilon_max_after, 6),
+            excluded_over_budget=charge.admission.excluded_over_budget,
             run=run,
         )
     return release

@@ -9,7 +9,10 @@ from typing import Any, Literal
 
 from insitu.errors import UsageError
 
-__all__ = ["FederationConfig"]
+__all__ = ["MAX_SITE_WEIGHT", "FederationConfig"]
+
+#: Sites weigh 1 to this many in the weighted mean (weights fixed before a run).
+MAX_SITE_WEIGHT = 1000
 
 Privacy = Literal["record", "site", "none"]
 Robust = Literal["none", "trimmed-mean", "median"]
@@ -21,8 +24,12 @@ _PARTITION = re.compile(r"^(iid|by:[A-Za-z0-9_.\-]+|dirichlet:\d+(\.\d+)?)$")
 class FederationConfig:
     """One run's settings.
 
-    ``epsilon`` and ``delta`` are the target of *this run* for each site; each site also
-    enforces its own budget across runs (``insitu.privacy.SiteBudget``).
+    ``epsilon`` and ``delta`` are the target of *this run* for each record at each site;
+    each site also enforces its own budget per data subject across every use
+    (``insitu.privacy.SubjectBudget``). ``evaluation_epsilon`` is what the final
+    evaluation costs each held-out record (record-level privacy: sites release noisy
+    counts of correct predictions). ``seed`` fixes the initial model and non-private
+    batch order only: DP noise and sampling are secret and never reproducible.
     """
 
     sites: int = 5
@@ -44,6 +51,7 @@ class FederationConfig:
     test_fraction: float = 0.2
     seed: int = 0
     secagg_clipping_range: float = 64.0
+    evaluation_epsilon: float = 0.5
 
     def __post_init__(self) -> None:  # noqa: PLR0912 -- one check per setting
         if not 1 <= self.sites <= 1000:
@@ -76,6 +84,10 @@ class FederationConfig:
         if self.secure_aggregation and self.sites < 3:
             raise UsageError(
                 "secure aggregation needs at least 3 sites (or --no-secure-aggregation)"
+            )
+        if self.privacy == "record" and not 0.01 <= self.evaluation_epsilon <= 10:
+            raise UsageError(
+                f"--evaluation-epsilon {self.evaluation_epsilon}: use a value from 0.01 to 10"
             )
         if not 0 <= self.min_sites <= self.sites:
             raise UsageError(f"--min-sites {self.min_sites} must be between 0 and --sites")

@@ -75,12 +75,19 @@ from insitu.errors import (
 )
 from insitu.federated._certs import FederationCerts, check_server_pair, load_site_public_key
 from insitu.federated._config import FederationConfig
-from insitu.federated._models import build_model, get_weights, set_weights, weights_digest
+from insitu.federated._models import (
+    build_model,
+    get_weights,
+    onnx_parity,
+    set_weights,
+    weights_digest,
+)
 from insitu.federated._server_app import (
     RoundRecord,
     RoundRecorder,
     build_strategy,
     record_completed,
+    record_failed,
     run_rounds,
 )
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
@@ -606,6 +613,9 @@ def run_server_app(grid: Grid, context: Context) -> None:
             raise FederationError("the run submitted is not the run this server planned")
         _run_server(grid, context, plan)
     except BaseException as exc:
+        if isinstance(exc, FederationError):
+            with Workspace.open(Path(plan["home"])).ledger() as ledger:
+                record_failed(ledger, run_id=plan["run_id"], error=exc)
         atomic_write_text(run_dir / "result.json", json.dumps({"error": str(exc)}) + "\n")
         raise
 
@@ -631,7 +641,7 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
     rounds: list[dict[str, Any]] = []
 
     def record_round(record: RoundRecord) -> None:
-        epsilon_max = max(record.epsilon_by_site.values(), default=0.0)
+        epsilon_run = max(record.epsilon_by_site.values(), default=0.0)
         with ws.ledger() as ledger:
             ledger.record(
                 "federation.round",
@@ -639,25 +649,17 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
                 round=record.round,
                 sites_ok=record.sites_ok,
                 failures=record.failures,
+                sites_evaluated=record.sites_evaluated,
                 accuracy=record.accuracy,
                 central_accuracy=None,
-                epsilon_max=epsilon_max,
+                epsilon_run_max=epsilon_run,
             )
-        rounds.append(
-            {
-                "round": record.round,
-                "sites_ok": record.sites_ok,
-                "failures": record.failures,
-                "accuracy": record.accuracy,
-                "epsilon_by_site": record.epsilon_by_site,
-                "seen_by_strategy": record.seen_by_strategy,
-                "site_update_digests": record.site_update_digests,
-            }
-        )
+        rounds.append(record.to_json() | {"seen_by_strategy": record.seen_by_strategy})
+        accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
         atomic_write_text(
             run_dir / "progress.txt",
             f"round {record.round}/{config.rounds}: {record.sites_ok} site(s), accuracy "
-            f"{record.accuracy or 0:.4f}, epsilon {epsilon_max:.3f}\n",
+            f"{accuracy}, epsilon this run {epsilon_run:.3f}\n",
         )
 
     strategy = RoundRecorder(
@@ -667,13 +669,16 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
             evaluate_fn=None,
             site_noise_multiplier=float(plan["site_noise_multiplier"]),
         ),
-        required_sites=config.required_sites,
+        config=config,
         on_round=record_round,
     )
     weights = run_rounds(grid, context, config, strategy)
     set_weights(model, weights)
     model_dir = _save_deployed_model(ws, run_id=run_id, model=model, plan=plan)
     digest = weights_digest(weights)
+    epsilon_run = max(
+        (max(r["epsilon_by_site"].values(), default=0.0) for r in rounds), default=0.0
+    )
     with ws.ledger() as ledger:
         record_completed(
             ledger,
@@ -682,6 +687,8 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
             central_accuracy=None,
             weights=weights,
             onnx=(model_dir / "model.onnx").read_bytes(),
+            epsilon_run=epsilon_run if config.privacy != "none" else None,
+            delta=config.delta if config.privacy != "none" else None,
         )
     result = {"rounds": rounds, "model_dir": str(model_dir), "model_sha256": digest}
     atomic_write_text(model_dir / "record.json", json.dumps(result | plan, indent=2) + "\n")
@@ -700,22 +707,16 @@ def _save_deployed_model(
 
     from insitu._atomic import atomic_write_bytes
     from insitu.federated._models import export_onnx
-    from insitu.runtime import create_session
 
     model_dir = ws.home / "models" / run_id
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    atomic_write_bytes(model_dir / "model.pt", buffer.getvalue())
     n_features = int(plan["n_features"])
     onnx_bytes = export_onnx(model, n_features)
     probe = np.random.default_rng(0).random((256, n_features), dtype=np.float32)
-    onnx_out = create_session(onnx_bytes, intra_op_threads=1).run(None, {"features": probe})[0]
-    with torch.no_grad():
-        torch_out = model(torch.from_numpy(probe)).numpy()
-    parity = float(np.max(np.abs(onnx_out - torch_out)))
-    if parity > 1e-4:
-        raise FederationError(f"ONNX export differs from the PyTorch model by {parity:.2e}")
+    parity = onnx_parity(model, onnx_bytes, probe)
+    atomic_write_bytes(model_dir / "model.pt", buffer.getvalue())
     atomic_write_bytes(model_dir / "model.onnx", onnx_bytes)
     atomic_write_text(
         model_dir / "features.json",
@@ -724,7 +725,8 @@ def _save_deployed_model(
                 "features": plan["feature_names"],
                 "schema": plan["schema_source"],
                 "schema_sha256": plan["schema_sha256"],
-                "onnx_parity_max_abs_diff": parity,
+                "onnx_parity_max_abs_diff": parity.max_abs_diff,
+                "onnx_parity_relative": parity.relative,
                 "onnx_parity_probe": "uniform [0, 1], 256 rows (the server holds no records)",
             },
             indent=2,
@@ -792,7 +794,6 @@ def join(  # noqa: PLR0915 -- checks, preparation, the node's life: in order
     retries: int = 5,
     once: bool = False,
     test_fraction: float = 0.2,
-    seed: int = 0,
     on_status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Take part in federated runs as one site; see the module docstring.
@@ -821,10 +822,9 @@ def join(  # noqa: PLR0915 -- checks, preparation, the node's life: in order
     else:
         ws, created = Workspace.init(ws_home, name=name or key.stem)
     site = name or key.stem
-    is_test = np.random.default_rng(seed).random(len(frame)) < test_fraction
     try:
         train_dir, test_dir = prepare_site_data(
-            ws, frame, schema, is_test=is_test, source=data.name
+            ws, frame, schema, test_fraction=test_fraction, source=data.name
         )
     except BaseException:
         if created:  # nothing half-made: a workspace this call created goes with it

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ModelFn", "build_model", "get_weights", "set_weights", "weights_digest"]
+__all__ = [
+    "PARITY_TOLERANCE",
+    "ModelFn",
+    "Parity",
+    "build_model",
+    "check_parity",
+    "get_weights",
+    "onnx_parity",
+    "set_weights",
+    "weights_digest",
+]
+
+#: Largest difference allowed between an ONNX export and its source model, relative to
+#: the scale of the outputs (the largest absolute output, at least 1): float32 kernels
+#: reorder sums, so the absolute error grows with the size of the logits.
+PARITY_TOLERANCE = 1e-4
 
 #: Builds a fresh model for ``n_features`` inputs (any ``torch.nn.Module`` whose output is
 #: one logit per row for a binary label). Must be picklable: sites run it in other
@@ -85,3 +101,56 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
     proto.ir_version = min(proto.ir_version, 10)
     data: bytes = proto.SerializeToString()
     return data
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far an ONNX export's outputs are from the source model's, on a probe."""
+
+    max_abs_diff: float
+    scale: float
+
+    @property
+    def relative(self) -> float:
+        """The largest difference over the scale of the outputs (at least 1)."""
+        return self.max_abs_diff / max(1.0, self.scale)
+
+    @property
+    def ok(self) -> bool:
+        """Within :data:`PARITY_TOLERANCE`."""
+        return self.relative <= PARITY_TOLERANCE
+
+
+def check_parity(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """The parity of ``candidate`` outputs against ``reference`` outputs."""
+    if reference.size == 0:
+        return Parity(0.0, 0.0)
+    diff = float(np.max(np.abs(np.asarray(candidate, np.float64) - reference)))
+    return Parity(diff, float(np.max(np.abs(reference))))
+
+
+def onnx_parity(model: nn.Module, onnx_bytes: bytes, probe: np.ndarray) -> Parity:
+    """Run ``probe`` through both; raise when the export differs beyond the tolerance.
+
+    Raises:
+        FederationError: the export differs from the model by more than
+            :data:`PARITY_TOLERANCE` of the outputs' scale.
+
+    """
+    from insitu.errors import FederationError
+    from insitu.runtime import create_session
+
+    probe = np.ascontiguousarray(probe, dtype=np.float32)
+    if not len(probe):
+        return Parity(0.0, 0.0)
+    onnx_out = create_session(onnx_bytes, intra_op_threads=1).run(None, {"features": probe})[0]
+    with torch.no_grad():
+        torch_out = model(torch.from_numpy(probe)).numpy().astype(np.float64)
+    parity = check_parity(torch_out, onnx_out)
+    if not parity.ok:
+        raise FederationError(
+            f"ONNX export differs from the PyTorch model by {parity.max_abs_diff:.2e} "
+            f"({parity.relative:.2e} of the outputs' scale {parity.scale:.3g}; tolerance "
+            f"{PARITY_TOLERANCE:g})"
+        )
+    return parity

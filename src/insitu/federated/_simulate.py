@@ -6,12 +6,20 @@ code a real deployment runs:
 * the *coordinator* is the workspace the user runs from: it partitions the file, starts
   Flower's ServerApp, and records the run in its ledger;
 * each *site* is a full workspace of its own under ``<coordinator>/sites/site-NN``
-  (its own keys, pseudonym secret, ledger and privacy budget, kept across runs), which
-  prepares its part of the data under the schema and seals it, then trains in Flower
-  ClientApps that the simulation engine (Ray) runs in separate processes.
+  (its own keys, pseudonym secret, ledger and per-subject privacy budget, kept across
+  runs), which prepares its part of the data under the schema and seals it, then trains
+  in Flower ClientApps that the simulation engine (Ray) runs in separate processes.
 
 A part of the file is held out by the coordinator for a *central* test accuracy: a
-simulation-only evaluation (real sites report only their own held-out accuracy).
+simulation-only evaluation (real sites report only noisy counts on their own held-out
+records, at the final round). Which rows are held out, and which site holds each row,
+follow each row's subject (a keyed token), never its position: the same person is at
+the same simulated site in every run, whatever the file is called or its order.
+
+Invariant (honest outcomes): a run either completes every round with at least the
+required sites and records ``federation.completed`` with its model, or records
+``federation.failed`` naming the round, the sites and the reason, writes no model and
+raises. A run that trained nothing never looks like a success.
 """
 
 from __future__ import annotations
@@ -41,15 +49,18 @@ from insitu.data import (
     Pseudonymizer,
     prepare,
     read_table,
+    subject_tokens,
+    token_uniform,
 )
 from insitu.errors import FederationError, InsufficientDataError, UsageError
-from insitu.federated._config import FederationConfig
+from insitu.federated._config import MAX_SITE_WEIGHT, FederationConfig
 from insitu.federated._local import evaluate, planned_event
 from insitu.federated._models import (
     ModelFn,
     build_model,
     export_onnx,
     get_weights,
+    onnx_parity,
     set_weights,
 )
 from insitu.federated._partition import partition
@@ -58,23 +69,45 @@ from insitu.federated._server_app import (
     RoundRecorder,
     build_strategy,
     record_completed,
+    record_failed,
     run_rounds,
 )
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
-from insitu.privacy import calibrate_noise
+from insitu.privacy import SubjectBudget, calibrate_noise
 from insitu.workspace import Workspace
 
-__all__ = ["FederatedResult", "min_rows_for", "simulate"]
+__all__ = ["FederatedResult", "SiteSummary", "min_rows_for", "simulate"]
 
 logger = logging.getLogger(__name__)
 
 #: Above this DP-SGD noise multiplier the gradient signal is lost: a site needs more data.
 MAX_WORKABLE_NOISE = 10.0
+#: Share of the file the coordinator holds out for the central (simulation-only) accuracy.
+CENTRAL_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """One simulated site after a run, read from its own ledger (simulation only)."""
+
+    site: str
+    epsilon_run: float
+    epsilon_spent_max: float
+    excluded_over_budget: int
+
+    def to_json(self) -> dict[str, Any]:
+        """As in the run's JSON."""
+        return {
+            "site": self.site,
+            "epsilon_run": self.epsilon_run,
+            "epsilon_spent_max": self.epsilon_spent_max,
+            "excluded_over_budget": self.excluded_over_budget,
+        }
 
 
 @dataclass
 class FederatedResult:
-    """The outcome of a run."""
+    """The outcome of a completed run."""
 
     run_id: str
     config: FederationConfig
@@ -84,6 +117,12 @@ class FederatedResult:
     site_homes: list[Path]
     central_accuracy: float | None
     seconds: float
+    sites: list[SiteSummary] = field(default_factory=list)
+
+    @property
+    def epsilon_run(self) -> float:
+        """The run's epsilon: the most any site spent on a record in this run."""
+        return max((s.epsilon_run for s in self.sites), default=0.0)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON summary (the training record's body)."""
@@ -93,18 +132,11 @@ class FederatedResult:
             "model_dir": str(self.model_dir),
             "central_accuracy": self.central_accuracy,
             "seconds": round(self.seconds, 2),
-            "rounds": [
-                {
-                    "round": r.round,
-                    "sites_ok": r.sites_ok,
-                    "failures": r.failures,
-                    "accuracy": r.accuracy,
-                    "central_accuracy": r.central_accuracy,
-                    "loss": r.loss,
-                    "epsilon_by_site": r.epsilon_by_site,
-                }
-                for r in self.rounds
-            ],
+            "private": self.config.privacy != "none",
+            "reproducible": self.config.privacy == "none",
+            "epsilon_run": self.epsilon_run,
+            "sites": [s.to_json() for s in self.sites],
+            "rounds": [r.to_json() for r in self.rounds],
         }
 
 
@@ -133,7 +165,7 @@ def min_rows_for(config: FederationConfig) -> int:
         low, high = high, high * 2
         if high > 10**9:
             raise UsageError(f"epsilon {config.epsilon} is out of reach at any data size")
-    while high - low > max(1, low // 50):
+    while high - low > max(1, low // 20):
         mid = (low + high) // 2
         if noise(mid) > MAX_WORKABLE_NOISE:
             low = mid
@@ -155,111 +187,69 @@ def _site_workspace(coordinator: Workspace, index: int, epsilon_budget: float | 
     return ws
 
 
-def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in one place
-    coordinator: Workspace,
-    data: Path | pd.DataFrame,
-    config: FederationConfig,
-    *,
-    schema: DataSchema | None = None,
-    label: str | None = None,
-    consent: Path | Sequence[tuple[str, str, str]] | None = None,
-    site_epsilon_budget: float | None = None,
-    on_round: Callable[[RoundRecord], None] | None = None,
-    model_fn: ModelFn | None = None,
-    faults: dict[int, str] | None = None,
-    strategy_spy: Callable[[Any], None] | None = None,
-) -> FederatedResult:
-    """Train across ``config.sites`` simulated sites; see the module docstring.
+@dataclass(frozen=True)
+class _Split:
+    """The coordinator's split of the file: central held-out rows and each site's rows."""
 
-    Args:
-        coordinator: the workspace the run is recorded in (sites live under it).
-        data: the whole table (a path or a frame).
-        config: the run's settings.
-        schema: the data schema; without it, one is inferred from ``label``.
-        label: the label column when no schema is given.
-        consent: a consent CSV (subject,purpose,status) every site imports, or the same
-            rows in memory (subject ids are pseudonymized by each site before storage).
-        site_epsilon_budget: the budget of sites created by this run (existing sites
-            keep theirs).
-        on_round: called after each round (progress display).
-        model_fn: builds the model from the number of input features (any
-            ``torch.nn.Module`` with one logit output); default: ``config.model``.
-        faults: site index -> fault (tests of dropouts and poisoning).
-        strategy_spy: receives the strategy before the run (tests).
+    central: pd.DataFrame
+    pool: pd.DataFrame
+    parts: list[np.ndarray]
 
-    Raises:
-        UsageError: bad settings or a data set that cannot be split as asked.
-        InsufficientDataError: a site too small for the requested epsilon.
-        FederationError: a round without enough sites.
 
-    """
-    from flwr.client import ClientApp
-    from flwr.client.mod import fixedclipping_mod, secaggplus_mod
-    from flwr.common import Context, ndarrays_to_parameters
-    from flwr.server import ServerApp
-    from flwr.simulation import run_simulation
-
-    started = time.perf_counter()
-    frame = data if isinstance(data, pd.DataFrame) else read_table(data)
-    source = "data" if isinstance(data, pd.DataFrame) else data.name
-    if schema is None:
-        if label is None:
-            raise UsageError("give a data schema (--schema) or the label column (--label)")
-        schema = DataSchema.infer(frame, label=label, name=source.split(".")[0] or "dataset")
-    elif label is not None and label != schema.label:
-        raise UsageError(f"--label {label!r} differs from the schema's label {schema.label!r}")
-    schema.check_columns(frame.columns, source=source)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-    # Hold out the coordinator's central test set (simulation only), then split sites.
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(frame))
-    n_central = max(1, int(len(frame) * 0.2))
-    central_frame = frame.iloc[np.sort(order[:n_central])].reset_index(drop=True)
-    pool = frame.iloc[np.sort(order[n_central:])].reset_index(drop=True)
-    parts = partition(pool, config.partition, config.sites, label=schema.label, seed=config.seed)
-
-    # Check every site before any workspace or file is created: nothing half-made.
-    splits = [
-        np.random.default_rng(config.seed + index).random(len(rows)) < config.test_fraction
-        for index, rows in enumerate(parts, start=1)
-    ]
+def _split(
+    coordinator: Workspace, frame: pd.DataFrame, schema: DataSchema, config: FederationConfig
+) -> _Split:
+    """Central held-out rows and the sites' parts, each decided by the row's subject."""
+    tokens = subject_tokens(frame, schema, Pseudonymizer(coordinator.secret("pseudonym")))
+    central = token_uniform(tokens, part=0) < CENTRAL_FRACTION
+    pool = frame[~central].reset_index(drop=True)
+    uniform = token_uniform(tokens[~central].reset_index(drop=True), part=1)
+    parts = partition(pool, config.partition, config.sites, label=schema.label, uniform=uniform)
     if config.privacy == "record":
         needed = min_rows_for(config)
-        for index, is_test in enumerate(splits, start=1):
-            train_rows = int((~is_test).sum())
+        for index, rows in enumerate(parts, start=1):
+            train_rows = int(len(rows) * (1 - config.test_fraction))
             if train_rows < needed:
                 raise InsufficientDataError(
-                    f"site-{index:02d} would hold {train_rows} training records; epsilon "
+                    f"site-{index:02d} would hold about {train_rows} training records; epsilon "
                     f"{config.epsilon} over {config.rounds} rounds needs at least {needed} per "
                     f"site (at batch {config.batch_size}); use fewer sites or rounds, or a "
                     "larger epsilon"
                 )
+    return _Split(frame[central].reset_index(drop=True), pool, parts)
 
-    encoder = FeatureEncoder.for_schema(schema, pool)
-    central = prepare(
-        central_frame, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="central", k=1
-    ).frame
-    central_x, central_y = encoder.encode(central), encoder.labels(central)
-    n_features = len(encoder.names)
 
+def _site_weights(parts: list[np.ndarray]) -> list[int]:
+    """Weights fixed before the run: each part's planned size, scaled to MAX_SITE_WEIGHT."""
+    largest = max(len(p) for p in parts)
+    return [max(1, round(MAX_SITE_WEIGHT * len(p) / largest)) for p in parts]
+
+
+def _make_sites(
+    coordinator: Workspace,
+    split: _Split,
+    schema: DataSchema,
+    config: FederationConfig,
+    *,
+    run_id: str,
+    n_features: int,
+    source: str,
+    consent: Path | Sequence[tuple[str, str, str]] | None,
+    site_epsilon_budget: float | None,
+    model_fn: ModelFn | None,
+    faults: dict[int, str],
+) -> list[SitePlan]:
+    """Each site's workspace, its prepared and sealed part, consent, and its plan."""
     plans: list[SitePlan] = []
-    site_homes: list[Path] = []
-    for index, (rows, is_test) in enumerate(zip(parts, splits, strict=True), start=1):
+    weights = _site_weights(split.parts)
+    for index, (rows, weight) in enumerate(zip(split.parts, weights, strict=True), start=1):
         ws = _site_workspace(coordinator, index, site_epsilon_budget)
-        site_frame = pool.iloc[rows].reset_index(drop=True)
+        site_frame = split.pool.iloc[rows].reset_index(drop=True)
         train_dir, test_dir = prepare_site_data(
-            ws, site_frame, schema, is_test=is_test, source=source
+            ws, site_frame, schema, test_fraction=config.test_fraction, source=source
         )
         if consent is not None:
-            with ws.ledger() as ledger:
-                registry = ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym")))
-                if isinstance(consent, Path):
-                    registry.import_csv(consent)
-                else:
-                    # Each site's consent system knows its own subjects only.
-                    mine = set(site_frame[schema.subject].astype(str)) if schema.subject else set()
-                    registry.change_many([c for c in consent if c[0] in mine])  # type: ignore[misc]
+            _import_consent(ws, consent, site_frame, schema)
         plans.append(
             SitePlan(
                 run_id=run_id,
@@ -270,70 +260,46 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
                 dataset=schema.name,
                 n_features=n_features,
                 config=config,
-                fault=(faults or {}).get(index, ""),
+                model_fn=model_fn,
+                weight=weight,
+                fault=faults.get(index, ""),
             )
         )
-        site_homes.append(ws.home)
-
-    site_sigma = 0.0
     if config.privacy == "site":
-        site_sigma = calibrate_noise(
+        sigma = calibrate_noise(
             target_epsilon=config.epsilon, delta=config.delta, sample_rate=1.0, steps=config.rounds
         )
-        plans = [replace(p, site_noise_multiplier=site_sigma) for p in plans]
+        plans = [replace(p, site_noise_multiplier=sigma) for p in plans]
+    return plans
 
-    def new_model() -> torch.nn.Module:
-        if model_fn is not None:
-            return model_fn(n_features)
-        return build_model(config.model, n_features, hidden=config.hidden)
 
-    plans = [replace(p, model_fn=model_fn) for p in plans]
-    torch.manual_seed(config.seed)
-    initial_model = new_model()
-    initial = ndarrays_to_parameters(get_weights(initial_model))
+def _import_consent(
+    ws: Workspace,
+    consent: Path | Sequence[tuple[str, str, str]],
+    site_frame: pd.DataFrame,
+    schema: DataSchema,
+) -> None:
+    with ws.ledger() as ledger:
+        registry = ConsentRegistry(ledger, Pseudonymizer(ws.secret("pseudonym")))
+        if isinstance(consent, Path):
+            registry.import_csv(consent)
+        else:
+            # Each site's consent system knows its own subjects only.
+            mine = set(site_frame[schema.subject].astype(str)) if schema.subject else set()
+            registry.change_many([c for c in consent if c[0] in mine])  # type: ignore[misc]
 
-    def central_eval(
-        server_round: int, weights: list[np.ndarray], _: dict[str, Any]
-    ) -> tuple[float, dict[str, Any]]:
-        model = new_model()
-        set_weights(model, weights)
-        loss, accuracy = evaluate(model, central_x, central_y)
-        return loss, {"accuracy": accuracy}
 
-    with coordinator.ledger() as ledger:
-        ledger.record(
-            "federation.started",
-            run=run_id,
-            dataset=schema.name,
-            schema_sha256=schema.digest(),
-            site_names=[p.site for p in plans],
-            **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
-        )
+def _run_flower(
+    plans: list[SitePlan], config: FederationConfig, strategy: RoundRecorder
+) -> list[np.ndarray]:
+    """Run the rounds on Flower's simulation engine; the final weights."""
+    from flwr.client import ClientApp
+    from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+    from flwr.common import Context
+    from flwr.server import ServerApp
+    from flwr.simulation import run_simulation
 
-    def record_round(record: RoundRecord) -> None:
-        with coordinator.ledger() as ledger:
-            ledger.record(
-                "federation.round",
-                run=run_id,
-                round=record.round,
-                sites_ok=record.sites_ok,
-                failures=record.failures,
-                accuracy=record.accuracy,
-                central_accuracy=record.central_accuracy,
-                epsilon_max=max(record.epsilon_by_site.values(), default=0.0),
-            )
-        if on_round is not None:
-            on_round(record)
-
-    strategy = RoundRecorder(
-        build_strategy(config, initial, evaluate_fn=central_eval, site_noise_multiplier=site_sigma),
-        required_sites=config.required_sites,
-        on_round=record_round,
-    )
-    if strategy_spy is not None:
-        strategy_spy(strategy)
     outcome: dict[str, Any] = {}
-
     server_app = ServerApp()
 
     @server_app.main()
@@ -388,9 +354,126 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
         raise FederationError(f"the federated run failed: {error}") from error
     if "weights" not in outcome:
         raise FederationError("the federated run ended without a model (see the log above)")
-
-    rounds = [strategy.records[r] for r in sorted(strategy.records)]
     weights: list[np.ndarray] = outcome["weights"]
+    return weights
+
+
+def _site_summaries(plans: list[SitePlan], run_id: str) -> list[SiteSummary]:
+    """Each site's epsilon of this run and its lifetime maximum, from its own ledger."""
+    summaries: list[SiteSummary] = []
+    for plan in plans:
+        ws = Workspace.open(plan.home)
+        with ws.ledger() as ledger:
+            mine = [
+                e.payload
+                for e in ledger.entries(event_type="federation.site_round")
+                if e.payload.get("run") == run_id
+            ]
+            spent = SubjectBudget.for_workspace(ws, ledger).spent()
+        summaries.append(
+            SiteSummary(
+                site=plan.site,
+                epsilon_run=max((float(p["epsilon_run"]) for p in mine), default=0.0),
+                epsilon_spent_max=spent,
+                excluded_over_budget=max(
+                    (int(p.get("excluded_over_budget", 0)) for p in mine), default=0
+                ),
+            )
+        )
+    return summaries
+
+
+def simulate(
+    coordinator: Workspace,
+    data: Path | pd.DataFrame,
+    config: FederationConfig,
+    *,
+    schema: DataSchema | None = None,
+    label: str | None = None,
+    consent: Path | Sequence[tuple[str, str, str]] | None = None,
+    site_epsilon_budget: float | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    model_fn: ModelFn | None = None,
+    faults: dict[int, str] | None = None,
+    strategy_spy: Callable[[Any], None] | None = None,
+) -> FederatedResult:
+    """Train across ``config.sites`` simulated sites; see the module docstring.
+
+    Args:
+        coordinator: the workspace the run is recorded in (sites live under it).
+        data: the whole table (a path or a frame).
+        config: the run's settings.
+        schema: the data schema; without it, one is inferred from ``label``.
+        label: the label column when no schema is given.
+        consent: a consent CSV (subject,purpose,status) every site imports, or the same
+            rows in memory (subject ids are pseudonymized by each site before storage).
+        site_epsilon_budget: the budget of sites created by this run (existing sites
+            keep theirs).
+        on_round: called after each round (progress display).
+        model_fn: builds the model from the number of input features (any
+            ``torch.nn.Module`` with one logit output); default: ``config.model``.
+        faults: site index -> fault (tests of dropouts and poisoning).
+        strategy_spy: receives the strategy before the run (tests).
+
+    Raises:
+        UsageError: bad settings or a data set that cannot be split as asked.
+        InsufficientDataError: a site too small for the requested epsilon.
+        RoundFailedError: a round without enough sites (recorded as ``federation.failed``).
+        FederationError: the run could not complete otherwise (also recorded).
+
+    """
+    started = time.perf_counter()
+    frame = data if isinstance(data, pd.DataFrame) else read_table(data)
+    source = "data" if isinstance(data, pd.DataFrame) else data.name
+    schema = _schema_for(frame, schema, label, source=source)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    split = _split(coordinator, frame, schema, config)
+    encoder = FeatureEncoder.for_schema(schema, split.pool)
+    central = prepare(
+        split.central, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="central", k=1
+    ).frame
+    central_x, central_y = encoder.encode(central), encoder.labels(central)
+    n_features = len(encoder.names)
+    plans = _make_sites(
+        coordinator,
+        split,
+        schema,
+        config,
+        run_id=run_id,
+        n_features=n_features,
+        source=source,
+        consent=consent,
+        site_epsilon_budget=site_epsilon_budget,
+        model_fn=model_fn,
+        faults=faults or {},
+    )
+
+    def new_model() -> torch.nn.Module:
+        if model_fn is not None:
+            return model_fn(n_features)
+        return build_model(config.model, n_features, hidden=config.hidden)
+
+    torch.manual_seed(config.seed)  # the initial model is public: every site receives it
+    strategy = _strategy(
+        coordinator,
+        config,
+        plans,
+        run_id=run_id,
+        new_model=new_model,
+        central_x=central_x,
+        central_y=central_y,
+        on_round=on_round,
+    )
+    _record_started(coordinator, run_id, schema, plans, config)
+    if strategy_spy is not None:
+        strategy_spy(strategy)
+    try:
+        weights = _run_flower(plans, config, strategy)
+    except FederationError as exc:
+        with coordinator.ledger() as ledger:
+            record_failed(ledger, run_id=run_id, error=exc)
+        raise
+    rounds = [strategy.records[r] for r in sorted(strategy.records)]
     model = new_model()
     set_weights(model, weights)
     _, central_accuracy = evaluate(model, central_x, central_y)
@@ -403,9 +486,10 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
         rounds=rounds,
         weights=weights,
         model_dir=model_dir,
-        site_homes=site_homes,
+        site_homes=[p.home for p in plans],
         central_accuracy=central_accuracy,
         seconds=time.perf_counter() - started,
+        sites=_site_summaries(plans, run_id),
     )
     atomic_write_text(model_dir / "record.json", json.dumps(result.to_json(), indent=2) + "\n")
     with coordinator.ledger() as ledger:
@@ -416,8 +500,99 @@ def simulate(  # noqa: PLR0912, PLR0915 -- the run, step by step, reads best in 
             central_accuracy=central_accuracy,
             weights=weights,
             onnx=(model_dir / "model.onnx").read_bytes(),
+            epsilon_run=result.epsilon_run if config.privacy != "none" else None,
+            delta=config.delta if config.privacy != "none" else None,
         )
     return result
+
+
+def _schema_for(
+    frame: pd.DataFrame, schema: DataSchema | None, label: str | None, *, source: str
+) -> DataSchema:
+    if schema is None:
+        if label is None:
+            raise UsageError("give a data schema (--schema) or the label column (--label)")
+        schema = DataSchema.infer(
+            frame, label=label, name=source.split(".", maxsplit=1)[0] or "dataset"
+        )
+    elif label is not None and label != schema.label:
+        raise UsageError(f"--label {label!r} differs from the schema's label {schema.label!r}")
+    schema.check_columns(frame.columns, source=source)
+    return schema
+
+
+def _strategy(
+    coordinator: Workspace,
+    config: FederationConfig,
+    plans: list[SitePlan],
+    *,
+    run_id: str,
+    new_model: Callable[[], torch.nn.Module],
+    central_x: np.ndarray,
+    central_y: np.ndarray,
+    on_round: Callable[[RoundRecord], None] | None,
+) -> RoundRecorder:
+    from flwr.common import ndarrays_to_parameters
+
+    initial = ndarrays_to_parameters(get_weights(new_model()))
+
+    def central_eval(
+        server_round: int, weights: list[np.ndarray], _: dict[str, Any]
+    ) -> tuple[float, dict[str, Any]]:
+        model = new_model()
+        set_weights(model, weights)
+        loss, accuracy = evaluate(model, central_x, central_y)
+        return loss, {"accuracy": accuracy}
+
+    def record_round(record: RoundRecord) -> None:
+        with coordinator.ledger() as ledger:
+            ledger.record("federation.round", run=run_id, **_round_payload(record))
+        if on_round is not None:
+            on_round(record)
+
+    return RoundRecorder(
+        build_strategy(
+            config,
+            initial,
+            evaluate_fn=central_eval,
+            site_noise_multiplier=plans[0].site_noise_multiplier,
+        ),
+        config=config,
+        on_round=record_round,
+        site_names=[p.site for p in plans],
+    )
+
+
+def _round_payload(record: RoundRecord) -> dict[str, Any]:
+    """``federation.round``: what the round's figures cover, and this run's epsilon."""
+    return {
+        "round": record.round,
+        "sites_ok": record.sites_ok,
+        "failures": record.failures,
+        "sites_evaluated": record.sites_evaluated,
+        "accuracy": record.accuracy,
+        "central_accuracy": record.central_accuracy,
+        "epsilon_run_max": max(record.epsilon_by_site.values(), default=0.0),
+    }
+
+
+def _record_started(
+    coordinator: Workspace,
+    run_id: str,
+    schema: DataSchema,
+    plans: list[SitePlan],
+    config: FederationConfig,
+) -> None:
+    with coordinator.ledger() as ledger:
+        ledger.record(
+            "federation.started",
+            run=run_id,
+            dataset=schema.name,
+            schema_sha256=schema.digest(),
+            site_names=[p.site for p in plans],
+            reproducible=config.privacy == "none",
+            **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
+        )
 
 
 def _save_model(
@@ -430,22 +605,13 @@ def _save_model(
     sample: np.ndarray,
 ) -> Path:
     """Write the PyTorch state, the ONNX export (parity-checked) and the feature names."""
-    from insitu.runtime import create_session
-
     model_dir = coordinator.home / "models" / run_id
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    atomic_write_bytes(model_dir / "model.pt", buffer.getvalue())
     onnx_bytes = export_onnx(model, len(encoder.names))
-    session = create_session(onnx_bytes, intra_op_threads=1)
-    probe = sample[:256]
-    onnx_out = session.run(None, {"features": probe})[0]
-    with torch.no_grad():
-        torch_out = model(torch.from_numpy(probe)).numpy()
-    parity = float(np.max(np.abs(onnx_out - torch_out))) if len(probe) else 0.0
-    if parity > 1e-4:
-        raise FederationError(f"ONNX export differs from the PyTorch model by {parity:.2e}")
+    parity = onnx_parity(model, onnx_bytes, sample[:256])
+    atomic_write_bytes(model_dir / "model.pt", buffer.getvalue())
     atomic_write_bytes(model_dir / "model.onnx", onnx_bytes)
     atomic_write_text(
         model_dir / "features.json",
@@ -454,7 +620,8 @@ def _save_model(
                 "features": encoder.names,
                 "schema": schema.source,
                 "schema_sha256": schema.digest(),
-                "onnx_parity_max_abs_diff": parity,
+                "onnx_parity_max_abs_diff": parity.max_abs_diff,
+                "onnx_parity_relative": parity.relative,
             },
             indent=2,
         )

@@ -4,30 +4,33 @@ Each round, a site
 
 1. opens its own workspace (its keys, its ledger, its sealed data);
 2. takes the records it may use *at the time the round starts* (``SiteDataset.for_round``:
-   consent applied, the count of exclusions recorded);
-3. for ``record`` privacy, charges the round's DP-SGD event to its own budget for the
-   data set, and refuses the round (raising :class:`~insitu.errors.BudgetExceededError`,
-   which Flower reports as a failure and the federation survives) when the budget would
-   be exceeded; for ``site`` privacy, charges the server's Gaussian mechanism on clipped
-   updates;
-4. trains locally (DP-SGD with Opacus, or plain SGD), and returns its weights. With
-   secure aggregation the ``secaggplus_mod`` masks them before they leave.
+   consent applied, one row per data subject);
+3. charges the round's privacy event to *those subjects* (``SubjectBudget``): for
+   ``record`` privacy the DP-SGD event, for ``site`` privacy the aggregator's Gaussian
+   mechanism on clipped updates. Subjects the event no longer fits are left out and
+   counted; when none remain, the site refuses the round;
+4. trains locally (DP-SGD with secret noise and sampling, or plain SGD), and returns its
+   weights. With secure aggregation the ``secaggplus_mod`` masks them before they leave.
 
-The noise multiplier of a run is calibrated by the site itself on the first round of
-the run (for the run's epsilon over its planned rounds) and kept in its workspace, so
-every round of the run uses the same one.
+What leaves a site, and why each value is safe to send (``docs/federated.md``, threat
+model): the (masked) weights; a fixed *weight* decided before the run
+(:attr:`SitePlan.weight`, never the count of records used); the site's name; and this
+run's epsilon, a function of the run's public settings. The training loss and the
+counts of records stay in the site's own ledger. Evaluation sends, for ``record``
+privacy and at the final round only, noisy counts of correct predictions and of records,
+charged to the held-out subjects; for ``site`` privacy nothing; without privacy, the
+exact figures (nothing is claimed).
 
-Threat model (see ``docs/federated.md``): ``record`` protects every record from
-everyone outside the site, including an aggregator that sees individual updates;
-``site`` protects a whole site's contribution but trusts the aggregator to add the
-noise; secure aggregation hides individual updates from the aggregator (honest but
-curious, with fewer than the reconstruction threshold of colluding sites).
+The DP-SGD noise multiplier, sample rate and steps of a run are fixed by the site on the
+run's first round (for the run's epsilon over its planned rounds) and kept in its
+workspace: every round of the run is the same event, whatever the later exclusions.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +42,39 @@ import torch
 from flwr.client import NumPyClient
 
 from insitu._atomic import atomic_write_text
-from insitu.data import DataSchema, SiteDataset
+from insitu.data import DataSchema, SiteDataset, TrainingData
+from insitu.errors import BudgetExceededError, FederationError
 from insitu.federated._config import FederationConfig
 from insitu.federated._local import evaluate, planned_event, train
-from insitu.federated._models import (
-    ModelFn,
-    build_model,
-    get_weights,
-    set_weights,
-    weights_digest,
-)
-from insitu.privacy import PrivacyEvent, SiteBudget, calibrate_noise
+from insitu.federated._models import ModelFn, build_model, get_weights, set_weights
+from insitu.privacy import PrivacyEvent, SecureRandom, SubjectBudget, calibrate_noise
 from insitu.workspace import Workspace
 
-__all__ = ["SiteClient", "SitePlan", "prepare_site_data", "site_budget"]
+__all__ = [
+    "RunEvents",
+    "SiteClient",
+    "SitePlan",
+    "SiteRoundError",
+    "evaluation_noise",
+    "prepare_site_data",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Evaluation releases two counts (correct predictions, records): L2 sensitivity sqrt(2).
+EVALUATION_SENSITIVITY = math.sqrt(2.0)
+
+
+class SiteRoundError(FederationError):
+    """A site did not contribute to a round; the message says which site and why.
+
+    The coordinator reads ``[site NAME: REASON]`` at the start of the message Flower
+    carries back (reason ``budget`` or ``error``); nothing else about the site is in it.
+    """
+
+    def __init__(self, site: str, reason: str, detail: str) -> None:
+        super().__init__(f"[site {site}: {reason}] {detail}")
+        self.site, self.reason = site, reason
 
 
 @dataclass(frozen=True)
@@ -71,19 +91,47 @@ class SitePlan:
     config: FederationConfig
     site_noise_multiplier: float = 0.0
     model_fn: ModelFn | None = None
+    #: The site's weight in the weighted mean, fixed before the run (simulation: the
+    #: planned size of its part; deployment: what the operator declares, 1 by default).
+    #: Sent instead of the number of records a round used, which would be a count
+    #: released without noise. Site-level privacy always weighs sites equally.
+    weight: int = 1
     #: Fault injection for tests of dropouts and poisoning: "raise:ROUND", "exit:ROUND"
     #: (the process dies mid-round) or "scale:FACTOR" (a poisoned, scaled update).
     fault: str = ""
 
 
+@dataclass(frozen=True)
+class RunEvents:
+    """The privacy events of one run at one site, fixed on its first round."""
+
+    training: PrivacyEvent
+    rows_planned: int
+
+    def to_json(self) -> dict[str, Any]:
+        """As kept in ``runs/<run>.json``."""
+        return {**self.training.to_json(), "rows_planned": self.rows_planned}
+
+
 def prepare_site_data(
-    ws: Workspace, frame: pd.DataFrame, schema: DataSchema, *, is_test: np.ndarray, source: str
+    ws: Workspace,
+    frame: pd.DataFrame,
+    schema: DataSchema,
+    *,
+    test_fraction: float,
+    source: str,
 ) -> tuple[Path, Path]:
     """Prepare and seal a site's training and held-out records; returns their directories.
 
+    The held-out records are chosen by their subject (a keyed hash with this site's
+    secret), so the same people are held out whatever the file is called or its order.
     k=1: the prepared records never leave the site; k-anonymity is a property of
     releases ('insitu data prepare'), not of local training.
     """
+    from insitu.data import Pseudonymizer, subject_tokens, token_uniform
+
+    tokens = subject_tokens(frame, schema, Pseudonymizer(ws.secret("pseudonym")))
+    is_test = token_uniform(tokens, part=0) < test_fraction
     base = ws.home / "prepared" / schema.name
     for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):
         SiteDataset.from_frame(
@@ -97,14 +145,13 @@ def prepare_site_data(
     return (base / "train").absolute(), (base / "test").absolute()
 
 
-def site_budget(ws: Workspace, ledger: Any, dataset: str) -> SiteBudget:
-    """The budget of ``dataset`` at the site of ``ws``, as configured there."""
-    return SiteBudget(
-        ledger,
-        dataset,
-        epsilon_budget=float(ws.config.get("privacy", "epsilon_budget")),
-        delta=float(ws.config.get("privacy", "delta")),
-        lock=ws.home / "privacy.lock",
+def evaluation_noise(config: FederationConfig) -> float:
+    """Noise multiplier of the final evaluation's release (one Gaussian mechanism)."""
+    return calibrate_noise(
+        target_epsilon=config.evaluation_epsilon,
+        delta=config.delta,
+        sample_rate=1.0,
+        steps=1,
     )
 
 
@@ -125,12 +172,14 @@ class SiteClient(NumPyClient):
         set_weights(model, parameters)
         return model
 
-    def _record_noise(self, ws: Workspace, rows: int) -> float:
-        """The run's DP-SGD noise multiplier at this site (calibrated once per run)."""
+    def _run_events(self, ws: Workspace, rows: int) -> RunEvents:
+        """The run's DP-SGD event at this site (fixed on the run's first round)."""
         cfg = self.plan.config
         path = ws.home / "runs" / f"{self.plan.run_id}.json"
         if path.exists():
-            return float(json.loads(path.read_text())["noise_multiplier"])
+            kept = json.loads(path.read_text())
+            event = PrivacyEvent(kept["noise_multiplier"], kept["sample_rate"], kept["steps"])
+            return RunEvents(event, int(kept["rows_planned"]))
         one_round = planned_event(
             rows=rows, batch_size=cfg.batch_size, epochs=cfg.local_epochs, noise_multiplier=1.0
         )
@@ -140,47 +189,68 @@ class SiteClient(NumPyClient):
             sample_rate=one_round.sample_rate,
             steps=one_round.steps * cfg.rounds,
         )
+        events = RunEvents(PrivacyEvent(sigma, one_round.sample_rate, one_round.steps), rows)
         path.parent.mkdir(exist_ok=True)
-        atomic_write_text(path, json.dumps({"noise_multiplier": sigma, "rows": rows}) + "\n")
-        return sigma
+        atomic_write_text(path, json.dumps(events.to_json()) + "\n")
+        return events
+
+    def _round_event(self, ws: Workspace, rows: int) -> PrivacyEvent | None:
+        cfg = self.plan.config
+        if cfg.privacy == "record":
+            return self._run_events(ws, rows).training
+        if cfg.privacy == "site":
+            # The aggregator's Gaussian mechanism on this site's clipped update, once a
+            # round (every site takes part in every round: sample rate 1).
+            return PrivacyEvent(self.plan.site_noise_multiplier, 1.0, 1)
+        return None
 
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Train one round locally; see the module docstring."""
-        cfg, plan = self.plan.config, self.plan
         round_number = int(config.get("round", 0))
+        try:
+            return self._fit(parameters, round_number)
+        except BudgetExceededError as exc:
+            raise SiteRoundError(self.plan.site, "budget", str(exc)) from exc
+        except SiteRoundError:
+            raise
+        except Exception as exc:
+            raise SiteRoundError(self.plan.site, "error", f"{type(exc).__name__}: {exc}") from exc
+
+    def _charge(
+        self, ws: Workspace, data: TrainingData, event: PrivacyEvent, *, round_number: int
+    ) -> tuple[TrainingData, float, float]:
+        """Charge ``event`` to the round's subjects; the admitted data and the epsilons."""
+        cfg, plan = self.plan.config, self.plan
+        with ws.ledger() as ledger:
+            charge = SubjectBudget.for_workspace(ws, ledger).charge(
+                data.subject_keys,
+                event,
+                mechanism="dp-sgd" if cfg.privacy == "record" else "dp-fedavg",
+                run=plan.run_id,
+                round=round_number,
+                dataset=plan.dataset,
+            )
+        return (
+            data.admitted(charge.admission.admitted),
+            charge.epsilon_run,
+            charge.epsilon_max_after,
+        )
+
+    def _fit(
+        self, parameters: list[np.ndarray], round_number: int
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        cfg, plan = self.plan.config, self.plan
         ws = Workspace.open(plan.home)
         data = SiteDataset.open(ws, plan.train_dir).for_round(round_number=round_number)
         model = self._model(parameters)
-        event: PrivacyEvent | None = None
-        epsilon = 0.0
-        with ws.ledger() as ledger:
-            if cfg.privacy == "record":
-                sigma = self._record_noise(ws, max(data.rows, 1))
-                event = planned_event(
-                    rows=max(data.rows, 1),
-                    batch_size=cfg.batch_size,
-                    epochs=cfg.local_epochs,
-                    noise_multiplier=sigma,
-                )
-            elif cfg.privacy == "site":
-                # The server's Gaussian mechanism on this site's clipped update, once a round
-                # (every site is sampled every round: sample rate 1).
-                site_event = PrivacyEvent(plan.site_noise_multiplier, 1.0, 1)
-            budget_event = (
-                event
-                if cfg.privacy == "record"
-                else (site_event if cfg.privacy == "site" else None)
+        event = self._round_event(ws, max(data.rows, 1))
+        epsilon_run = epsilon_spent = 0.0
+        if event is not None:
+            data, epsilon_run, epsilon_spent = self._charge(
+                ws, data, event, round_number=round_number
             )
-            if budget_event is not None:
-                charge = site_budget(ws, ledger, plan.dataset).charge(
-                    budget_event,
-                    run=plan.run_id,
-                    round=round_number,
-                    mechanism=f"{cfg.privacy}-level",
-                )
-                epsilon = charge.epsilon_after
         result = train(
             model,
             data.features,
@@ -188,7 +258,7 @@ class SiteClient(NumPyClient):
             epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
-            event=event,
+            event=event if cfg.privacy == "record" else None,
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed * 1000 + round_number,
         )
@@ -200,19 +270,17 @@ class SiteClient(NumPyClient):
                 round=round_number,
                 rows=data.rows,
                 excluded_without_consent=data.excluded_without_consent,
+                excluded_beyond_one_per_subject=data.excluded_beyond_one_per_subject,
+                excluded_over_budget=data.excluded_over_budget,
                 steps=result.steps,
                 loss=round(result.loss, 6),
                 privacy=cfg.privacy,
-                epsilon_spent_total=round(epsilon, 6),
+                epsilon_run=round(epsilon_run, 6),
+                epsilon_spent_max=round(epsilon_spent, 6),
             )
         weights = self._inject_fault(round_number, parameters, weights)
-        metrics = {
-            "site": plan.site,
-            "epsilon": epsilon,
-            "loss": result.loss,
-            "update_digest": weights_digest(weights)[:16],
-        }
-        return weights, result.examples, metrics
+        weight = 1 if cfg.privacy == "site" else plan.weight
+        return weights, weight, {"site": plan.site, "epsilon_run": round(epsilon_run, 6)}
 
     def _inject_fault(
         self, round_number: int, start: list[np.ndarray], weights: list[np.ndarray]
@@ -230,10 +298,34 @@ class SiteClient(NumPyClient):
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Any]]:
-        """Loss and accuracy of the global model on this site's held-out records."""
-        ws = Workspace.open(self.plan.home)
-        data = SiteDataset.open(ws, self.plan.test_dir).for_round(
-            role="evaluation", round_number=int(config.get("round", 0))
+        """The global model on this site's held-out records; see the module docstring."""
+        cfg, plan = self.plan.config, self.plan
+        round_number = int(config.get("round", 0))
+        ws = Workspace.open(plan.home)
+        data = SiteDataset.open(ws, plan.test_dir).for_round(
+            role="evaluation", round_number=round_number
         )
-        loss, accuracy = evaluate(self._model(parameters), data.features, data.labels)
-        return loss, data.rows, {"accuracy": accuracy}
+        if cfg.privacy == "none":
+            loss, accuracy = evaluate(self._model(parameters), data.features, data.labels)
+            return loss, data.rows, {"correct": accuracy * data.rows, "count": data.rows}
+        if cfg.privacy == "site":
+            raise SiteRoundError(plan.site, "error", "site-level privacy releases no evaluation")
+        sigma = evaluation_noise(cfg)
+        try:
+            with ws.ledger() as ledger:
+                charge = SubjectBudget.for_workspace(ws, ledger).charge(
+                    data.subject_keys,
+                    PrivacyEvent(sigma, 1.0, 1),
+                    mechanism="evaluation",
+                    run=plan.run_id,
+                    round=round_number,
+                    dataset=plan.dataset,
+                )
+        except BudgetExceededError as exc:
+            raise SiteRoundError(plan.site, "budget", str(exc)) from exc
+        data = data.admitted(charge.admission.admitted)
+        _, accuracy = evaluate(self._model(parameters), data.features, data.labels)
+        noise = SecureRandom().normal((2,), std=sigma * EVALUATION_SENSITIVITY)
+        correct = accuracy * data.rows + float(noise[0])
+        count = data.rows + float(noise[1])
+        return 0.0, plan.weight, {"correct": correct, "count": count}

@@ -9,10 +9,11 @@
    part; an empty or one-class part is refused (:class:`UnusableSplitError`);
 4. the ONNX model is rebuilt as a PyTorch module (``_rebuild``, checked equal to ONNX
    Runtime's outputs) and all but its last ``layers`` linear layers are frozen;
-5. the DP-SGD event (Opacus, as in federated training: ``federated._local.train``) is
-   calibrated for ``epsilon`` and *charged to the site's budget for the data set before
-   training*, the same enforced budget federated rounds spend: a charge that would
-   exceed it raises :class:`BudgetExceededError` and is recorded
+5. the DP-SGD event (Opacus with secret noise, as in federated training:
+   ``federated._local.train``) is calibrated for ``epsilon`` and *charged to the
+   subjects of the training records before training*, the same per-subject budget
+   federated rounds spend: subjects it no longer fits are left out, and when none
+   remain :class:`BudgetExceededError` is raised and recorded
    (``privacy.budget_refused``);
 6. the fine-tuned model is exported to ONNX and both it and the installed version are
    scored by ONNX Runtime on the held-out part; only a *strictly* better one is bundled
@@ -189,9 +190,8 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     """
     from insitu.federated._local import planned_event, train
     from insitu.federated._models import export_onnx, get_weights
-    from insitu.federated._site_app import site_budget
     from insitu.finetune._rebuild import rebuild_sequential
-    from insitu.privacy import calibrate_noise
+    from insitu.privacy import SubjectBudget, calibrate_noise
     from insitu.update import UpdateClient
 
     stage = on_stage or (lambda _: None)
@@ -246,9 +246,17 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     )
     event = planned_event(rows=rows, batch_size=batch_size, epochs=epochs, noise_multiplier=sigma)
     with workspace.ledger() as ledger:
-        charge = site_budget(workspace, ledger, schema.name).charge(
-            event, mechanism="finetune", model=model, base_version=card.version
+        charge = SubjectBudget.for_workspace(workspace, ledger).charge(
+            local.subject_keys[train_idx],
+            event,
+            mechanism="finetune",
+            model=model,
+            base_version=card.version,
+            dataset=schema.name,
         )
+    admitted = charge.admission.admitted
+    x_train, y_train = x_train[admitted], y_train[admitted]
+    rows = len(y_train)
 
     stage(f"DP-SGD on {rows} records")
     train(
@@ -260,7 +268,6 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         learning_rate=learning_rate,
         event=event,
         max_grad_norm=max_grad_norm,
-        seed=seed,
     )
     stage("evaluating on the held-out split")
     candidate = export_onnx(torch_model, local.features.shape[1])
@@ -273,7 +280,8 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         "rows_train": rows,
         "rows_holdout": len(y_held),
         "epsilon": epsilon,
-        "epsilon_spent_total": round(charge.epsilon_after, 6),
+        "epsilon_spent_total": round(charge.epsilon_max_after, 6),
+        "excluded_over_budget": charge.admission.excluded_over_budget,
         "noise_multiplier": sigma,
         "layers": layers,
     }
@@ -287,7 +295,7 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         rows_train=rows,
         rows_holdout=len(y_held),
         epsilon=epsilon,
-        epsilon_spent_total=charge.epsilon_after,
+        epsilon_spent_total=charge.epsilon_max_after,
         epsilon_budget=charge.budget,
         noise_multiplier=sigma,
         weights=None,
@@ -321,7 +329,7 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         metrics={**card.metrics, "local_holdout_accuracy": round(accuracy_after, 4)},
         # Per record: the federation's epsilon for other sites' records; this site's
         # records have now spent its composed total.
-        epsilon=max(base_eps, charge.epsilon_after),
+        epsilon=max(base_eps, charge.epsilon_max_after),
         delta=max(float(card.privacy["delta"]) if card.privacy else 0.0, delta),
         data_schema_sha256=schema.digest(),
         description=f"Local fine-tune of {model} {card.version} (last {layers} layer(s), "

@@ -1,8 +1,35 @@
-"""Privacy accounting and the per-site privacy budgets that sites enforce themselves."""
+"""Privacy accounting, secret randomness, and the per-subject budgets sites enforce themselves."""
 
 from __future__ import annotations
 
-from insitu.privacy._accountant import PrivacyEvent, calibrate_noise, epsilon_of
-from insitu.privacy._budget import BudgetCharge, SiteBudget
+from insitu.privacy._accountant import (
+    PrivacyEvent,
+    calibrate_noise,
+    epsilon_of,
+    rdp_epsilon_of,
+    within_budget,
+)
+from insitu.privacy._budget import (
+    REFUSED,
+    SPENT,
+    Admission,
+    BudgetCharge,
+    SubjectBudget,
+    as_keys,
+)
+from insitu.privacy._noise import SecureRandom
 
-__all__ = ["BudgetCharge", "PrivacyEvent", "SiteBudget", "calibrate_noise", "epsilon_of"]
+__all__ = [
+    "REFUSED",
+    "SPENT",
+    "Admission",
+    "BudgetCharge",
+    "PrivacyEvent",
+    "SecureRandom",
+    "SubjectBudget",
+    "as_keys",
+    "calibrate_noise",
+    "epsilon_of",
+    "rdp_epsilon_of",
+    "within_budget",
+]

@@ -1,124 +1,397 @@
-"""A site's privacy budget per data set, enforced by the site itself, across all runs.
+"""Privacy spent per data subject at one site, enforced by the site itself, across all uses.
 
-The budget is derived from the site's own ledger: every private round a site takes part
-in is a ``privacy.spent`` entry (noise multiplier, sample rate, steps) for a data set, and
-the epsilon spent is the RDP composition of *all* of them, whichever run, federation or
-fine-tuning they came from. Before a round, the site charges the round's event; if the
-composition would pass the budget, it refuses (:class:`BudgetExceededError`) and records
-a ``privacy.budget_refused`` entry instead. Nothing outside the site can spend its budget,
-and deleting the record of spending breaks the ledger's hash chain.
+A budget bound to a file or data-set name resets when the name changes; a budget bound
+to the *people* does not. Every private use of records at a site (a federated round, a
+fine-tune, a drift release, an evaluation) charges a :class:`~insitu.privacy.PrivacyEvent`
+to the set of subjects whose records it used, its *cohort*. A subject's privacy spent is
+the PLD composition of every event whose cohort holds it, whichever run, data set,
+file name or API produced it. Subjects are 64-bit keys the data layer derives with the
+site's secret: the pseudonym of the schema's subject column or, without one, a keyed
+fingerprint of the row's content (``insitu.data``); nothing here sees an identifier.
 
-Invariant (held under a per-workspace file lock, so concurrent trainings at one site
-cannot both pass the check): the epsilon of the recorded events for a data set never
-exceeds its budget.
+Invariants (the charge is one critical section under a per-site file lock, so two
+trainings at one site cannot both pass the check):
 
-The charge happens *before* local training, for the steps planned: a round that then
-fails has still spent its budget (conservative, and the only safe order).
+* after any sequence of charges, every subject's composed epsilon is at most the
+  site's budget: a use admits only the subjects the event still fits
+  (:meth:`SubjectBudget.admit`) and is refused outright when none remain;
+* the ledger is the source of truth. A ``privacy.spent`` entry records the event and
+  the SHA-256 of its cohort, whose sorted keys are kept in ``privacy/cohorts/<sha256>``
+  (written before the entry, atomically). A cohort file that is missing or altered
+  makes every later charge fail (:class:`~insitu.errors.BudgetEvidenceError`) rather
+  than forget what was spent;
+* ``privacy/index.npz`` (subject -> history) is a cache of the ledger, authenticated
+  with a site key and tied to the last entry it covers; when it does not verify or lags
+  behind, it is rebuilt or brought forward from the ledger, never trusted.
+
+The charge happens *before* the records are used, for the steps planned: a use that then
+fails has still spent (conservative, and the only safe order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
+import hmac
+import io
+import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from insitu.audit import Ledger
-from insitu.errors import BudgetExceededError
-from insitu.privacy._accountant import PrivacyEvent, epsilon_of
+import numpy as np
 
-__all__ = ["BudgetCharge", "SiteBudget"]
+from insitu._atomic import atomic_write_bytes
+from insitu.errors import BudgetEvidenceError, BudgetExceededError
+from insitu.privacy._accountant import PrivacyEvent, epsilon_of, within_budget
+
+if TYPE_CHECKING:
+    from insitu.audit import Ledger
+    from insitu.workspace import Workspace
+
+__all__ = ["REFUSED", "SPENT", "Admission", "BudgetCharge", "SubjectBudget", "as_keys"]
 
 logger = logging.getLogger(__name__)
 
 SPENT = "privacy.spent"
 REFUSED = "privacy.budget_refused"
+_INDEX_FORMAT = 1
 
 
-@dataclass(frozen=True, slots=True)
+def as_keys(keys: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Subject keys as a sorted array of distinct unsigned 64-bit integers."""
+    return np.unique(np.asarray(keys, dtype=np.uint64))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Which of the candidate subjects an event still fits, and what it would cost them."""
+
+    event: PrivacyEvent
+    admitted: np.ndarray = field(repr=False)  # bool, aligned with the candidates given
+    excluded_over_budget: int
+    epsilon_max_after: float  # the most any admitted subject would have spent in total
+
+    @property
+    def subjects(self) -> int:
+        """How many subjects are admitted."""
+        return int(self.admitted.sum())
+
+
+@dataclass(frozen=True)
 class BudgetCharge:
-    """A successful charge: epsilon spent before and after, and the budget."""
+    """A recorded charge: what was spent, on how many subjects, and the budget."""
 
-    epsilon_before: float
-    epsilon_after: float
+    seq: int
+    admission: Admission
+    epsilon_run: float  # this run's events composed, for a subject in all of them
     budget: float
     delta: float
 
+    @property
+    def epsilon_max_after(self) -> float:
+        """The most any charged subject has now spent at this site."""
+        return self.admission.epsilon_max_after
 
-class SiteBudget:
-    """The privacy budget of one data set at one site (see the module docstring)."""
+
+@dataclass
+class _Index:
+    """Subject -> history, where a history is the list of charges its subject was in."""
+
+    keys: np.ndarray  # sorted uint64
+    hist: np.ndarray  # int64 history id per key
+    charges: list[tuple[int, PrivacyEvent, str]]  # (ledger seq, event, run)
+    histories: list[tuple[int, ...]]  # history id -> charge indices; 0 is the empty one
+    seq: int = 0  # last ledger entry applied
+    entry_hash: str = ""
+
+    @classmethod
+    def empty(cls) -> _Index:
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), [], [()])
+
+    def events(self, history: int) -> list[PrivacyEvent]:
+        return [self.charges[i][1] for i in self.histories[history]]
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """History id of each key (0 for subjects never charged)."""
+        if not len(self.keys):
+            return np.zeros(len(keys), np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[pos] == keys, self.hist[pos], 0)
+
+    def apply(
+        self, seq: int, entry_hash: str, event: PrivacyEvent, run: str, cohort: np.ndarray
+    ) -> None:
+        charge = len(self.charges)
+        self.charges.append((seq, event, run))
+        merged = np.union1d(self.keys, cohort)
+        hist = np.zeros(len(merged), np.int64)
+        hist[np.searchsorted(merged, self.keys)] = self.hist
+        members = np.searchsorted(merged, cohort)
+        old, inverse = np.unique(hist[members], return_inverse=True)
+        new_ids = np.empty(len(old), np.int64)
+        known = {h: i for i, h in enumerate(self.histories)}
+        for j, h in enumerate(old.tolist()):
+            grown = (*self.histories[h], charge)
+            if grown not in known:
+                known[grown] = len(self.histories)
+                self.histories.append(grown)
+            new_ids[j] = known[grown]
+        hist[members] = new_ids[inverse]
+        self.keys, self.hist = merged, hist
+        self.seq, self.entry_hash = seq, entry_hash
+
+
+class SubjectBudget:
+    """The privacy budget of every data subject at one site (see the module docstring)."""
 
     def __init__(
-        self, ledger: Ledger, dataset: str, *, epsilon_budget: float, delta: float, lock: Path
+        self,
+        ledger: Ledger,
+        store: Path,
+        *,
+        epsilon_budget: float,
+        delta: float,
+        mac_key: bytes,
     ) -> None:
         if epsilon_budget <= 0 or not 0 < delta < 1:
             raise ValueError("a budget needs epsilon > 0 and 0 < delta < 1")
         self._ledger = ledger
-        self.dataset = dataset
+        self._store = store
         self.epsilon_budget = epsilon_budget
         self.delta = delta
-        self._lock = lock
+        self._mac_key = mac_key
 
-    def events(self) -> list[PrivacyEvent]:
-        """Every private event charged to this data set, oldest first."""
-        return [
-            PrivacyEvent(p["noise_multiplier"], p["sample_rate"], p["steps"])
-            for p in (e.payload for e in self._ledger.entries(event_type=SPENT))
-            if p.get("dataset") == self.dataset
-        ]
+    @classmethod
+    def for_workspace(cls, workspace: Workspace, ledger: Ledger) -> SubjectBudget:
+        """The budget of the site of ``workspace``, as configured there."""
+        return cls(
+            ledger,
+            workspace.home / "privacy",
+            epsilon_budget=float(workspace.config.get("privacy", "epsilon_budget")),
+            delta=float(workspace.config.get("privacy", "delta")),
+            mac_key=workspace.secret("data"),
+        )
 
-    def spent(self) -> float:
-        """Epsilon spent so far on this data set, at this budget's delta."""
-        return epsilon_of(self.events(), delta=self.delta)
+    # -- reading -------------------------------------------------------------------
+
+    def _cohort_path(self, digest: str) -> Path:
+        return self._store / "cohorts" / digest
+
+    def _load_cohort(self, digest: str, seq: int) -> np.ndarray:
+        path = self._cohort_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BudgetEvidenceError(
+                f"{path} is missing: ledger entry {seq} charged privacy to the subjects it "
+                "lists. Restore it from a backup of the site; until then no private use can "
+                "be admitted"
+            ) from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BudgetEvidenceError(
+                f"{path} was altered (its SHA-256 is not the one ledger entry {seq} recorded); "
+                "restore it from a backup of the site"
+            )
+        return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+    def _spent_entries(self, after: int = 0) -> list[Any]:
+        return [e for e in self._ledger.entries(event_type=SPENT) if e.seq > after]
+
+    def _index(self) -> _Index:
+        index = self._load_index()
+        if index is not None:
+            entry = self._ledger.get(index.seq) if index.seq else None
+            if index.seq and (entry is None or entry.hash.hex() != index.entry_hash):
+                index = None  # the cache does not describe this ledger
+        if index is None:
+            index = _Index.empty()
+        fresh = self._spent_entries(after=index.seq)
+        for entry in fresh:
+            payload = entry.payload
+            event = PrivacyEvent(
+                payload["noise_multiplier"], payload["sample_rate"], payload["steps"]
+            )
+            cohort = self._load_cohort(payload["cohort_sha256"], entry.seq)
+            index.apply(entry.seq, entry.hash.hex(), event, str(payload.get("run", "")), cohort)
+        if fresh:
+            with contextlib.suppress(OSError):  # a cache: the ledger already holds the truth
+                self._save_index(index)
+        return index
+
+    def _load_index(self) -> _Index | None:
+        path, mac_path = self._store / "index.npz", self._store / "index.mac"
+        try:
+            data, mac = path.read_bytes(), mac_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        expected = hmac.new(self._mac_key, data, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, mac):
+            logger.warning("%s does not verify; rebuilding it from the ledger", path)
+            return None
+        try:
+            with np.load(io.BytesIO(data)) as archive:
+                meta = json.loads(bytes(archive["meta"]).decode("utf-8"))
+                keys, hist = archive["keys"].astype(np.uint64), archive["hist"].astype(np.int64)
+            if meta["format"] != _INDEX_FORMAT:
+                return None
+            return _Index(
+                keys,
+                hist,
+                [(s, PrivacyEvent(n, q, t), r) for s, n, q, t, r in meta["charges"]],
+                [tuple(h) for h in meta["histories"]],
+                int(meta["seq"]),
+                str(meta["entry_hash"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s is unreadable (%s); rebuilding it from the ledger", path, exc)
+            return None
+
+    def _save_index(self, index: _Index) -> None:
+        meta = {
+            "format": _INDEX_FORMAT,
+            "seq": index.seq,
+            "entry_hash": index.entry_hash,
+            "charges": [
+                [s, e.noise_multiplier, e.sample_rate, e.steps, r] for s, e, r in index.charges
+            ],
+            "histories": [list(h) for h in index.histories],
+        }
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            keys=index.keys,
+            hist=index.hist,
+            meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
+        )
+        data = buffer.getvalue()
+        self._store.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._store / "index.npz", data, mode=0o600)
+        mac = hmac.new(self._mac_key, data, hashlib.sha256).digest()
+        atomic_write_bytes(self._store / "index.mac", mac, mode=0o600)
+
+    def spent(self, keys: np.ndarray | Sequence[int] | None = None) -> float:
+        """The most any of ``keys`` (default: any subject at this site) has spent."""
+        index = self._index()
+        histories = (
+            set(index.hist.tolist())
+            if keys is None
+            else set(index.lookup(np.asarray(keys, np.uint64)).tolist())
+        )
+        return max((epsilon_of(index.events(h), delta=self.delta) for h in histories), default=0.0)
+
+    def subjects(self) -> int:
+        """How many subjects have been charged at this site."""
+        return len(self._index().keys)
+
+    # -- admitting and charging ---------------------------------------------------
+
+    def _admit(self, index: _Index, keys: np.ndarray, event: PrivacyEvent) -> Admission:
+        histories = index.lookup(keys)
+        admitted = np.zeros(len(keys), dtype=bool)
+        worst = 0.0
+        for history in np.unique(histories).tolist():
+            events = [*index.events(history), event]
+            if within_budget(events, delta=self.delta, budget=self.epsilon_budget):
+                admitted |= histories == history
+                worst = max(worst, epsilon_of(events, delta=self.delta))
+        return Admission(event, admitted, int((~admitted).sum()), worst)
+
+    def admit(self, keys: np.ndarray | Sequence[int], event: PrivacyEvent) -> Admission:
+        """Which of ``keys`` (one per record a use would take) ``event`` still fits."""
+        return self._admit(self._index(), np.asarray(keys, np.uint64), event)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self._lock.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock.open("a") as handle:
+        self._store.mkdir(parents=True, exist_ok=True)
+        with (self._store / "budget.lock").open("a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def charge(self, event: PrivacyEvent, **context: Any) -> BudgetCharge:
-        """Spend ``event`` on this data set, or refuse and record the refusal.
+    def charge(
+        self,
+        keys: np.ndarray | Sequence[int],
+        event: PrivacyEvent,
+        *,
+        mechanism: str,
+        run: str = "",
+        **context: Any,
+    ) -> BudgetCharge:
+        """Spend ``event`` on the subjects of ``keys`` it still fits; record it.
 
-        ``context`` (run id, round number...) is recorded with the entry.
+        ``context`` (round number, data set, model...) is recorded with the entry; it
+        must not hold personal data (the ledger refuses values that look like it).
 
         Raises:
-            BudgetExceededError: the event would take the data set past its budget.
+            BudgetExceededError: no subject has budget left for ``event`` (recorded as
+                ``privacy.budget_refused``; nothing is spent).
+            BudgetEvidenceError: the record of earlier spending is incomplete.
 
         """
+        keys = np.asarray(keys, np.uint64)
         with self._locked():
-            prior = self.events()
-            before = epsilon_of(prior, delta=self.delta)
-            after = epsilon_of([*prior, event], delta=self.delta)
+            index = self._index()
+            admission = self._admit(index, keys, event)
             common = {
-                "dataset": self.dataset,
-                "budget_epsilon": self.epsilon_budget,
+                "mechanism": mechanism,
+                "run": run,
+                **event.to_json(),
                 "delta": self.delta,
-                "noise_multiplier": event.noise_multiplier,
-                "sample_rate": event.sample_rate,
-                "steps": event.steps,
+                "budget_epsilon": self.epsilon_budget,
+                "candidates": len(keys),
+                "excluded_over_budget": admission.excluded_over_budget,
                 **context,
             }
-            if after > self.epsilon_budget:
-                self._ledger.record(REFUSED, epsilon_spent=before, epsilon_would_be=after, **common)
+            if not admission.subjects:
+                self._ledger.record(REFUSED, spent_max=self._max_spent(index), **common)
                 raise BudgetExceededError(
-                    f"data set {self.dataset!r} has spent epsilon {before:.3f} of its budget "
-                    f"{self.epsilon_budget}; this round would bring it to {after:.3f}: refused. "
-                    "Raise the site's privacy.epsilon_budget only if your DPO agrees"
+                    f"none of the {len(keys)} subjects has privacy budget left for this "
+                    f"{mechanism} (budget epsilon {self.epsilon_budget} per subject at this "
+                    "site): refused. Raise privacy.epsilon_budget only if your DPO agrees"
                 )
-            self._ledger.record(SPENT, epsilon_before=before, epsilon_after=after, **common)
+            cohort = as_keys(keys[admission.admitted])
+            digest = self._write_cohort(cohort)
+            run_events = [e for _, e, r in index.charges if run and r == run]
+            epsilon_run = epsilon_of([*run_events, event], delta=self.delta)
+            entry = self._ledger.record(
+                SPENT,
+                cohort_sha256=digest,
+                subjects=len(cohort),
+                epsilon_run=epsilon_run,
+                epsilon_max_after=admission.epsilon_max_after,
+                **common,
+            )
+            index.apply(entry.seq, entry.hash.hex(), event, run, cohort)
+            with contextlib.suppress(OSError):
+                self._save_index(index)
         logger.info(
-            "dataset %s: epsilon %.3f -> %.3f of %.3f",
-            self.dataset,
-            before,
-            after,
+            "%s: %d subjects charged (%d over budget left out); at most epsilon %.3f of %.3f",
+            mechanism,
+            len(cohort),
+            admission.excluded_over_budget,
+            admission.epsilon_max_after,
             self.epsilon_budget,
         )
-        return BudgetCharge(before, after, self.epsilon_budget, self.delta)
+        return BudgetCharge(entry.seq, admission, epsilon_run, self.epsilon_budget, self.delta)
+
+    def _write_cohort(self, cohort: np.ndarray) -> str:
+        data = cohort.astype("<u8").tobytes()
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._cohort_path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data, mode=0o600)
+        return digest
+
+    def _max_spent(self, index: _Index) -> float:
+        return max(
+            (epsilon_of(index.events(h), delta=self.delta) for h in set(index.hist.tolist())),
+            default=0.0,
+        )
