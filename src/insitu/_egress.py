@@ -16,7 +16,9 @@ classifies every record of it:
 
 Each reply is one ``federation.egress`` entry in the *site's* ledger (the site is the
 witness of its own boundary): run, round, message type, SecAgg+ stage, bytes in and
-out, bytes by kind. The compliance report (``insitu.report``) sums them per site.
+out, bytes by kind, and every metric it sent with its value (``metrics_sent``: names
+and numbers, never arrays), so that what a site released can be read back, figure by
+figure. The compliance report (``insitu.report``) sums them per site.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EGRESS_EVENT", "KINDS", "EgressSite", "classify_reply", "egress_mod"]
+__all__ = [
+    "EGRESS_EVENT",
+    "KINDS",
+    "EgressSite",
+    "classify_reply",
+    "egress_mod",
+    "metrics_sent",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,22 @@ def _is_metric(value: Any) -> bool:
     if isinstance(value, bool | int | float):
         return True
     return isinstance(value, str) and len(value) <= MAX_METRIC_CHARS
+
+
+def metrics_sent(message: Any) -> dict[str, Any]:
+    """Every metric of a reply (``record.key`` -> value), SecAgg+'s protocol excluded."""
+    from flwr.common import ConfigRecord, MetricRecord
+
+    if not message.has_content():
+        return {}
+    sent: dict[str, Any] = {}
+    for name, record in message.content.items():
+        if not isinstance(record, ConfigRecord | MetricRecord) or name == _SECAGG_CONFIGS:
+            continue
+        for key, value in record.items():
+            if _is_metric(value):
+                sent[f"{name}.{key}"] = value
+    return sent
 
 
 def classify_reply(message: Any) -> dict[str, int]:
@@ -125,6 +150,7 @@ def egress_mod(site_of: Callable[[Any], EgressSite]) -> Callable[[Any, Any, Any]
                 stage=stage or None,
                 bytes_in=bytes_in,
                 bytes_out=kinds.pop("total"),
+                metrics_sent=metrics_sent(reply),
                 **{f"{kind}_bytes": value for kind, value in kinds.items()},
             )
         return reply

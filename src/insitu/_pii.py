@@ -4,7 +4,9 @@ Used by the ledger (a payload must never hold personal data) and by the data lay
 (a column declared as a feature that looks like an identifier earns a warning). The
 detectors favour precision over recall where a false alarm would block honest work:
 card numbers must pass the Luhn check, IBANs the ISO 13616 mod-97 check, and digit runs
-inside longer alphanumeric tokens (hex digests, ids) are not taken for card numbers.
+inside longer alphanumeric tokens (hex digests, ids) or on either side of a decimal point
+(the digits of a measurement such as ``0.35484779567118791``) are not taken for card
+numbers: 17 significant digits of a float pass the Luhn check one time in ten.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ __all__ = ["find_personal_data", "luhn_valid"]
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 # International phone numbers only (a leading +): national formats collide with counts.
 _PHONE = re.compile(r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?!\w)")
-# Digit runs inside longer tokens (hex digests, ``p_`` pseudonyms) are not card numbers.
-_CARD = re.compile(r"(?<!\w)(?:\d[ -]?){12,18}\d(?!\w)")
+# Digit runs inside longer tokens (hex digests, ``p_`` pseudonyms) are not card numbers,
+# nor are the digits of a decimal number (``-0.35484779567118791``, ``1234567890123.45``):
+# a run right after ``<digit>.`` or right before ``.<digit>`` is part of one.
+_CARD = re.compile(r"(?<!\w)(?<!\d\.)(?:\d[ -]?){12,18}\d(?!\w)(?!\.\d)")
 _IBAN = re.compile(r"(?<!\w)[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?!\w)")
 
 

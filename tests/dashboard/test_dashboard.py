@@ -16,8 +16,8 @@ import pytest
 from insitu.dashboard import router, site_view
 from insitu.data import FeatureEncoder, read_table
 from insitu.drift import DriftMonitor
-from insitu.federated._site_app import site_budget
 from insitu.finetune import finetune
+from insitu.privacy import SubjectBudget
 from insitu.workspace import Workspace
 from tests.drift.conftest import shift_age
 from tests.finetune._device import NAME, Device, build_device
@@ -47,7 +47,7 @@ def _prepare(device: Device) -> None:
                 failures=0,
                 accuracy=accuracy - 0.01,
                 central_accuracy=accuracy,
-                epsilon_max=epsilon,
+                epsilon_run_max=epsilon,
             )
     monitor = DriftMonitor(ws)
     bundle, session = device.client().session()
@@ -101,7 +101,7 @@ def test_dashboard_in_chromium_is_offline_and_shows_the_ledger_figures(
     token = ws.api_token()
     with ws.ledger() as ledger:
         entries = ledger.verify().entries
-        spent = site_budget(ws, ledger, "adult-income").spent()
+        spent = SubjectBudget.for_workspace(ws, ledger).spent()
     requests: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

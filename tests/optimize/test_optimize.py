@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -62,9 +63,14 @@ def auto_run(tmp_path_factory, adult):
     root = tmp_path_factory.mktemp("auto")
     ws, _ = Workspace.init(root / "ws", name="opt")
     write_model_dir(ws.home / "models" / "run-1", adult)
-    # What the quickstart calls: the newest run of the workspace, quick, recorded.
+    # What the quickstart calls: the newest run of the workspace, quick, recorded, on
+    # calibration records declared public (the quickstart's are the census rows).
     report = optimize_workspace_model(
-        ws, adult.cal_rows, adult.eval_rows, constraints=Constraints(max_accuracy_drop=0.5)
+        ws,
+        adult.cal_rows,
+        adult.eval_rows,
+        constraints=Constraints(max_accuracy_drop=0.5),
+        public_calibration=True,
     )
     return ws, report
 
@@ -110,6 +116,16 @@ def test_auto_writes_the_chosen_model_the_report_the_plot_and_a_ledger_entry(aut
     assert entry.seq == report.ledger_seq
     assert entry.payload["chosen"] == report.chosen
     assert entry.payload["run"] == "run-1"
+    # No federated run in this ledger made run-1's model: nothing to link to.
+    assert entry.payload["source_entry"] is None
+    assert (
+        entry.payload["source_onnx_sha256"]
+        == hashlib.sha256((ws.home / "models" / "run-1" / "model.onnx").read_bytes()).hexdigest()
+    )
+    assert entry.payload["chosen_sha256"] == hashlib.sha256(report.onnx).hexdigest()
+    assert entry.payload["calibration_public"] is True
+    assert entry.payload["calibration_sha256"] == report.provenance["calibration"]["sha256"]
+    assert document["provenance"]["chosen_sha256"] == entry.payload["chosen_sha256"]
 
 
 def test_an_accuracy_bar_nothing_meets_chooses_nothing(adult, tmp_path):
@@ -122,6 +138,7 @@ def test_an_accuracy_bar_nothing_meets_chooses_nothing(adult, tmp_path):
         target="distilled",
         student="mlp:1",
         quick=True,
+        public_calibration=True,
         constraints=Constraints(max_accuracy_drop=0.0, max_size_mb=0.001),
     )
     assert report.chosen is None
@@ -168,6 +185,7 @@ def test_a_torch_export_program_is_loaded_with_its_example_input(digits, tmp_pat
         target="int8-static",
         quick=True,
         constraints=Constraints(max_accuracy_drop=2.0),
+        public_calibration=True,
     )
     assert report.candidate["fp32"].max_abs_diff <= 1e-4
     assert report.chosen == "int8-static"

@@ -171,3 +171,31 @@ def test_a_scikit_learn_pickle_is_refused_unless_allowed_and_then_quantized(
     assert fp32["max_abs_diff"] < 1e-4  # skl2onnx matches scikit-learn's probabilities
     assert report["chosen"] == "int8-dynamic"
     assert onnx.load(tmp_path / "out" / "model.onnx").ir_version <= 10
+
+
+def test_calibration_records_are_learnt_from_only_when_declared_public(
+    capsys, tmp_path, digits_onnx, digits_files
+):
+    cal, ev = digits_files
+    base = [digits_onnx, "--calibration", cal, "--eval", ev, "--quick", "--max-accuracy-drop", "5"]
+    code, _, err = optimize_cli(capsys, *base, "--out", tmp_path / "a", "--target", "int8-static")
+    assert code == 2
+    line = one_line(err)
+    assert "--target int8-static learns from the calibration records" in line
+    assert "--public-calibration" in line
+    assert not (tmp_path / "a").exists()
+    code, stdout, err = optimize_cli(capsys, *base, "--out", tmp_path / "auto")
+    assert code == 0, err
+    assert "not built: int8-static, distilled, distilled+int8-dynamic" in " ".join(stdout.split())
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert {c["name"] for c in report["candidates"] if c["built"]} == {"fp32", "int8-dynamic"}
+    code, stdout, err = optimize_cli(
+        capsys, *base, "--out", tmp_path / "b", "--target", "int8-static", "--public-calibration",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["chosen"] == "int8-static"
+    assert report["provenance"]["calibration"]["public"] is True
+    assert report["provenance"]["calibration"]["digest_of"] == "file"
+    assert report["provenance"]["chosen_learnt_from"].startswith("public calibration data ")

@@ -14,7 +14,7 @@ from insitu.data import DataSchema, FeatureEncoder, Pseudonymizer, prepare, read
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.federated._local import planned_event, train
 from insitu.federated._models import build_model
-from insitu.privacy import calibrate_noise
+from insitu.privacy import SecureRandom, calibrate_noise
 
 #: 300 members (small: the non-private model memorizes them), 1000 non-members (enough to
 #: read a TPR at 1% FPR from 10 false positives).
@@ -109,3 +109,27 @@ def overfit_model(adult: AdultSplit) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def dp_model(adult: AdultSplit) -> torch.nn.Module:
     return train_target(adult, epsilon=1.0)
+
+
+class SeededRandom(SecureRandom):
+    """The predictable-noise bug, for audits: sampling and noise replayed from a seed.
+
+    An earlier insitu drew DP noise from ``torch.manual_seed(cfg.seed)``; whoever reads
+    the published seed replays the draws. Here the uniform (hence Bernoulli) draws and
+    the Gaussian draws come from two NumPy generators seeded with ``seed`` and
+    ``seed + 1``: nothing is keyed from the OS.
+    """
+
+    def __init__(self, seed: int) -> None:
+        # Deliberately no SecureRandom.__init__: no OS key, only the published seed.
+        self._uniforms = np.random.default_rng(seed)
+        self._normals = np.random.default_rng(seed + 1)
+
+    def __repr__(self) -> str:
+        return "SeededRandom(published seed: broken on purpose)"
+
+    def uniform(self, count: int) -> np.ndarray:
+        return self._uniforms.random(count)
+
+    def normal(self, shape: tuple[int, ...], *, std: float) -> np.ndarray:
+        return self._normals.normal(0.0, std, size=shape)

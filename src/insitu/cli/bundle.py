@@ -99,7 +99,10 @@ def create(
     metric: Annotated[
         list[str] | None, typer.Option(help="NAME=NUMBER for the model card; repeat.")
     ] = None,
-    epsilon: Annotated[float | None, typer.Option(help="Privacy: epsilon spent.")] = None,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(help="Privacy: epsilon spent (at least what the ledger records for its run)."),
+    ] = None,
     delta: Annotated[float | None, typer.Option(help="Privacy: delta.")] = None,
     accountant: Annotated[str, typer.Option(help="Privacy: the accountant used.")] = "rdp",
     data_schema: Annotated[
@@ -120,9 +123,12 @@ def create(
     r"""Create a signed (and encrypted) bundle from an ONNX model.
 
     When this workspace's ledger records the federated run that exported this exact
-    ONNX file, the card's provenance names that run and its rounds, and the stated
-    epsilon may not be smaller than the ledger's. The publisher's own encryption key is
-    always a recipient, so that [bold]insitu repo publish[/] can compute deltas.
+    ONNX file, or the [bold]insitu optimize[/] step that chose it from such a run's model,
+    the card's provenance names that run, its rounds and the optimization step, and the
+    stated epsilon may not be smaller than the ledger's. A model the ledger does not trace
+    to a private run can be bundled only without --epsilon. The publisher's own
+    encryption key is always a recipient, so that [bold]insitu repo publish[/] can
+    compute deltas.
 
     [dim]Examples:[/]
       insitu bundle create model.onnx --version 1.0.0 --out model-1.0.0.insb \
@@ -201,8 +207,23 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         else "no differential privacy",
     )
     table.add_row("metrics", ", ".join(f"{k}={v}" for k, v in card["metrics"].items()) or "-")
-    rounds = card["provenance"].get("training_rounds", [])
+    provenance = card["provenance"]
+    rounds = provenance.get("training_rounds", [])
     table.add_row("training rounds", f"{len(rounds)} ledger entries")
+    table.add_row(
+        "trained by",
+        f"federated run {provenance['run']}"
+        if provenance.get("run")
+        else "no federated run of the publisher's ledger",
+    )
+    step = provenance.get("optimized_from")
+    if isinstance(step, dict):
+        entry = step.get("optimization_entry")
+        seq = entry.get("seq") if isinstance(entry, dict) else None
+        table.add_row(
+            "optimized",
+            f"{step.get('method')} (ledger entry {seq}), learnt from {step.get('learnt_from')}",
+        )
     if card.get("republishes"):
         table.add_row("republishes", card["republishes"])
     if "verified" in summary:

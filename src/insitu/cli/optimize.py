@@ -1,4 +1,9 @@
-"""``insitu optimize``: the smallest, fastest ONNX model that still meets the accuracy bar."""
+"""``insitu optimize``: the smallest, fastest ONNX model that still meets the accuracy bar.
+
+Candidates that learn from the ``--calibration`` records (int8-static, pruned, distilled)
+are built only with ``--public-calibration``, a declaration that those records are public
+data; the choice is recorded in the ledger linked to its source's run (ADR 0405).
+"""
 
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ def optimize_command(
         Path,
         typer.Option(
             "--calibration",
-            help="Records for calibration, fine-tuning and distillation (CSV/Parquet/.npz).",
+            help="Records for calibration, fine-tuning and distillation (CSV/Parquet/.npz); "
+            "learnt from only with --public-calibration.",
             dir_okay=False,
         ),
     ],
@@ -103,6 +109,15 @@ def optimize_command(
             "--allow-pickle", help="Open a scikit-learn pickle (this runs code from the file)."
         ),
     ] = False,
+    public_calibration: Annotated[
+        bool,
+        typer.Option(
+            "--public-calibration",
+            help="Declare the --calibration records public data (no site's subjects): only "
+            "then are int8-static, pruned and distilled candidates, which learn from them, "
+            "built. Recorded in the ledger with the data's SHA-256.",
+        ),
+    ] = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -113,19 +128,31 @@ def optimize_command(
     than fp32 at batch 1. Exits 1 when no candidate meets the constraints (the table and
     the report are still written).
 
+    Without [bold]--public-calibration[/] nothing learns from the calibration records:
+    only fp32 and int8-dynamic are built (private records would need DP-SGD charged to
+    their subjects' budgets). The ledger entry links the choice to its source's run, so
+    [bold]insitu bundle create[/] checks a stated epsilon against that run.
+
     [dim]Examples:[/]
-      insitu optimize .insitu/models/RUN --calibration site.csv --eval held.csv --out opt/
+      insitu optimize .insitu/models/RUN --calibration census.csv --public-calibration
+          --eval held.csv --out opt/
       insitu optimize cnn.pt2 --calibration cal.npz --eval test.npz --out opt/
-          --target int8-static --max-accuracy-drop 1
+          --target int8-dynamic --max-accuracy-drop 1
     """
     from insitu.optimize import CANDIDATES, Constraints, optimize
+    from insitu.optimize._optimize import LEARNS_FROM_CALIBRATION
 
     ws = _workspace(home, Path(model))
     path = _model_path(model, ws)
     constraints = Constraints(
         max_accuracy_drop=max_accuracy_drop, max_size_mb=max_size, max_latency_ms=max_latency_ms
     )
-    total = 2 + 2 * (len(CANDIDATES) if target == "auto" else 2)
+    built = [
+        name
+        for name in (CANDIDATES if target == "auto" else ("fp32", target))
+        if public_calibration or name not in LEARNS_FROM_CALIBRATION
+    ]
+    total = 2 + 2 * len(built)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -154,6 +181,7 @@ def optimize_command(
             allow_pickle=allow_pickle,
             threads=threads,
             on_step=on_step,
+            public_calibration=public_calibration,
         )
     document = report.to_json()
     if json_output:
@@ -191,6 +219,9 @@ def _print_report(report: dict[str, Any]) -> None:
             no_wrap=column == "candidate",
         )
     for c in report["candidates"]:
+        if c.get("not_built_reason"):
+            table.add_row(c["name"], *["-"] * 8, "[dim]not built[/]")
+            continue
         if c["error"]:
             table.add_row(c["name"], *["-"] * 8, f"[red]failed: {c['error']}[/]")
             continue
@@ -214,6 +245,11 @@ def _print_report(report: dict[str, Any]) -> None:
             mark,
         )
     out.print(table)
+    _print_outcome(report)
+
+
+def _print_outcome(report: dict[str, Any]) -> None:
+    """The choice against fp32, the reason, what was not built, and where the files are."""
     ratios = report["chosen_vs_fp32"]
     if report["chosen"] is not None and ratios["size_reduction"] is not None:
         out.print(
@@ -222,8 +258,17 @@ def _print_report(report: dict[str, Any]) -> None:
             f"{ratios['accuracy_drop_points']:+.2f} pts"
         )
     out.print(report["reason"], soft_wrap=True, markup=False)
+    skipped: dict[str, list[str]] = {}
+    for c in report["candidates"]:
+        if c.get("not_built_reason"):
+            skipped.setdefault(c["not_built_reason"], []).append(c["name"])
+    for reason, names in skipped.items():
+        out.print(f"not built: {', '.join(names)}: {reason}", soft_wrap=True, markup=False)
     for note in report["notes"]:
         out.print(f"[dim]{note}[/]")
+    learnt = report.get("provenance", {}).get("chosen_learnt_from")
+    if learnt:
+        out.print(f"the chosen model learnt from: {learnt}", soft_wrap=True, markup=False)
     where = report["out_dir"]
     ledger = f"; ledger entry {report['ledger_seq']}" if report["ledger_seq"] else ""
     out.print(f"report: {where}/report.json, plot: {where}/candidates.png{ledger}")

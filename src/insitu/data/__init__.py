@@ -12,6 +12,7 @@ from __future__ import annotations
 from insitu.data._consent import ConsentChange, ConsentRegistry
 from insitu.data._detect import ColumnFinding, scan_column, scan_frame
 from insitu.data._encode import FeatureEncoder
+from insitu.data._infer import InferredSchema, infer_schema
 from insitu.data._io import read_table
 from insitu.data._kanon import KAnonymity
 from insitu.data._prepare import (
@@ -38,6 +39,7 @@ __all__ = [
     "ConsentRegistry",
     "DataSchema",
     "FeatureEncoder",
+    "InferredSchema",
     "InspectReport",
     "KAnonymity",
     "PrepareReport",
@@ -45,6 +47,7 @@ __all__ = [
     "Pseudonymizer",
     "SiteDataset",
     "TrainingData",
+    "infer_schema",
     "inspect_table",
     "load_prepared",
     "prepare",

@@ -5,6 +5,23 @@ that look like direct identifiers: e-mail addresses, phone numbers, card numbers
 IBANs (mod 97), dates that may be dates of birth, or a value unique to almost every row.
 Each distinct value is checked once (up to ``max_values`` per column), so a handful of
 identifiers planted among thirty thousand ordinary values is still found.
+
+Precision rules (a false alarm drops a useful feature from an inferred schema):
+
+* a *continuous* column (every value a number, at least one of them not a whole number)
+  is a measurement: it is never taken for card numbers nor for "unique to its row",
+  although continuous measurements are unique per row by nature;
+* a column of whole numbers (possibly stored as floats) is scanned as whole numbers
+  (``4111111111111111``, never ``4111111111111111.0``), and is "unique to its row" only
+  when almost every value is distinct *and* it looks like a key: its name ends in an id
+  word (``patient_id``, ``mrn``, ``record_no``, ``patientId``) or its values are a dense
+  run (a counter, span at most twice the number of distinct values). A census weight or
+  an amount in cents is unique per row in a small sample without being an identifier;
+* any other column (text) is "unique to its row" when at least 90% of at least 50
+  values are distinct (``adult-00001``, ``RAWID-0042-Q``).
+
+:func:`identifier_columns` turns the findings into the columns a schema inferred from
+data must never make features (:mod:`insitu.data._infer`).
 """
 
 from __future__ import annotations
@@ -13,14 +30,33 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from insitu._pii import find_personal_data
 
-__all__ = ["ColumnFinding", "scan_column", "scan_frame"]
+__all__ = ["ColumnFinding", "identifier_columns", "scan_column", "scan_frame"]
 
 _DATE = re.compile(r"^\s*(\d{4}-\d{2}-\d{2}|\d{1,2}[./]\d{1,2}[./]\d{4})\s*$")
 _BIRTH_NAME = re.compile(r"(birth|dob|born)", re.IGNORECASE)
+# Names of key columns: ``patient_id``, ``id``, ``mrn``, ``record_no``, ``patientId``.
+_ID_NAME = re.compile(r"(?:^|[_\W])(?:id|key|mrn|ssn|nr|no|num|number)$", re.IGNORECASE)
+_CAMEL_ID = re.compile(r"[a-z](?:Id|ID)$")
+
+#: A column is "unique to its row" when this share of its values is distinct.
+UNIQUE_SHARE = 0.9
+#: ... and it has at least this many values (a tiny table is unique by chance).
+UNIQUE_MIN_ROWS = 50
+
+#: Plural of each kind, for reasons such as "email addresses".
+_PLURAL = {
+    "email address": "email addresses",
+    "phone number": "phone numbers",
+    "card number": "card numbers",
+    "IBAN": "IBANs",
+    "possible date of birth": "possible dates of birth",
+    "value unique to its row": "value unique to its row",
+}
 
 
 @dataclass(frozen=True)
@@ -41,11 +77,34 @@ class ColumnFinding:
         """A short human description, e.g. '3 email addresses, 2 card numbers'."""
         return ", ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in self.kinds.items())
 
+    def reason(self) -> str:
+        """The kinds found, without counts, e.g. 'email addresses, card numbers'."""
+        return ", ".join(_PLURAL.get(kind, kind) for kind in self.kinds)
+
+
+def _looks_like_key(name: str, numbers: pd.Series, distinct: int) -> bool:
+    if _ID_NAME.search(name) or _CAMEL_ID.search(name):
+        return True
+    span = float(numbers.max()) - float(numbers.min()) + 1.0
+    return span <= 2.0 * distinct
+
 
 def scan_column(name: str, values: pd.Series, *, max_values: int = 50_000) -> ColumnFinding:
-    """Look at the distinct values of one column."""
+    """Look at the distinct values of one column (see the module docstring for the rules)."""
     non_null = values.dropna()
-    distinct = non_null.astype(str).unique()
+    numbers = pd.to_numeric(non_null, errors="coerce")
+    numeric = bool(numbers.notna().all())
+    whole = False
+    if numeric and len(numbers):
+        as_float = numbers.to_numpy(dtype=np.float64)
+        whole = bool(np.isfinite(as_float).all() and (as_float == np.floor(as_float)).all())
+        if not whole:  # continuous measurements: neither card numbers nor identifiers
+            return ColumnFinding(name, {}, distinct=int(non_null.nunique()), rows=len(non_null))
+    if whole and pd.api.types.is_float_dtype(non_null.dtype):
+        texts = pd.Series([f"{v:.0f}" for v in numbers.to_numpy(dtype=np.float64)])
+    else:
+        texts = non_null.astype(str)
+    distinct = texts.unique()
     kinds: Counter[str] = Counter()
     dates = 0
     for value in distinct[:max_values]:
@@ -56,8 +115,8 @@ def scan_column(name: str, values: pd.Series, *, max_values: int = 50_000) -> Co
             dates += 1
     if dates and (_BIRTH_NAME.search(name) or dates >= 0.8 * min(len(distinct), max_values)):
         kinds["possible date of birth"] += dates
-    numeric = pd.to_numeric(non_null, errors="coerce").notna().all()
-    if not numeric and len(non_null) >= 50 and len(distinct) >= 0.9 * len(non_null):
+    unique = len(non_null) >= UNIQUE_MIN_ROWS and len(distinct) >= UNIQUE_SHARE * len(non_null)
+    if unique and (not numeric or _looks_like_key(name, numbers, len(distinct))):
         kinds["value unique to its row"] = len(distinct)
     return ColumnFinding(name, dict(kinds), distinct=len(distinct), rows=len(non_null))
 
@@ -65,3 +124,15 @@ def scan_column(name: str, values: pd.Series, *, max_values: int = 50_000) -> Co
 def scan_frame(frame: pd.DataFrame) -> dict[str, ColumnFinding]:
     """Scan every column."""
     return {column: scan_column(column, frame[column]) for column in frame.columns}
+
+
+def identifier_columns(frame: pd.DataFrame, *, label: str) -> dict[str, str]:
+    """Columns that look like identifiers -> why (``"email addresses"``); never ``label``."""
+    found: dict[str, str] = {}
+    for column in frame.columns:
+        if column == label:
+            continue
+        finding = scan_column(str(column), frame[column])
+        if finding.suspicious:
+            found[str(column)] = finding.reason()
+    return found

@@ -302,25 +302,46 @@ class DataSchema:
 
     @classmethod
     def infer(cls, frame: pd.DataFrame, *, label: str, name: str = "dataset") -> DataSchema:
-        """A schema guessed from a table held entirely on one machine (simulation only).
+        """A schema guessed from a table that is already public (NOT private: see below).
 
-        Columns whose values are all numbers become numeric features with their observed
-        range; the others categorical features with their observed categories. Reading
-        global statistics is harmless only because the whole table is already in one
-        place; real sites must declare their schema. No identifier is assumed, so consent
-        cannot be applied, and the legal basis says so.
+        This is the non-private variant of :func:`insitu.data.infer_schema`, kept for
+        callers that hold public data (a published benchmark such as the built-in Adult
+        table): it publishes the exact observed range of every numeric column and every
+        category seen, even one held by a single record. For any other table use
+        :func:`insitu.data.infer_schema`, which releases vocabularies and ranges under
+        differential privacy and reports what the release cost.
+
+        Identifier-looking columns (e-mail addresses, card numbers, a value unique to
+        its row...; :func:`insitu.data._detect.identifier_columns`) are never features
+        here either: they are declared direct identifiers and dropped, with a logged
+        warning. Columns whose values are all numbers become numeric features with
+        their observed range; the others categorical features with their observed
+        categories. No subject is assumed, so consent cannot be applied, and the legal
+        basis says so.
         """
+        import logging
+
+        from insitu.data._detect import identifier_columns
+
         if label not in frame.columns:
             raise SchemaError(
                 f"label column {label!r} is not in the data (its columns: "
                 f"{', '.join(map(str, frame.columns))})"
+            )
+        dropped = identifier_columns(frame, label=label)
+        for column, why in dropped.items():
+            logging.getLogger(__name__).warning(
+                "column %r looks like an identifier (%s): dropped from the inferred schema; "
+                "write a schema (insitu data inspect FILE) and declare it an identifier",
+                column,
+                why,
             )
         numeric: list[str] = []
         categorical: list[str] = []
         ranges: dict[str, list[float]] = {}
         categories: dict[str, list[str]] = {}
         for column in frame.columns:
-            if column == label:
+            if column == label or column in dropped:
                 continue
             values = pd.to_numeric(frame[column], errors="coerce")
             if values.notna().all():
@@ -344,6 +365,9 @@ class DataSchema:
                 "legal_basis": "simulation on one machine (schema inferred, no real subjects)",
             },
         }
+        if dropped:
+            doc["identifiers"] = {"direct": list(dropped)}
+            doc["treatment"] = {"drop": list(dropped)}
         if len(labels) == 2:
             doc["dataset"]["positive"] = labels[1]
         return cls.from_dict(doc)

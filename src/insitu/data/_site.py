@@ -6,9 +6,9 @@ takes its records (how many were excluded for lack of consent: a count, never wh
 Training code (federated rounds, on-device fine-tuning) asks :meth:`SiteDataset.for_round`
 for its inputs and receives only encoded features and labels: no identifier, no
 pseudonym, no undeclared column reaches it. With them come the 64-bit *subject keys* of
-the rows (site-keyed, see ``insitu.data._prepare.subject_tokens``), which the privacy
-budget charges, and at most one row per subject per use: a subject's further rows are
-left out and counted, so that a charge to a subject covers exactly one record of theirs.
+the rows (site-keyed, see ``insitu.data._prepare.subject_tokens``): the privacy budget
+charges subjects, not rows, and DP-SGD clips and samples each subject's rows together
+(:attr:`TrainingData.groups`), so a subject with several records is protected as one.
 """
 
 from __future__ import annotations
@@ -54,18 +54,27 @@ class TrainingData:
     purpose: str
     at: str
     subject_keys: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.uint64))
-    excluded_beyond_one_per_subject: int = 0
     excluded_over_budget: int = 0
 
+    @property
+    def groups(self) -> np.ndarray:
+        """Each row's subject as an index 0..subjects-1 (DP-SGD's unit of privacy)."""
+        return np.unique(self.subject_keys, return_inverse=True)[1].astype(np.int64)
+
+    @property
+    def subjects(self) -> int:
+        """How many distinct subjects the rows belong to."""
+        return len(np.unique(self.subject_keys))
+
     def admitted(self, mask: np.ndarray) -> TrainingData:
-        """The rows of ``mask`` (the subjects a privacy budget admitted); counts the rest."""
+        """The rows of ``mask`` (of the subjects a budget admitted); counts the subjects left."""
         return dataclasses.replace(
             self,
             features=self.features[mask],
             labels=self.labels[mask],
             subject_keys=self.subject_keys[mask],
             rows=int(mask.sum()),
-            excluded_over_budget=int((~mask).sum()),
+            excluded_over_budget=len(np.unique(self.subject_keys[~mask])),
         )
 
 
@@ -173,9 +182,6 @@ class SiteDataset:
                 mask = frame[self.schema.subject].isin(allowed)
                 excluded = int((~mask).sum())
                 frame = frame[mask]
-            before = len(frame)
-            frame = _one_per_subject(frame)
-            beyond = before - len(frame)
             ledger.record(
                 "data.consent_applied",
                 dataset=self.schema.name,
@@ -185,7 +191,6 @@ class SiteDataset:
                 at=at,
                 rows=len(frame),
                 excluded_without_consent=excluded,
-                excluded_beyond_one_per_subject=beyond,
                 consent_required=self.schema.consent_required,
                 legal_basis=self.schema.legal_basis or None,
             )
@@ -198,16 +203,4 @@ class SiteDataset:
             purpose=purpose,
             at=at,
             subject_keys=subject_keys(frame[SUBJECT_COLUMN]),
-            excluded_beyond_one_per_subject=beyond,
         )
-
-
-def _one_per_subject(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per subject, chosen by secret randomness (which row is no one's business)."""
-    if not frame[SUBJECT_COLUMN].duplicated().any():
-        return frame
-    from insitu.privacy import SecureRandom
-
-    order = np.argsort(SecureRandom().uniform(len(frame)))
-    shuffled = frame.iloc[order]
-    return shuffled[~shuffled[SUBJECT_COLUMN].duplicated()].sort_index()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu.drift._profile import ProfileLayout, noisy_release
-from insitu.privacy import PrivacyEvent, SubjectBudget, calibrate_noise
+from insitu.privacy import PrivacyEvent, SecureRandom, SubjectBudget, calibrate_noise
 
 if TYPE_CHECKING:
     from insitu.workspace import Workspace
@@ -31,8 +31,10 @@ def release_profile(
     """Charge the release to the subjects of the records, then return it.
 
     ``subject_keys`` (from :class:`~insitu.data.TrainingData`) names the subject of each
-    row of ``inputs``. Subjects without budget left are left out of the histograms. The
-    delta is the site's configured ``privacy.delta``. The release holds only noisy
+    row of ``inputs``. Subjects without budget left are left out of the histograms, and
+    a subject with several records adds one of them, chosen at random (the histograms'
+    sensitivity is that of one record per subject). The delta is the site's configured
+    ``privacy.delta``. The release holds only noisy
     counts; ``drift.profile_released`` records what was released and what it cost.
 
     Raises:
@@ -50,11 +52,11 @@ def release_profile(
             run=run,
             dataset=dataset,
         )
-        admitted = charge.admission.admitted
+        rows = _one_row_per_subject(subject_keys, charge.admission.admitted)
         release, _ = noisy_release(
             layout,
-            inputs[admitted],
-            None if outputs is None else outputs[admitted],
+            inputs[rows],
+            None if outputs is None else outputs[rows],
             epsilon=epsilon,
             delta=delta,
         )
@@ -69,3 +71,11 @@ def release_profile(
             run=run,
         )
     return release
+
+
+def _one_row_per_subject(keys: np.ndarray, admitted: np.ndarray) -> np.ndarray:
+    """Indices of one admitted row per subject, each chosen by secret randomness."""
+    candidates = np.flatnonzero(admitted)
+    shuffled = candidates[np.argsort(SecureRandom().uniform(len(candidates)))]
+    _, first = np.unique(np.asarray(keys)[shuffled], return_index=True)
+    return np.sort(shuffled[first])

@@ -1,11 +1,16 @@
 """Local training and evaluation at one site: plain SGD, or DP-SGD with Opacus.
 
-DP-SGD (Abadi et al. 2016) as analysed by the accountant (``insitu.privacy``): each of
-the ``steps`` steps samples every record independently with probability ``sample_rate``
-(Poisson sampling), clips each sampled record's gradient to ``max_grad_norm`` (Opacus'
-``GradSampleModule`` and ``DPOptimizer``) and adds Gaussian noise of standard deviation
-``noise_multiplier * max_grad_norm`` to their sum. Each call is one
-:class:`~insitu.privacy.PrivacyEvent`, which the caller charges *before* training.
+DP-SGD (Abadi et al. 2016) as analysed by the accountant (``insitu.privacy``), with the
+data subject as the unit of privacy (user-level DP-SGD, as in McMahan et al. 2018): each
+of the ``steps`` steps samples every *subject* independently with probability
+``sample_rate`` (Poisson sampling), averages the per-record gradients of each sampled
+subject's records (Opacus' ``GradSampleModule``), clips each subject's gradient to
+``max_grad_norm`` and adds Gaussian noise of standard deviation
+``noise_multiplier * max_grad_norm`` to their sum (Opacus' ``DPOptimizer``). A subject
+with several records thus moves a step by at most one clipped gradient, exactly what
+the accountant assumes, whatever their number of records. Without ``groups`` every
+record is its own subject. Each call is one :class:`~insitu.privacy.PrivacyEvent`, which
+the caller charges *before* training.
 
 Invariants the privacy analysis needs, and where each is kept:
 
@@ -34,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from insitu.privacy import PrivacyEvent, SecureRandom
 
-__all__ = ["LocalResult", "evaluate", "planned_event", "train"]
+__all__ = ["LocalResult", "correct_per_row", "evaluate", "planned_event", "train"]
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,15 @@ def train(
     event: PrivacyEvent | None,
     max_grad_norm: float,
     seed: int = 0,
+    groups: np.ndarray | None = None,
     randomness: SecureRandom | None = None,
 ) -> LocalResult:
     """Train ``model`` in place; with ``event``, by DP-SGD with exactly its steps.
 
-    ``randomness`` exists for audits of the mechanism (a deliberately broken generator
-    in a test fixture); leave it unset: each call then draws from a fresh secret stream.
+    ``groups`` maps each row to its subject (0..subjects-1); ``event.sample_rate``
+    applies to subjects. ``randomness`` exists for audits of the mechanism (a
+    deliberately broken generator in a test fixture); leave it unset: each call then
+    draws from a fresh secret stream.
     """
     if event is None:
         return _train_plain(
@@ -93,6 +101,7 @@ def train(
         model,
         features,
         labels,
+        groups=np.arange(len(labels)) if groups is None else np.asarray(groups, np.int64),
         event=event,
         learning_rate=learning_rate,
         max_grad_norm=max_grad_norm,
@@ -159,11 +168,40 @@ def _secure_optimizer(
     )
 
 
+class _Units:
+    """The rows of each unit of privacy (subject), for sampling whole subjects."""
+
+    def __init__(self, groups: np.ndarray) -> None:
+        self.count = int(groups.max()) + 1 if len(groups) else 0
+        order = np.argsort(groups, kind="stable")
+        bounds = np.searchsorted(groups[order], np.arange(self.count + 1))
+        self._order, self._bounds = order, bounds
+        self.groups = groups
+
+    def rows_of(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the ``chosen`` units, and each row's position among the chosen units."""
+        if self.count == len(self.groups):  # one row per unit (the usual case): no spans
+            return self._order[self._bounds[chosen]], np.arange(len(chosen))
+        spans = [self._order[self._bounds[u] : self._bounds[u + 1]] for u in chosen]
+        rows = np.concatenate(spans) if spans else np.zeros(0, np.int64)
+        position = np.repeat(np.arange(len(chosen)), [len(span) for span in spans])
+        return rows, position
+
+
+def _per_unit(grad_sample: torch.Tensor, position: torch.Tensor, units: int) -> torch.Tensor:
+    """Average per-record gradients by unit: one gradient per sampled subject."""
+    summed = torch.zeros((units, *grad_sample.shape[1:]), dtype=grad_sample.dtype)
+    summed.index_add_(0, position, grad_sample)
+    counts = torch.bincount(position, minlength=units).clamp(min=1).to(grad_sample.dtype)
+    return summed / counts.view(-1, *([1] * (grad_sample.dim() - 1)))
+
+
 def _train_private(
     model: nn.Module,
     features: np.ndarray,
     labels: np.ndarray,
     *,
+    groups: np.ndarray,
     event: PrivacyEvent,
     learning_rate: float,
     max_grad_norm: float,
@@ -172,7 +210,7 @@ def _train_private(
     from opacus import GradSampleModule
 
     x, y = torch.from_numpy(features), torch.from_numpy(labels)
-    rows = len(y)
+    units = _Units(groups)
     losses: list[float] = []
     with warnings.catch_warnings():
         # Opacus warns that its own secure RNG is off: insitu draws from SecureRandom.
@@ -182,24 +220,42 @@ def _train_private(
             torch.optim.SGD(model.parameters(), lr=learning_rate),
             event=event,
             max_grad_norm=max_grad_norm,
-            expected_batch_size=max(1, round(event.sample_rate * rows)),
+            expected_batch_size=max(1, round(event.sample_rate * units.count)),
             randomness=randomness,
         )
         for _ in range(event.steps):
             optimizer.zero_grad()
-            chosen = np.flatnonzero(randomness.bernoulli(rows, probability=event.sample_rate))
-            if len(chosen):
-                index = torch.from_numpy(chosen)
+            chosen = np.flatnonzero(
+                randomness.bernoulli(units.count, probability=event.sample_rate)
+            )
+            rows, position = units.rows_of(chosen)
+            if len(rows):
+                index = torch.from_numpy(rows)
                 loss = _loss_fn(private(x[index]), y[index])
                 loss.backward()  # type: ignore[no-untyped-call]
                 losses.append(float(loss.detach()))
+                where = torch.from_numpy(position)
+                for p in optimizer.params:
+                    p.grad_sample = _per_unit(p.grad_sample, where, len(chosen))
             else:
                 # An empty Poisson batch: no gradient, but the step and its noise happen.
                 for p in optimizer.params:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
             optimizer.step()
         private._close()
-    return LocalResult(rows, event.steps, float(np.mean(losses)) if losses else 0.0)
+    return LocalResult(len(labels), event.steps, float(np.mean(losses)) if losses else 0.0)
+
+
+def correct_per_row(model: nn.Module, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """1.0 where ``model`` predicts a row's label, 0.0 elsewhere."""
+    if len(labels) == 0:
+        return np.zeros(0)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(features))
+        binary = logits.shape[-1] == 1
+        predicted = (logits.squeeze(-1) > 0).long() if binary else logits.argmax(-1)
+        right: np.ndarray = (predicted == torch.from_numpy(labels)).double().numpy()
+    return right
 
 
 def evaluate(model: nn.Module, features: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -73,7 +73,7 @@ from insitu.federated._server_app import (
     run_rounds,
 )
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
-from insitu.privacy import SubjectBudget, calibrate_noise
+from insitu.privacy import SubjectBudget, calibrate_noise, rdp_noise_multiplier
 from insitu.workspace import Workspace
 
 __all__ = ["FederatedResult", "SiteSummary", "min_rows_for", "simulate"]
@@ -141,7 +141,10 @@ class FederatedResult:
 
 
 def min_rows_for(config: FederationConfig) -> int:
-    """Smallest site size at which the run's epsilon needs at most ``MAX_WORKABLE_NOISE``."""
+    """Smallest site size at which the run's epsilon needs at most ``MAX_WORKABLE_NOISE``.
+
+    An estimate by the (fast, slightly looser) RDP bound: it errs towards larger sizes.
+    """
 
     def noise(rows: int) -> float:
         event = planned_event(
@@ -151,7 +154,7 @@ def min_rows_for(config: FederationConfig) -> int:
             noise_multiplier=1.0,
         )
         try:
-            return calibrate_noise(
+            return rdp_noise_multiplier(
                 target_epsilon=config.epsilon,
                 delta=config.delta,
                 sample_rate=event.sample_rate,

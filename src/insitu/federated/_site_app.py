@@ -17,7 +17,8 @@ model): the (masked) weights; a fixed *weight* decided before the run
 (:attr:`SitePlan.weight`, never the count of records used); the site's name; and this
 run's epsilon, a function of the run's public settings. The training loss and the
 counts of records stay in the site's own ledger. Evaluation sends, for ``record``
-privacy and at the final round only, noisy counts of correct predictions and of records,
+privacy and at the final round only, noisy counts of correct predictions and of
+subjects (each subject counting once, by the share of their records predicted right),
 charged to the held-out subjects; for ``site`` privacy nothing; without privacy, the
 exact figures (nothing is claimed).
 
@@ -45,7 +46,7 @@ from insitu._atomic import atomic_write_text
 from insitu.data import DataSchema, SiteDataset, TrainingData
 from insitu.errors import BudgetExceededError, FederationError
 from insitu.federated._config import FederationConfig
-from insitu.federated._local import evaluate, planned_event, train
+from insitu.federated._local import correct_per_row, evaluate, planned_event, train
 from insitu.federated._models import ModelFn, build_model, get_weights, set_weights
 from insitu.privacy import PrivacyEvent, SecureRandom, SubjectBudget, calibrate_noise
 from insitu.workspace import Workspace
@@ -245,7 +246,7 @@ class SiteClient(NumPyClient):
         ws = Workspace.open(plan.home)
         data = SiteDataset.open(ws, plan.train_dir).for_round(round_number=round_number)
         model = self._model(parameters)
-        event = self._round_event(ws, max(data.rows, 1))
+        event = self._round_event(ws, max(data.subjects, 1))
         epsilon_run = epsilon_spent = 0.0
         if event is not None:
             data, epsilon_run, epsilon_spent = self._charge(
@@ -255,6 +256,7 @@ class SiteClient(NumPyClient):
             model,
             data.features,
             data.labels,
+            groups=data.groups,
             epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
@@ -270,7 +272,7 @@ class SiteClient(NumPyClient):
                 round=round_number,
                 rows=data.rows,
                 excluded_without_consent=data.excluded_without_consent,
-                excluded_beyond_one_per_subject=data.excluded_beyond_one_per_subject,
+                subjects=data.subjects,
                 excluded_over_budget=data.excluded_over_budget,
                 steps=result.steps,
                 loss=round(result.loss, 6),
@@ -324,8 +326,12 @@ class SiteClient(NumPyClient):
         except BudgetExceededError as exc:
             raise SiteRoundError(plan.site, "budget", str(exc)) from exc
         data = data.admitted(charge.admission.admitted)
-        _, accuracy = evaluate(self._model(parameters), data.features, data.labels)
+        # Per subject: the share of their records predicted right (in [0, 1]) and 1, so
+        # that one subject moves each count by at most 1, however many records they have.
+        right = correct_per_row(self._model(parameters), data.features, data.labels)
+        groups = data.groups
+        per_subject = np.bincount(groups, weights=right) / np.maximum(np.bincount(groups), 1)
         noise = SecureRandom().normal((2,), std=sigma * EVALUATION_SENSITIVITY)
-        correct = accuracy * data.rows + float(noise[0])
-        count = data.rows + float(noise[1])
+        correct = float(per_subject.sum()) + float(noise[0])
+        count = float(len(per_subject)) + float(noise[1])
         return 0.0, plan.weight, {"correct": correct, "count": count}

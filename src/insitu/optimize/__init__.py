@@ -4,7 +4,9 @@
 ``torch.export`` program, a scikit-learn pipeline, or an ONNX file) into candidates,
 checks each against the source model's outputs, measures each on this machine (size,
 p50/p99 latency at batch 1, throughput at batch 64, accuracy) and picks the smallest one
-that meets the user's constraints and is no slower than fp32. See ``docs/optimize.md``.
+that meets the user's constraints and is no slower than fp32. Only calibration records
+declared public are learnt from, and the choice is recorded linked to its source's run
+(ADR 0405). See ``docs/optimize.md``.
 """
 
 from __future__ import annotations

@@ -11,10 +11,15 @@
 
 Every set is checked against the model's input shape before anything runs, so a
 mismatch is one line naming both shapes.
+
+:func:`data_sha256` names a set in the ledger: the SHA-256 of the file given, or of the
+encoded records (shape, float32 inputs, int64 labels, little-endian) when the data was
+given in memory, so whoever holds the same file or frame can check which data it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +31,7 @@ import pandas as pd
 from insitu.errors import DataFormatError, InputShapeMismatchError, UsageError
 from insitu.optimize._source import SourceModel
 
-__all__ = ["DataSet", "load_data"]
+__all__ = ["DataSet", "data_sha256", "load_data"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +127,18 @@ def _check_shape(x: np.ndarray, source: SourceModel, *, name: str) -> None:
             f"the {name} has rows of shape {'x'.join(map(str, got)) or 'scalar'}, the model "
             f"{source.name} takes {shown}; give data encoded for this model"
         )
+
+
+def data_sha256(data: DataLike, loaded: DataSet) -> tuple[str, str]:
+    """(SHA-256, what it is the digest of): ``"file"`` or ``"encoded records"``."""
+    sha = hashlib.sha256()
+    if isinstance(data, (str, Path)):
+        with Path(data).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(chunk)
+        return sha.hexdigest(), "file"
+    sha.update(repr(tuple(int(d) for d in loaded.x.shape)).encode())
+    sha.update(np.ascontiguousarray(loaded.x, dtype="<f4").tobytes())
+    if loaded.y is not None:
+        sha.update(np.ascontiguousarray(loaded.y, dtype="<i8").tobytes())
+    return sha.hexdigest(), "encoded records"

@@ -16,6 +16,29 @@ evaluation data (max abs difference of scores, label agreement):
 
 ``target="auto"`` builds them all and lets :func:`~insitu.optimize._select.select`
 choose; any other target builds fp32 (the baseline) and that candidate only.
+
+Privacy and provenance (ADR 0405). Invariants:
+
+* **No candidate learns from records not declared public.** ``int8-static`` (its
+  activation ranges), ``pruned`` (its fine-tune), ``distilled`` (its training) and their
+  combinations learn from the calibration records. They are built only when the caller
+  declares those records public data (``public_calibration=True``,
+  ``--public-calibration``), e.g. the census rows insitu carries; otherwise each is
+  listed as not built, with the reason, and only ``fp32`` and ``int8-dynamic`` (which
+  learn from no data) remain. Fine-tuning on private records would have to be DP-SGD
+  charged to their subjects' budgets; that is not supported here.
+* **The choice carries its source's provenance.** The ``model.optimized`` ledger entry
+  and ``report.json`` record the source's ONNX digest (for a federated run's directory,
+  the digest of its ``model.onnx``, which the run's ``federation.completed`` entry
+  names), the ledger reference (``seq``, ``hash``) of the entry that produced the
+  source when the workspace ledger holds one, the chosen model's digest, the
+  calibration data's declaration and digest, and what the chosen model learnt from.
+  ``insitu bundle create`` follows that link (``insitu.bundle._provenance``), so a card
+  for the optimized model may not state less privacy cost than its source's run.
+* A run directory whose ``model.pt`` is not the model its run recorded (weights digest)
+  is refused: the candidates would be built from other weights than the ledger names.
+* The evaluation records select among the candidates (at most nine) and measure them;
+  nothing is trained on them.
 """
 
 from __future__ import annotations
@@ -34,7 +57,7 @@ import numpy as np
 from insitu._atomic import atomic_write_bytes, atomic_write_text
 from insitu.errors import InsituError, OptimizationError, UsageError
 from insitu.optimize._compress import CompressionPlan, distill, prune
-from insitu.optimize._data import DataLike, DataSet, load_data
+from insitu.optimize._data import DataLike, DataSet, data_sha256, load_data
 from insitu.optimize._export import export_torch
 from insitu.optimize._measure import measure_outputs, time_session, timing_plan
 from insitu.optimize._onnx import run, session_for
@@ -49,7 +72,14 @@ from insitu.optimize._source import (
     torch_source,
 )
 
-__all__ = ["CANDIDATES", "TARGETS", "optimize", "optimize_workspace_model"]
+__all__ = [
+    "CANDIDATES",
+    "LEARNS_FROM_CALIBRATION",
+    "NOT_PUBLIC",
+    "TARGETS",
+    "optimize",
+    "optimize_workspace_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +100,21 @@ TARGETS = ("auto", *CANDIDATES)
 
 #: fp32 ONNX must reproduce the PyTorch model within this (max abs difference of outputs).
 PARITY_TOLERANCE = 1e-4
+
+#: Candidates that learn from the calibration records (quantization ranges, fine-tuning,
+#: distillation): built only when those records are declared public.
+LEARNS_FROM_CALIBRATION = frozenset(n for n in CANDIDATES if n not in {"fp32", "int8-dynamic"})
+#: Why such a candidate is not built without the declaration.
+NOT_PUBLIC = (
+    "learns from the calibration records, which are not declared public "
+    "(--public-calibration); private records need DP-SGD charged to their subjects' "
+    "budgets, not supported here"
+)
+#: What a candidate that learns from no data learnt from (the card says so).
+LEARNT_NOTHING = "nothing (no fine-tuning or calibration)"
+
+OPTIMIZED = "model.optimized"
+_COMPLETED = "federation.completed"
 
 ModelLike = SourceModel | Path | str | Any
 
@@ -193,6 +238,7 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
     allow_pickle: bool = False,
     threads: int = 1,
     on_step: Callable[[str], None] | None = None,
+    public_calibration: bool = False,
 ) -> OptimizationReport:
     """Build, check, measure and choose the smallest model that meets ``constraints``.
 
@@ -200,8 +246,9 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         model: a model path (workspace model directory, ``.pt2``, ``.onnx``, pickle), a
             :class:`SourceModel`, a ``torch.nn.Module`` (with ``example``) or a fitted
             scikit-learn estimator.
-        calibration: the user's records for static quantization, pruning fine-tune and
-            distillation (a file, a frame, an array, or ``(x, y)``).
+        calibration: records for static quantization, pruning fine-tune and distillation
+            (a file, a frame, an array, or ``(x, y)``); learnt from only when
+            ``public_calibration`` declares them public, otherwise only shape-checked.
         evaluation: labelled records on which accuracy and parity are measured
             (without labels, accuracy is agreement with the source model).
         target: ``auto`` or one candidate name (:data:`TARGETS`).
@@ -216,39 +263,54 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         allow_pickle: allow opening a scikit-learn pickle (runs code from the file).
         threads: ONNX Runtime intra-op threads for every measurement.
         on_step: called with a description before each step (progress display).
+        public_calibration: a declaration that the calibration records are public data
+            (no site's subjects): only then are candidates that learn from them built
+            (:data:`LEARNS_FROM_CALIBRATION`). Recorded, with their digest.
 
     Returns:
         The report; ``report.chosen`` is None when nothing met the constraints.
 
     Raises:
         UsageError, NotAModelError, InputShapeMismatchError, UnsupportedOperatorError:
-            bad input, one line each, before anything is written.
-        OptimizationError: the fp32 export does not reproduce the PyTorch model.
+            bad input, one line each, before anything is written; among them an explicit
+            ``target`` that learns from calibration records not declared public.
+        OptimizationError: the fp32 export does not reproduce the PyTorch model, or a run
+            directory's ``model.pt`` is not the model its run recorded.
 
     """
     started = time.perf_counter()
     if target not in TARGETS:
         raise UsageError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    if target in LEARNS_FROM_CALIBRATION and not public_calibration:
+        raise UsageError(
+            f"--target {target} {NOT_PUBLIC}; pass --public-calibration only if the "
+            "calibration records are public data, or use --target int8-dynamic"
+        )
     constraints = constraints or Constraints()
     step = on_step or (lambda _text: None)
     step("loading the model")
     source = _resolve(model, example, allow_pickle)
     cal = load_data(calibration, source, role="calibration", label=label)
     ev = load_data(evaluation, source, role="evaluation", label=label)
+    origin = _source_entry(workspace, source)
     plan = CompressionPlan(finetune_epochs=4, distill_epochs=15) if quick else CompressionPlan()
     timing = timing_plan(quick=quick)
 
     # The source's own outputs: the reference for parity, and the teacher's targets.
     fp32_session = session_for(source.onnx, threads=threads, name=source.name)
+    # (Only for calibration records declared public: nothing else learns from them.)
+    teacher = np.zeros((0, 1), dtype=np.float32)
     if source.reference is not None:
         ref_scores = np.asarray(source.reference(ev.x), dtype=np.float32).reshape(len(ev.x), -1)
-        teacher = np.asarray(source.reference(cal.x), dtype=np.float32).reshape(len(cal.x), -1)
+        if public_calibration:
+            teacher = np.asarray(source.reference(cal.x), dtype=np.float32).reshape(len(cal.x), -1)
         ref_labels = scores_and_labels(run(fp32_session, ev.x))[1]
         if source.kind != "sklearn":
             ref_labels = scores_and_labels([ref_scores])[1]
     else:
         ref_scores, ref_labels = scores_and_labels(run(fp32_session, ev.x))
-        teacher = scores_and_labels(run(fp32_session, cal.x))[0]
+        if public_calibration:
+            teacher = scores_and_labels(run(fp32_session, cal.x))[0]
     ref_accuracy = None if ev.y is None else float(np.mean(ref_labels == ev.y))
     names = (
         list(CANDIDATES)
@@ -266,6 +328,9 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
     builder = _Builder(source, cal, teacher, plan, student)
     candidates: list[Candidate] = []
     for name in names:
+        if name in LEARNS_FROM_CALIBRATION and not public_calibration:
+            candidates.append(Candidate(name, "", error=NOT_PUBLIC, skipped=True))
+            continue
         step(f"building {name}")
         try:
             onnx_bytes, technique = builder.build(name)
@@ -336,8 +401,17 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         "reference_accuracy": ref_accuracy,
         "calibration_records": len(cal),
         "evaluation_records": len(ev),
-        "run_id": source.run_id,
+        "run_id": source.run_id if origin is None else origin["run"],
+        "onnx_sha256": source.ledger_sha256,
     }
+    calibration_json: dict[str, Any] = {
+        "public": public_calibration,
+        "records": len(cal),
+        "sha256": None,
+        "digest_of": None,
+    }
+    if public_calibration:
+        calibration_json["sha256"], calibration_json["digest_of"] = data_sha256(calibration, cal)
     report = OptimizationReport(
         source=source_json,
         constraints=constraints,
@@ -350,6 +424,7 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         out_dir=Path(out_dir) if out_dir is not None else None,
         notes=notes,
     )
+    report.provenance = _provenance(report, origin=origin, calibration=calibration_json)
     report.seconds = time.perf_counter() - started
     if out_dir is not None:
         step("writing the report")
@@ -363,19 +438,88 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
     return report
 
 
-def _ledger_payload(report: OptimizationReport) -> dict[str, Any]:
+def _source_entry(workspace: Any, source: SourceModel) -> dict[str, Any] | None:
+    """The ledger entry that produced ``source``, as ``{seq, type, hash, run}``, or None.
+
+    A federated run's ``federation.completed`` naming the source's ONNX digest, else the
+    ``model.optimized`` entry that chose it (an optimized model optimized again).
+
+    Raises:
+        OptimizationError: the run's entry names other weights than the directory's
+            ``model.pt`` holds (the candidates would not derive from the run's model).
+
+    """
+    if workspace is None:
+        return None
+    digest = source.ledger_sha256
+    with workspace.ledger() as ledger:
+        for entry in ledger.entries(event_type=_COMPLETED, newest_first=True):
+            if entry.type != _COMPLETED or entry.payload.get("onnx_sha256") != digest:
+                continue
+            run_id = entry.payload.get("run")
+            recorded = entry.payload.get("model_sha256")
+            if source.weights_sha256 is not None and recorded not in {None, source.weights_sha256}:
+                raise OptimizationError(
+                    f"{source.name}: model.pt is not the model run {run_id} recorded (its "
+                    "weights digest differs from the ledger's); restore the run's directory, "
+                    "or optimize its model.onnx"
+                )
+            return {"seq": entry.seq, "type": entry.type, "hash": entry.hash.hex(), "run": run_id}
+        for entry in ledger.entries(event_type=OPTIMIZED, newest_first=True):
+            if entry.type == OPTIMIZED and entry.payload.get("chosen_sha256") == digest:
+                return {
+                    "seq": entry.seq,
+                    "type": entry.type,
+                    "hash": entry.hash.hex(),
+                    "run": entry.payload.get("run"),
+                }
+    return None
+
+
+def _provenance(
+    report: OptimizationReport, *, origin: dict[str, Any] | None, calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """What the choice came from and learnt from (report.json and the ledger entry)."""
     chosen = report.chosen_candidate
+    learnt_from = None
+    if chosen is not None:
+        learnt_from = (
+            f"public calibration data {calibration['sha256']}"
+            if chosen.name in LEARNS_FROM_CALIBRATION
+            else LEARNT_NOTHING
+        )
     return {
-        "source_sha256": report.source["sha256"],
-        "source_kind": report.source["kind"],
+        "source_onnx_sha256": report.source["onnx_sha256"],
+        "source_entry": None if origin is None else {k: origin[k] for k in ("seq", "type", "hash")},
         "run": report.source["run_id"],
         "chosen": report.chosen,
         "chosen_sha256": None
         if chosen is None or chosen.onnx is None
         else hashlib.sha256(chosen.onnx).hexdigest(),
+        "chosen_learnt_from": learnt_from,
+        "calibration": calibration,
+    }
+
+
+def _ledger_payload(report: OptimizationReport) -> dict[str, Any]:
+    provenance = report.provenance
+    calibration = provenance["calibration"]
+    return {
+        "source_sha256": report.source["sha256"],
+        "source_onnx_sha256": provenance["source_onnx_sha256"],
+        "source_entry": provenance["source_entry"],
+        "source_kind": report.source["kind"],
+        "run": provenance["run"],
+        "chosen": report.chosen,
+        "chosen_sha256": provenance["chosen_sha256"],
+        "chosen_learnt_from": provenance["chosen_learnt_from"],
+        "calibration_public": calibration["public"],
+        "calibration_sha256": calibration["sha256"],
         "constraints": report.constraints.to_json(),
         "candidates": {
             c.name: {
+                "built": c.error is None,
+                "learns_from_calibration": c.name in LEARNS_FROM_CALIBRATION,
                 "size_bytes": c.size_bytes,
                 "latency_p50_ms": None if c.error else round(c.latency_p50_ms, 5),
                 "accuracy": c.accuracy,
@@ -418,13 +562,17 @@ def optimize_workspace_model(
     run_id: str | None = None,
     out_dir: Path | None = None,
     quick: bool = True,
+    public_calibration: bool = False,
     **options: Any,
 ) -> OptimizationReport:
     """Optimize the model a federated run wrote into ``workspace`` (quick by default).
 
     ``run_id`` defaults to the newest run under ``<home>/models/``; ``out_dir`` to
     ``<home>/models/<run>/optimized/``. The result is recorded in the workspace's ledger
-    (``model.optimized``). Other options are those of :func:`optimize`.
+    (``model.optimized``, linked to the run's ``federation.completed``). Pass
+    ``public_calibration=True`` only when ``calibration`` is public data (the census rows
+    insitu carries, say): only then are int8-static, pruned and distilled candidates
+    built. Other options are those of :func:`optimize`.
 
     Raises:
         UsageError: the workspace holds no model (or none with that run id).
@@ -452,5 +600,6 @@ def optimize_workspace_model(
         out_dir=out_dir or model_dir / "optimized",
         quick=quick,
         workspace=workspace,
+        public_calibration=public_calibration,
         **options,
     )

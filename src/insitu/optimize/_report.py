@@ -1,4 +1,11 @@
-"""The outcome of an optimization: every candidate's figures, the choice, and its reason."""
+"""The outcome of an optimization: every candidate's figures, the choice, and its reason.
+
+``provenance`` links the choice to what it came from: the source's ONNX digest (the
+one its run's ledger entry names), that entry's ``seq`` and ``hash`` when the workspace
+ledger holds it, the chosen model's digest, whether the calibration records were
+declared public (and their digest when they were), and what the chosen model learnt
+from. The same figures go into the ``model.optimized`` ledger entry.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class OptimizationReport:
     out_dir: Path | None = None
     ledger_seq: int | None = None
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def chosen_candidate(self) -> Candidate | None:
@@ -82,6 +90,7 @@ class OptimizationReport:
             "model_path": None if self.model_path is None else str(self.model_path),
             "ledger_seq": self.ledger_seq,
             "notes": list(self.notes),
+            "provenance": dict(self.provenance),
         }
 
 

@@ -10,6 +10,10 @@
    ``max_size_mb``, the smallest feasible candidate wins even if slower, and the reason
    says the size constraint forced it.
 4. Otherwise nothing is chosen, and the reason lists why each candidate failed.
+
+A candidate *not built* on purpose (``skipped``, e.g. one that would learn from
+calibration records not declared public) is never feasible; the reason names it
+without repeating why (the report does).
 """
 
 from __future__ import annotations
@@ -55,11 +59,13 @@ class Candidate:
     error: str | None = None
     failures: list[str] = field(default_factory=list)
     slower_than_fp32: bool = False
+    #: Not built on purpose; ``error`` says why (not a failure of the candidate).
+    skipped: bool = False
 
     @property
     def feasible(self) -> bool:
         """Built, measured, and within every constraint."""
-        return self.error is None and not self.failures
+        return self.error is None and not self.skipped and not self.failures
 
     def to_json(self) -> dict[str, Any]:
         """Every figure (no model bytes)."""
@@ -79,11 +85,15 @@ class Candidate:
             "feasible": self.feasible,
             "failures": list(self.failures),
             "error": self.error,
+            "built": self.error is None and not self.skipped,
+            "not_built_reason": self.error if self.skipped else None,
         }
 
 
 def _judge(candidate: Candidate, constraints: Constraints) -> list[str]:
     failures: list[str] = []
+    if candidate.skipped:
+        return ["not built"]
     if candidate.error is not None:
         return [f"failed to build: {candidate.error}"]
     drop = candidate.accuracy_drop
@@ -135,6 +145,11 @@ def select(
             f"smallest that fits, slower than fp32 at batch 1"
         )
     why = "; ".join(
-        f"{c.name}: {', '.join(c.failures) or 'slower than fp32 at batch 1'}" for c in candidates
+        f"{c.name}: {', '.join(c.failures) or 'slower than fp32 at batch 1'}"
+        for c in candidates
+        if not c.skipped
     )
+    skipped = [c.name for c in candidates if c.skipped]
+    if skipped:
+        why += f"; not built: {', '.join(skipped)}"
     return None, f"no candidate meets the constraints ({why})"

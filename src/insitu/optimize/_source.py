@@ -68,11 +68,27 @@ class SourceModel:
     encoder: Any = field(default=None, repr=False)
     model_dir: Path | None = None
     run_id: str | None = None
+    #: SHA-256 of the ONNX file the source was read from when that is not :attr:`onnx`
+    #: (a workspace model's ``model.onnx``, which its run's ledger entry names).
+    file_onnx_sha256: str | None = None
+    #: SHA-256 of the weights, as the federated trainer names them (workspace models).
+    weights_sha256: str | None = None
 
     @property
     def sha256(self) -> str:
         """SHA-256 of the fp32 ONNX model (names the source in reports and the ledger)."""
         return hashlib.sha256(self.onnx).hexdigest()
+
+    @property
+    def ledger_sha256(self) -> str:
+        """The digest by which a ledger names this model: its ONNX file's, else the export's.
+
+        A federated run records the SHA-256 of the ``model.onnx`` it wrote
+        (``federation.completed``); ``insitu optimize`` records the chosen model's. The
+        fp32 export of a workspace model is rebuilt from ``model.pt`` and need not have
+        the same bytes, so the file's digest is what links the source to its run.
+        """
+        return self.file_onnx_sha256 or self.sha256
 
 
 def scores_and_labels(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +188,12 @@ def _workspace_source(path: Path) -> SourceModel:
     source.encoder = encoder
     source.model_dir = path
     source.run_id = str(record.get("run_id", path.name))
+    if (path / "model.onnx").is_file():
+        source.file_onnx_sha256 = hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
+    if module is not None:
+        from insitu.federated._models import get_weights, weights_digest
+
+        source.weights_sha256 = weights_digest(get_weights(module))
     return source
 
 

@@ -7,6 +7,7 @@ from insitu.privacy._accountant import (
     calibrate_noise,
     epsilon_of,
     rdp_epsilon_of,
+    rdp_noise_multiplier,
     within_budget,
 )
 from insitu.privacy._budget import (
@@ -31,5 +32,6 @@ __all__ = [
     "calibrate_noise",
     "epsilon_of",
     "rdp_epsilon_of",
+    "rdp_noise_multiplier",
     "within_budget",
 ]

@@ -73,13 +73,9 @@ class Admission:
 
     event: PrivacyEvent
     admitted: np.ndarray = field(repr=False)  # bool, aligned with the candidates given
-    excluded_over_budget: int
+    excluded_over_budget: int  # subjects, not rows
     epsilon_max_after: float  # the most any admitted subject would have spent in total
-
-    @property
-    def subjects(self) -> int:
-        """How many subjects are admitted."""
-        return int(self.admitted.sum())
+    subjects: int = 0  # subjects admitted
 
 
 @dataclass(frozen=True)
@@ -291,18 +287,23 @@ class SubjectBudget:
     # -- admitting and charging ---------------------------------------------------
 
     def _admit(self, index: _Index, keys: np.ndarray, event: PrivacyEvent) -> Admission:
-        histories = index.lookup(keys)
-        admitted = np.zeros(len(keys), dtype=bool)
+        subjects, inverse = np.unique(keys, return_inverse=True)
+        histories = index.lookup(subjects)
+        fits = np.zeros(len(subjects), dtype=bool)
         worst = 0.0
         for history in np.unique(histories).tolist():
             events = [*index.events(history), event]
             if within_budget(events, delta=self.delta, budget=self.epsilon_budget):
-                admitted |= histories == history
+                fits |= histories == history
                 worst = max(worst, epsilon_of(events, delta=self.delta))
-        return Admission(event, admitted, int((~admitted).sum()), worst)
+        return Admission(event, fits[inverse], int((~fits).sum()), worst, int(fits.sum()))
 
     def admit(self, keys: np.ndarray | Sequence[int], event: PrivacyEvent) -> Admission:
-        """Which of ``keys`` (one per record a use would take) ``event`` still fits."""
+        """Which of ``keys`` (one per record a use would take) ``event`` still fits.
+
+        ``admitted`` is aligned with ``keys`` (a subject's rows are all in or all out);
+        ``excluded_over_budget`` counts subjects, not rows.
+        """
         return self._admit(self._index(), np.asarray(keys, np.uint64), event)
 
     @contextmanager
@@ -345,16 +346,18 @@ class SubjectBudget:
                 **event.to_json(),
                 "delta": self.delta,
                 "budget_epsilon": self.epsilon_budget,
-                "candidates": len(keys),
+                "candidates": len(np.unique(keys)),
                 "excluded_over_budget": admission.excluded_over_budget,
                 **context,
             }
             if not admission.subjects:
                 self._ledger.record(REFUSED, spent_max=self._max_spent(index), **common)
+                # No count in the message: it may travel to a coordinator.
                 raise BudgetExceededError(
-                    f"none of the {len(keys)} subjects has privacy budget left for this "
-                    f"{mechanism} (budget epsilon {self.epsilon_budget} per subject at this "
-                    "site): refused. Raise privacy.epsilon_budget only if your DPO agrees"
+                    f"no subject has privacy budget left for this {mechanism} (budget epsilon "
+                    f"{self.epsilon_budget} per subject at this site; see privacy.budget_refused"
+                    " in its ledger): refused. Raise privacy.epsilon_budget only if your DPO "
+                    "agrees"
                 )
             cohort = as_keys(keys[admission.admitted])
             digest = self._write_cohort(cohort)

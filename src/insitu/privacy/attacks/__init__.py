@@ -7,11 +7,14 @@ extracts, and check the measurement against the promise:
   ROC AUC and TPR at low FPR with bootstrap intervals, beside the bound
   ``TPR <= e^epsilon * FPR + delta`` that no attack on an (epsilon, delta)-DP model can
   exceed (:func:`audit_membership`, ``insitu privacy audit``);
-* gradient inversion (DLG with the iDLG label trick) against one site's raw update and
+* gradient inversion (DLG with the iDLG label trick) against one site"s raw update and
   against what the aggregator sees under SecAgg+ with DP clipping and noise
-  (:func:`inversion_demo`, ``insitu privacy inversion``).
+  (:func:`inversion_demo`, ``insitu privacy inversion``);
+* a white-box one-run audit with canaries (Steinke et al. 2023) of insitu"s own DP-SGD,
+  reported as an empirical lower bound on epsilon (:func:`one_run_audit`, ``insitu
+  privacy one-run``).
 
-Each module's docstring says what its attack assumes and what it does not cover. See
+Each module"s docstring says what its attack assumes and what it does not cover. See
 ``docs/privacy-audit.md``.
 """
 
@@ -39,6 +42,16 @@ from insitu.privacy.attacks._membership import (
     loss_scores,
     per_record_loss,
 )
+from insitu.privacy.attacks._one_run import (
+    InsituMechanism,
+    Mechanism,
+    OneRunAudit,
+    epsilon_lower_bound,
+    insitu_mechanism,
+    one_run_audit,
+    one_run_p_value,
+    record_one_run_audit,
+)
 from insitu.privacy.attacks._roc import (
     RocPoint,
     RocSummary,
@@ -52,9 +65,12 @@ from insitu.privacy.attacks._roc import (
 __all__ = [
     "ATTACKS",
     "AttackResult",
+    "InsituMechanism",
     "InversionDemo",
     "InversionResult",
+    "Mechanism",
     "MembershipAudit",
+    "OneRunAudit",
     "Predict",
     "RocPoint",
     "RocSummary",
@@ -64,14 +80,19 @@ __all__ = [
     "check_sets",
     "dp_secagg_aggregate",
     "dp_tpr_bound",
+    "epsilon_lower_bound",
     "infer_label",
+    "insitu_mechanism",
     "inversion_demo",
     "invert_gradient",
     "lira_offline_scores",
     "logit_confidence",
     "loss_scores",
+    "one_run_audit",
+    "one_run_p_value",
     "per_record_loss",
     "raw_update",
+    "record_one_run_audit",
     "required_non_members",
     "roc_curve",
     "tpr_at_fpr",
