@@ -52,6 +52,7 @@ def adult(tmp_path_factory: pytest.TempPathFactory) -> AdultSetup:
                 layout,
                 inputs,
                 (inputs @ weights - 1.0)[:, None],
+                subject_keys=np.arange(len(part), dtype=np.uint64) + np.uint64(1),
                 dataset=schema.name,
                 epsilon=1.0,
             )

@@ -142,7 +142,15 @@ def test_profile_release_is_charged_to_the_site_budget(adult: AdultSetup, tmp_pa
     ws = Workspace.open(ws.home)
     inputs = adult.encoder.encode(adult.reference.iloc[:500])
     with pytest.raises(BudgetExceededError):
-        release_profile(ws, adult.layout, inputs, None, dataset="adult-income", epsilon=1.0)
+        release_profile(
+            ws,
+            adult.layout,
+            inputs,
+            None,
+            subject_keys=np.arange(500, dtype=np.uint64),
+            dataset="adult-income",
+            epsilon=1.0,
+        )
     with ws.ledger() as ledger:
         assert ledger.entries(event_type="privacy.budget_refused")
         assert not ledger.entries(event_type="drift.profile_released")
@@ -151,7 +159,7 @@ def test_profile_release_is_charged_to_the_site_budget(adult: AdultSetup, tmp_pa
         with site.ledger() as ledger:
             spent = ledger.entries(event_type="privacy.spent")
         assert [e.payload["mechanism"] for e in spent] == ["drift-reference-histograms"]
-        assert 0.99 < spent[0].payload["epsilon_after"] <= 1.0
+        assert 0.99 < spent[0].payload["epsilon_max_after"] <= 1.0
 
 
 def test_profile_roundtrips_through_the_card(adult: AdultSetup) -> None:

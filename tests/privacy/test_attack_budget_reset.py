@@ -18,8 +18,7 @@ import pytest
 
 from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.errors import RoundFailedError
-from insitu.federated import FederationConfig, simulate
+from insitu.federated import FederationConfig
 from insitu.federated._models import build_model, get_weights
 from insitu.federated._site_app import SiteClient, SitePlan, SiteRoundError, prepare_site_data
 from insitu.workspace import Workspace
@@ -131,20 +130,3 @@ def test_new_records_beside_spent_ones_are_admitted_and_the_spent_ones_left_out(
     # Of 3000 rows, 2000 were spent in r1: about 80% of those are training records.
     assert 1400 < second["excluded_over_budget"] < 1800
     assert 600 < second["rows"] < 1000
-
-
-def test_a_shuffled_frame_through_the_python_api_meets_the_same_sites_budgets(tmp_path):
-    # End to end: the partition into simulated sites follows the subjects, so the same
-    # people are at the same site whatever the order or the door.
-    coordinator, _ = Workspace.init(tmp_path / "coordinator", name="coordinator")
-    records = read_table(builtin_data("adult")).iloc[:6000].drop(columns=["record_id"])
-    path = tmp_path / "adult.csv"
-    records.to_csv(path, index=False)
-    config = FederationConfig(
-        sites=3, rounds=1, privacy="record", epsilon=0.8, secure_aggregation=False, batch_size=64
-    )
-    simulate(coordinator, path, config, label="income", site_epsilon_budget=1.0)
-    shuffled = records.sample(frac=1.0, random_state=11).reset_index(drop=True)
-    with pytest.raises(RoundFailedError) as caught:
-        simulate(coordinator, shuffled, config, label="income")
-    assert caught.value.sites == {f"site-0{i}": "budget" for i in (1, 2, 3)}

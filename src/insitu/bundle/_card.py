@@ -130,7 +130,9 @@ class ModelCard:
     (trained without differential privacy: the card says so, it is not left blank).
     ``provenance`` holds ``training_rounds`` (ledger ``seq``, ``type`` and ``hash`` of each
     training entry, so an auditor can find them with ``insitu audit``), the ``node`` whose
-    ledger holds them, and ``data_schema_sha256``.
+    ledger holds them, and ``data_schema_sha256``; for a model traced to a federated run,
+    ``run``, ``run_entry``, ``epsilon_recorded`` and ``delta_recorded``, and for a model
+    ``insitu optimize`` chose, ``optimized_from`` (``insitu.bundle._provenance``).
     """
 
     name: str

@@ -45,7 +45,6 @@ from insitu.cli._quickstart_steps import (
 )
 from insitu.data import DataSchema, read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.errors import FederationError
 from insitu.federated import FederationConfig, RoundRecord, simulate
 from insitu.workspace import Workspace
 
@@ -146,27 +145,24 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
         result = simulate(
             coordinator, frame, config, schema=schema, consent=consent, on_round=on_round
         )
-        last = result.rounds[-1]
-        short = [r.round for r in result.rounds if r.sites_ok < config.required_sites]
-        if short or len(result.rounds) < rounds:
-            # Flower's SecAgg+ workflow can end a round whose sites all failed without
-            # handing the strategy anything: never report such a model as trained.
-            raise FederationError(
-                f"rounds {short or 'missing'} aggregated fewer than {config.required_sites} "
-                "sites' updates (see the log above and the sites' ledgers); nothing was shipped"
-            )
-        spent = max(last.epsilon_by_site.values(), default=0.0)
+        # simulate() raises RoundFailedError (and records federation.failed) for a round
+        # with fewer sites than required: a result here completed every round.
+        spent = result.epsilon_run
         done(
             StepResult(
                 "federated training",
                 "ok",
                 f"{sites} sites x {rounds} rounds, DP-SGD + SecAgg+: accuracy "
-                f"{result.central_accuracy:.4f} on the coordinator's hold-out, epsilon per "
-                f"site {spent:.2f} (target {epsilon})",
+                f"{result.central_accuracy:.4f} on the coordinator's hold-out, epsilon of this "
+                f"run {spent:.2f} (target {epsilon}); most any subject spent so far "
+                f"{max(s.epsilon_spent_max for s in result.sites):.2f}",
                 {
                     "run": result.run_id,
                     "central_accuracy": result.central_accuracy,
-                    "epsilon_by_site": last.epsilon_by_site,
+                    "epsilon_by_site": {s.site: s.epsilon_run for s in result.sites},
+                    "epsilon_spent_max_by_site": {
+                        s.site: s.epsilon_spent_max for s in result.sites
+                    },
                 },
             ),
             t0,
@@ -253,7 +249,9 @@ def quickstart(  # noqa: PLR0915 -- the main job, step by step
         "private_accuracy": baseline.figures["private_accuracy"],
         "baseline_accuracy": baseline.figures["baseline_accuracy"],
         "epsilon_target": epsilon,
-        "epsilon_by_site": last.epsilon_by_site,
+        "epsilon_run": result.epsilon_run,
+        "epsilon_by_site": {site.site: site.epsilon_run for site in result.sites},
+        "epsilon_spent_max_by_site": {site.site: site.epsilon_spent_max for site in result.sites},
         "attack_auc": audit.figures["attack_auc"],
         "model_bytes_before": len((result.model_dir / "model.onnx").read_bytes()),
         "model_bytes_after": optimized.figures.get("model_bytes_after"),
@@ -297,9 +295,17 @@ def _print_summary(summary: dict[str, Any], results: dict[str, StepResult]) -> N
         "baseline (sites' held-out records)",
     )
     table.add_row(
-        "epsilon spent per site",
-        ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary["epsilon_by_site"].items()))
-        + f" (target {summary['epsilon_target']})",
+        "epsilon of this run",
+        f"{summary['epsilon_run']:.2f} (target {summary['epsilon_target']}; per site "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary["epsilon_by_site"].items()))
+        + ")",
+    )
+    table.add_row(
+        "epsilon spent so far",
+        ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(summary["epsilon_spent_max_by_site"].items())
+        )
+        + " (the most any one subject at each site has spent, every run included)",
     )
     table.add_row("membership attack AUC", f"{summary['attack_auc']:.4f} (0.5 is chance)")
     before = summary["model_bytes_before"]
@@ -375,7 +381,9 @@ def _optimize_step(
     fp32 = (result.model_dir / "model.onnx").read_bytes()
     rows = frame.sample(n=min(len(frame), 4000), random_state=7)
     calibration, evaluation = rows.iloc[:1000], rows.iloc[1000:]
-    report = optimize_workspace_model(coordinator, calibration, evaluation, run_id=result.run_id)
+    report = optimize_workspace_model(
+        coordinator, calibration, evaluation, run_id=result.run_id, public_calibration=True
+    )
     chosen = report.chosen_candidate
     base = report.candidate.get("fp32")
     candidates = [
@@ -512,7 +520,7 @@ def _ship(
         earlier = len(ledger.entries(event_type="bundle.created"))
     version = f"1.0.{earlier}"
     sites = [Workspace.open(home) for home in result.site_homes]
-    spent = max(result.rounds[-1].epsilon_by_site.values(), default=epsilon)
+    spent = result.epsilon_run
     blob, bundle = bundle_model(
         coordinator,
         model,

@@ -85,19 +85,19 @@ def _canonical_value(value: object) -> str:
 
 
 def subject_tokens(
-    frame: pd.DataFrame, schema: DataSchema, pseudonymizer: Pseudonymizer
+    frame: pd.DataFrame, pseudonymizer: Pseudonymizer, *, subject: str | None
 ) -> pd.Series:
     """The data subject of each row of a *raw* frame, as a site-keyed ``p_`` token.
 
-    With ``dataset.subject``, the subject column's pseudonym. Without one, each row is
-    its own subject, named by a keyed fingerprint of its content: the multiset of its
-    values (column names and order play no part, so a renamed or reordered column
+    With a ``subject`` column (the schema's ``dataset.subject``), its pseudonym. Without
+    one, each row is its own subject, named by a keyed fingerprint of its content: the
+    multiset of its values (column names and order play no part, so a renamed or reordered column
     changes nothing) and how many identical rows came before it (two identical rows are
     two records; shuffling them changes nothing). Editing a row's values makes it a new
     record: declare a subject column where that matters.
     """
-    if schema.subject is not None:
-        return pseudonymizer.series(frame[schema.subject].astype(str)).reset_index(drop=True)
+    if subject is not None:
+        return pseudonymizer.series(frame[subject].astype(str)).reset_index(drop=True)
     cells = frame.to_numpy(dtype=object)
     contents = pd.Series(
         ["\x1f".join(sorted(_canonical_value(v) for v in row)) for row in cells], dtype=object
@@ -235,7 +235,7 @@ def prepare(
     schema.check_columns(frame.columns, source=source)
     k = schema.k if k is None else k
     released = schema.released
-    subjects = subject_tokens(frame, schema, pseudonymizer)
+    subjects = subject_tokens(frame, pseudonymizer, subject=schema.subject)
     # Minimization first: from here on, nothing undeclared or dropped exists.
     out = frame.loc[:, list(released)].copy()
     for column in schema.pseudonymize:

@@ -28,7 +28,9 @@ class FederationConfig:
     each site also enforces its own budget per data subject across every use
     (``insitu.privacy.SubjectBudget``). ``evaluation_epsilon`` is what the final
     evaluation costs each held-out record (record-level privacy: sites release noisy
-    counts of correct predictions). ``seed`` fixes the initial model and non-private
+    counts of correct predictions). ``inference_epsilon`` is what inferring a schema from
+    the data costs each record (``simulate --label``: vocabularies and ranges released
+    under DP, ``insitu.data.infer_schema``). ``seed`` fixes the initial model and non-private
     batch order only: DP noise and sampling are secret and never reproducible.
     """
 
@@ -52,6 +54,7 @@ class FederationConfig:
     seed: int = 0
     secagg_clipping_range: float = 64.0
     evaluation_epsilon: float = 0.5
+    inference_epsilon: float = 0.5
 
     def __post_init__(self) -> None:  # noqa: PLR0912 -- one check per setting
         if not 1 <= self.sites <= 1000:
@@ -88,6 +91,10 @@ class FederationConfig:
         if self.privacy == "record" and not 0.01 <= self.evaluation_epsilon <= 10:
             raise UsageError(
                 f"--evaluation-epsilon {self.evaluation_epsilon}: use a value from 0.01 to 10"
+            )
+        if not 0.01 <= self.inference_epsilon <= 10:
+            raise UsageError(
+                f"--inference-epsilon {self.inference_epsilon}: use a value from 0.01 to 10"
             )
         if not 0 <= self.min_sites <= self.sites:
             raise UsageError(f"--min-sites {self.min_sites} must be between 0 and --sites")

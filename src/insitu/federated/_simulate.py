@@ -46,13 +46,16 @@ from insitu.data import (
     ConsentRegistry,
     DataSchema,
     FeatureEncoder,
+    InferredSchema,
     Pseudonymizer,
+    infer_schema,
     prepare,
     read_table,
+    subject_keys,
     subject_tokens,
     token_uniform,
 )
-from insitu.errors import FederationError, InsufficientDataError, UsageError
+from insitu.errors import FederationError, InsufficientDataError, SchemaError, UsageError
 from insitu.federated._config import MAX_SITE_WEIGHT, FederationConfig
 from insitu.federated._local import evaluate, planned_event
 from insitu.federated._models import (
@@ -73,7 +76,7 @@ from insitu.federated._server_app import (
     run_rounds,
 )
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
-from insitu.privacy import SubjectBudget, calibrate_noise, rdp_noise_multiplier
+from insitu.privacy import PrivacyEvent, SubjectBudget, calibrate_noise, rdp_noise_multiplier
 from insitu.workspace import Workspace
 
 __all__ = ["FederatedResult", "SiteSummary", "min_rows_for", "simulate"]
@@ -118,6 +121,9 @@ class FederatedResult:
     central_accuracy: float | None
     seconds: float
     sites: list[SiteSummary] = field(default_factory=list)
+    #: One line per thing the user should know and fix (e.g. a column dropped as an
+    #: identifier when the schema was inferred).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def epsilon_run(self) -> float:
@@ -136,6 +142,7 @@ class FederatedResult:
             "reproducible": self.config.privacy == "none",
             "epsilon_run": self.epsilon_run,
             "sites": [s.to_json() for s in self.sites],
+            "warnings": self.warnings,
             "rounds": [r.to_json() for r in self.rounds],
         }
 
@@ -200,14 +207,19 @@ class _Split:
 
 
 def _split(
-    coordinator: Workspace, frame: pd.DataFrame, schema: DataSchema, config: FederationConfig
+    coordinator: Workspace,
+    frame: pd.DataFrame,
+    config: FederationConfig,
+    *,
+    label: str,
+    subject: str | None,
 ) -> _Split:
     """Central held-out rows and the sites' parts, each decided by the row's subject."""
-    tokens = subject_tokens(frame, schema, Pseudonymizer(coordinator.secret("pseudonym")))
+    tokens = subject_tokens(frame, Pseudonymizer(coordinator.secret("pseudonym")), subject=subject)
     central = token_uniform(tokens, part=0) < CENTRAL_FRACTION
     pool = frame[~central].reset_index(drop=True)
     uniform = token_uniform(tokens[~central].reset_index(drop=True), part=1)
-    parts = partition(pool, config.partition, config.sites, label=schema.label, uniform=uniform)
+    parts = partition(pool, config.partition, config.sites, label=label, uniform=uniform)
     if config.privacy == "record":
         needed = min_rows_for(config)
         for index, rows in enumerate(parts, start=1):
@@ -229,7 +241,7 @@ def _site_weights(parts: list[np.ndarray]) -> list[int]:
 
 
 def _make_sites(
-    coordinator: Workspace,
+    sites: list[Workspace],
     split: _Split,
     schema: DataSchema,
     config: FederationConfig,
@@ -238,15 +250,15 @@ def _make_sites(
     n_features: int,
     source: str,
     consent: Path | Sequence[tuple[str, str, str]] | None,
-    site_epsilon_budget: float | None,
     model_fn: ModelFn | None,
     faults: dict[int, str],
 ) -> list[SitePlan]:
-    """Each site's workspace, its prepared and sealed part, consent, and its plan."""
+    """Each site's prepared and sealed part, consent, and its plan."""
     plans: list[SitePlan] = []
     weights = _site_weights(split.parts)
-    for index, (rows, weight) in enumerate(zip(split.parts, weights, strict=True), start=1):
-        ws = _site_workspace(coordinator, index, site_epsilon_budget)
+    for index, (ws, rows, weight) in enumerate(
+        zip(sites, split.parts, weights, strict=True), start=1
+    ):
         site_frame = split.pool.iloc[rows].reset_index(drop=True)
         train_dir, test_dir = prepare_site_data(
             ws, site_frame, schema, test_fraction=config.test_fraction, source=source
@@ -428,9 +440,21 @@ def simulate(
     started = time.perf_counter()
     frame = data if isinstance(data, pd.DataFrame) else read_table(data)
     source = "data" if isinstance(data, pd.DataFrame) else data.name
-    schema = _schema_for(frame, schema, label, source=source)
+    label = _label_for(frame, schema, label, source=source)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    split = _split(coordinator, frame, schema, config)
+    split = _split(
+        coordinator, frame, config, label=label, subject=schema.subject if schema else None
+    )
+    sites = [
+        _site_workspace(coordinator, index, site_epsilon_budget)
+        for index in range(1, config.sites + 1)
+    ]
+    warnings: list[str] = []
+    if schema is None:
+        inferred = _infer_schema(
+            coordinator, sites, split, config, label=label, source=source, run_id=run_id
+        )
+        schema, warnings = inferred.schema, inferred.warnings
     encoder = FeatureEncoder.for_schema(schema, split.pool)
     central = prepare(
         split.central, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="central", k=1
@@ -438,7 +462,7 @@ def simulate(
     central_x, central_y = encoder.encode(central), encoder.labels(central)
     n_features = len(encoder.names)
     plans = _make_sites(
-        coordinator,
+        sites,
         split,
         schema,
         config,
@@ -446,7 +470,6 @@ def simulate(
         n_features=n_features,
         source=source,
         consent=consent,
-        site_epsilon_budget=site_epsilon_budget,
         model_fn=model_fn,
         faults=faults or {},
     )
@@ -493,6 +516,7 @@ def simulate(
         central_accuracy=central_accuracy,
         seconds=time.perf_counter() - started,
         sites=_site_summaries(plans, run_id),
+        warnings=warnings,
     )
     atomic_write_text(model_dir / "record.json", json.dumps(result.to_json(), indent=2) + "\n")
     with coordinator.ledger() as ledger:
@@ -509,19 +533,82 @@ def simulate(
     return result
 
 
-def _schema_for(
+def _label_for(
     frame: pd.DataFrame, schema: DataSchema | None, label: str | None, *, source: str
-) -> DataSchema:
+) -> str:
+    """The label column, checked against the data and the schema."""
     if schema is None:
         if label is None:
             raise UsageError("give a data schema (--schema) or the label column (--label)")
-        schema = DataSchema.infer(
-            frame, label=label, name=source.split(".", maxsplit=1)[0] or "dataset"
-        )
-    elif label is not None and label != schema.label:
+        if label not in frame.columns:
+            raise SchemaError(
+                f"label column {label!r} is not in the data {source} (its columns: "
+                f"{', '.join(map(str, frame.columns))})"
+            )
+        return label
+    if label is not None and label != schema.label:
         raise UsageError(f"--label {label!r} differs from the schema's label {schema.label!r}")
     schema.check_columns(frame.columns, source=source)
-    return schema
+    return schema.label
+
+
+def _infer_schema(
+    coordinator: Workspace,
+    sites: list[Workspace],
+    split: _Split,
+    config: FederationConfig,
+    *,
+    label: str,
+    source: str,
+    run_id: str,
+) -> InferredSchema:
+    """A schema inferred under DP from the rows of the run, charged to their subjects first.
+
+    Each site charges the inference's event to the subjects of its part (those without
+    budget left are left out of the inference); the coordinator's central rows are its
+    own (simulation only). Identifier-looking columns are dropped, one warning each.
+    """
+    sigma = calibrate_noise(
+        target_epsilon=config.inference_epsilon,
+        delta=config.delta / 2,
+        sample_rate=1.0,
+        steps=1,
+    )
+    event = PrivacyEvent(sigma, 1.0, 1)
+    used = [split.central]
+    for ws, rows in zip(sites, split.parts, strict=True):
+        part = split.pool.iloc[rows].reset_index(drop=True)
+        keys = subject_keys(
+            subject_tokens(part, Pseudonymizer(ws.secret("pseudonym")), subject=None)
+        )
+        with ws.ledger() as ledger:
+            charge = SubjectBudget.for_workspace(ws, ledger).charge(
+                keys, event, mechanism="schema-inference", run=run_id
+            )
+        used.append(part[charge.admission.admitted])
+    inferred = infer_schema(
+        pd.concat(used, ignore_index=True),
+        label=label,
+        name=source.split(".", maxsplit=1)[0] or "dataset",
+        epsilon=config.inference_epsilon,
+        delta=config.delta,
+    )
+    if inferred.event is not None and inferred.event != event:  # pragma: no cover - same math
+        raise FederationError("the inference's privacy event is not the one the sites paid for")
+    with coordinator.ledger() as ledger:
+        ledger.record(
+            "schema.inferred",
+            run=run_id,
+            dataset=inferred.schema.name,
+            schema_sha256=inferred.schema.digest(),
+            dropped=inferred.dropped,
+            epsilon=config.inference_epsilon,
+            delta=config.delta,
+            noise_multiplier=sigma,
+        )
+    for line in inferred.warnings:
+        logger.warning("%s", line)
+    return inferred
 
 
 def _strategy(

@@ -131,7 +131,7 @@ def prepare_site_data(
     """
     from insitu.data import Pseudonymizer, subject_tokens, token_uniform
 
-    tokens = subject_tokens(frame, schema, Pseudonymizer(ws.secret("pseudonym")))
+    tokens = subject_tokens(frame, Pseudonymizer(ws.secret("pseudonym")), subject=schema.subject)
     is_test = token_uniform(tokens, part=0) < test_fraction
     base = ws.home / "prepared" / schema.name
     for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):

@@ -19,6 +19,12 @@
 * an **ONNX file**: quantized only (pruning and distillation need the trainable model,
   except that any source can teach a distilled student).
 
+A source is named in the ledger by :attr:`SourceModel.ledger_sha256`: for a workspace
+model the SHA-256 of its ``model.onnx`` (what the run's ``federation.completed`` entry
+names; the fp32 export is rebuilt from ``model.pt`` and may differ in bytes), with the
+digest of its weights to check ``model.pt`` against the run's record; otherwise the
+digest of the ONNX bytes themselves.
+
 Outputs: a single float output is read as logits (one column: a binary logit, positive
 when > 0; K columns: argmax). A graph with an integer output and a float one (skl2onnx
 classifiers) gives labels from the first and scores (probabilities) from the second.

@@ -361,8 +361,7 @@ class SubjectBudget:
                 )
             cohort = as_keys(keys[admission.admitted])
             digest = self._write_cohort(cohort)
-            run_events = [e for _, e, r in index.charges if run and r == run]
-            epsilon_run = epsilon_of([*run_events, event], delta=self.delta)
+            epsilon_run = self._epsilon_run(index, cohort, event, run)
             entry = self._ledger.record(
                 SPENT,
                 cohort_sha256=digest,
@@ -383,6 +382,20 @@ class SubjectBudget:
             self.epsilon_budget,
         )
         return BudgetCharge(entry.seq, admission, epsilon_run, self.epsilon_budget, self.delta)
+
+    def _epsilon_run(
+        self, index: _Index, cohort: np.ndarray, event: PrivacyEvent, run: str
+    ) -> float:
+        """The most any subject of ``cohort`` has spent in ``run``, this event included."""
+        in_run = {i for i, (_, _, r) in enumerate(index.charges) if run and r == run}
+        restricted = {
+            tuple(i for i in index.histories[h] if i in in_run)
+            for h in np.unique(index.lookup(cohort)).tolist()
+        }
+        return max(
+            epsilon_of([*(index.charges[i][1] for i in history), event], delta=self.delta)
+            for history in restricted
+        )
 
     def _write_cohort(self, cohort: np.ndarray) -> str:
         data = cohort.astype("<u8").tobytes()

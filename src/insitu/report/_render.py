@@ -112,6 +112,15 @@ def _summary(evidence: Evidence, s: dict[str, Any]) -> dict[str, Any]:
         f"{k} {v:.3f}" for k, v in summary["epsilon_by_site"].items() if v is not None
     )
     raw = flows["raw_record_bytes"]
+    totals = [p["epsilon_total"] for p in s["privacy"] if p["epsilon_total"] is not None]
+    total = max(totals) if totals else None
+    o = s.get("one_run_audit")
+    one_run = (
+        None
+        if not o
+        else f"{o['epsilon_lower_bound']:.3f} vs {o['claimed_epsilon']:.3f}"
+        + (" (FLAGGED)" if o.get("flagged") else "")
+    )
     sizes = (
         f"{opt.get('model_bytes_before', 0):,} / {opt.get('model_bytes_after', 0):,} bytes"
         if opt
@@ -122,7 +131,11 @@ def _summary(evidence: Evidence, s: dict[str, Any]) -> dict[str, Any]:
          "federation.baseline"),
         ("accuracy, non-private centralized baseline", pct(baseline.get("baseline_accuracy")),
          "federation.baseline"),
-        ("epsilon spent this run, per site", eps_text or None, "each site's privacy.spent"),
+        ("epsilon of this run, per site", eps_text or None, "each site's privacy.spent"),
+        ("epsilon spent so far, most at any site", None if total is None else f"{total:.3f}",
+         "each site's privacy.spent"),
+        ("one-run audit: empirical lower bound vs claimed epsilon", one_run,
+         "privacy.one_run_audit"),
         ("membership attack AUC (loss attack)", None if attack is None else f"{attack['auc']:.4f}",
          "privacy.audit"),
         ("raw-data bytes that crossed a site boundary", None if raw is None else f"{raw:,}",

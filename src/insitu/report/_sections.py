@@ -56,7 +56,10 @@ def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
                 "failures": e.payload.get("failures"),
                 "accuracy": e.payload.get("accuracy"),
                 "central_accuracy": e.payload.get("central_accuracy"),
-                "epsilon_max": e.payload.get("epsilon_max"),
+                "epsilon_run_max": e.payload.get(
+                    "epsilon_run_max", e.payload.get("epsilon_max")
+                ),
+                "sites_evaluated": e.payload.get("sites_evaluated"),
             }
             for e in rounds
         ],
@@ -69,28 +72,37 @@ def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
 
 
 def _site_privacy(site: LedgerEvidence, run: str) -> dict[str, Any]:
+    """This run's epsilon at the site beside the most any of its subjects spent so far."""
     spent = site.of_type("privacy.spent")
     mine = _for_run(spent, run)
+    training = [e for e in mine if e.payload.get("mechanism") in ("dp-sgd", "dp-fedavg")]
     refused = _for_run(site.of_type("privacy.budget_refused"), run)
     last = _last(mine)
-    total = _last(spent)
+    total = max((float(e.payload.get("epsilon_max_after", 0.0)) for e in spent), default=None)
     return {
         "site": site.name,
         "verified": site.verified,
-        "epsilon_run": last.payload["epsilon_after"] - mine[0].payload["epsilon_before"]
-        if last
-        else None,
-        "epsilon_total": total.payload["epsilon_after"] if total else None,
-        "budget": total.payload.get("budget_epsilon") if total else None,
-        "delta": total.payload.get("delta") if total else None,
-        "noise_multiplier": last.payload.get("noise_multiplier") if last else None,
-        "sample_rate": last.payload.get("sample_rate") if last else None,
-        "steps": sum(int(e.payload.get("steps", 0)) for e in mine),
-        "mechanism": last.payload.get("mechanism") if last else None,
-        "rounds_charged": len(mine),
+        "epsilon_run": last.payload.get("epsilon_run") if last else None,
+        "epsilon_total": total,
+        "budget": last.payload.get("budget_epsilon") if last else None,
+        "delta": last.payload.get("delta") if last else None,
+        "noise_multiplier": training[-1].payload.get("noise_multiplier") if training else None,
+        "sample_rate": training[-1].payload.get("sample_rate") if training else None,
+        "steps": sum(int(e.payload.get("steps", 0)) for e in training),
+        "mechanism": training[-1].payload.get("mechanism") if training else None,
+        "mechanisms": sorted({str(e.payload.get("mechanism")) for e in mine}),
+        "rounds_charged": len(training),
+        "excluded_over_budget": max(
+            (int(e.payload.get("excluded_over_budget", 0)) for e in training), default=0
+        ),
         "refusals": len(refused),
         "by_round": [
-            {"round": e.payload.get("round"), "epsilon": e.payload["epsilon_after"]} for e in mine
+            {
+                "round": e.payload.get("round"),
+                "epsilon": e.payload.get("epsilon_run"),
+                "epsilon_total": e.payload.get("epsilon_max_after"),
+            }
+            for e in training
         ],
         "sources": [_ref(site, mine)],
     }
@@ -178,6 +190,14 @@ def _audit(evidence: Evidence, coord: LedgerEvidence, run: str) -> dict[str, Any
         "roc": roc if isinstance(roc, dict) else None,
         "sources": [_ref(coord, [entry])],
     }
+
+
+def _one_run_audit(coord: LedgerEvidence) -> dict[str, Any] | None:
+    """The latest white-box one-run audit of the training mechanism, if any."""
+    entry = _last(coord.of_type("privacy.one_run_audit"))
+    if entry is None:
+        return None
+    return dict(entry.payload) | {"sources": [_ref(coord, [entry])]}
 
 
 def _models(coord: LedgerEvidence, sites: list[LedgerEvidence]) -> dict[str, Any]:
@@ -279,6 +299,7 @@ def build_sections(evidence: Evidence) -> dict[str, Any]:
         "flows": flows,
         "governance": _data_governance(sites),
         "audit": _audit(evidence, coord, run),
+        "one_run_audit": _one_run_audit(coord),
         "models": _models(coord, sites),
         "steps": _steps(coord, run),
         "declared": dict(declared.payload) | {"seq": declared.seq} if declared else None,
