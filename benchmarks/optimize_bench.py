@@ -130,6 +130,7 @@ def bench(name, build, train_set, cal, ev, *, binary, epochs, quick):
         example=cal[0][:2],
         constraints=Constraints(max_accuracy_drop=0.5),
         quick=quick,
+        public_calibration=True,  # public benchmark data (the census rows, sklearn's digits)
     )
     ort1 = ort_threads[1]
     fp32_candidate = report.candidate["fp32"]

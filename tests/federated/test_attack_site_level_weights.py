@@ -94,7 +94,9 @@ def test_control_flowers_wrapper_over_a_count_weighted_mean_understates_epsilon(
 
     def make(*, noise: bool) -> DifferentialPrivacyClientSideFixedClipping:
         return DifferentialPrivacyClientSideFixedClipping(
-            FedAvg(), noise_multiplier=sigma if noise else 1e-12, clipping_norm=CLIP,
+            FedAvg(),
+            noise_multiplier=sigma if noise else 1e-12,
+            clipping_norm=CLIP,
             num_sampled_clients=3,
         )
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from insitu.data import DataSchema
+from insitu.datasets import builtin_schema
 from insitu.errors import RoundFailedError
 from insitu.federated import FederationConfig, simulate
 from insitu.workspace import Workspace
@@ -32,6 +34,18 @@ def run(workspace, adult, spy=None, **settings):
     defaults = {"sites": 3, "rounds": 1, "privacy": "none", "secure_aggregation": False}
     config = FederationConfig(**(defaults | settings.pop("config", {})))
     return simulate(workspace, adult, config, label="income", strategy_spy=spy, **settings)
+
+
+def run_with_schema(workspace, adult, **settings):
+    """A run under a declared schema: the same model inputs in every run (no inference)."""
+    doc = DataSchema.load(builtin_schema("adult")).source
+    doc["dataset"].pop("subject")
+    doc["identifiers"]["direct"] = []
+    doc["treatment"]["drop"] = []
+    doc["consent"] = {"required": False, "legal_basis": "GDPR art. 6(1)(e), test"}
+    defaults = {"sites": 3, "rounds": 1, "privacy": "none", "secure_aggregation": False}
+    config = FederationConfig(**(defaults | settings.pop("config", {})))
+    return simulate(workspace, adult, config, schema=DataSchema.from_dict(doc), **settings)
 
 
 def test_site_with_budget_1_refuses_the_round_that_would_exceed_it_across_two_runs(
@@ -58,9 +72,15 @@ def test_site_with_budget_1_refuses_the_round_that_would_exceed_it_across_two_ru
             assert len(refused) == 1
             assert refused[0].payload["excluded_over_budget"] == refused[0].payload["candidates"]
             assert refused[0].payload["budget_epsilon"] == 1.0
-            # The round's DP-SGD on the training subjects, the final evaluation on the
-            # held-out ones: two cohorts, two charges.
-            assert [e.payload["mechanism"] for e in spent] == ["dp-sgd", "evaluation"]
+            # The schema inferred from every record, the round's DP-SGD on the training
+            # subjects, the final evaluation on the held-out ones; then the second run's
+            # inference (its subjects had budget for that), before its round was refused.
+            assert [e.payload["mechanism"] for e in spent] == [
+                "schema-inference",
+                "dp-sgd",
+                "evaluation",
+                "schema-inference",
+            ]
             assert ledger.verify().entries > 0
 
 
@@ -103,7 +123,7 @@ def test_a_round_with_one_of_five_sites_crashing_mid_round_completes(workspace, 
 
 def test_a_poisoned_update_does_not_move_the_robust_aggregate(workspace, adult):
     def weights(**settings):
-        result = run(
+        result = run_with_schema(
             workspace, adult, config={"sites": 5, **settings.pop("config", {})}, **settings
         )
         return np.concatenate([w.ravel() for w in result.weights]), result.central_accuracy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import threading
 from dataclasses import dataclass
@@ -72,9 +73,20 @@ def build_device(base: Path, model_fn=weak_model, *, rows: int = 4000) -> Device
     coordinator, _ = Workspace.init(base / "coordinator", name="coordinator")
     device, _ = Workspace.init(base / "device", name="device")
     model = model_fn(layout.n_inputs)
+    onnx = export_onnx(model, layout.n_inputs)
+    with coordinator.ledger() as ledger:  # the coordinator's record of the private training
+        ledger.record(
+            "federation.completed",
+            run="run-1",
+            rounds=1,
+            onnx_sha256=hashlib.sha256(onnx).hexdigest(),
+            epsilon_run=1.0,
+            delta=1e-5,
+            round_entries=[],
+        )
     blob, _ = bundle_model(
         coordinator,
-        export_onnx(model, layout.n_inputs),
+        onnx,
         name=NAME,
         version="1.0.0",
         recipients=[device.encryption_public_key],

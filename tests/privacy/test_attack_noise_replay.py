@@ -141,9 +141,7 @@ def test_stripping_the_replayed_noise_leaves_an_update_no_closer_to_the_noiseles
         shapes = [tuple(d.shape) for d in randomness.draws[:2]]
         replay = _replayed_noise(SEED, shapes, EVENT.noise_multiplier).reshape(steps.shape)
         stripped = observed - (-scale * replay.sum(axis=0))
-        return float(np.linalg.norm(stripped - noiseless)), float(
-            np.linalg.norm(true_contribution)
-        )
+        return float(np.linalg.norm(stripped - noiseless)), float(np.linalg.norm(true_contribution))
 
     product = Recording()
     left, noise = residual(product, _train(x, y, product) - _initial(x))

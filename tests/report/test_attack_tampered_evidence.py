@@ -35,7 +35,7 @@ def _edit_payload(ledger: Path, event_type: str, key: str, value: object) -> Non
     ("workspace", "event_type", "key", "value"),
     [
         # A site lowers the epsilon it spent; the coordinator polishes the attack's result.
-        ("coordinator/sites/site-02", "privacy.spent", "epsilon_after", 0.5),
+        ("coordinator/sites/site-02", "privacy.spent", "epsilon_max_after", 0.5),
         ("coordinator", "federation.baseline", "private_accuracy", 0.99),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,13 +36,20 @@ def setup(tmp_path, capsys):
     base, weights = mlp(WIDTHS)
     (tmp_path / "model.onnx").write_bytes(base)
     (tmp_path / "model2.onnx").write_bytes(fine_tune(WIDTHS, weights, last_layer_only=True))
+    # The publisher's ledger records how both were trained (a card may claim an epsilon
+    # only for a model whose private training the ledger records).
+    with Workspace.open(publisher).ledger() as ledger:
+        for run, name in (("r1", "model.onnx"), ("r2", "model2.onnx")):
+            ledger.record(
+                "federation.completed",
+                run=run,
+                rounds=1,
+                onnx_sha256=hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(),
+                epsilon_run=3.0,
+                delta=1e-5,
+                round_entries=[],
+            )
     return tmp_path, publisher, device
-
-
-def _record_training_rounds(home: str) -> None:
-    with Workspace.open(home).ledger() as ledger:
-        for round_number in (1, 2):
-            ledger.record("training.round", round=round_number, clients=3, epsilon_spent=1.5)
 
 
 def _create(capsys, tmp_path: Path, publisher: str, device: str, model: str, version: str):
@@ -55,17 +63,18 @@ def _create(capsys, tmp_path: Path, publisher: str, device: str, model: str, ver
 
 def test_bundle_create_inspect_verify(setup, capsys):
     tmp_path, publisher, device = setup
-    _record_training_rounds(publisher)
     created = _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
-    rounds = created["card"]["provenance"]["training_rounds"]
-    assert [r["type"] for r in rounds] == ["training.round", "training.round"]
+    provenance = created["card"]["provenance"]
+    assert provenance["run"] == "r1"
+    assert provenance["run_entry"]["type"] == "federation.completed"
+    assert provenance["epsilon_recorded"] == 3.0
     assert created["card"]["provenance"]["node"] == Workspace.open(publisher).node_id
     assert created["payload"]["encrypted"] is True
     assert len(created["payload"]["recipients"]) == 2  # the device and the publisher
     path = str(tmp_path / "triage-1.0.0.insb")
     inspected = invoke_json(capsys, "bundle", "inspect", path)
     assert inspected["verified"] is False
-    assert inspected["card"]["privacy"] == {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}
+    assert inspected["card"]["privacy"] == {"epsilon": 3.0, "delta": 1e-5, "accountant": "pld"}
     assert inspected["card"]["metrics"] == {"auc": 0.91}
     verified = invoke_json(capsys, "bundle", "verify", path, "--home", publisher)
     assert "decrypted model digest" in verified["verified"]
@@ -253,6 +262,7 @@ def test_bundle_create_no_encrypt_warns(setup, capsys):
     code, out, err = invoke(
         capsys, "bundle", "create", str(tmp_path / "model.onnx"), "--version", "1.0.0",
         "--out", str(tmp_path / "plain.insb"), "--no-encrypt", "--home", publisher,
+        "--epsilon", "3", "--delta", "1e-5",
     )  # fmt: skip
     assert code == 0
     assert "NOT encrypted" in err

@@ -43,9 +43,10 @@ from typing import Any
 from insitu.audit import Entry, Ledger
 from insitu.errors import UsageError
 
-__all__ = ["COMPLETED", "MAX_STEPS", "OPTIMIZED", "ROUND", "provenance_for"]
+__all__ = ["COMPLETED", "FINETUNED", "MAX_STEPS", "OPTIMIZED", "ROUND", "provenance_for"]
 
 COMPLETED = "federation.completed"
+FINETUNED = "finetune.trained"
 ROUND = "federation.round"
 OPTIMIZED = "model.optimized"
 #: The most optimization steps followed from a model back to its run.
@@ -118,11 +119,17 @@ class _Resolver:
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.completed = [
-            e
-            for e in ledger.entries(event_type=COMPLETED, newest_first=True)
-            if e.type == COMPLETED
-        ]
+        # A chain starts at a training that recorded its model's digest and privacy: a
+        # federated run, or a device's own fine-tuning of an installed model.
+        self.completed = sorted(
+            (
+                e
+                for kind in (COMPLETED, FINETUNED)
+                for e in ledger.entries(event_type=kind, newest_first=True)
+                if e.type == kind
+            ),
+            key=lambda e: -e.seq,
+        )
         self.optimized = [
             e
             for e in ledger.entries(event_type=OPTIMIZED, newest_first=True)

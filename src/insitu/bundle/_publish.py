@@ -37,7 +37,7 @@ def bundle_model(
     metrics: dict[str, float] | None = None,
     epsilon: float | None = None,
     delta: float | None = None,
-    accountant: str = "rdp",
+    accountant: str = "pld",
     data_schema_sha256: str | None = None,
     description: str = "",
     republishes: str | None = None,

@@ -104,7 +104,7 @@ def create(
         typer.Option(help="Privacy: epsilon spent (at least what the ledger records for its run)."),
     ] = None,
     delta: Annotated[float | None, typer.Option(help="Privacy: delta.")] = None,
-    accountant: Annotated[str, typer.Option(help="Privacy: the accountant used.")] = "rdp",
+    accountant: Annotated[str, typer.Option(help="Privacy: the accountant used.")] = "pld",
     data_schema: Annotated[
         Path | None, typer.Option(help="The data schema file; its SHA-256 goes in the card.")
     ] = None,

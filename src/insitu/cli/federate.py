@@ -110,10 +110,14 @@ def simulate_command(
     ] = None,
     seed: Annotated[
         int,
-        typer.Option(
-            help="Seed of the initial model (DP noise and sampling are secret, never seeded)."
-        ),
+        typer.Option(help="Seed of the initial model (DP noise and sampling are never seeded)."),
     ] = 0,
+    evaluation_epsilon: Annotated[
+        float, typer.Option(help="What the sites' final evaluation costs each held-out record.")
+    ] = 0.5,
+    inference_epsilon: Annotated[
+        float, typer.Option(help="What inferring the schema (--label) costs each record.")
+    ] = 0.5,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -142,6 +146,8 @@ def simulate_command(
         learning_rate=learning_rate,
         min_sites=min_sites,
         seed=seed,
+        evaluation_epsilon=evaluation_epsilon,
+        inference_epsilon=inference_epsilon,
     )
     ws = Workspace.open(home)
     parsed = DataSchema.load(schema) if schema else None
@@ -152,7 +158,7 @@ def simulate_command(
         "failed",
         "accuracy (sites)",
         "accuracy (held out)",
-        "epsilon (max site)",
+        "epsilon this run",
     ):
         table.add_column(column)
     with Progress(
@@ -194,13 +200,23 @@ def simulate_command(
             site_epsilon_budget=site_budget,
             on_round=on_round,
         )
+    for line in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     if json_output:
         print_json(result.to_json())
         return
     out.print(table)
+    for site in result.sites:
+        left = f"; {site.excluded_over_budget} subjects left out (budget spent)"
+        out.print(
+            f"{site.site}: epsilon {site.epsilon_run:.3f} this run, {site.epsilon_spent_max:.3f} "
+            f"the most any subject has spent here so far"
+            + (left if site.excluded_over_budget else "")
+        )
     out.print(
         f"model: {result.model_dir} (model.onnx, model.pt, record.json); held-out accuracy "
         f"{result.central_accuracy:.4f}; {result.seconds:.1f} s"
+        + ("" if config.privacy == "none" else "; DP noise is secret: not reproducible")
     )
 
 

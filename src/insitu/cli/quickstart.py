@@ -302,9 +302,7 @@ def _print_summary(summary: dict[str, Any], results: dict[str, StepResult]) -> N
     )
     table.add_row(
         "epsilon spent so far",
-        ", ".join(
-            f"{k} {v:.2f}" for k, v in sorted(summary["epsilon_spent_max_by_site"].items())
-        )
+        ", ".join(f"{k} {v:.2f}" for k, v in sorted(summary["epsilon_spent_max_by_site"].items()))
         + " (the most any one subject at each site has spent, every run included)",
     )
     table.add_row("membership attack AUC", f"{summary['attack_auc']:.4f} (0.5 is chance)")

@@ -88,9 +88,7 @@ class FeatureEncoder:
         for column in self.schema.categorical:
             cats = self.categories[column]
             position = {value: i for i, value in enumerate(cats)}
-            codes = (
-                frame[column].astype(str).map(position).fillna(-1).to_numpy(dtype=np.int64)
-            )
+            codes = frame[column].astype(str).map(position).fillna(-1).to_numpy(dtype=np.int64)
             onehot = np.zeros((len(frame), len(cats)), dtype=np.float64)
             known = codes >= 0  # unknown categories encode as all zeros
             onehot[np.flatnonzero(known), codes[known]] = 1.0

@@ -174,7 +174,11 @@ class SiteClient(NumPyClient):
         return model
 
     def _run_events(self, ws: Workspace, rows: int) -> RunEvents:
-        """The run's DP-SGD event at this site (fixed on the run's first round)."""
+        """The run's DP-SGD event at this site (fixed on the run's first round).
+
+        Calibrated so that the run's earlier events at this site (a schema inferred from
+        the records) and all its planned rounds compose to the run's epsilon.
+        """
         cfg = self.plan.config
         path = ws.home / "runs" / f"{self.plan.run_id}.json"
         if path.exists():
@@ -184,11 +188,16 @@ class SiteClient(NumPyClient):
         one_round = planned_event(
             rows=rows, batch_size=cfg.batch_size, epochs=cfg.local_epochs, noise_multiplier=1.0
         )
+        # What the run already cost these records (a schema inferred from them) counts
+        # towards the run's epsilon: the training gets the rest.
+        with ws.ledger() as ledger:
+            earlier = SubjectBudget.for_workspace(ws, ledger).run_events(self.plan.run_id)
         sigma = calibrate_noise(
             target_epsilon=cfg.epsilon,
             delta=cfg.delta,
             sample_rate=one_round.sample_rate,
             steps=one_round.steps * cfg.rounds,
+            prior=earlier,
         )
         events = RunEvents(PrivacyEvent(sigma, one_round.sample_rate, one_round.steps), rows)
         path.parent.mkdir(exist_ok=True)

@@ -320,6 +320,21 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     from insitu.federated._models import weights_digest
 
     base_eps = float(card.privacy["epsilon"]) if card.privacy else 0.0
+    # Per record: the federation's epsilon for other sites' records; this site's records
+    # have spent at most the most any of its subjects spent (the fine-tune included).
+    claimed = max(base_eps, charge.epsilon_max_after)
+    delta_claimed = max(float(card.privacy["delta"]) if card.privacy else 0.0, delta)
+    with workspace.ledger() as ledger:
+        ledger.record(
+            "finetune.trained",
+            run=f"finetune:{model}:{version}",
+            model=model,
+            base_version=card.version,
+            onnx_sha256=hashlib.sha256(candidate).hexdigest(),
+            epsilon_run=claimed,
+            delta=delta_claimed,
+            round_entries=[],
+        )
     blob, bundle = bundle_model(
         workspace,
         candidate,
@@ -327,10 +342,8 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         version=version,
         recipients=[workspace.encryption_public_key],
         metrics={**card.metrics, "local_holdout_accuracy": round(accuracy_after, 4)},
-        # Per record: the federation's epsilon for other sites' records; this site's
-        # records have now spent its composed total.
-        epsilon=max(base_eps, charge.epsilon_max_after),
-        delta=max(float(card.privacy["delta"]) if card.privacy else 0.0, delta),
+        epsilon=claimed,
+        delta=delta_claimed,
         data_schema_sha256=schema.digest(),
         description=f"Local fine-tune of {model} {card.version} (last {layers} layer(s), "
         f"DP-SGD at epsilon {epsilon}).",

@@ -284,6 +284,10 @@ class SubjectBudget:
         """How many subjects have been charged at this site."""
         return len(self._index().keys)
 
+    def run_events(self, run: str) -> list[PrivacyEvent]:
+        """The events charged at this site for ``run`` so far, oldest first."""
+        return [event for _, event, r in self._index().charges if r == run]
+
     # -- admitting and charging ---------------------------------------------------
 
     def _admit(self, index: _Index, keys: np.ndarray, event: PrivacyEvent) -> Admission:

@@ -56,9 +56,7 @@ def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
                 "failures": e.payload.get("failures"),
                 "accuracy": e.payload.get("accuracy"),
                 "central_accuracy": e.payload.get("central_accuracy"),
-                "epsilon_run_max": e.payload.get(
-                    "epsilon_run_max", e.payload.get("epsilon_max")
-                ),
+                "epsilon_run_max": e.payload.get("epsilon_run_max", e.payload.get("epsilon_max")),
                 "sites_evaluated": e.payload.get("sites_evaluated"),
             }
             for e in rounds
@@ -72,7 +70,7 @@ def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
 
 
 def _site_privacy(site: LedgerEvidence, run: str) -> dict[str, Any]:
-    """This run's epsilon at the site beside the most any of its subjects spent so far."""
+    """The run's epsilon at the site, beside the most any of its subjects spent so far."""
     spent = site.of_type("privacy.spent")
     mine = _for_run(spent, run)
     training = [e for e in mine if e.payload.get("mechanism") in ("dp-sgd", "dp-fedavg")]

@@ -83,8 +83,14 @@ def dp_secagg_aggregate(
     noise_multiplier: float,
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Sum over sites of one DP-SGD step's noised, clipped gradient sum: SecAgg+'s output."""
-    generator = torch.Generator().manual_seed(seed)
+    """Sum over sites of one DP-SGD step's noised, clipped gradient sum: SecAgg+'s output.
+
+    The noise is secret (:class:`~insitu.privacy.SecureRandom`), as in a real site:
+    ``seed`` is kept for the signature and plays no part in it.
+    """
+    from insitu.privacy import SecureRandom
+
+    random = SecureRandom()
     params = _params(model)
     total = [torch.zeros_like(p) for p in params]
     for features, labels in sites:
@@ -96,9 +102,8 @@ def dp_secagg_aggregate(
                 t.add_(g * scale)
         if noise_multiplier > 0:
             for t in total:
-                t.add_(
-                    torch.randn(t.shape, generator=generator) * (noise_multiplier * max_grad_norm)
-                )
+                noise = random.normal(tuple(t.shape), std=noise_multiplier * max_grad_norm)
+                t.add_(torch.from_numpy(noise).to(t.dtype))
     return total
 
 
