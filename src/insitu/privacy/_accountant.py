@@ -41,7 +41,9 @@ __all__ = [
     "PrivacyEvent",
     "calibrate_noise",
     "epsilon_of",
+    "rdp_curve",
     "rdp_epsilon_of",
+    "rdp_epsilon_of_curve",
     "rdp_noise_multiplier",
     "within_budget",
 ]
@@ -126,6 +128,24 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
     return tuple(
         rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ALPHAS)
     )
+
+
+def rdp_curve(event: PrivacyEvent) -> np.ndarray:
+    """The RDP of ``event`` at every order in :data:`ALPHAS` (additive under composition)."""
+    return event.steps * np.asarray(_rdp_per_step(event.noise_multiplier, event.sample_rate))
+
+
+def rdp_epsilon_of_curve(curve: np.ndarray, *, delta: float) -> float:
+    """Epsilon at ``delta`` of a composed RDP curve (0 for the zero curve)."""
+    from opacus.accountants.analysis import rdp
+
+    if not np.any(curve):
+        return 0.0
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha": still a valid upper bound.
+        warnings.simplefilter("ignore", UserWarning)
+        epsilon, _ = rdp.get_privacy_spent(orders=ALPHAS, rdp=curve, delta=delta)
+    return float(epsilon)
 
 
 def rdp_epsilon_of(events: Iterable[PrivacyEvent], *, delta: float) -> float:

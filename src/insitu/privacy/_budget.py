@@ -47,7 +47,13 @@ import numpy as np
 
 from insitu._atomic import atomic_write_bytes
 from insitu.errors import BudgetEvidenceError, BudgetExceededError
-from insitu.privacy._accountant import PrivacyEvent, epsilon_of, within_budget
+from insitu.privacy._accountant import (
+    ALPHAS,
+    PrivacyEvent,
+    epsilon_of,
+    rdp_curve,
+    rdp_epsilon_of_curve,
+)
 
 if TYPE_CHECKING:
     from insitu.audit import Ledger
@@ -59,7 +65,10 @@ logger = logging.getLogger(__name__)
 
 SPENT = "privacy.spent"
 REFUSED = "privacy.budget_refused"
-_INDEX_FORMAT = 1
+_INDEX_FORMAT = 2
+#: Histories whose PLD epsilon is computed for a figure, the worst by the RDP bound first
+#: (RDP and PLD order histories of Gaussian events alike; the RDP value bounds the rest).
+_WORST = 3
 
 
 def as_keys(keys: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -94,26 +103,67 @@ class BudgetCharge:
         return self.admission.epsilon_max_after
 
 
-@dataclass
 class _Index:
-    """Subject -> history, where a history is the list of charges its subject was in."""
+    """Subject -> history, a history being a node of a trie of charges.
 
-    keys: np.ndarray  # sorted uint64
-    hist: np.ndarray  # int64 history id per key
-    charges: list[tuple[int, PrivacyEvent, str]]  # (ledger seq, event, run)
-    histories: list[tuple[int, ...]]  # history id -> charge indices; 0 is the empty one
-    seq: int = 0  # last ledger entry applied
-    entry_hash: str = ""
+    Node 0 is the empty history; every other node is (its parent, one more charge), so
+    subjects who took part in the same charges share one node, and applying a charge
+    creates at most one node per distinct history among its cohort.
+    """
+
+    def __init__(
+        self,
+        keys: np.ndarray,
+        hist: np.ndarray,
+        charges: list[tuple[int, PrivacyEvent, str]],
+        *,
+        parent: list[int],
+        charge_of: list[int],
+        seq: int = 0,
+        entry_hash: str = "",
+    ) -> None:
+        self.keys, self.hist = keys, hist  # sorted uint64 keys; node per key
+        self.charges = charges  # (ledger seq, event, run)
+        self.parent, self.charge_of = parent, charge_of
+        self.seq, self.entry_hash = seq, entry_hash
+        self._children = {
+            (p, c): node for node, (p, c) in enumerate(zip(parent, charge_of, strict=True))
+        }
+        self._curves: dict[int, np.ndarray] = {}
 
     @classmethod
     def empty(cls) -> _Index:
-        return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), [], [()])
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), [], parent=[-1], charge_of=[-1])
 
-    def events(self, history: int) -> list[PrivacyEvent]:
-        return [self.charges[i][1] for i in self.histories[history]]
+    def charges_of(self, node: int) -> list[int]:
+        """The charges of a history, oldest first."""
+        found: list[int] = []
+        while node > 0:
+            found.append(self.charge_of[node])
+            node = self.parent[node]
+        return found[::-1]
+
+    def events(self, node: int) -> list[PrivacyEvent]:
+        return [self.charges[i][1] for i in self.charges_of(node)]
+
+    def curve(self, node: int) -> np.ndarray:
+        """The history's composed RDP curve (cached; a node adds one event to its parent)."""
+        if node not in self._curves:
+            chain = []
+            probe = node
+            while probe > 0 and probe not in self._curves:
+                chain.append(probe)
+                probe = self.parent[probe]
+            total = self._curves.get(probe, np.zeros(len(ALPHAS)))
+            for n in reversed(chain):
+                total = total + rdp_curve(self.charges[self.charge_of[n]][1])
+                self._curves[n] = total
+            if node == 0:
+                self._curves[0] = total
+        return self._curves[node]
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """History id of each key (0 for subjects never charged)."""
+        """History node of each key (0 for subjects never charged)."""
         if not len(self.keys):
             return np.zeros(len(keys), np.int64)
         pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
@@ -129,15 +179,16 @@ class _Index:
         hist[np.searchsorted(merged, self.keys)] = self.hist
         members = np.searchsorted(merged, cohort)
         old, inverse = np.unique(hist[members], return_inverse=True)
-        new_ids = np.empty(len(old), np.int64)
-        known = {h: i for i, h in enumerate(self.histories)}
-        for j, h in enumerate(old.tolist()):
-            grown = (*self.histories[h], charge)
-            if grown not in known:
-                known[grown] = len(self.histories)
-                self.histories.append(grown)
-            new_ids[j] = known[grown]
-        hist[members] = new_ids[inverse]
+        new_nodes = np.empty(len(old), np.int64)
+        for j, node in enumerate(old.tolist()):
+            child = self._children.get((node, charge))
+            if child is None:
+                child = len(self.parent)
+                self.parent.append(node)
+                self.charge_of.append(charge)
+                self._children[(node, charge)] = child
+            new_nodes[j] = child
+        hist[members] = new_nodes[inverse]
         self.keys, self.hist = merged, hist
         self.seq, self.entry_hash = seq, entry_hash
 
@@ -233,15 +284,17 @@ class SubjectBudget:
             with np.load(io.BytesIO(data)) as archive:
                 meta = json.loads(bytes(archive["meta"]).decode("utf-8"))
                 keys, hist = archive["keys"].astype(np.uint64), archive["hist"].astype(np.int64)
+                parent, charge_of = archive["parent"].tolist(), archive["charge"].tolist()
             if meta["format"] != _INDEX_FORMAT:
                 return None
             return _Index(
                 keys,
                 hist,
                 [(s, PrivacyEvent(n, q, t), r) for s, n, q, t, r in meta["charges"]],
-                [tuple(h) for h in meta["histories"]],
-                int(meta["seq"]),
-                str(meta["entry_hash"]),
+                parent=parent,
+                charge_of=charge_of,
+                seq=int(meta["seq"]),
+                entry_hash=str(meta["entry_hash"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("%s is unreadable (%s); rebuilding it from the ledger", path, exc)
@@ -255,13 +308,14 @@ class SubjectBudget:
             "charges": [
                 [s, e.noise_multiplier, e.sample_rate, e.steps, r] for s, e, r in index.charges
             ],
-            "histories": [list(h) for h in index.histories],
         }
         buffer = io.BytesIO()
         np.savez(
             buffer,
             keys=index.keys,
             hist=index.hist,
+            parent=np.asarray(index.parent, np.int64),
+            charge=np.asarray(index.charge_of, np.int64),
             meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8),
         )
         data = buffer.getvalue()
@@ -273,12 +327,18 @@ class SubjectBudget:
     def spent(self, keys: np.ndarray | Sequence[int] | None = None) -> float:
         """The most any of ``keys`` (default: any subject at this site) has spent."""
         index = self._index()
-        histories = (
-            set(index.hist.tolist())
-            if keys is None
-            else set(index.lookup(np.asarray(keys, np.uint64)).tolist())
-        )
-        return max((epsilon_of(index.events(h), delta=self.delta) for h in histories), default=0.0)
+        nodes = index.hist if keys is None else index.lookup(np.asarray(keys, np.uint64))
+        return self._worst(index, np.unique(nodes).tolist(), extra=None)
+
+    def _worst(self, index: _Index, nodes: list[int], *, extra: PrivacyEvent | None) -> float:
+        """The largest PLD epsilon among ``nodes`` (each plus ``extra``), worst by RDP first."""
+        if not nodes:
+            return 0.0
+        add = np.zeros(len(ALPHAS)) if extra is None else rdp_curve(extra)
+        bounds = [rdp_epsilon_of_curve(index.curve(n) + add, delta=self.delta) for n in nodes]
+        ranked = [n for _, n in sorted(zip(bounds, nodes, strict=True), reverse=True)]
+        tail = [] if extra is None else [extra]
+        return max(epsilon_of([*index.events(n), *tail], delta=self.delta) for n in ranked[:_WORST])
 
     def subjects(self) -> int:
         """How many subjects have been charged at this site."""
@@ -293,13 +353,17 @@ class SubjectBudget:
     def _admit(self, index: _Index, keys: np.ndarray, event: PrivacyEvent) -> Admission:
         subjects, inverse = np.unique(keys, return_inverse=True)
         histories = index.lookup(subjects)
-        fits = np.zeros(len(subjects), dtype=bool)
-        worst = 0.0
-        for history in np.unique(histories).tolist():
-            events = [*index.events(history), event]
-            if within_budget(events, delta=self.delta, budget=self.epsilon_budget):
-                fits |= histories == history
-                worst = max(worst, epsilon_of(events, delta=self.delta))
+        nodes, position = np.unique(histories, return_inverse=True)
+        step = rdp_curve(event)
+        fit_nodes = np.zeros(len(nodes), dtype=bool)
+        for j, node in enumerate(nodes.tolist()):
+            # The RDP bound admits in microseconds; PLD only where RDP alone would refuse.
+            bound = rdp_epsilon_of_curve(index.curve(node) + step, delta=self.delta)
+            fit_nodes[j] = bound <= self.epsilon_budget or (
+                epsilon_of([*index.events(node), event], delta=self.delta) <= self.epsilon_budget
+            )
+        fits = fit_nodes[position]
+        worst = self._worst(index, nodes[fit_nodes].tolist(), extra=event)
         return Admission(event, fits[inverse], int((~fits).sum()), worst, int(fits.sum()))
 
     def admit(self, keys: np.ndarray | Sequence[int], event: PrivacyEvent) -> Admission:
@@ -393,12 +457,20 @@ class SubjectBudget:
         """The most any subject of ``cohort`` has spent in ``run``, this event included."""
         in_run = {i for i, (_, _, r) in enumerate(index.charges) if run and r == run}
         restricted = {
-            tuple(i for i in index.histories[h] if i in in_run)
-            for h in np.unique(index.lookup(cohort)).tolist()
+            tuple(i for i in index.charges_of(node) if i in in_run)
+            for node in np.unique(index.lookup(cohort)).tolist()
         }
+        ranked = sorted(
+            restricted,
+            key=lambda charges: rdp_epsilon_of_curve(
+                sum((rdp_curve(index.charges[i][1]) for i in charges), rdp_curve(event)),
+                delta=self.delta,
+            ),
+            reverse=True,
+        )
         return max(
-            epsilon_of([*(index.charges[i][1] for i in history), event], delta=self.delta)
-            for history in restricted
+            epsilon_of([*(index.charges[i][1] for i in charges), event], delta=self.delta)
+            for charges in ranked[:_WORST]
         )
 
     def _write_cohort(self, cohort: np.ndarray) -> str:
@@ -411,7 +483,4 @@ class SubjectBudget:
         return digest
 
     def _max_spent(self, index: _Index) -> float:
-        return max(
-            (epsilon_of(index.events(h), delta=self.delta) for h in set(index.hist.tolist())),
-            default=0.0,
-        )
+        return self._worst(index, np.unique(index.hist).tolist(), extra=None)

@@ -190,9 +190,10 @@ def _audit(evidence: Evidence, coord: LedgerEvidence, run: str) -> dict[str, Any
     }
 
 
-def _one_run_audit(coord: LedgerEvidence) -> dict[str, Any] | None:
-    """The latest white-box one-run audit of the training mechanism, if any."""
-    entry = _last(coord.of_type("privacy.one_run_audit"))
+def _one_run_audit(coord: LedgerEvidence, run: str) -> dict[str, Any] | None:
+    """The white-box one-run audit of this run's mechanism, or the latest of any."""
+    audits = coord.of_type("privacy.one_run_audit")
+    entry = _last(_for_run(audits, run)) or _last(audits)
     if entry is None:
         return None
     return dict(entry.payload) | {"sources": [_ref(coord, [entry])]}
@@ -297,7 +298,7 @@ def build_sections(evidence: Evidence) -> dict[str, Any]:
         "flows": flows,
         "governance": _data_governance(sites),
         "audit": _audit(evidence, coord, run),
-        "one_run_audit": _one_run_audit(coord),
+        "one_run_audit": _one_run_audit(coord, run),
         "models": _models(coord, sites),
         "steps": _steps(coord, run),
         "declared": dict(declared.payload) | {"seq": declared.seq} if declared else None,
