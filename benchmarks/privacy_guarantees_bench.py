@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.federated_bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # federated_bench, beside this one
 
 RESULTS = Path(__file__).parent / "results" / "privacy_guarantees.json"
 DELTA = 1e-5
@@ -80,45 +80,22 @@ def _tightness() -> list[dict]:
     return rows
 
 
-def _rdp_calibration(**kwargs: object) -> float:
-    """The anchor: noise calibrated by the RDP bound, to 1e-3, as insitu did before."""
-    from insitu.privacy import PrivacyEvent, rdp_epsilon_of, rdp_noise_multiplier
-
-    target = float(kwargs["target_epsilon"])
-    delta, rate, steps = float(kwargs["delta"]), float(kwargs["sample_rate"]), int(kwargs["steps"])
-    prior = list(kwargs.get("prior", ()))  # type: ignore[call-overload]
-    high = rdp_noise_multiplier(
-        target_epsilon=target, delta=delta, sample_rate=rate, steps=steps, prior=prior
-    )
-    low = high - 0.01
-    while high - low > 1e-3:
-        mid = (low + high) / 2
-        if rdp_epsilon_of([*prior, PrivacyEvent(mid, rate, steps)], delta=delta) > target:
-            low = mid
-        else:
-            high = mid
-    return high
-
-
-def accounting_part() -> dict:
-    from benchmarks.federated_bench import adult_schema
-
-    import insitu.federated._site_app as site_app
+def accounting_part(repeats: int = 3) -> dict:
+    from federated_bench import adult_schema  # type: ignore[import-not-found]
     from insitu.data import read_table
     from insitu.datasets import builtin_data
     from insitu.federated import FederationConfig, simulate
     from insitu.workspace import Workspace
 
-    figures: dict = {"tightness": _tightness(), "accuracy": []}
+    figures: dict = {"tightness": _tightness(), "accuracy": [], "repeats": repeats}
     frame = read_table(builtin_data("adult")).drop(columns=["record_id"])
     schema = adult_schema(frame)
-    pld_calibration = site_app.calibrate_noise
     for partition in ("iid", "dirichlet:0.5"):
         for epsilon in (1.0, 3.0):
             row: dict = {"partition": partition, "epsilon": epsilon}
-            for name, calibration in (("rdp_anchor", _rdp_calibration), ("pld", pld_calibration)):
-                site_app.calibrate_noise = calibration  # type: ignore[assignment]
-                try:
+            for accountant in ("rdp", "pld"):  # rdp: the anchor, insitu before this change
+                accuracies, noise = [], []
+                for _ in range(repeats):
                     with tempfile.TemporaryDirectory() as tmp:
                         ws, _ = Workspace.init(Path(tmp) / "c", name="c")
                         config = FederationConfig(
@@ -128,17 +105,23 @@ def accounting_part() -> dict:
                             epsilon=epsilon,
                             local_epochs=5,
                             learning_rate=1.0,
+                            accountant=accountant,
                         )
-                        result = simulate(ws, frame, config, schema=schema, site_epsilon_budget=100)
-                finally:
-                    site_app.calibrate_noise = pld_calibration  # type: ignore[assignment]
-                row[name] = {
-                    "central_accuracy": round(result.central_accuracy or 0.0, 4),
-                    "epsilon_run": round(result.epsilon_run, 4),
-                    "seconds": round(result.seconds, 1),
+                        result = simulate(ws, frame, config, schema=schema, site_epsilon_budget=1e3)
+                        with Workspace.open(result.site_homes[0]).ledger() as ledger:
+                            spent = ledger.entries(event_type="privacy.spent")[-2].payload
+                    accuracies.append(result.central_accuracy or 0.0)
+                    noise.append(spent["noise_multiplier"])
+                row[accountant] = {
+                    "central_accuracy_mean": round(float(np.mean(accuracies)), 4),
+                    "central_accuracy_runs": [round(a, 4) for a in accuracies],
+                    "noise_multiplier": round(float(np.mean(noise)), 4),
                 }
             row["accuracy_gain"] = round(
-                row["pld"]["central_accuracy"] - row["rdp_anchor"]["central_accuracy"], 4
+                row["pld"]["central_accuracy_mean"] - row["rdp"]["central_accuracy_mean"], 4
+            )
+            row["noise_reduction"] = round(
+                1 - row["pld"]["noise_multiplier"] / row["rdp"]["noise_multiplier"], 4
             )
             figures["accuracy"].append(row)
             print(row, flush=True)
@@ -274,9 +257,13 @@ def budget_part(subjects: int = 100_000, trainings: int = 100, *, scattered: boo
     event = PrivacyEvent(8.0, 0.01, 100)  # a small charge: 100 of them fit in the budget
     with tempfile.TemporaryDirectory() as tmp:
         ws, _ = Workspace.init(Path(tmp) / "site", name="site")
+
+        def ledger_bytes() -> int:
+            return sum(p.stat().st_size for p in ws.home.glob("ledger.db*"))
+
+        size_before = ledger_bytes()
         with ws.ledger() as ledger:
             budget = SubjectBudget.for_workspace(ws, ledger)
-            size_before = (ws.home / "ledger.db").stat().st_size
             started = time.perf_counter()
             withdrawn = np.zeros(len(keys), dtype=bool)
             for t in range(trainings):
@@ -288,7 +275,8 @@ def budget_part(subjects: int = 100_000, trainings: int = 100, *, scattered: boo
                     present = keys[:wave][~withdrawn[:wave]]
                 budget.charge(present, event, mechanism="dp-sgd", run=f"r{t}")
             charging = time.perf_counter() - started
-            ledger_growth = ((ws.home / "ledger.db").stat().st_size - size_before) / trainings
+            spent = ledger.entries(event_type="privacy.spent")
+            payload_bytes = sum(len(e.payload_json) for e in spent) / len(spent)
             cohorts = sum(p.stat().st_size for p in (ws.home / "privacy" / "cohorts").iterdir())
 
             def timed(fn, repeat: int = 5) -> float:
@@ -309,6 +297,7 @@ def budget_part(subjects: int = 100_000, trainings: int = 100, *, scattered: boo
             rebuild = timed(rebuilt, repeat=3)
             admission = budget.admit(keys, event)
             anchor = timed(lambda: epsilon_of([event] * (trainings + 1), delta=DELTA) <= 10.0)
+        ledger_growth = (ledger_bytes() - size_before) / trainings  # closed: WAL checkpointed
     figures = {
         "scenario": "scattered exclusions (worst case)" if scattered else "waves and withdrawals",
         "subjects": subjects,
@@ -319,6 +308,7 @@ def budget_part(subjects: int = 100_000, trainings: int = 100, *, scattered: boo
         "ratio_cached_over_anchor": round(cached / max(anchor, 1e-9), 1),
         "charge_seconds_mean": round(charging / trainings, 4),
         "ledger_bytes_per_training": round(ledger_growth),
+        "privacy_spent_payload_bytes": round(payload_bytes),
         "cohort_bytes_total": cohorts,
         "admitted": admission.subjects,
         "epsilon_max_after": round(admission.epsilon_max_after, 4),

@@ -29,10 +29,15 @@ noisy count exceeds a threshold ``tau`` are used:
   categories does is dropped, with a warning); a category outside the vocabulary
   encodes as all zeros (:class:`insitu.data.FeatureEncoder` one-hots over the declared
   categories only), so leaving rare categories out loses no row;
-* a numeric range is [lower edge of the first bin whose noisy count exceeds ``tau``,
-  upper edge of the last one]: grid edges, never an observed value. Values outside it
-  are clipped by the encoder. If no bin passes, the range is the whole grid (a public
-  default) and a warning says to declare the range;
+* a numeric range is [lower edge of the first bin whose noisy count exceeds
+  :data:`RANGE_Z` noise standard deviations, upper edge of the last one]: grid edges,
+  never an observed value. The grid is public and every one of its bins is released
+  noisy, so any function of those counts is post-processing and needs no ``tau``; the
+  lower threshold keeps the chance that an empty bin widens a range below 0.1% per
+  column. On a small table no single bin may pass: adjacent bins are then merged, two,
+  four, eight... at a time (their noise adds up more slowly than their counts), and the
+  first level at which some merged bin passes gives the range, with a warning to declare
+  it. Values outside the range are clipped by the encoder;
 * the label's values are needed to train. Exactly two distinct values (a binary label):
   they are taken as public, as the column names are (they define the task, e.g.
   ``>50K``), and the second in sorted order is the positive class. Otherwise the values
@@ -96,7 +101,7 @@ from insitu.data._schema import DataSchema
 from insitu.errors import SchemaError, UsageError
 from insitu.privacy import PrivacyEvent, SecureRandom, calibrate_noise
 
-__all__ = ["GRID", "InferredSchema", "infer_schema"]
+__all__ = ["GRID", "RANGE_Z", "InferredSchema", "infer_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +113,9 @@ _POSITIVE = tuple(float(f"{m}e{k}") for k in _EXPONENTS for m in _MANTISSAS)
 #: k = -3..9 (157 edges, 156 bins). Bin i is [GRID[i], GRID[i + 1]); values below the
 #: first edge or at or above the last are counted in the outermost bins.
 GRID: tuple[float, ...] = (*(-e for e in reversed(_POSITIVE)), 0.0, *_POSITIVE)
+#: Noise standard deviations a grid bin's count must exceed to count as held (a range):
+#: an empty bin passes with probability 0.1% / bins, so 0.1% per column by a union bound.
+RANGE_Z = NormalDist().inv_cdf(1.0 - 0.001 / (len(GRID) - 1))
 
 #: Fix named by the warning of every dropped identifier-looking column.
 _FIX = "write a schema (insitu data inspect FILE) and declare it an identifier"
@@ -152,6 +160,23 @@ def _grid_counts(values: pd.Series) -> np.ndarray:
     index = np.searchsorted(edges, values.to_numpy(dtype=np.float64), side="right") - 1
     index = np.clip(index, 0, len(edges) - 2)
     return np.bincount(index, minlength=len(edges) - 1).astype(np.float64)
+
+
+def _held_range(noisy: np.ndarray, std: float) -> tuple[float, float, int]:
+    """The grid range its records hold, from noisy counts only (post-processing).
+
+    The finest merging of adjacent bins (1, 2, 4... at a time) at which some merged bin's
+    noisy count exceeds :data:`RANGE_Z` times its noise; returns (low, high, bins merged).
+    """
+    width = 1
+    while width < len(noisy):
+        groups = np.add.reduceat(noisy, np.arange(0, len(noisy), width))
+        passing = np.flatnonzero(groups > RANGE_Z * std * math.sqrt(width))
+        if len(passing):
+            first, last = int(passing[0]) * width, min(len(noisy), (int(passing[-1]) + 1) * width)
+            return GRID[first], GRID[last], width
+        width *= 2
+    return GRID[0], GRID[-1], width
 
 
 def infer_schema(  # noqa: PLR0912, PLR0915 -- one step per rule of the module docstring
@@ -230,14 +255,12 @@ def infer_schema(  # noqa: PLR0912, PLR0915 -- one step per rule of the module d
 
     ranges: dict[str, list[float]] = {}
     for column in numeric:
-        passing = np.flatnonzero(noisy[column] > tau)
-        if len(passing):
-            ranges[column] = [GRID[int(passing[0])], GRID[int(passing[-1]) + 1]]
-        else:
-            ranges[column] = [GRID[0], GRID[-1]]
+        low, high, width = _held_range(noisy[column], std)
+        ranges[column] = [low, high]
+        if width > 1:
             warnings.append(
-                f"column {column!r}: no value range is held by enough records to be "
-                f"released; using the public default [{GRID[0]:g}, {GRID[-1]:g}]: declare "
+                f"column {column!r}: too few records to release its range precisely; using "
+                f"[{low:g}, {high:g}] (grid bins merged {width} at a time): declare "
                 f"features.ranges.{column} in a schema (insitu data inspect FILE)"
             )
     categories: dict[str, list[str]] = {}

@@ -16,6 +16,7 @@ MAX_SITE_WEIGHT = 1000
 
 Privacy = Literal["record", "site", "none"]
 Robust = Literal["none", "trimmed-mean", "median"]
+Accountant = Literal["pld", "rdp"]
 ModelFamily = Literal["logistic", "mlp"]
 _PARTITION = re.compile(r"^(iid|by:[A-Za-z0-9_.\-]+|dirichlet:\d+(\.\d+)?)$")
 
@@ -55,6 +56,11 @@ class FederationConfig:
     secagg_clipping_range: float = 64.0
     evaluation_epsilon: float = 0.5
     inference_epsilon: float = 0.5
+    #: How sites calibrate their noise for the run's epsilon: ``pld`` (privacy loss
+    #: distributions, the tighter) or ``rdp`` (the Rényi bound insitu used before: more
+    #: noise for the same epsilon; kept to compare). Budgets always admit a use when
+    #: either bound keeps it within budget.
+    accountant: Accountant = "pld"
 
     def __post_init__(self) -> None:  # noqa: PLR0912 -- one check per setting
         if not 1 <= self.sites <= 1000:
@@ -96,6 +102,8 @@ class FederationConfig:
             raise UsageError(
                 f"--inference-epsilon {self.inference_epsilon}: use a value from 0.01 to 10"
             )
+        if self.accountant not in ("pld", "rdp"):
+            raise UsageError(f"--accountant {self.accountant!r}: use pld or rdp")
         if not 0 <= self.min_sites <= self.sites:
             raise UsageError(f"--min-sites {self.min_sites} must be between 0 and --sites")
         if not 0 < self.test_fraction < 0.9:

@@ -48,7 +48,13 @@ from insitu.errors import BudgetExceededError, FederationError
 from insitu.federated._config import FederationConfig
 from insitu.federated._local import correct_per_row, evaluate, planned_event, train
 from insitu.federated._models import ModelFn, build_model, get_weights, set_weights
-from insitu.privacy import PrivacyEvent, SecureRandom, SubjectBudget, calibrate_noise
+from insitu.privacy import (
+    PrivacyEvent,
+    SecureRandom,
+    SubjectBudget,
+    calibrate_noise,
+    rdp_noise_multiplier,
+)
 from insitu.workspace import Workspace
 
 __all__ = [
@@ -192,7 +198,8 @@ class SiteClient(NumPyClient):
         # towards the run's epsilon: the training gets the rest.
         with ws.ledger() as ledger:
             earlier = SubjectBudget.for_workspace(ws, ledger).run_events(self.plan.run_id)
-        sigma = calibrate_noise(
+        calibrate = calibrate_noise if cfg.accountant == "pld" else rdp_noise_multiplier
+        sigma = calibrate(
             target_epsilon=cfg.epsilon,
             delta=cfg.delta,
             sample_rate=one_round.sample_rate,
