@@ -30,14 +30,14 @@ noisy count exceeds a threshold ``tau`` are used:
   encodes as all zeros (:class:`insitu.data.FeatureEncoder` one-hots over the declared
   categories only), so leaving rare categories out loses no row;
 * a numeric range is [lower edge of the first bin whose noisy count exceeds
-  :data:`RANGE_Z` noise standard deviations, upper edge of the last one]: grid edges,
+  :data:`WINDOW_Z` noise standard deviations, upper edge of the last one]: grid edges,
   never an observed value. The grid is public and every one of its bins is released
   noisy, so any function of those counts is post-processing and needs no ``tau``; the
   lower threshold keeps the chance that an empty bin widens a range below 0.1% per
-  column. On a small table no single bin may pass: adjacent bins are then merged, two,
-  four, eight... at a time (their noise adds up more slowly than their counts), and the
-  first level at which some merged bin passes gives the range, with a warning to declare
-  it. Values outside the range are clipped by the encoder;
+  column. On a small table no single bin may pass: windows of two, four, eight...
+  adjacent bins then slide over the grid (their noise adds up more slowly than their
+  counts), and the narrowest width at which some window passes gives the range, with a
+  warning to declare it. Values outside the range are clipped by the encoder;
 * the label's values are needed to train. Exactly two distinct values (a binary label):
   they are taken as public, as the column names are (they define the task, e.g.
   ``>50K``), and the second in sorted order is the positive class. Otherwise the values
@@ -101,7 +101,7 @@ from insitu.data._schema import DataSchema
 from insitu.errors import SchemaError, UsageError
 from insitu.privacy import PrivacyEvent, SecureRandom, calibrate_noise
 
-__all__ = ["GRID", "RANGE_Z", "InferredSchema", "infer_schema"]
+__all__ = ["GRID", "WINDOW_Z", "InferredSchema", "infer_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ _POSITIVE = tuple(float(f"{m}e{k}") for k in _EXPONENTS for m in _MANTISSAS)
 #: k = -3..9 (157 edges, 156 bins). Bin i is [GRID[i], GRID[i + 1]); values below the
 #: first edge or at or above the last are counted in the outermost bins.
 GRID: tuple[float, ...] = (*(-e for e in reversed(_POSITIVE)), 0.0, *_POSITIVE)
-#: Noise standard deviations a grid bin's count must exceed to count as held (a range):
-#: an empty bin passes with probability 0.1% / bins, so 0.1% per column by a union bound.
-RANGE_Z = NormalDist().inv_cdf(1.0 - 0.001 / (len(GRID) - 1))
+#: Noise standard deviations a window of grid bins must exceed to count as held (a
+#: range): 0.1% over every window of every width of a column, by a union bound.
+WINDOW_Z = NormalDist().inv_cdf(1.0 - 0.001 / ((len(GRID) - 1) * math.log2(len(GRID)) * 2))
 
 #: Fix named by the warning of every dropped identifier-looking column.
 _FIX = "write a schema (insitu data inspect FILE) and declare it an identifier"
@@ -165,16 +165,19 @@ def _grid_counts(values: pd.Series) -> np.ndarray:
 def _held_range(noisy: np.ndarray, std: float) -> tuple[float, float, int]:
     """The grid range its records hold, from noisy counts only (post-processing).
 
-    The finest merging of adjacent bins (1, 2, 4... at a time) at which some merged bin's
-    noisy count exceeds :data:`RANGE_Z` times its noise; returns (low, high, bins merged).
+    Windows of 1, 2, 4... adjacent bins slide over the grid; at the narrowest width where
+    some window's noisy sum exceeds :data:`WINDOW_Z` times its noise (a threshold that
+    keeps the chance of any empty window passing, over every width and position, below
+    0.1%), the range runs from the first such window to the last. Returns
+    (low, high, window width in bins).
     """
+    sums = np.concatenate([[0.0], np.cumsum(noisy)])
     width = 1
-    while width < len(noisy):
-        groups = np.add.reduceat(noisy, np.arange(0, len(noisy), width))
-        passing = np.flatnonzero(groups > RANGE_Z * std * math.sqrt(width))
+    while width <= len(noisy):
+        window = sums[width:] - sums[:-width]
+        passing = np.flatnonzero(window > WINDOW_Z * std * math.sqrt(width))
         if len(passing):
-            first, last = int(passing[0]) * width, min(len(noisy), (int(passing[-1]) + 1) * width)
-            return GRID[first], GRID[last], width
+            return GRID[int(passing[0])], GRID[int(passing[-1]) + width], width
         width *= 2
     return GRID[0], GRID[-1], width
 
@@ -260,7 +263,7 @@ def infer_schema(  # noqa: PLR0912, PLR0915 -- one step per rule of the module d
         if width > 1:
             warnings.append(
                 f"column {column!r}: too few records to release its range precisely; using "
-                f"[{low:g}, {high:g}] (grid bins merged {width} at a time): declare "
+                f"[{low:g}, {high:g}] (windows of {width} grid bins): declare "
                 f"features.ranges.{column} in a schema (insitu data inspect FILE)"
             )
     categories: dict[str, list[str]] = {}

@@ -44,6 +44,7 @@ __all__ = [
     "rdp_curve",
     "rdp_epsilon_of",
     "rdp_epsilon_of_curve",
+    "rdp_epsilons",
     "rdp_noise_multiplier",
     "within_budget",
 ]
@@ -146,6 +147,23 @@ def rdp_epsilon_of_curve(curve: np.ndarray, *, delta: float) -> float:
         warnings.simplefilter("ignore", UserWarning)
         epsilon, _ = rdp.get_privacy_spent(orders=ALPHAS, rdp=curve, delta=delta)
     return float(epsilon)
+
+
+def rdp_epsilons(curves: np.ndarray, *, delta: float) -> np.ndarray:
+    """Epsilon at ``delta`` of each row of ``curves`` (one composed RDP curve per row).
+
+    The same conversion as Opacus' ``get_privacy_spent`` (Balle et al. 2020, Theorem
+    21), vectorized: a site with many distinct subject histories checks them at once.
+    """
+    orders = np.asarray(ALPHAS)
+    eps = (
+        np.atleast_2d(curves)
+        - (np.log(delta) + np.log(orders)) / (orders - 1)
+        + np.log((orders - 1) / orders)
+    )
+    result: np.ndarray = np.nanmin(eps, axis=1)
+    result[~np.any(np.atleast_2d(curves), axis=1)] = 0.0
+    return result
 
 
 def rdp_epsilon_of(events: Iterable[PrivacyEvent], *, delta: float) -> float:

@@ -52,7 +52,7 @@ from insitu.privacy._accountant import (
     PrivacyEvent,
     epsilon_of,
     rdp_curve,
-    rdp_epsilon_of_curve,
+    rdp_epsilons,
 )
 
 if TYPE_CHECKING:
@@ -130,6 +130,7 @@ class _Index:
             (p, c): node for node, (p, c) in enumerate(zip(parent, charge_of, strict=True))
         }
         self._curves: dict[int, np.ndarray] = {}
+        self._charge_curves: list[np.ndarray] = [rdp_curve(e) for _, e, _ in charges]
 
     @classmethod
     def empty(cls) -> _Index:
@@ -156,7 +157,7 @@ class _Index:
                 probe = self.parent[probe]
             total = self._curves.get(probe, np.zeros(len(ALPHAS)))
             for n in reversed(chain):
-                total = total + rdp_curve(self.charges[self.charge_of[n]][1])
+                total = total + self._charge_curves[self.charge_of[n]]
                 self._curves[n] = total
             if node == 0:
                 self._curves[0] = total
@@ -174,6 +175,7 @@ class _Index:
     ) -> None:
         charge = len(self.charges)
         self.charges.append((seq, event, run))
+        self._charge_curves.append(rdp_curve(event))
         merged = np.union1d(self.keys, cohort)
         hist = np.zeros(len(merged), np.int64)
         hist[np.searchsorted(merged, self.keys)] = self.hist
@@ -335,8 +337,8 @@ class SubjectBudget:
         if not nodes:
             return 0.0
         add = np.zeros(len(ALPHAS)) if extra is None else rdp_curve(extra)
-        bounds = [rdp_epsilon_of_curve(index.curve(n) + add, delta=self.delta) for n in nodes]
-        ranked = [n for _, n in sorted(zip(bounds, nodes, strict=True), reverse=True)]
+        bounds = rdp_epsilons(np.stack([index.curve(n) for n in nodes]) + add, delta=self.delta)
+        ranked = [nodes[i] for i in np.argsort(-bounds, kind="stable")]
         tail = [] if extra is None else [extra]
         return max(epsilon_of([*index.events(n), *tail], delta=self.delta) for n in ranked[:_WORST])
 
@@ -355,13 +357,14 @@ class SubjectBudget:
         histories = index.lookup(subjects)
         nodes, position = np.unique(histories, return_inverse=True)
         step = rdp_curve(event)
-        fit_nodes = np.zeros(len(nodes), dtype=bool)
-        for j, node in enumerate(nodes.tolist()):
-            # The RDP bound admits in microseconds; PLD only where RDP alone would refuse.
-            bound = rdp_epsilon_of_curve(index.curve(node) + step, delta=self.delta)
-            fit_nodes[j] = bound <= self.epsilon_budget or (
-                epsilon_of([*index.events(node), event], delta=self.delta) <= self.epsilon_budget
-            )
+        # The RDP bound admits at once; PLD only where RDP alone would refuse.
+        bounds = rdp_epsilons(
+            np.stack([index.curve(n) for n in nodes.tolist()]) + step, delta=self.delta
+        )
+        fit_nodes = bounds <= self.epsilon_budget
+        for j in np.flatnonzero(~fit_nodes).tolist():
+            events = [*index.events(int(nodes[j])), event]
+            fit_nodes[j] = epsilon_of(events, delta=self.delta) <= self.epsilon_budget
         fits = fit_nodes[position]
         worst = self._worst(index, nodes[fit_nodes].tolist(), extra=event)
         return Admission(event, fits[inverse], int((~fits).sum()), worst, int(fits.sum()))
@@ -460,14 +463,15 @@ class SubjectBudget:
             tuple(i for i in index.charges_of(node) if i in in_run)
             for node in np.unique(index.lookup(cohort)).tolist()
         }
-        ranked = sorted(
-            restricted,
-            key=lambda charges: rdp_epsilon_of_curve(
-                sum((rdp_curve(index.charges[i][1]) for i in charges), rdp_curve(event)),
-                delta=self.delta,
-            ),
-            reverse=True,
+        candidates = list(restricted)
+        curves = np.stack(
+            [
+                sum((rdp_curve(index.charges[i][1]) for i in charges), rdp_curve(event))
+                for charges in candidates
+            ]
         )
+        order = np.argsort(-rdp_epsilons(curves, delta=self.delta), kind="stable")
+        ranked = [candidates[i] for i in order]
         return max(
             epsilon_of([*(index.charges[i][1] for i in charges), event], delta=self.delta)
             for charges in ranked[:_WORST]
