@@ -35,8 +35,7 @@ import torch
 from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.errors import InsufficientDataError
 from insitu.federated import FederationConfig, simulate
-from insitu.federated._local import evaluate, train
-from insitu.federated._models import build_model, get_weights, set_weights
+from insitu.training import build_model, evaluate, get_weights, set_weights, train
 from insitu.workspace import Workspace
 
 ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult.csv"

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.datasets import builtin_schema
 from insitu.drift import DriftMonitor, ProfileLayout, combine_releases, noisy_release
-from insitu.federated._models import build_model, export_onnx
 from insitu.runtime import create_session
+from insitu.training import build_model, export_onnx
 
 ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult.csv"
 OUT = Path(__file__).parent / "results" / "operations.json"

@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from insitu.attacks import audit_membership, inversion_demo
+from insitu.attacks._target import ShadowRecipe, _make_trainer
 from insitu.data import DataSchema, FeatureEncoder, Pseudonymizer, prepare, read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.federated._local import evaluate, planned_event, train
-from insitu.federated._models import build_model
 from insitu.privacy import calibrate_noise
-from insitu.privacy.attacks import audit_membership, inversion_demo
-from insitu.privacy.attacks._target import ShadowRecipe, _make_trainer
+from insitu.training import build_model, evaluate, planned_event, train
 
 RESULTS = Path(__file__).parent / "results" / "privacy_audit.json"
 SHARED_ADULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "adult.csv"

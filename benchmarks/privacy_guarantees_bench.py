@@ -55,8 +55,8 @@ def _save(part: str, figures: dict) -> None:
 
 
 def _tightness() -> list[dict]:
-    from insitu.federated._local import planned_event
     from insitu.privacy import PrivacyEvent, epsilon_of, rdp_epsilon_of, rdp_noise_multiplier
+    from insitu.training import planned_event
 
     rows = []
     for rows_per_site in (1000, 4800):
@@ -185,8 +185,8 @@ def breast_cancer_part() -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from insitu.attacks import insitu_mechanism, one_run_audit
     from insitu.federated import FederationConfig, simulate
-    from insitu.privacy.attacks import insitu_mechanism, one_run_audit
     from insitu.workspace import Workspace
 
     frame = breast_cancer_with_identifiers()

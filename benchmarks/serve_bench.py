@@ -94,7 +94,7 @@ INSITU_SERVER = textwrap.dedent(
 def _adult_mlp() -> tuple[bytes, tuple[int, ...]]:
     from insitu.data import DataSchema, FeatureEncoder
     from insitu.datasets import builtin_schema
-    from insitu.federated._models import build_model, export_onnx
+    from insitu.training import build_model, export_onnx
 
     width = len(FeatureEncoder.for_schema(DataSchema.load(builtin_schema("adult"))).names)
     model = build_model("mlp", width, hidden=32)

@@ -27,13 +27,13 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    from insitu.federated._deploy import run_server_app
+    from insitu.federated import run_server_app
 
     run_server_app(grid, context)
 
 
 def _client_fn(context: Context) -> Any:
-    from insitu.federated._deploy import site_client
+    from insitu.federated import site_client
 
     return site_client(context)
 

@@ -18,6 +18,7 @@ tabular data sets far below that, and larger inputs are refused with a clear err
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import struct
@@ -29,12 +30,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from insitu._atomic import atomic_write_bytes
 from insitu._canonical import canonical_bytes
 from insitu.errors import DataError, SealedFileError
-from insitu.workspace._keys import secret_key_id
 
-__all__ = ["MAX_SEALED_BYTES", "purge_stale_temporaries", "read_sealed", "write_sealed"]
+__all__ = [
+    "MAX_SEALED_BYTES",
+    "purge_stale_temporaries",
+    "read_sealed",
+    "secret_key_id",
+    "write_sealed",
+]
 
 MAGIC = b"insitu-sealed/1\n"
 MAX_SEALED_BYTES = 2**31 - 1 - 16
+
+
+def secret_key_id(secret: bytes) -> bytes:
+    """The public identifier of a symmetric key: a hash that reveals nothing of it."""
+    return hashlib.sha256(b"insitu/secret-key-id/v1\n" + secret).digest()[:16]
 
 
 def write_sealed(path: Path, plaintext: bytes, key: bytes, *, context: str) -> None:

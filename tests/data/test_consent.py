@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from insitu.audit._records import utc_now
+from insitu._clock import utc_now
 from insitu.data import ConsentRegistry, DataSchema, Pseudonymizer, SiteDataset
 from insitu.errors import ConsentError
 

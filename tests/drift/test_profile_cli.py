@@ -13,7 +13,7 @@ from insitu.cli import run
 from insitu.data import read_table
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.drift import ReferenceProfile
-from insitu.federated._models import build_model, export_onnx
+from insitu.training import build_model, export_onnx
 from tests._adult import N_INPUTS
 
 

@@ -17,8 +17,8 @@ import tomli_w
 from insitu.cli import run
 from insitu.data import DataSchema, read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.federated._local import planned_event
 from insitu.privacy import PrivacyEvent, calibrate_noise, epsilon_of
+from insitu.training import planned_event
 from insitu.workspace import Workspace
 from insitu.workspace._config import save_config
 

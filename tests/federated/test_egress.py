@@ -7,7 +7,7 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 from flwr.common import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from insitu._egress import classify_reply
+from insitu.federated._egress import classify_reply
 
 
 def _reply(content: RecordDict) -> Message:

@@ -15,7 +15,7 @@ from insitu.bundle import bundle_model
 from insitu.data import ConsentRegistry, DataSchema, FeatureEncoder, Pseudonymizer, read_table
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.drift import ProfileLayout, combine_releases, noisy_release
-from insitu.federated._models import build_model, export_onnx
+from insitu.training import build_model, export_onnx
 from insitu.update import UpdateClient, init_directory_repository
 from insitu.update._serve import make_server
 from insitu.workspace import Workspace

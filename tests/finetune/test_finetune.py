@@ -143,7 +143,7 @@ def test_a_local_version_is_not_a_rollback_and_the_next_release_replaces_it(
     import threading
 
     from insitu.bundle import bundle_model
-    from insitu.federated._models import build_model, export_onnx
+    from insitu.training import build_model, export_onnx
     from insitu.update import open_directory_repository
     from insitu.update._serve import make_server
     from insitu.workspace import Workspace

@@ -16,8 +16,7 @@ from torch import nn
 
 from insitu.data import DataSchema, FeatureEncoder, Pseudonymizer, prepare, read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.federated._local import train
-from insitu.federated._models import build_model, export_onnx
+from insitu.training import build_model, export_onnx, train
 
 
 @pytest.fixture(scope="session", autouse=True)

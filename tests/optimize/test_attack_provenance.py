@@ -17,9 +17,9 @@ import pytest
 from insitu.bundle import bundle_model
 from insitu.cli import run
 from insitu.errors import OptimizationError, UsageError
-from insitu.federated._models import get_weights, weights_digest
 from insitu.optimize import Constraints, optimize, optimize_workspace_model
 from insitu.optimize._optimize import LEARNS_FROM_CALIBRATION, NOT_PUBLIC
+from insitu.training import get_weights, weights_digest
 from insitu.workspace import Workspace
 
 from .conftest import write_model_dir
@@ -123,7 +123,7 @@ def test_bundle_create_refuses_an_epsilon_below_the_source_run_for_an_optimized_
 
 def test_a_model_without_provenance_cannot_claim_an_epsilon(workspace, adult, capsys, tmp_path):
     # A model from elsewhere, and the same model optimized: no run of this ledger made it.
-    from insitu.federated._models import export_onnx
+    from insitu.training import export_onnx
 
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(export_onnx(adult.model, len(adult.names)))

@@ -12,9 +12,8 @@ import torch
 
 from insitu.data import DataSchema, FeatureEncoder, Pseudonymizer, prepare, read_table
 from insitu.datasets import builtin_data, builtin_schema
-from insitu.federated._local import planned_event, train
-from insitu.federated._models import build_model
 from insitu.privacy import SecureRandom, calibrate_noise
+from insitu.training import build_model, planned_event, train
 
 #: 300 members (small: the non-private model memorizes them), 1000 non-members (enough to
 #: read a TPR at 1% FPR from 10 false positives).

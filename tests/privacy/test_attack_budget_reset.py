@@ -19,8 +19,8 @@ import pytest
 from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.federated import FederationConfig
-from insitu.federated._models import build_model, get_weights
 from insitu.federated._site_app import SiteClient, SitePlan, SiteRoundError, prepare_site_data
+from insitu.training import build_model, get_weights
 from insitu.workspace import Workspace
 
 ROWS = 3000

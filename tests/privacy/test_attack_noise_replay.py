@@ -5,7 +5,7 @@ An earlier insitu seeded torch's generator with ``cfg.seed * 1000 + round`` (``c
 drew its noise from that generator: replaying the seed removed the noise from a site's
 update to 4.4e-08, and two sites with disjoint records added the same noise draw.
 
-Each test runs the attack against insitu's real DP-SGD (``federated._local.train``) and,
+Each test runs the attack against insitu's real DP-SGD (``insitu.training.train``) and,
 as a control that the attack is not a straw man, against a deliberately broken
 generator that reproduces the old behaviour (:class:`TorchSeededRandom`): the attack must
 succeed on the control and fail on the product.
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from insitu.federated._local import train
 from insitu.privacy import PrivacyEvent, SecureRandom
+from insitu.training import train
 
 SEED = 0
 ROUND = 1

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from insitu.cli import run
-from insitu.errors import AuditError, UsageError
-from insitu.privacy import calibrate_noise
-from insitu.privacy.attacks import (
+from insitu.attacks import (
     OneRunAudit,
     epsilon_lower_bound,
     insitu_mechanism,
     one_run_audit,
     one_run_p_value,
 )
+from insitu.cli import run
+from insitu.errors import AuditError, UsageError
+from insitu.privacy import calibrate_noise
 from insitu.workspace import Workspace
 
 from .conftest import SeededRandom
@@ -194,7 +194,7 @@ def test_the_one_run_command_reports_and_records_the_audit(tmp_path, capsys):
 def test_the_one_run_command_exits_1_when_the_mechanism_replays_its_noise(
     tmp_path, capsys, monkeypatch
 ):
-    import insitu.privacy.attacks as attacks
+    import insitu.attacks as attacks
 
     real = attacks.insitu_mechanism
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from insitu.cli import run
-from insitu.federated._models import export_onnx
+from insitu.training import export_onnx
 from insitu.workspace import Workspace
 
 from .conftest import HIDDEN, LEARNING_RATE
@@ -187,8 +187,7 @@ def test_a_model_whose_epsilon_is_wrong_is_flagged_as_a_violation(capsys, home, 
     # accounting bug of the kind the bound check exists to catch. At FPR 0.5 the bound is
     # 1 - e^-0.1 * 0.5 = 0.548; the loss attack reaches 0.80 (interval 0.65-1.0).
     torch.manual_seed(0)
-    from insitu.federated._local import train
-    from insitu.federated._models import build_model
+    from insitu.training import build_model, train
 
     model = build_model("mlp", adult.x_m.shape[1], hidden=HIDDEN)
     train(

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from insitu.federated._models import build_model
-from insitu.privacy.attacks import (
+from insitu.attacks import (
     dp_secagg_aggregate,
     infer_label,
     inversion_demo,
     invert_gradient,
     raw_update,
 )
+from insitu.training import build_model
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from insitu.errors import OverlappingSetsError, TooFewRecordsError, UsageError
-from insitu.privacy.attacks import (
+from insitu.attacks import (
     auc,
     audit_membership,
     dp_tpr_bound,
@@ -17,7 +16,8 @@ from insitu.privacy.attacks import (
     roc_curve,
     tpr_at_fpr,
 )
-from insitu.privacy.attacks._roc import summarize
+from insitu.attacks._roc import summarize
+from insitu.errors import OverlappingSetsError, TooFewRecordsError, UsageError
 
 from .conftest import MEMBERS, NON_MEMBERS, predict_of
 
@@ -138,7 +138,7 @@ def test_a_dp_model_at_epsilon_1_stays_under_the_bound_at_every_fpr(adult, dp_mo
 
 
 def test_lira_offline_runs_with_shadow_models_and_finds_the_overfit_members(adult, overfit_model):
-    from insitu.privacy.attacks._target import ShadowRecipe, _make_trainer
+    from insitu.attacks._target import ShadowRecipe, _make_trainer
 
     from .conftest import HIDDEN, LEARNING_RATE
 

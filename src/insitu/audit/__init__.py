@@ -3,6 +3,9 @@
 The spine of insitu: every other part records what it did here, and reports read only
 from here. Start with :class:`Ledger` (usually through
 :meth:`insitu.workspace.Workspace.ledger`).
+
+Layer 2: imports only the leaves (``insitu.errors``, ``insitu._clock``, ``_canonical``,
+``_atomic``, ``_pii``). Every package above may import it.
 """
 
 from __future__ import annotations

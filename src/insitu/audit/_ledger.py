@@ -37,6 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from insitu._canonical import canonical_text
+from insitu._clock import utc_now
 from insitu._pii import find_personal_data
 from insitu.audit import _merkle
 from insitu.audit._records import (
@@ -45,7 +46,6 @@ from insitu.audit._records import (
     TreeHead,
     entry_hash,
     entry_signing_message,
-    utc_now,
 )
 from insitu.audit._verify import VerificationReport, verify_entries
 from insitu.errors import (

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -28,9 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from insitu._canonical import canonical_bytes
+from insitu._clock import utc_now
 from insitu.errors import BadHeadSignatureError, MalformedLedgerError
 
-__all__ = ["GENESIS_PREV", "Entry", "TreeHead", "entry_hash", "node_id_for", "utc_now"]
+__all__ = ["GENESIS_PREV", "Entry", "TreeHead", "entry_hash", "node_id_for"]
 
 RECORD_VERSION = 1
 GENESIS_PREV = bytes(32)
@@ -46,11 +46,6 @@ def node_id_for(public_key: Ed25519PublicKey) -> str:
     """
     raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:32]
-
-
-def utc_now() -> str:
-    """Current UTC time as ISO 8601 with microseconds and a ``Z``."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def entry_hash(

@@ -2,6 +2,9 @@
 
 Start with :func:`create_bundle` (publisher side) and :class:`BundleVerifier` (device
 side); ``docs/supply-chain.md`` describes the format and the threat model.
+
+Layer 6 (beside ``insitu.training``, which it never imports): imports
+``insitu.workspace``, ``insitu.audit`` and the ONNX session leaf ``insitu._ort``.
 """
 
 from __future__ import annotations

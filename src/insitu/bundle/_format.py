@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from insitu._canonical import canonical_bytes, is_canonical
-from insitu.audit._records import utc_now
+from insitu._clock import utc_now
 from insitu.bundle import _stream
 from insitu.bundle._card import ModelCard
 from insitu.errors import MalformedBundleError

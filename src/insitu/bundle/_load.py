@@ -24,10 +24,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from insitu._ort import create_session
 from insitu.bundle._format import Bundle
 from insitu.bundle._verify import BundleVerifier
 from insitu.errors import MalformedBundleError
-from insitu.runtime._ort import create_session
 
 __all__ = ["load_session"]
 

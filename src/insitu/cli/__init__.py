@@ -1,4 +1,8 @@
-"""The ``insitu`` command line (Typer + Rich); one module per verb group."""
+"""The ``insitu`` command line (Typer + Rich); one module per verb group.
+
+Layer 11, the top: parses, calls the packages below, prints. Domain events are written
+by the packages, never here.
+"""
 
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def _digest(path: Path) -> str:
 
 
 def _onnx_predict(onnx: bytes) -> Any:
-    from insitu.runtime import create_session
+    from insitu._ort import create_session
 
     session = create_session(onnx, intra_op_threads=1)
 
@@ -136,7 +136,7 @@ def audit_membership_of(
 
     from sklearn.linear_model import LogisticRegression
 
-    from insitu.privacy.attacks import audit_membership, required_non_members
+    from insitu.attacks import audit_membership, required_non_members
 
     started = time.perf_counter()
     sites = [Workspace.open(home) for home in site_homes]
@@ -260,7 +260,7 @@ def _one_run_audit(
     over every round, from its ledger), trained on 4,000 of the training records with
     1,000 canaries; the attacker knows every published seed.
     """
-    from insitu.privacy.attacks import insitu_mechanism, one_run_audit, record_one_run_audit
+    from insitu.attacks import insitu_mechanism, one_run_audit, record_one_run_audit
 
     with site.ledger() as ledger:
         rounds = [

@@ -12,8 +12,7 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, out, print_json
-from insitu.data import ConsentRegistry, Pseudonymizer
-from insitu.data._consent import Status
+from insitu.data import ConsentRegistry, Pseudonymizer, Status
 from insitu.workspace import Workspace
 
 __all__ = ["consent_app"]

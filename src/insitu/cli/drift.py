@@ -106,7 +106,7 @@ def release(
     outputs = None
     classes = 1
     if model is not None:
-        from insitu.runtime import create_session
+        from insitu._ort import create_session
 
         session = create_session(model.read_bytes(), intra_op_threads=1)
         name = session.get_inputs()[0].name

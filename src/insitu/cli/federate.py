@@ -12,9 +12,15 @@ from rich.table import Table
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.data import DataSchema
-from insitu.federated import FederationConfig, RoundRecord, simulate
-from insitu.federated._certs import make_certs
-from insitu.federated._deploy import DEFAULT_ADDRESS, join, serve
+from insitu.federated import (
+    DEFAULT_ADDRESS,
+    FederationConfig,
+    RoundRecord,
+    join,
+    make_certs,
+    serve,
+    simulate,
+)
 from insitu.workspace import Workspace
 
 __all__ = ["federate_app"]

@@ -139,8 +139,7 @@ def optimize_command(
       insitu optimize cnn.pt2 --calibration cal.npz --eval test.npz --out opt/
           --target int8-dynamic --max-accuracy-drop 1
     """
-    from insitu.optimize import CANDIDATES, Constraints, optimize
-    from insitu.optimize._optimize import LEARNS_FROM_CALIBRATION
+    from insitu.optimize import CANDIDATES, LEARNS_FROM_CALIBRATION, Constraints, optimize
 
     ws = _workspace(home, Path(model))
     path = _model_path(model, ws)

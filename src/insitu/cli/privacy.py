@@ -51,7 +51,7 @@ def _out_dir(ws: Workspace, out_dir: Path | None, stem: str) -> Path:
 
 
 def _attacks(choice: str) -> tuple[str, ...]:
-    from insitu.privacy.attacks import ATTACKS
+    from insitu.attacks import ATTACKS
 
     if choice == "all":
         return ATTACKS
@@ -129,8 +129,7 @@ def audit_command(
       insitu privacy audit model.onnx -s adult.schema.toml --members a.csv
           --non-members b.csv --epsilon 1 --delta 1e-5 --fpr 0.01
     """
-    from insitu.privacy.attacks import audit_membership
-    from insitu.privacy.attacks._target import load_records, load_target
+    from insitu.attacks import audit_membership, load_records, load_target
 
     ws = Workspace.open(home)
     fprs = tuple(fpr) if fpr else (0.01, 0.001)
@@ -168,7 +167,7 @@ def audit_command(
         "shadow_recipe": target.recipe.to_json() if target.recipe else None,
     } | audit.to_json()
     if plot:
-        from insitu.privacy.attacks._plot import plot_roc
+        from insitu.attacks import plot_roc
 
         eps_text = "non-private" if target.epsilon is None else f"epsilon {target.epsilon:g}"
         plot_roc(audit, directory / "roc.png", title=f"{target.name} ({eps_text})")
@@ -268,8 +267,8 @@ def inversion_command(
     """
     import torch
 
-    from insitu.federated._models import build_model
-    from insitu.privacy.attacks import inversion_demo
+    from insitu.attacks import inversion_demo
+    from insitu.training import build_model
 
     ws = Workspace.open(home)
     features, labels, shape = _inversion_data(data, schema)
@@ -295,7 +294,7 @@ def inversion_command(
     directory = _out_dir(ws, out_dir, "privacy-inversion")
     report: dict[str, Any] = {"data": Path(data).name, "model": f"mlp({hidden})"} | demo.to_json()
     if plot and shape is not None:
-        from insitu.privacy.attacks._plot import plot_inversion
+        from insitu.attacks import plot_inversion
 
         plot_inversion(demo, directory / "inversion.png", shape=shape)
         report["plot"] = "inversion.png"
@@ -406,8 +405,8 @@ def one_run_command(
       insitu privacy one-run --epsilon 1
       insitu privacy one-run --epsilon 8 --data breast-cancer --canaries 1000 --json
     """
+    from insitu.attacks import insitu_mechanism, one_run_audit, record_one_run_audit
     from insitu.privacy import calibrate_noise
-    from insitu.privacy.attacks import insitu_mechanism, one_run_audit, record_one_run_audit
 
     ws = Workspace.open(home)
     if epsilon <= 0 or not 0 < delta < 1 or not 0 < sample_rate <= 1:

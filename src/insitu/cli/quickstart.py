@@ -510,8 +510,12 @@ def _ship(
 
     from insitu.bundle import bundle_model
     from insitu.data import SiteDataset
-    from insitu.update import UpdateClient, init_directory_repository, open_directory_repository
-    from insitu.update._serve import make_server
+    from insitu.update import (
+        UpdateClient,
+        init_directory_repository,
+        make_server,
+        open_directory_repository,
+    )
 
     name = schema.name
     with coordinator.ledger() as ledger:

@@ -253,7 +253,7 @@ def serve(
 
     [dim]Example:[/] insitu repo serve /srv/models --port 8080
     """
-    from insitu.update._serve import make_server
+    from insitu.update import make_server
 
     server = make_server(repo, host=host, port=port)
     out.print(f"serving {repo / 'public'} on http://{host}:{server.server_address[1]}/ (Ctrl-C)")

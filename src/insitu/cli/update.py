@@ -207,7 +207,7 @@ def tuf_init_command(
     trusted_root: Annotated[Path, typer.Argument(help="Initial root.json.", exists=True)],
 ) -> None:
     """Trust TRUSTED_ROOT (no network)."""
-    from insitu.update._conformance import tuf_init
+    from insitu.update import tuf_init
 
     tuf_init(_TufArgs.metadata_dir, trusted_root)
 
@@ -215,7 +215,7 @@ def tuf_init_command(
 @tuf_app.command("refresh")
 def tuf_refresh_command() -> None:
     """Refresh top-level metadata with the TUF client workflow."""
-    from insitu.update._conformance import tuf_refresh
+    from insitu.update import tuf_refresh
 
     tuf_refresh(_TufArgs.metadata_dir, _need(_TufArgs.metadata_url, "--metadata-url"))
 
@@ -223,7 +223,7 @@ def tuf_refresh_command() -> None:
 @tuf_app.command("download")
 def tuf_download_command() -> None:
     """Download one target, verified, into --target-dir."""
-    from insitu.update._conformance import tuf_download
+    from insitu.update import tuf_download
 
     tuf_download(
         _TufArgs.metadata_dir,

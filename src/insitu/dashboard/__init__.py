@@ -5,6 +5,9 @@ port: installed models and their signature status, request rate and latency (fro
 server), drift per feature, the privacy budget per data set, recent ledger events with
 the ledger's verification status, and the last federated training's accuracy and
 epsilon per round, as inline SVG charts (no script, no CDN). ``docs/operations.md``.
+
+Layer 9: imports ``insitu.drift``, ``insitu.update``, ``insitu.bundle``,
+``insitu.privacy`` and below.
 """
 
 from __future__ import annotations

@@ -5,11 +5,14 @@ applies a :class:`DataSchema`: undeclared and dropped columns never reach a mode
 identifiers are pseudonymized with a site-held key, quasi-identifiers are generalized
 and measured for k-anonymity, and records without consent are left out of each round.
 See ``docs/data-protection.md``.
+
+Layer 5: imports ``insitu.privacy`` (secret randomness), ``insitu.workspace``,
+``insitu.audit`` and the leaves.
 """
 
 from __future__ import annotations
 
-from insitu.data._consent import ConsentChange, ConsentRegistry
+from insitu.data._consent import ConsentChange, ConsentRegistry, Status
 from insitu.data._detect import ColumnFinding, scan_column, scan_frame
 from insitu.data._encode import FeatureEncoder
 from insitu.data._infer import InferredSchema, infer_schema
@@ -46,6 +49,7 @@ __all__ = [
     "PreparedData",
     "Pseudonymizer",
     "SiteDataset",
+    "Status",
     "TrainingData",
     "infer_schema",
     "inspect_table",

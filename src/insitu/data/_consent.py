@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from insitu._clock import utc_now
 from insitu.audit import Ledger
-from insitu.audit._records import utc_now
 from insitu.data._pseudonym import Pseudonymizer
 from insitu.errors import ConsentError
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from insitu.audit._records import utc_now
+from insitu._clock import utc_now
 from insitu.data._consent import ConsentRegistry
 from insitu.data._encode import FeatureEncoder
 from insitu.data._io import read_table

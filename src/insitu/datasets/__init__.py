@@ -1,4 +1,7 @@
-"""Data sets insitu carries, so that the quickstart and examples run on a fresh machine."""
+"""Data sets insitu carries, so that the quickstart and examples run on a fresh machine.
+
+Layer 1: a leaf (imports ``insitu.errors`` only).
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ ships in the model card. At inference time the :class:`DriftMonitor` counts what
 model sees in the same bins and compares: population stability index and a chi-square
 two-sample test per feature, thresholds in the workspace config, events in the ledger,
 gauges for Prometheus. ``docs/operations.md`` has the threat model.
+
+Layer 8: imports ``insitu.bundle`` (the card's reference profile), ``insitu.data``,
+``insitu.privacy`` and below.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ class DriftMonitor:
         if state_dir is None:
             return
         state_dir.mkdir(parents=True, exist_ok=True)
-        from insitu.audit._records import utc_now
+        from insitu._clock import utc_now
 
         doc = {
             "model": key[0],

@@ -75,13 +75,6 @@ from insitu.errors import (
 )
 from insitu.federated._certs import FederationCerts, check_server_pair, load_site_public_key
 from insitu.federated._config import FederationConfig
-from insitu.federated._models import (
-    build_model,
-    get_weights,
-    onnx_parity,
-    set_weights,
-    weights_digest,
-)
 from insitu.federated._server_app import (
     RoundRecord,
     RoundRecorder,
@@ -92,6 +85,13 @@ from insitu.federated._server_app import (
 )
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
 from insitu.privacy import calibrate_noise
+from insitu.training import (
+    build_model,
+    get_weights,
+    onnx_parity,
+    set_weights,
+    weights_digest,
+)
 from insitu.workspace import Workspace
 
 __all__ = [
@@ -706,7 +706,7 @@ def _save_deployed_model(
     import io
 
     from insitu._atomic import atomic_write_bytes
-    from insitu.federated._models import export_onnx
+    from insitu.training import export_onnx
 
     model_dir = ws.home / "models" / run_id
     model_dir.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,8 @@ from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 from insitu.errors import RoundFailedError
 from insitu.federated._config import MAX_SITE_WEIGHT, FederationConfig
-from insitu.federated._models import weights_digest
 from insitu.privacy import SecureRandom
+from insitu.training import weights_digest
 
 __all__ = [
     "RoundRecord",

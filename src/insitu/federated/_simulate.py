@@ -41,7 +41,6 @@ import pandas as pd
 import torch
 
 from insitu._atomic import atomic_write_bytes, atomic_write_text
-from insitu._egress import EgressSite, egress_mod
 from insitu.data import (
     ConsentRegistry,
     DataSchema,
@@ -57,15 +56,7 @@ from insitu.data import (
 )
 from insitu.errors import FederationError, InsufficientDataError, SchemaError, UsageError
 from insitu.federated._config import MAX_SITE_WEIGHT, FederationConfig
-from insitu.federated._local import evaluate, planned_event
-from insitu.federated._models import (
-    ModelFn,
-    build_model,
-    export_onnx,
-    get_weights,
-    onnx_parity,
-    set_weights,
-)
+from insitu.federated._egress import EgressSite, egress_mod
 from insitu.federated._partition import partition
 from insitu.federated._server_app import (
     RoundRecord,
@@ -77,6 +68,16 @@ from insitu.federated._server_app import (
 )
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
 from insitu.privacy import PrivacyEvent, SubjectBudget, calibrate_noise, rdp_noise_multiplier
+from insitu.training import (
+    ModelFn,
+    build_model,
+    evaluate,
+    export_onnx,
+    get_weights,
+    onnx_parity,
+    planned_event,
+    set_weights,
+)
 from insitu.workspace import Workspace
 
 __all__ = ["FederatedResult", "SiteSummary", "min_rows_for", "simulate"]
@@ -189,11 +190,7 @@ def _site_workspace(coordinator: Workspace, index: int, epsilon_budget: float | 
         coordinator.home / "sites" / f"site-{index:02d}", name=f"site-{index:02d}"
     )
     if created and epsilon_budget is not None:
-        from insitu.workspace._config import save_config
-
-        ws.config.sections.setdefault("privacy", {})["epsilon_budget"] = float(epsilon_budget)
-        save_config(ws.config_path, ws.config)
-        ws = Workspace.open(ws.home)
+        ws = ws.with_config("privacy", epsilon_budget=float(epsilon_budget))
     return ws
 
 

@@ -46,14 +46,22 @@ from insitu._atomic import atomic_write_text
 from insitu.data import DataSchema, SiteDataset, TrainingData
 from insitu.errors import BudgetExceededError, FederationError
 from insitu.federated._config import FederationConfig
-from insitu.federated._local import correct_per_row, evaluate, planned_event, train
-from insitu.federated._models import ModelFn, build_model, get_weights, set_weights
 from insitu.privacy import (
     PrivacyEvent,
     SecureRandom,
     SubjectBudget,
     calibrate_noise,
     rdp_noise_multiplier,
+)
+from insitu.training import (
+    ModelFn,
+    build_model,
+    correct_per_row,
+    evaluate,
+    get_weights,
+    planned_event,
+    set_weights,
+    train,
 )
 from insitu.workspace import Workspace
 

@@ -10,7 +10,7 @@
 4. the ONNX model is rebuilt as a PyTorch module (``_rebuild``, checked equal to ONNX
    Runtime's outputs) and all but its last ``layers`` linear layers are frozen;
 5. the DP-SGD event (Opacus with secret noise, as in federated training:
-   ``federated._local.train``) is calibrated for ``epsilon`` and *charged to the
+   ``insitu.training.train``) is calibrated for ``epsilon`` and *charged to the
    subjects of the training records before training*, the same per-subject budget
    federated rounds spend: subjects it no longer fits are left out, and when none
    remain :class:`BudgetExceededError` is raised and recorded
@@ -111,7 +111,7 @@ def split_holdout(
 
 
 def _accuracy(model: bytes, features: np.ndarray, labels: np.ndarray) -> float:
-    from insitu.runtime import create_session
+    from insitu._ort import create_session
 
     session = create_session(model, intra_op_threads=1)
     name = session.get_inputs()[0].name
@@ -188,10 +188,9 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         BudgetExceededError: the fine-tuning would exceed the site's budget.
 
     """
-    from insitu.federated._local import planned_event, train
-    from insitu.federated._models import export_onnx, get_weights
     from insitu.finetune._rebuild import rebuild_sequential
     from insitu.privacy import SubjectBudget, calibrate_noise
+    from insitu.training import export_onnx, get_weights, planned_event, train
     from insitu.update import UpdateClient
 
     stage = on_stage or (lambda _: None)
@@ -315,9 +314,9 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     buffer = io.BytesIO()
     np.savez(buffer, *weights)
     atomic_write_bytes(weights_path, buffer.getvalue())
-    from insitu.audit._records import utc_now
+    from insitu._clock import utc_now
     from insitu.bundle import bundle_model
-    from insitu.federated._models import weights_digest
+    from insitu.training import weights_digest
 
     base_eps = float(card.privacy["epsilon"]) if card.privacy else 0.0
     # Per record: the federation's epsilon for other sites' records; this site's records
@@ -377,7 +376,7 @@ def local_start_weights(workspace: Workspace, model: str) -> list[np.ndarray] | 
         InstallError: the weights file is missing or does not match its ledger digest.
 
     """
-    from insitu.federated._models import weights_digest
+    from insitu.training import weights_digest
 
     with workspace.ledger() as ledger:
         entries = [

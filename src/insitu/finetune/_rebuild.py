@@ -63,7 +63,7 @@ def rebuild_sequential(model: bytes, check_inputs: np.ndarray) -> nn.Sequential:
 
 
 def _check_equal(model: bytes, rebuilt: nn.Module, inputs: np.ndarray) -> None:
-    from insitu.runtime import create_session
+    from insitu._ort import create_session
 
     session = create_session(model, intra_op_threads=1)
     name = session.get_inputs()[0].name

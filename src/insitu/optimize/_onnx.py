@@ -108,7 +108,7 @@ def session_for(data: bytes, *, threads: int = 1, name: str = "model") -> Any:
         UnsupportedOperatorError: ONNX Runtime cannot implement a node of the graph.
 
     """
-    from insitu.runtime import create_session
+    from insitu._ort import create_session
 
     try:
         return create_session(data, intra_op_threads=threads)

@@ -153,7 +153,7 @@ def _workspace_source(path: Path) -> SourceModel:
     import torch
 
     from insitu.data import DataSchema, FeatureEncoder
-    from insitu.federated._models import build_model
+    from insitu.training import build_model
 
     features = json.loads((path / "features.json").read_text(encoding="utf-8"))
     record_path = path / "record.json"
@@ -197,7 +197,7 @@ def _workspace_source(path: Path) -> SourceModel:
     if (path / "model.onnx").is_file():
         source.file_onnx_sha256 = hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
     if module is not None:
-        from insitu.federated._models import get_weights, weights_digest
+        from insitu.training import get_weights, weights_digest
 
         source.weights_sha256 = weights_digest(get_weights(module))
     return source

@@ -1,4 +1,9 @@
-"""Privacy accounting, secret randomness, and the per-subject budgets sites enforce themselves."""
+"""Privacy accounting, secret randomness, and the per-subject budgets sites enforce themselves.
+
+Layer 4: the privacy math (PLD and RDP accounting), the secret randomness every DP
+release draws from, and the per-subject budgets. Imports ``insitu.audit`` and
+``insitu.workspace``; never data, training or federation.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ renders a record of processing activities (GDPR Art. 30), the EU AI Act Annex IV
 the system can fill, the data-flow map of each site's boundary, the privacy figures,
 model versions and installs, and plots, as one self-contained HTML page or a PDF. Tampered
 evidence is refused, or marked UNVERIFIED in red on request. See ``docs/report.md``.
+
+Layer 8: reads ledgers (``insitu.audit``), workspaces and schemas (``insitu.data``);
+imports nothing that trains or serves.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def _site_flow(site: LedgerEvidence, run: str) -> dict[str, Any]:
         "bytes_out": sum(int(e.payload.get("bytes_out", 0)) for e in egress),
         "bytes_in": sum(int(e.payload.get("bytes_in", 0)) for e in egress),
         **{f"{k}_bytes": v for k, v in sums.items()},
-        # Raw records leave only as unclassified bytes (see insitu._egress).
+        # Raw records leave only as unclassified bytes (see insitu.federated._egress).
         "raw_record_bytes": sums["unclassified"] if egress else None,
         "records_held": sum(int(e.payload.get("rows_out", 0)) for e in prepared),
         "rows_trained_last_round": training[-1].payload.get("rows") if training else None,

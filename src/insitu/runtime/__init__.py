@@ -3,10 +3,14 @@
 Sessions are created only through :func:`create_session`. :class:`ModelRuntime` serves a
 node's installed models (``insitu serve``, ``insitu predict``, ``insitu explain``);
 ``docs/serving.md`` describes the guarantees and their limits.
+
+Layer 8: imports ``insitu.update``, ``insitu.bundle``, ``insitu.data`` and below;
+``create_session`` is re-exported from the leaf ``insitu._ort``.
 """
 
 from __future__ import annotations
 
+from insitu._ort import create_session
 from insitu.runtime._explain import (
     Explainer,
     Explanation,
@@ -16,7 +20,6 @@ from insitu.runtime._explain import (
 from insitu.runtime._files import predict_file
 from insitu.runtime._guard import EgressGuard, egress_guard
 from insitu.runtime._inputs import InputSpec
-from insitu.runtime._ort import create_session
 from insitu.runtime._runtime import BatchObserver, LoadedModel, ModelRuntime
 from insitu.runtime._sources import BundleFile, InstalledModel, ModelSource
 

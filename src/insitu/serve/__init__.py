@@ -4,6 +4,9 @@
 included; ``app.state.metrics`` is a :class:`ServeMetrics`), :func:`running` serves it
 in-process on an ephemeral loopback port, :func:`serve` in the foreground. See
 ``docs/serving.md``.
+
+Layer 10: imports ``insitu.runtime``, ``insitu.dashboard``, ``insitu.drift``,
+``insitu.data`` and below.
 """
 
 from __future__ import annotations

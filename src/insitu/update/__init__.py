@@ -3,17 +3,21 @@
 Publisher side: :class:`UpdateRepository` (any :class:`Storage`; on disk through
 :func:`init_directory_repository` / :func:`open_directory_repository`). Device side:
 :class:`UpdateClient` (``ngclient.Updater``, A/B slots, rollback).
+
+Layer 7: imports ``insitu.bundle``, ``insitu.workspace`` and ``insitu.audit``.
 """
 
 from __future__ import annotations
 
 from insitu.update._client import ClientConfig, UpdateClient
+from insitu.update._conformance import tuf_download, tuf_init, tuf_refresh
 from insitu.update._repo_dir import (
     init_directory_repository,
     open_directory_repository,
     rotate_directory_keys,
 )
 from insitu.update._repository import UpdateRepository
+from insitu.update._serve import make_server
 from insitu.update._slots import SlotInfo, SlotStore
 from insitu.update._storage import DirectoryStorage, MemoryStorage, Storage
 
@@ -27,6 +31,10 @@ __all__ = [
     "UpdateClient",
     "UpdateRepository",
     "init_directory_repository",
+    "make_server",
     "open_directory_repository",
     "rotate_directory_keys",
+    "tuf_download",
+    "tuf_init",
+    "tuf_refresh",
 ]

@@ -43,8 +43,8 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from insitu._atomic import atomic_write_bytes
 from insitu._canonical import canonical_bytes
+from insitu._clock import utc_now
 from insitu.audit import Ledger
-from insitu.audit._records import utc_now
 from insitu.bundle import (
     Bundle,
     BundleVerifier,

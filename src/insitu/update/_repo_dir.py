@@ -30,7 +30,7 @@ from insitu.audit import Ledger
 from insitu.errors import RepositoryError
 from insitu.update._repository import DEFAULT_EXPIRY_DAYS, UpdateRepository
 from insitu.update._storage import DirectoryStorage
-from insitu.workspace._keys import load_private_key, passphrase_from_env, save_private_key
+from insitu.workspace import load_private_key, passphrase_from_env, save_private_key
 
 __all__ = ["init_directory_repository", "open_directory_repository", "rotate_directory_keys"]
 

@@ -1,9 +1,29 @@
-"""The workspace: a node's home directory, its configuration, identity keys and ledger."""
+"""The workspace: a node's home directory, its configuration, identity keys and ledger.
+
+Layer 3: owns a node's home and its layout (the paths every package writes under,
+:class:`Workspace`), keys and config; imports the ledger (``insitu.audit``) and the
+leaves.
+"""
 
 from __future__ import annotations
 
 from insitu.workspace._config import Config
-from insitu.workspace._keys import PASSPHRASE_ENV
+from insitu.workspace._keys import (
+    PASSPHRASE_ENV,
+    load_private_key,
+    passphrase_from_env,
+    save_private_key,
+)
 from insitu.workspace._workspace import DEFAULT_HOME, HOME_ENV, Workspace, resolve_home
 
-__all__ = ["DEFAULT_HOME", "HOME_ENV", "PASSPHRASE_ENV", "Config", "Workspace", "resolve_home"]
+__all__ = [
+    "DEFAULT_HOME",
+    "HOME_ENV",
+    "PASSPHRASE_ENV",
+    "Config",
+    "Workspace",
+    "load_private_key",
+    "passphrase_from_env",
+    "resolve_home",
+    "save_private_key",
+]

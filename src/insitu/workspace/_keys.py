@@ -23,7 +23,6 @@ public halves are also written as standard PEM (``*.pub.pem``) for other tools.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from insitu._atomic import atomic_write_bytes
 from insitu._canonical import canonical_bytes
+from insitu._sealed import secret_key_id
 from insitu.errors import KeyFileError, PassphraseRequiredError, WrongPassphraseError
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
     "passphrase_from_env",
     "save_private_key",
     "save_public_key",
-    "secret_key_id",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,11 +109,6 @@ def save_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> Non
     secret = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     data = _envelope(_kind_of(key), _public_raw(key), secret, passphrase)
     atomic_write_bytes(path, data, mode=0o600)
-
-
-def secret_key_id(secret: bytes) -> bytes:
-    """The public identifier of a symmetric key: a hash that reveals nothing of it."""
-    return hashlib.sha256(b"insitu/secret-key-id/v1\n" + secret).digest()[:16]
 
 
 def create_secret(path: Path, passphrase: str | None) -> bool:

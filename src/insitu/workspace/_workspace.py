@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 import insitu
 from insitu._atomic import atomic_write_text, fsync_dir
+from insitu._clock import utc_now
 from insitu.audit import Ledger, node_id_for
-from insitu.audit._records import utc_now
 from insitu.errors import (
     KeyFileError,
     WorkspaceError,
@@ -165,6 +165,19 @@ class Workspace:
             return (self.keys_dir / "api-token").read_text(encoding="ascii").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyFileError(f"cannot read {self.keys_dir / 'api-token'} ({exc})") from exc
+
+    def with_config(self, section: str, **values: Any) -> Workspace:
+        """Set ``values`` in ``section`` of ``config.toml`` (validated, written atomically).
+
+        Returns the workspace re-opened with the new configuration.
+
+        Raises:
+            ConfigError: the new values are not a valid configuration.
+
+        """
+        self.config.sections.setdefault(section, {}).update(values)
+        save_config(self.config_path, self.config)
+        return Workspace.open(self.home)
 
     # -- ledger --------------------------------------------------------------------
 

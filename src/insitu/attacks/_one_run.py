@@ -9,7 +9,7 @@ for approximate DP, which also charges ``delta``); many correct guesses falsify 
 epsilon at a stated significance, and :func:`epsilon_lower_bound` is the largest
 epsilon falsified.
 
-The audited mechanism here is insitu's own DP-SGD (:func:`insitu.federated._local.train`)
+The audited mechanism here is insitu's own DP-SGD (:func:`insitu.training.train`)
 on a bias-free linear model with one logit, zero initial weights and ``d + m`` inputs:
 real records use the first ``d`` (the other ``m`` are zero), and canary ``i`` is the
 record ``canary_scale * e_{d+i}`` with label 1. An "out" canary is not removed but
@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu.errors import AuditError, UsageError
-from insitu.privacy._noise import SecureRandom
+from insitu.privacy import SecureRandom
 
 if TYPE_CHECKING:
     from insitu.audit import Entry, Ledger
@@ -182,8 +182,8 @@ class InsituMechanism:
         """Train from zero weights; the final weights (float64, one per feature)."""
         import torch
 
-        from insitu.federated._local import train
-        from insitu.privacy._accountant import PrivacyEvent
+        from insitu.privacy import PrivacyEvent
+        from insitu.training import train
 
         model = torch.nn.Linear(features.shape[1], 1, bias=False)
         with torch.no_grad():

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from insitu._atomic import atomic_write_bytes
+from insitu.attacks._inversion import InversionDemo
+from insitu.attacks._membership import MembershipAudit
+from insitu.attacks._roc import dp_tpr_bound
 from insitu.errors import UsageError
-from insitu.privacy.attacks._inversion import InversionDemo
-from insitu.privacy.attacks._membership import MembershipAudit
-from insitu.privacy.attacks._roc import dp_tpr_bound
 
 __all__ = ["plot_inversion", "plot_roc"]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from insitu.privacy.attacks._membership import Predict, ShadowTrainer, logit_confidence
+from insitu.attacks._membership import Predict, ShadowTrainer, logit_confidence
 
 __all__ = ["GLOBAL_VARIANCE_BELOW", "lira_offline_scores"]
 

@@ -7,20 +7,24 @@ extracts, and check the measurement against the promise:
   ROC AUC and TPR at low FPR with bootstrap intervals, beside the bound
   ``TPR <= e^epsilon * FPR + delta`` that no attack on an (epsilon, delta)-DP model can
   exceed (:func:`audit_membership`, ``insitu privacy audit``);
-* gradient inversion (DLG with the iDLG label trick) against one site"s raw update and
+* gradient inversion (DLG with the iDLG label trick) against one site's raw update and
   against what the aggregator sees under SecAgg+ with DP clipping and noise
   (:func:`inversion_demo`, ``insitu privacy inversion``);
-* a white-box one-run audit with canaries (Steinke et al. 2023) of insitu"s own DP-SGD,
+* a white-box one-run audit with canaries (Steinke et al. 2023) of insitu's own DP-SGD,
   reported as an empirical lower bound on epsilon (:func:`one_run_audit`, ``insitu
   privacy one-run``).
 
-Each module"s docstring says what its attack assumes and what it does not cover. See
+Each module's docstring says what its attack assumes and what it does not cover. See
 ``docs/privacy-audit.md``.
+
+Layer 8: a package of its own above ``insitu.training`` (its shadow models and audited
+mechanisms are trained there), ``insitu.data`` and ``insitu.privacy`` (the bounds it
+measures against); nothing below imports it.
 """
 
 from __future__ import annotations
 
-from insitu.privacy.attacks._inversion import (
+from insitu.attacks._inversion import (
     InversionDemo,
     InversionResult,
     dp_secagg_aggregate,
@@ -29,8 +33,8 @@ from insitu.privacy.attacks._inversion import (
     invert_gradient,
     raw_update,
 )
-from insitu.privacy.attacks._lira import lira_offline_scores
-from insitu.privacy.attacks._membership import (
+from insitu.attacks._lira import lira_offline_scores
+from insitu.attacks._membership import (
     ATTACKS,
     AttackResult,
     MembershipAudit,
@@ -42,7 +46,7 @@ from insitu.privacy.attacks._membership import (
     loss_scores,
     per_record_loss,
 )
-from insitu.privacy.attacks._one_run import (
+from insitu.attacks._one_run import (
     InsituMechanism,
     Mechanism,
     OneRunAudit,
@@ -52,7 +56,8 @@ from insitu.privacy.attacks._one_run import (
     one_run_p_value,
     record_one_run_audit,
 )
-from insitu.privacy.attacks._roc import (
+from insitu.attacks._plot import plot_inversion, plot_roc
+from insitu.attacks._roc import (
     RocPoint,
     RocSummary,
     auc,
@@ -61,10 +66,12 @@ from insitu.privacy.attacks._roc import (
     roc_curve,
     tpr_at_fpr,
 )
+from insitu.attacks._target import AuditTarget, ShadowRecipe, load_records, load_target
 
 __all__ = [
     "ATTACKS",
     "AttackResult",
+    "AuditTarget",
     "InsituMechanism",
     "InversionDemo",
     "InversionResult",
@@ -74,6 +81,7 @@ __all__ = [
     "Predict",
     "RocPoint",
     "RocSummary",
+    "ShadowRecipe",
     "ShadowTrainer",
     "auc",
     "audit_membership",
@@ -86,11 +94,15 @@ __all__ = [
     "inversion_demo",
     "invert_gradient",
     "lira_offline_scores",
+    "load_records",
+    "load_target",
     "logit_confidence",
     "loss_scores",
     "one_run_audit",
     "one_run_p_value",
     "per_record_loss",
+    "plot_inversion",
+    "plot_roc",
     "raw_update",
     "record_one_run_audit",
     "required_non_members",

@@ -16,6 +16,7 @@ __all__ = [
     "Parity",
     "build_model",
     "check_parity",
+    "export_onnx",
     "get_weights",
     "onnx_parity",
     "set_weights",
@@ -137,8 +138,8 @@ def onnx_parity(model: nn.Module, onnx_bytes: bytes, probe: np.ndarray) -> Parit
             :data:`PARITY_TOLERANCE` of the outputs' scale.
 
     """
+    from insitu._ort import create_session
     from insitu.errors import FederationError
-    from insitu.runtime import create_session
 
     probe = np.ascontiguousarray(probe, dtype=np.float32)
     if not len(probe):

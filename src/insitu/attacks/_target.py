@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from insitu.attacks._membership import Predict, ShadowTrainer
 from insitu.data import DataSchema, FeatureEncoder, Pseudonymizer, prepare, read_table
 from insitu.errors import SchemaError, UsageError
-from insitu.privacy.attacks._membership import Predict, ShadowTrainer
 
 __all__ = ["AuditTarget", "ShadowRecipe", "load_records", "load_target"]
 
@@ -106,8 +106,8 @@ def _make_trainer(layers: list[tuple[int, int, int]], recipe: ShadowRecipe) -> S
     import torch
     from torch import nn
 
-    from insitu.federated._local import planned_event, train
     from insitu.privacy import calibrate_noise
+    from insitu.training import planned_event, train
 
     def build() -> nn.Module:
         modules: list[nn.Module] = []
@@ -164,7 +164,7 @@ def _make_trainer(layers: list[tuple[int, int, int]], recipe: ShadowRecipe) -> S
 
 
 def _onnx_predict(onnx_bytes: bytes) -> Predict:
-    from insitu.runtime import create_session
+    from insitu._ort import create_session
 
     session = create_session(onnx_bytes, intra_op_threads=1)
     input_name = session.get_inputs()[0].name

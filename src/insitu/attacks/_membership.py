@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from insitu.attacks._roc import RocSummary, required_non_members, summarize
 from insitu.errors import OverlappingSetsError, TooFewRecordsError, UsageError
-from insitu.privacy.attacks._roc import RocSummary, required_non_members, summarize
 
 __all__ = [
     "ATTACKS",
@@ -284,7 +284,7 @@ def audit_membership(
         if name == "loss":
             s_m, s_n = loss_scores(predict, x_m, y_m), loss_scores(predict, x_n, y_n)
         else:
-            from insitu.privacy.attacks._lira import lira_offline_scores
+            from insitu.attacks._lira import lira_offline_scores
 
             assert shadow_trainer is not None
             both = lira_offline_scores(
