@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from insitu.audit import events
 from insitu.errors import AuditError, UsageError
 from insitu.privacy import SecureRandom
 
@@ -405,4 +406,4 @@ def record_one_run_audit(
     payload = audit.to_json() | {"run": run}
     if data is not None:
         payload["data"] = data
-    return ledger.record("privacy.one_run_audit", **payload)
+    return events.PRIVACY_ONE_RUN_AUDIT.record(ledger, **payload)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from insitu.audit import events
 from insitu.bundle._card import ModelCard, schema_of
 from insitu.bundle._format import Bundle, create_bundle
 from insitu.bundle._provenance import provenance_for
@@ -96,5 +97,5 @@ def bundle_model(
         "epsilon": epsilon,
     }
     with workspace.ledger() as ledger:
-        ledger.record("bundle.created", **payload)
+        events.BUNDLE_CREATED.record(ledger, **payload)
     return blob, bundle

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from insitu._atomic import atomic_write_text
+from insitu.audit import events
 from insitu.data import DataSchema, SiteDataset
 from insitu.workspace import Workspace
 
@@ -49,7 +50,7 @@ STEPS = (
     "report",
 )
 
-STEP_EVENT = "quickstart.step"
+STEP_EVENT = events.QUICKSTART_STEP.name
 
 
 @dataclass
@@ -81,7 +82,7 @@ def not_run(step: str, why: str) -> StepResult:
 def record_step(coordinator: Workspace, run_id: str, result: StepResult) -> None:
     """Record a step's outcome in the coordinator's ledger (figures only)."""
     with coordinator.ledger() as ledger:
-        ledger.record(STEP_EVENT, run=run_id, **result.to_json())
+        events.QUICKSTART_STEP.record(ledger, run=run_id, **result.to_json())
 
 
 def site_records(
@@ -180,8 +181,8 @@ def audit_membership_of(
         json.dumps({"attack": attack.attack, "fpr": grid.tolist(), "tpr": tpr.tolist()}),
     )
     with coordinator.ledger() as ledger:
-        ledger.record(
-            "privacy.audit",
+        events.PRIVACY_AUDIT.record(
+            ledger,
             run=run_id,
             **report,
             artefacts={
@@ -232,7 +233,7 @@ def audit_membership_of(
         "test_rows": len(y_n),
     }
     with coordinator.ledger() as ledger:
-        ledger.record("federation.baseline", run=run_id, **figures)
+        events.FEDERATION_BASELINE.record(ledger, run=run_id, **figures)
     baseline_result = StepResult(
         "baseline",
         "ok",
@@ -294,8 +295,8 @@ def declare_processing(coordinator: Workspace, schema: DataSchema, sites: int) -
     declaration; the report shows it as declared, beside what the system recorded.
     """
     with coordinator.ledger() as ledger:
-        ledger.record(
-            "processing.declared",
+        events.PROCESSING_DECLARED.record(
+            ledger,
             controller="insitu quickstart (demonstration; replace with the controller's name)",
             purposes=[
                 f"{schema.consent_purpose}: a model predicting {schema.label} "

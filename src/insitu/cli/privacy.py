@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from insitu._atomic import atomic_write_text
+from insitu.audit import events
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.data import DataSchema
@@ -174,7 +175,9 @@ def audit_command(
         report["plot"] = "roc.png"
     atomic_write_text(directory / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     with ws.ledger() as ledger:
-        entry = ledger.record("privacy.audit", **{k: v for k, v in report.items() if k != "plot"})
+        entry = events.PRIVACY_AUDIT.record(
+            ledger, **{k: v for k, v in report.items() if k != "plot"}
+        )
     report["ledger_seq"] = entry.seq
     report["report_dir"] = str(directory)
     if json_output:
@@ -302,8 +305,8 @@ def inversion_command(
         directory / "inversion.json", json.dumps(report, indent=2, sort_keys=True) + "\n"
     )
     with ws.ledger() as ledger:
-        entry = ledger.record(
-            "privacy.inversion", **{k: v for k, v in report.items() if k != "plot"}
+        entry = events.PRIVACY_INVERSION.record(
+            ledger, **{k: v for k, v in report.items() if k != "plot"}
         )
     report["ledger_seq"] = entry.seq
     report["report_dir"] = str(directory)

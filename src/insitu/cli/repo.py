@@ -9,6 +9,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.table import Table
 
+from insitu.audit import events
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.errors import UsageError
@@ -60,7 +61,7 @@ def init(
     )
     root = repo / "public" / "metadata" / "1.root.json"
     with ws.ledger() as ledger:
-        ledger.record("repo.initialized", threshold=threshold, root_version=1)
+        events.REPO_INITIALIZED.record(ledger, threshold=threshold, root_version=1)
     summary = {"repo": str(repo), "root": str(root), **repository.status()}
     if json_output:
         print_json(summary)
@@ -213,7 +214,7 @@ def timestamp(repo: RepoArg, home: HomeOption = None, json_output: JsonOption = 
 
     version = open_directory_repository(repo).refresh_timestamp()
     with Workspace.open(home).ledger() as ledger:
-        ledger.record("repo.timestamp", version=version)
+        events.REPO_TIMESTAMP.record(ledger, version=version)
     if json_output:
         print_json({"timestamp_version": version})
     else:

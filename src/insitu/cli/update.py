@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from insitu.audit import events
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.errors import UsageError
@@ -107,7 +108,7 @@ def enroll(
     )
     keyid = device_key_id(ws.encryption_public_key)
     with ws.ledger() as ledger:
-        ledger.record("update.enrolled", model=model, channel=channel, device_key_id=keyid)
+        events.UPDATE_ENROLLED.record(ledger, model=model, channel=channel, device_key_id=keyid)
     summary = config.to_json() | {"device_key_id": keyid}
     if json_output:
         print_json(summary)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from insitu._clock import utc_now
-from insitu.audit import Ledger
+from insitu.audit import Ledger, events
 from insitu.data._pseudonym import Pseudonymizer
 from insitu.errors import ConsentError
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["granted", "withdrawn"]
 _STATUSES = {"granted", "withdrawn"}
-EVENT = "consent.changed"
+EVENT = events.CONSENT_CHANGED.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,24 +77,21 @@ class ConsentRegistry:
         self, changes: list[tuple[str, str, Status]], *, source: str = "import"
     ) -> list[ConsentChange]:
         """Record several changes in one ledger transaction: all of them, or none."""
-        events = []
+        entries_to_record = []
         for subject, purpose, status in changes:
             if status not in _STATUSES:
                 raise ConsentError(f"consent status {status!r} is not 'granted' or 'withdrawn'")
             if not str(subject).strip():
                 raise ConsentError("a consent change names no subject")
-            events.append(
-                (
-                    EVENT,
-                    {
-                        "subject": self.token(subject),
-                        "purpose": _check_purpose(purpose),
-                        "status": status,
-                        "source": source,
-                    },
+            entries_to_record.append(
+                events.CONSENT_CHANGED.entry(
+                    subject=self.token(subject),
+                    purpose=_check_purpose(purpose),
+                    status=status,
+                    source=source,
                 )
             )
-        entries = self._ledger.record_many(events)
+        entries = self._ledger.record_many(entries_to_record)
         return [
             ConsentChange(e.payload["subject"], e.payload["purpose"], e.payload["status"], e.time)
             for e in entries

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from insitu._clock import utc_now
+from insitu.audit import events
 from insitu.data._consent import ConsentRegistry
 from insitu.data._encode import FeatureEncoder
 from insitu.data._io import read_table
@@ -138,8 +139,8 @@ class SiteDataset:
             write_prepared(out, prepared, workspace.secret("data"))
         report = prepared.report
         with workspace.ledger() as ledger:
-            ledger.record(
-                "data.prepared",
+            events.DATA_PREPARED.record(
+                ledger,
                 dataset=report.dataset,
                 schema_sha256=report.schema_sha256,
                 rows_in=report.rows_in,
@@ -182,8 +183,8 @@ class SiteDataset:
                 mask = frame[self.schema.subject].isin(allowed)
                 excluded = int((~mask).sum())
                 frame = frame[mask]
-            ledger.record(
-                "data.consent_applied",
+            events.DATA_CONSENT_APPLIED.record(
+                ledger,
                 dataset=self.schema.name,
                 purpose=purpose,
                 round=round_number,

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu._atomic import atomic_write_text
+from insitu.audit import events
 from insitu.drift._profile import OUTPUT, BinCounter, ReferenceProfile
 from insitu.drift._stats import FeatureDrift, population_stability_index, two_sample_p_value
 from insitu.errors import ConfigError
@@ -44,8 +45,8 @@ __all__ = ["DriftMonitor", "DriftThresholds", "drift_status"]
 
 logger = logging.getLogger(__name__)
 
-DETECTED = "drift.detected"
-CLEARED = "drift.cleared"
+DETECTED = events.DRIFT_DETECTED.name
+CLEARED = events.DRIFT_CLEARED.name
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,8 @@ class DriftMonitor:
             return
         with self.workspace.ledger() as ledger:
             for figure in changes:
-                ledger.record(
-                    DETECTED if figure.flagged else CLEARED,
+                (events.DRIFT_DETECTED if figure.flagged else events.DRIFT_CLEARED).record(
+                    ledger,
                     model=key[0],
                     version=key[1],
                     feature=figure.feature,

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from insitu.audit import events
 from insitu.drift._profile import ProfileLayout, noisy_release
 from insitu.privacy import PrivacyEvent, SecureRandom, SubjectBudget, calibrate_noise
 
@@ -60,8 +61,8 @@ def release_profile(
             epsilon=epsilon,
             delta=delta,
         )
-        ledger.record(
-            "drift.profile_released",
+        events.DRIFT_PROFILE_RELEASED.record(
+            ledger,
             dataset=dataset,
             histograms=len(release["counts"]),
             noise_std=round(float(release["noise_std"]), 6),

@@ -64,6 +64,7 @@ from flwr.server import Grid
 
 from insitu._atomic import atomic_write_text
 from insitu._privacy_env import NO_TELEMETRY_ENV
+from insitu.audit import events
 from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.errors import (
     CertificateError,
@@ -423,8 +424,8 @@ def serve(  # noqa: PLR0915 -- the run, step by step
     }
     atomic_write_text(run_dir / "plan.json", json.dumps(plan, indent=2) + "\n")
     with ws.ledger() as ledger:
-        ledger.record(
-            "federation.sites_registered",
+        events.FEDERATION_SITES_REGISTERED.record(
+            ledger,
             run=run_id,
             address=address,
             ca_sha256=hashlib.sha256(files.ca.read_bytes()).hexdigest(),
@@ -629,8 +630,8 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
     model = build_model(config.model, n_features, hidden=config.hidden)
     initial = ndarrays_to_parameters(get_weights(model))
     with ws.ledger() as ledger:
-        ledger.record(
-            "federation.started",
+        events.FEDERATION_STARTED.record(
+            ledger,
             run=run_id,
             dataset=plan["dataset"],
             schema_sha256=plan["schema_sha256"],
@@ -643,8 +644,8 @@ def _run_server(grid: Grid, context: Context, plan: dict[str, Any]) -> None:
     def record_round(record: RoundRecord) -> None:
         epsilon_run = max(record.epsilon_by_site.values(), default=0.0)
         with ws.ledger() as ledger:
-            ledger.record(
-                "federation.round",
+            events.FEDERATION_ROUND.record(
+                ledger,
                 run=run_id,
                 round=record.round,
                 sites_ok=record.sites_ok,
@@ -847,8 +848,8 @@ def join(  # noqa: PLR0915 -- checks, preparation, the node's life: in order
         + "\n",
     )
     with ws.ledger() as ledger:
-        ledger.record(
-            "federation.site_joined",
+        events.FEDERATION_SITE_JOINED.record(
+            ledger,
             site=site,
             server=server,
             ca_sha256=hashlib.sha256(ca.read_bytes()).hexdigest(),
@@ -899,7 +900,7 @@ def join(  # noqa: PLR0915 -- checks, preparation, the node's life: in order
     finally:
         _stop(process)
         with ws.ledger() as ledger:
-            ledger.record("federation.site_left", site=site, runs=runs)
+            events.FEDERATION_SITE_LEFT.record(ledger, site=site, runs=runs)
     code = process.returncode
     if not runs and code not in (0, -signal.SIGTERM):
         tail = _log_tail(log_path)

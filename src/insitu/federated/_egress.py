@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from insitu.audit import events
+
 __all__ = [
     "EGRESS_EVENT",
     "KINDS",
@@ -40,7 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EGRESS_EVENT = "federation.egress"
+EGRESS_EVENT = events.FEDERATION_EGRESS.name
 KINDS = ("model_update", "protocol", "metrics", "envelope", "unclassified")
 MAX_METRIC_CHARS = 64
 _SECAGG_CONFIGS = "secaggplus_configs"
@@ -141,8 +143,8 @@ def egress_mod(site_of: Callable[[Any], EgressSite]) -> Callable[[Any, Any, Any]
         where = site_of(context)
         group = str(message.metadata.group_id)
         with Workspace.open(where.home).ledger() as ledger:
-            ledger.record(
-                EGRESS_EVENT,
+            events.FEDERATION_EGRESS.record(
+                ledger,
                 run=where.run_id,
                 site=where.site,
                 round=int(group) if group.isdigit() else None,

@@ -44,6 +44,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
+from insitu.audit import events
 from insitu.errors import RoundFailedError
 from insitu.federated._config import MAX_SITE_WEIGHT, FederationConfig
 from insitu.privacy import SecureRandom
@@ -443,8 +444,8 @@ def record_completed(
     without privacy): what a model card built from this run must state at least.
     """
     entries = ledger.entries(event_type="federation.round")
-    ledger.record(
-        "federation.completed",
+    events.FEDERATION_COMPLETED.record(
+        ledger,
         run=run_id,
         rounds=rounds,
         central_accuracy=central_accuracy,
@@ -459,8 +460,8 @@ def record_completed(
 def record_failed(ledger: Any, *, run_id: str, error: BaseException) -> None:
     """Record ``federation.failed``: the run has no model; the round and sites, if known."""
     round_number = getattr(error, "round", None)
-    ledger.record(
-        "federation.failed",
+    events.FEDERATION_FAILED.record(
+        ledger,
         run=run_id,
         round=round_number,
         sites=getattr(error, "sites", {}),

@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from insitu._atomic import atomic_write_bytes, atomic_write_text
+from insitu.audit import events
 from insitu.data import (
     ConsentRegistry,
     DataSchema,
@@ -593,8 +594,8 @@ def _infer_schema(
     if inferred.event is not None and inferred.event != event:  # pragma: no cover - same math
         raise FederationError("the inference's privacy event is not the one the sites paid for")
     with coordinator.ledger() as ledger:
-        ledger.record(
-            "schema.inferred",
+        events.SCHEMA_INFERRED.record(
+            ledger,
             run=run_id,
             dataset=inferred.schema.name,
             schema_sha256=inferred.schema.digest(),
@@ -633,7 +634,7 @@ def _strategy(
 
     def record_round(record: RoundRecord) -> None:
         with coordinator.ledger() as ledger:
-            ledger.record("federation.round", run=run_id, **_round_payload(record))
+            events.FEDERATION_ROUND.record(ledger, run=run_id, **_round_payload(record))
         if on_round is not None:
             on_round(record)
 
@@ -671,8 +672,8 @@ def _record_started(
     config: FederationConfig,
 ) -> None:
     with coordinator.ledger() as ledger:
-        ledger.record(
-            "federation.started",
+        events.FEDERATION_STARTED.record(
+            ledger,
             run=run_id,
             dataset=schema.name,
             schema_sha256=schema.digest(),

@@ -43,6 +43,7 @@ import torch
 from flwr.client import NumPyClient
 
 from insitu._atomic import atomic_write_text
+from insitu.audit import events
 from insitu.data import DataSchema, SiteDataset, TrainingData
 from insitu.errors import BudgetExceededError, FederationError
 from insitu.federated._config import FederationConfig
@@ -290,8 +291,8 @@ class SiteClient(NumPyClient):
         )
         weights = get_weights(model)
         with ws.ledger() as ledger:
-            ledger.record(
-                "federation.site_round",
+            events.FEDERATION_SITE_ROUND.record(
+                ledger,
                 run=plan.run_id,
                 round=round_number,
                 rows=data.rows,

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from insitu._atomic import atomic_write_bytes
+from insitu.audit import events
 from insitu.bundle import ModelCard, SemVer
 from insitu.data import DataSchema, SiteDataset, read_table
 from insitu.errors import InstallError, SchemaError, UnusableSplitError, UsageError
@@ -46,8 +47,8 @@ __all__ = ["FinetuneResult", "finetune", "local_start_weights", "split_holdout"]
 
 logger = logging.getLogger(__name__)
 
-INSTALLED = "finetune.installed"
-REJECTED = "finetune.rejected"
+INSTALLED = events.FINETUNE_INSTALLED.name
+REJECTED = events.FINETUNE_REJECTED.name
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,9 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     )
     if not accuracy_after > accuracy_before:
         with workspace.ledger() as ledger:
-            ledger.record(REJECTED, **figures, reason="not better on the local held-out split")
+            events.FINETUNE_REJECTED.record(
+                ledger, **figures, reason="not better on the local held-out split"
+            )
         return outcome
 
     stage("bundling and installing")
@@ -324,8 +327,8 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     claimed = max(base_eps, charge.epsilon_max_after)
     delta_claimed = max(float(card.privacy["delta"]) if card.privacy else 0.0, delta)
     with workspace.ledger() as ledger:
-        ledger.record(
-            "finetune.trained",
+        events.FINETUNE_TRAINED.record(
+            ledger,
             run=f"finetune:{model}:{version}",
             model=model,
             base_version=card.version,
@@ -353,8 +356,8 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
             blob, name=model, version=version, bundle_id=bundle.bundle_id, now=utc_now()
         )
     with workspace.ledger() as ledger:
-        ledger.record(
-            INSTALLED,
+        events.FINETUNE_INSTALLED.record(
+            ledger,
             **figures,
             version=version,
             slot=info.slot,

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from insitu._atomic import atomic_write_bytes, atomic_write_text
+from insitu.audit import events
 from insitu.errors import InsituError, OptimizationError, UsageError
 from insitu.optimize._compress import CompressionPlan, distill, prune
 from insitu.optimize._data import DataLike, DataSet, data_sha256, load_data
@@ -434,7 +435,7 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         _write(report)
     if workspace is not None:
         with workspace.ledger() as ledger:
-            entry = ledger.record("model.optimized", **_ledger_payload(report))
+            entry = events.MODEL_OPTIMIZED.record(ledger, **_ledger_payload(report))
         report.ledger_seq = entry.seq
         if out_dir is not None:
             _write_json(report)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu._atomic import atomic_write_bytes
+from insitu.audit import events
 from insitu.errors import BudgetEvidenceError, BudgetExceededError
 from insitu.privacy._accountant import (
     ALPHAS,
@@ -63,8 +64,8 @@ __all__ = ["REFUSED", "SPENT", "Admission", "BudgetCharge", "SubjectBudget", "as
 
 logger = logging.getLogger(__name__)
 
-SPENT = "privacy.spent"
-REFUSED = "privacy.budget_refused"
+SPENT = events.PRIVACY_SPENT.name
+REFUSED = events.PRIVACY_BUDGET_REFUSED.name
 _INDEX_FORMAT = 2
 #: Histories whose PLD epsilon is computed for a figure, the worst by the RDP bound first
 #: (RDP and PLD order histories of Gaussian events alike; the RDP value bounds the rest).
@@ -422,7 +423,9 @@ class SubjectBudget:
                 **context,
             }
             if not admission.subjects:
-                self._ledger.record(REFUSED, spent_max=self._max_spent(index), **common)
+                events.PRIVACY_BUDGET_REFUSED.record(
+                    self._ledger, spent_max=self._max_spent(index), **common
+                )
                 # No count in the message: it may travel to a coordinator.
                 raise BudgetExceededError(
                     f"no subject has privacy budget left for this {mechanism} (budget epsilon "
@@ -433,8 +436,8 @@ class SubjectBudget:
             cohort = as_keys(keys[admission.admitted])
             digest = self._write_cohort(cohort)
             epsilon_run = self._epsilon_run(index, cohort, event, run)
-            entry = self._ledger.record(
-                SPENT,
+            entry = events.PRIVACY_SPENT.record(
+                self._ledger,
                 cohort_sha256=digest,
                 subjects=len(cohort),
                 epsilon_run=epsilon_run,

@@ -35,6 +35,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from insitu.audit import events
+from insitu.audit.events import Event
 from insitu.errors import EgressBlockedError
 
 __all__ = ["EgressGuard", "egress_guard"]
@@ -50,7 +52,7 @@ _LOOKUP_EVENTS = {
     "socket.getnameinfo",
 }
 
-Recorder = Callable[[str, dict[str, Any]], None]
+Recorder = Callable[[Event, dict[str, Any]], None]
 
 
 def _loopback_host(host: Any) -> bool:
@@ -110,7 +112,7 @@ class EgressGuard:
         return self._depth > 0
 
     def add_recorder(self, recorder: Recorder) -> None:
-        """Call ``recorder(event_type, payload)`` for each batch of blocked attempts."""
+        """Call ``recorder(event, payload)`` for each batch of blocked attempts."""
         with self._lock:
             if recorder not in self._recorders:
                 self._recorders.append(recorder)
@@ -187,7 +189,7 @@ class EgressGuard:
             payload = {"event": event, "destination": target[:200], "attempts": count}
             for recorder in recorders:
                 try:
-                    recorder("egress.blocked", payload)
+                    recorder(events.EGRESS_BLOCKED, payload)
                 except Exception:
                     logger.exception("cannot record a blocked egress attempt")
         return sum(pending.values())

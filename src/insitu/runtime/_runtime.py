@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from insitu.audit import events
+from insitu.audit.events import Event
 from insitu.errors import InferenceError, InvalidInputError, ModelNotFoundError
 from insitu.runtime._guard import egress_guard
 from insitu.runtime._inputs import DEFAULT_MAX_ROWS, InputSpec, specs_of
@@ -242,9 +244,9 @@ class ModelRuntime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _record(self, event_type: str, payload: dict[str, Any]) -> None:
+    def _record(self, event: Event, payload: dict[str, Any]) -> None:
         if self.ledger is not None:
-            self.ledger.record(event_type, **payload)
+            event.record(self.ledger, **payload)
 
     # -- models --------------------------------------------------------------------
 
@@ -321,7 +323,7 @@ class ModelRuntime:
             self._loaded[name] = model  # the swap: one reference assignment
             self._evict(keep=name)
         self._record(
-            "inference.loaded",
+            events.INFERENCE_LOADED,
             {
                 "model": name,
                 "version": model.version,

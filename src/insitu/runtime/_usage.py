@@ -13,6 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from insitu.audit import events
+from insitu.audit.events import Event
+
 __all__ = ["UsageCounter"]
 
 
@@ -25,7 +28,7 @@ class UsageCounter:
 
     def __init__(
         self,
-        record: Callable[[str, dict[str, Any]], None],
+        record: Callable[[Event, dict[str, Any]], None],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -57,7 +60,7 @@ class UsageCounter:
                 del self._counts[key]
         for (model, version, hour), (requests, rows, errors) in sorted(done.items()):
             self._record(
-                "inference.counted",
+                events.INFERENCE_COUNTED,
                 {
                     "model": model,
                     "version": version,

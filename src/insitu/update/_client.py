@@ -44,7 +44,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from insitu._atomic import atomic_write_bytes
 from insitu._canonical import canonical_bytes
 from insitu._clock import utc_now
-from insitu.audit import Ledger
+from insitu.audit import Ledger, events
 from insitu.bundle import (
     Bundle,
     BundleVerifier,
@@ -196,9 +196,9 @@ class UpdateClient:
             bootstrap=(self.directory / "root.json").read_bytes(),
         )
 
-    def _record(self, event: str, **payload: Any) -> None:
+    def _record(self, event: events.Event, **payload: Any) -> None:
         if self.ledger is not None:
-            self.ledger.record(event, **payload)
+            event.record(self.ledger, **payload)
 
     def _publishers(self) -> list[Ed25519PublicKey]:
         # root.json in the metadata directory is written by the Updater only after it
@@ -235,7 +235,7 @@ class UpdateClient:
             # bury the downloads that matter, bundles and deltas.
             if kind != "pointer":
                 self._record(
-                    "update.downloaded",
+                    events.UPDATE_DOWNLOADED,
                     model=self.config.model,
                     target=info.path,
                     kind=kind,
@@ -248,7 +248,7 @@ class UpdateClient:
             yield
         except (UpdateError, BundleError) as exc:
             self._record(
-                "update.refused",
+                events.UPDATE_REFUSED,
                 model=self.config.model,
                 action=action,
                 reason=type(exc).__name__,
@@ -408,7 +408,7 @@ class UpdateClient:
             # falls back to the full bundle, which is verified from scratch.
             logger.warning("delta %s refused (%s); downloading the full bundle", path, exc)
             self._record(
-                "update.delta_refused",
+                events.UPDATE_DELTA_REFUSED,
                 model=self.config.model,
                 target=path,
                 reason=type(exc).__name__,
@@ -429,7 +429,7 @@ class UpdateClient:
         except OSError as exc:
             raise InstallError(f"cannot write the install slot ({exc}); check disk space") from exc
         self._record(
-            "update.installed",
+            events.UPDATE_INSTALLED,
             model=info.name,
             version=info.version,
             previous=before.version if before else None,
@@ -446,7 +446,7 @@ class UpdateClient:
         with self._exclusive(), self._recording_refusals("rollback"):
             now, was = self.slots.rollback()
         self._record(
-            "update.rolled_back",
+            events.UPDATE_ROLLED_BACK,
             model=now.name,
             version=now.version,
             from_version=was.version,

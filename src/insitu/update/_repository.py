@@ -66,7 +66,7 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
 from insitu._canonical import canonical_bytes
-from insitu.audit import Ledger
+from insitu.audit import Ledger, events
 from insitu.bundle import Bundle, BundleVerifier, SemVer, make_bundle_delta
 from insitu.errors import BundleError, RepositoryError
 from insitu.update._storage import Storage
@@ -333,7 +333,7 @@ class UpdateRepository(Repository):
             )
         except (BundleError, RepositoryError) as exc:
             if ledger is not None:
-                ledger.record("repo.publish_refused", reason=type(exc).__name__)
+                events.REPO_PUBLISH_REFUSED.record(ledger, reason=type(exc).__name__)
             raise
 
     def _publish(
@@ -411,8 +411,8 @@ class UpdateRepository(Repository):
             "targets_version": self.targets().version,
         }
         if ledger is not None:
-            ledger.record(
-                "repo.published",
+            events.REPO_PUBLISHED.record(
+                ledger,
                 model=name,
                 version=version,
                 bundle_sha256=result["bundle_sha256"],
@@ -467,7 +467,9 @@ class UpdateRepository(Repository):
             root.unrecognized_fields[PUBLISHERS_FIELD] = keys
         version = self.root().version
         if ledger is not None:
-            ledger.record("repo.publishers_changed", root_version=version, publishers=len(keys))
+            events.REPO_PUBLISHERS_CHANGED.record(
+                ledger, root_version=version, publishers=len(keys)
+            )
         return version
 
     def rotate_keys(
@@ -511,7 +513,7 @@ class UpdateRepository(Repository):
         self.do_snapshot(force=True)
         self.do_timestamp(force=True)
         if ledger is not None:
-            ledger.record("repo.keys_rotated", role=role, keys=len(new_signers))
+            events.REPO_KEYS_ROTATED.record(ledger, role=role, keys=len(new_signers))
 
     def refresh_timestamp(self) -> int:
         """Sign a new timestamp (a fresh expiry); returns its version."""

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 import insitu
 from insitu._atomic import atomic_write_text, fsync_dir
 from insitu._clock import utc_now
-from insitu.audit import Ledger, node_id_for
+from insitu.audit import Ledger, events, node_id_for
 from insitu.errors import (
     KeyFileError,
     WorkspaceError,
@@ -301,8 +301,8 @@ def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
     with Ledger(
         root / "ledger.db", log_id=node_id, public_key=signing.public_key(), signing_key=signing
     ) as ledger:
-        ledger.record(
-            "workspace.init",
+        events.WORKSPACE_INIT.record(
+            ledger,
             node=node_id,
             name=name,
             insitu_version=insitu.__version__,
