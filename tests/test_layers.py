@@ -34,6 +34,7 @@ LAYERS: list[set[str]] = [
     {"runtime", "report", "drift", "optimize", "attacks"},
     {"federated", "finetune", "dashboard"},
     {"serve"},
+    {"quickstart"},
     {"_flower_app", "cli"},
 ]
 LAYER_OF = {name: index for index, names in enumerate(LAYERS) for name in names}

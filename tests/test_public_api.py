@@ -52,10 +52,14 @@ EXPECTED = {
         "plot_inversion",
         "plot_roc",
         "raw_update",
+        "record_inversion",
+        "record_membership_audit",
         "record_one_run_audit",
         "required_non_members",
         "roc_curve",
+        "run_of_model",
         "tpr_at_fpr",
+        "write_audit_evidence",
     ],
     "insitu.audit": [
         "CONSISTENCY_FORMAT",
@@ -202,6 +206,13 @@ EXPECTED = {
         "rdp_epsilon_of",
         "rdp_noise_multiplier",
         "within_budget",
+    ],
+    "insitu.quickstart": [
+        "QuickstartResult",
+        "QuickstartSettings",
+        "STEPS",
+        "StepResult",
+        "run_quickstart",
     ],
     "insitu.report": [
         "ArtefactCheck",

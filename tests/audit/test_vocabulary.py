@@ -50,6 +50,8 @@ def violations(sources: dict[str, str]) -> list[str]:
                 and isinstance(owner.value, ast.Name)
                 and owner.value.id == "events"
             )
+            if named and path.startswith("cli/"):
+                found.append(f"{where}: the command line writes a domain event; the domain does")
             if named and not isinstance(getattr(events, owner.attr, None), Event):
                 found.append(f"{where}: events.{owner.attr} is not in the vocabulary")
             literals = [a for a in node.args if isinstance(a, ast.Constant)]
@@ -82,6 +84,13 @@ def test_a_planted_direct_ledger_write_is_found():
     tree["cli/_planted.py"] = "def f(ledger):\n    ledger.record('privacy.audit', run='r')\n"
     (line,) = violations(tree)
     assert "writes the ledger directly" in line
+
+
+def test_a_planted_domain_event_written_by_the_command_line_is_found():
+    tree = _tree()
+    tree["cli/_planted.py"] = "def f(ledger):\n    events.PRIVACY_AUDIT.record(ledger)\n"
+    (line,) = violations(tree)
+    assert "the command line writes a domain event" in line
 
 
 def test_a_planted_reader_of_an_unrecorded_type_is_found():

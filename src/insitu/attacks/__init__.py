@@ -57,6 +57,12 @@ from insitu.attacks._one_run import (
     record_one_run_audit,
 )
 from insitu.attacks._plot import plot_inversion, plot_roc
+from insitu.attacks._records import (
+    record_inversion,
+    record_membership_audit,
+    run_of_model,
+    write_audit_evidence,
+)
 from insitu.attacks._roc import (
     RocPoint,
     RocSummary,
@@ -104,8 +110,12 @@ __all__ = [
     "plot_inversion",
     "plot_roc",
     "raw_update",
+    "record_inversion",
+    "record_membership_audit",
     "record_one_run_audit",
     "required_non_members",
     "roc_curve",
+    "run_of_model",
     "tpr_at_fpr",
+    "write_audit_evidence",
 ]

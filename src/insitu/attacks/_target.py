@@ -76,6 +76,8 @@ class AuditTarget:
     delta: float
     state_dict: dict[str, Any] | None = field(default=None, repr=False)
     recipe: ShadowRecipe | None = None
+    #: The federated run that trained it (from the model directory's record), if known.
+    run: str | None = None
 
     def shadow_trainer(self) -> ShadowTrainer | None:
         """A trainer of shadow models like this one, or None when it cannot be rebuilt."""
@@ -210,7 +212,9 @@ def load_target(
         )
         config = record.get("config", {})
         privacy = str(config.get("privacy", "unknown"))
-        paper_eps = float(config["epsilon"]) if privacy in {"record", "site"} else None
+        # The run's own epsilon (what it spent), else the target it was given.
+        spent = record.get("epsilon_run") or config.get("epsilon")
+        paper_eps = float(spent) if privacy in {"record", "site"} and spent else None
         paper_delta = float(config.get("delta", 0.0)) if paper_eps is not None else 0.0
         state = None
         if (path / "model.pt").is_file():
@@ -239,6 +243,7 @@ def load_target(
             delta=paper_delta if delta is None else delta,
             state_dict=state,
             recipe=recipe,
+            run=record.get("run_id"),
         )
     if not path.is_file():
         raise UsageError(f"{path} does not exist: give a model directory or an .onnx file")

@@ -12,7 +12,6 @@ import typer
 from rich.table import Table
 
 from insitu._atomic import atomic_write_text
-from insitu.audit import events
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.data import DataSchema
@@ -130,7 +129,13 @@ def audit_command(
       insitu privacy audit model.onnx -s adult.schema.toml --members a.csv
           --non-members b.csv --epsilon 1 --delta 1e-5 --fpr 0.01
     """
-    from insitu.attacks import audit_membership, load_records, load_target
+    from insitu.attacks import (
+        audit_membership,
+        load_records,
+        load_target,
+        record_membership_audit,
+        write_audit_evidence,
+    )
 
     ws = Workspace.open(home)
     fprs = tuple(fpr) if fpr else (0.01, 0.001)
@@ -173,11 +178,11 @@ def audit_command(
         eps_text = "non-private" if target.epsilon is None else f"epsilon {target.epsilon:g}"
         plot_roc(audit, directory / "roc.png", title=f"{target.name} ({eps_text})")
         report["plot"] = "roc.png"
-    atomic_write_text(directory / "audit.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    artefacts = write_audit_evidence(
+        ws.home, directory, audit, {k: v for k, v in report.items() if k != "plot"}
+    )
     with ws.ledger() as ledger:
-        entry = events.PRIVACY_AUDIT.record(
-            ledger, **{k: v for k, v in report.items() if k != "plot"}
-        )
+        entry = record_membership_audit(ledger, report, run=target.run, artefacts=artefacts)
     report["ledger_seq"] = entry.seq
     report["report_dir"] = str(directory)
     if json_output:
@@ -270,7 +275,7 @@ def inversion_command(
     """
     import torch
 
-    from insitu.attacks import inversion_demo
+    from insitu.attacks import inversion_demo, record_inversion
     from insitu.training import build_model
 
     ws = Workspace.open(home)
@@ -305,9 +310,7 @@ def inversion_command(
         directory / "inversion.json", json.dumps(report, indent=2, sort_keys=True) + "\n"
     )
     with ws.ledger() as ledger:
-        entry = events.PRIVACY_INVERSION.record(
-            ledger, **{k: v for k, v in report.items() if k != "plot"}
-        )
+        entry = record_inversion(ledger, report)
     report["ledger_seq"] = entry.seq
     report["report_dir"] = str(directory)
     if json_output:

@@ -9,7 +9,6 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.table import Table
 
-from insitu.audit import events
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.errors import UsageError
@@ -53,15 +52,15 @@ def init(
     from insitu.update import init_directory_repository
 
     ws = Workspace.open(home)
-    repository = init_directory_repository(
-        repo,
-        publishers=[ws.signing_public_key],
-        threshold=threshold,
-        expiry_days={"timestamp": timestamp_days},
-    )
-    root = repo / "public" / "metadata" / "1.root.json"
     with ws.ledger() as ledger:
-        events.REPO_INITIALIZED.record(ledger, threshold=threshold, root_version=1)
+        repository = init_directory_repository(
+            repo,
+            publishers=[ws.signing_public_key],
+            threshold=threshold,
+            expiry_days={"timestamp": timestamp_days},
+            ledger=ledger,
+        )
+    root = repo / "public" / "metadata" / "1.root.json"
     summary = {"repo": str(repo), "root": str(root), **repository.status()}
     if json_output:
         print_json(summary)
@@ -212,9 +211,8 @@ def timestamp(repo: RepoArg, home: HomeOption = None, json_output: JsonOption = 
     """
     from insitu.update import open_directory_repository
 
-    version = open_directory_repository(repo).refresh_timestamp()
     with Workspace.open(home).ledger() as ledger:
-        events.REPO_TIMESTAMP.record(ledger, version=version)
+        version = open_directory_repository(repo).refresh_timestamp(ledger=ledger)
     if json_output:
         print_json({"timestamp_version": version})
     else:

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import typer
 
-from insitu.audit import events
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.errors import UsageError
@@ -103,12 +102,17 @@ def enroll(
         root_bytes = root.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {root} ({exc.strerror or exc})") from exc
-    config = UpdateClient.enroll(
-        ws.home / "update", root=root_bytes, url=url, model=model, channel=channel
-    )
     keyid = device_key_id(ws.encryption_public_key)
     with ws.ledger() as ledger:
-        events.UPDATE_ENROLLED.record(ledger, model=model, channel=channel, device_key_id=keyid)
+        config = UpdateClient.enroll(
+            ws.home / "update",
+            root=root_bytes,
+            url=url,
+            model=model,
+            channel=channel,
+            ledger=ledger,
+            device_key_id=keyid,
+        )
     summary = config.to_json() | {"device_key_id": keyid}
     if json_output:
         print_json(summary)

@@ -144,8 +144,13 @@ class UpdateClient:
         channel: str = "stable",
         metadata_url: str | None = None,
         targets_url: str | None = None,
+        ledger: Ledger | None = None,
+        device_key_id: str | None = None,
     ) -> ClientConfig:
         """Trust ``root`` (obtained out of band) and remember where to update from.
+
+        With ``ledger``, the enrolment is recorded there (``update.enrolled``, with the
+        device's key id).
 
         Raises:
             RepositoryError: ``root`` is not valid TUF root metadata.
@@ -172,6 +177,10 @@ class UpdateClient:
         (directory / "metadata").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(directory / "root.json", root)
         atomic_write_bytes(directory / "config.json", canonical_bytes(config.to_json()) + b"\n")
+        if ledger is not None:
+            events.UPDATE_ENROLLED.record(
+                ledger, model=model, channel=channel, device_key_id=device_key_id or ""
+            )
         return config
 
     # -- helpers -------------------------------------------------------------------

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from securesystemslib.signer import CryptoSigner, Signer
 
 from insitu._atomic import fsync_dir
-from insitu.audit import Ledger
+from insitu.audit import Ledger, events
 from insitu.errors import RepositoryError
 from insitu.update._repository import DEFAULT_EXPIRY_DAYS, UpdateRepository
 from insitu.update._storage import DirectoryStorage
@@ -54,8 +54,11 @@ def init_directory_repository(
     threshold: int = 1,
     expiry_days: Mapping[str, int] | None = None,
     passphrase: str | None = None,
+    ledger: Ledger | None = None,
 ) -> UpdateRepository:
     """Create a repository at ``path`` with ``threshold`` fresh keys per role.
+
+    With ``ledger``, the creation is recorded there (``repo.initialized``).
 
     Raises:
         RepositoryError: ``path`` already holds a repository, or is not empty.
@@ -100,6 +103,8 @@ def init_directory_repository(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if ledger is not None:
+        events.REPO_INITIALIZED.record(ledger, threshold=threshold, root_version=1)
     return open_directory_repository(path, passphrase=passphrase)
 
 

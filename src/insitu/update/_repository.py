@@ -515,7 +515,10 @@ class UpdateRepository(Repository):
         if ledger is not None:
             events.REPO_KEYS_ROTATED.record(ledger, role=role, keys=len(new_signers))
 
-    def refresh_timestamp(self) -> int:
-        """Sign a new timestamp (a fresh expiry); returns its version."""
+    def refresh_timestamp(self, *, ledger: Ledger | None = None) -> int:
+        """Sign a new timestamp (a fresh expiry); returns its version (recorded in ``ledger``)."""
         self.do_timestamp(force=True)
-        return self.timestamp().version
+        version = self.timestamp().version
+        if ledger is not None:
+            events.REPO_TIMESTAMP.record(ledger, version=version)
+        return version

@@ -4,25 +4,22 @@ Each step leaves its figures in the coordinator's ledger (and any file it writes
 SHA-256 there), because the compliance report (``insitu report``) is built from ledgers
 and the artefacts they point to, never from this process's memory.
 
-The steps of the main job are a fixed list, :data:`STEPS`. A step that is not part of
-this build yet (``optimize``, ``serve``) is recorded as ``not run``; when it lands, its
-function returns a :class:`StepResult` with the figures the summary table and the report
-read (documented in ``docs/report.md``: ``model_bytes_before``/``model_bytes_after``,
-``candidates`` and ``p50_ms`` for optimize; ``p50_ms``, ``requests``, ``predictions``
-and ``explanations`` for serve).
+The steps of the main job are a fixed list, :data:`STEPS`; each returns a
+:class:`StepResult` with the figures the summary table and the report read (documented
+in ``docs/report.md``: ``model_bytes_before``/``model_bytes_after``, ``candidates`` and
+``p50_ms`` for optimize; ``p50_ms``, ``requests``, ``predictions`` and ``explanations``
+for serve).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from insitu._atomic import atomic_write_text
 from insitu.audit import events
 from insitu.data import DataSchema, SiteDataset
 from insitu.workspace import Workspace
@@ -32,12 +29,11 @@ __all__ = [
     "StepResult",
     "audit_membership_of",
     "declare_processing",
-    "not_run",
     "record_step",
     "site_records",
 ]
 
-#: The main job, in order. ``optimize`` and ``serve`` are seams for issues 5 and 7.
+#: The main job, in order.
 STEPS = (
     "workspaces",
     "federated training",
@@ -72,11 +68,6 @@ class StepResult:
             "figures": self.figures,
             "seconds": round(self.seconds, 2),
         }
-
-
-def not_run(step: str, why: str) -> StepResult:
-    """A step this build does not have yet."""
-    return StepResult(step, "not run", why)
 
 
 def record_step(coordinator: Workspace, run_id: str, result: StepResult) -> None:
@@ -137,7 +128,12 @@ def audit_membership_of(
 
     from sklearn.linear_model import LogisticRegression
 
-    from insitu.attacks import audit_membership, required_non_members
+    from insitu.attacks import (
+        audit_membership,
+        record_membership_audit,
+        required_non_members,
+        write_audit_evidence,
+    )
 
     started = time.perf_counter()
     sites = [Workspace.open(home) for home in site_homes]
@@ -163,39 +159,16 @@ def audit_membership_of(
         non_member_ids=[f"n{i}" for i in range(len(y_n))],
         bootstrap=200,
     )
-    attack = audit.results[0]
-    curve = attack.summary
-    # A few hundred points of the ROC curve, log-spaced in FPR: figures, never scores.
-    grid = np.unique(np.concatenate([np.geomspace(1e-4, 1.0, 200), [0.0]]))
-    tpr = np.interp(grid, curve.fpr_curve, curve.tpr_curve)
+    curve = audit.results[0].summary
     directory = coordinator.home / "reports" / f"privacy-audit-{run_id}"
-    directory.mkdir(parents=True, exist_ok=True)
     report = {
         "model": model_dir.name,
         "onnx_sha256": hashlib.sha256(onnx).hexdigest(),
         "privacy": "record",
     } | audit.to_json()
-    atomic_write_text(directory / "audit.json", json.dumps(report, indent=2, sort_keys=True))
-    atomic_write_text(
-        directory / "roc.json",
-        json.dumps({"attack": attack.attack, "fpr": grid.tolist(), "tpr": tpr.tolist()}),
-    )
+    artefacts = write_audit_evidence(coordinator.home, directory, audit, report)
     with coordinator.ledger() as ledger:
-        events.PRIVACY_AUDIT.record(
-            ledger,
-            run=run_id,
-            **report,
-            artefacts={
-                "audit": {
-                    "path": str((directory / "audit.json").relative_to(coordinator.home)),
-                    "sha256": _digest(directory / "audit.json"),
-                },
-                "roc": {
-                    "path": str((directory / "roc.json").relative_to(coordinator.home)),
-                    "sha256": _digest(directory / "roc.json"),
-                },
-            },
-        )
+        record_membership_audit(ledger, report, run=run_id, artefacts=artefacts)
     point = curve.points[0]
     one_run = _one_run_audit(coordinator, sites[0], run_id, x_m, y_m, epsilon=epsilon, delta=delta)
     audit_result = StepResult(
