@@ -4,7 +4,7 @@ Flower's deployment engine starts a fresh ``flwr-clientapp`` process for every m
 site receives; with SecAgg+ a round is five messages per site, and only one of them
 (training) and the evaluation need PyTorch. This module imports nothing but Flower and
 :mod:`insitu`'s root, so the key-agreement and unmasking stages do not pay for importing
-PyTorch. The work itself is in :mod:`insitu.federated._deploy`.
+PyTorch. The work itself is in :mod:`insitu.federated._apps`.
 
 It lives outside :mod:`insitu.federated`, whose package import loads the simulation
 engine and PyTorch.

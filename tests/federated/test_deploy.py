@@ -26,8 +26,8 @@ from insitu.cli import run
 from insitu.data import read_table
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.errors import CertificateError, ServerUnreachableError
+from insitu.federated import probe_server
 from insitu.federated._certs import check_server_pair, make_certs
-from insitu.federated._deploy import probe_server
 from insitu.workspace import Workspace
 
 INSITU = str(Path(sys.executable).parent / "insitu")
@@ -270,32 +270,54 @@ def test_the_client_mods_follow_the_runs_settings(
     assert calls == expected
 
 
-def test_sites_receive_the_runs_settings_but_not_the_servers_paths() -> None:
-    from insitu.federated._deploy import _for_sites
+def test_sites_receive_the_runs_settings_but_not_the_servers_paths(tmp_path: Path) -> None:
+    from insitu.federated import FederationConfig
+    from insitu.federated._plan import RunPlan, SharedPlan
 
-    plan = {
-        "run_id": "r",
-        "home": "/srv/insitu",
-        "run_dir": "/srv/insitu/federation/runs/r",
-        "config": {},
-        "dataset": "d",
-        "schema_sha256": "0" * 64,
-        "n_features": 3,
-        "feature_names": ["a", "b", "c"],
-        "schema_source": "/srv/schema.toml",
-        "site_noise_multiplier": 0.0,
-        "sites_registered": ["a"],
-    }
-    shared = json.dumps(_for_sites(plan))
-    assert "/srv" not in shared
-    assert set(_for_sites(plan)) == {
-        "run_id",
-        "config",
-        "dataset",
-        "schema_sha256",
-        "n_features",
-        "site_noise_multiplier",
-    }
+    shared = SharedPlan(
+        run_id="r",
+        config=FederationConfig(sites=3),
+        dataset="d",
+        schema_sha256="0" * 64,
+        n_features=3,
+        site_noise_multiplier=0.0,
+    )
+    plan = RunPlan(
+        shared=shared,
+        home=Path("/srv/insitu"),
+        run_dir=Path("/srv/insitu/federation/runs/r"),
+        feature_names=("a", "b", "c"),
+        schema_source={"source": "/srv/schema.toml"},
+        sites_registered=("a",),
+    )
+    assert "/srv" not in plan.shared.dumps()
+    assert SharedPlan.loads(plan.shared.dumps()) == shared
+    (tmp_path / "plan.json").write_text(json.dumps(plan.to_json()))
+    assert RunPlan.read(tmp_path) == plan
+
+
+def test_a_plan_from_another_insitu_is_refused_with_the_field_named() -> None:
+    from insitu.errors import FederationError
+    from insitu.federated._plan import SharedPlan
+
+    with pytest.raises(FederationError, match="version None"):
+        SharedPlan.loads(json.dumps({"run_id": "r"}))
+    with pytest.raises(FederationError, match="has no 'config'"):
+        SharedPlan.loads(json.dumps({"version": 1, "run_id": "r"}))
+    with pytest.raises(FederationError, match="'n_features' is str"):
+        SharedPlan.loads(
+            json.dumps(
+                {
+                    "version": 1,
+                    "run_id": "r",
+                    "config": {},
+                    "dataset": "d",
+                    "schema_sha256": "0",
+                    "n_features": "3",
+                    "site_noise_multiplier": 0.0,
+                }
+            )
+        )
 
 
 # --------------------------------------------------------------------------- a federation

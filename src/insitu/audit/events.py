@@ -353,7 +353,7 @@ FEDERATION_SITES_REGISTERED = _event(
     "federation.sites_registered",
     "a server registered the site keys it admits (fingerprints)",
     {"run": STR, "address": STR, "ca_sha256": STR, "sites": DICT},
-    writer="insitu.federated._deploy",
+    writer="insitu.federated._superlink",
 )
 FEDERATION_SITE_JOINED = _event(
     "federation.site_joined",
@@ -366,13 +366,13 @@ FEDERATION_SITE_JOINED = _event(
         "dataset": STR,
         "workspace_created": BOOL,
     },
-    writer="insitu.federated._deploy",
+    writer="insitu.federated._supernode",
 )
 FEDERATION_SITE_LEFT = _event(
     "federation.site_left",
     "a site's SuperNode stopped, after the runs it took part in",
     {"site": STR, "runs": LIST},
-    writer="insitu.federated._deploy",
+    writer="insitu.federated._supernode",
 )
 PROCESSING_DECLARED = _event(
     "processing.declared",

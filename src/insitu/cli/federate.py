@@ -458,8 +458,6 @@ def site_command(
         on_status=status,
     )
     if json_output:
-        print_json(result)
+        print_json(result.to_json())
         return
-    out.print(
-        f"{result['site']}: took part in {len(result['runs'])} run(s); ledger in {result['home']}"
-    )
+    out.print(f"{result.site}: took part in {len(result.runs)} run(s); ledger in {result.home}")

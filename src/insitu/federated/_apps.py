@@ -1,0 +1,237 @@
+"""The bodies of the deployed Flower apps: what runs in ``flwr-serverapp`` and ``flwr-clientapp``.
+
+:func:`run_server_app` is the legacy-path ServerApp of simulation (ADR 0008):
+``build_strategy`` inside ``RoundRecorder``, SecAgg+ through ``SecAggPlusWorkflow``; it
+records ``federation.started`` / ``federation.round`` / ``federation.completed`` (or
+``federation.failed``) in the server's workspace and saves the model as simulation does.
+:func:`site_client` is :class:`~insitu.federated.SiteClient`: the site enforces its own
+per-subject budget in its own ledger exactly as in simulation, and refuses a run whose
+schema digest differs from the one its data was prepared under.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common import Context, ndarrays_to_parameters
+from flwr.server import Grid
+
+from insitu._atomic import atomic_write_text
+from insitu.audit import events
+from insitu.errors import (
+    FederationError,
+)
+from insitu.federated._plan import RunPlan, SharedPlan, SiteSetup
+from insitu.federated._processes import (
+    RUN_DIR_ENV,
+)
+from insitu.federated._server_app import (
+    RoundRecord,
+    RoundRecorder,
+    build_strategy,
+    record_completed,
+    record_failed,
+    run_rounds,
+)
+from insitu.federated._site_app import SiteClient, SitePlan
+from insitu.training import (
+    build_model,
+    get_weights,
+    onnx_parity,
+    set_weights,
+    weights_digest,
+)
+from insitu.workspace import Workspace
+
+__all__ = ["run_server_app", "site_client"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_server_app(grid: Grid, context: Context) -> None:
+    """The ServerApp of a deployed run (in ``flwr-serverapp``; see ``insitu._flower_app``).
+
+    The server's own plan (its workspace, paths) comes from the run directory named in
+    ``INSITU_RUN_DIR``, which :func:`serve` sets on the SuperLink it starts; the run
+    config, which every site also receives, carries only what sites need.
+    """
+    run_dir = Path(os.environ[RUN_DIR_ENV])
+    plan = RunPlan.read(run_dir)
+    try:
+        if SharedPlan.loads(str(context.run_config["insitu"])).run_id != plan.run_id:
+            raise FederationError("the run submitted is not the run this server planned")
+        _run_server(grid, context, plan)
+    except BaseException as exc:
+        if isinstance(exc, FederationError):
+            with Workspace.open(plan.home).ledger() as ledger:
+                record_failed(ledger, run_id=plan.run_id, error=exc)
+        atomic_write_text(run_dir / "result.json", json.dumps({"error": str(exc)}) + "\n")
+        raise
+
+
+def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
+    config, ws = plan.config, Workspace.open(plan.home)
+    run_id, run_dir = plan.run_id, plan.run_dir
+    n_features = plan.shared.n_features
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, n_features, hidden=config.hidden)
+    initial = ndarrays_to_parameters(get_weights(model))
+    with ws.ledger() as ledger:
+        events.FEDERATION_STARTED.record(
+            ledger,
+            run=run_id,
+            dataset=plan.shared.dataset,
+            schema_sha256=plan.shared.schema_sha256,
+            site_names=list(plan.sites_registered),
+            engine="deployment",
+            **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
+        )
+    rounds: list[dict[str, Any]] = []
+
+    def record_round(record: RoundRecord) -> None:
+        epsilon_run = max(record.epsilon_by_site.values(), default=0.0)
+        with ws.ledger() as ledger:
+            events.FEDERATION_ROUND.record(
+                ledger,
+                run=run_id,
+                round=record.round,
+                sites_ok=record.sites_ok,
+                failures=record.failures,
+                sites_evaluated=record.sites_evaluated,
+                accuracy=record.accuracy,
+                central_accuracy=None,
+                epsilon_run_max=epsilon_run,
+            )
+        rounds.append(record.to_json() | {"seen_by_strategy": record.seen_by_strategy})
+        accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
+        atomic_write_text(
+            run_dir / "progress.txt",
+            f"round {record.round}/{config.rounds}: {record.sites_ok} site(s), accuracy "
+            f"{accuracy}, epsilon this run {epsilon_run:.3f}\n",
+        )
+
+    strategy = RoundRecorder(
+        build_strategy(
+            config,
+            initial,
+            evaluate_fn=None,
+            site_noise_multiplier=plan.shared.site_noise_multiplier,
+        ),
+        config=config,
+        on_round=record_round,
+    )
+    weights = run_rounds(grid, context, config, strategy)
+    set_weights(model, weights)
+    model_dir = _save_deployed_model(ws, run_id=run_id, model=model, plan=plan)
+    digest = weights_digest(weights)
+    epsilon_run = max(
+        (max(r["epsilon_by_site"].values(), default=0.0) for r in rounds), default=0.0
+    )
+    with ws.ledger() as ledger:
+        record_completed(
+            ledger,
+            run_id=run_id,
+            rounds=len(rounds),
+            central_accuracy=None,
+            weights=weights,
+            onnx=(model_dir / "model.onnx").read_bytes(),
+            epsilon_run=epsilon_run if config.privacy != "none" else None,
+            delta=config.delta if config.privacy != "none" else None,
+        )
+    result = {"rounds": rounds, "model_dir": str(model_dir), "model_sha256": digest}
+    atomic_write_text(
+        model_dir / "record.json", json.dumps(result | plan.to_json(), indent=2) + "\n"
+    )
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+
+
+def _save_deployed_model(
+    ws: Workspace, *, run_id: str, model: torch.nn.Module, plan: RunPlan
+) -> Path:
+    """Model files as simulation writes them; the ONNX parity probe is synthetic here.
+
+    The server holds no records, so the parity of the ONNX export with PyTorch is
+    checked on 256 rows drawn uniformly from [0, 1] (the range of encoded features).
+    """
+    import io
+
+    from insitu._atomic import atomic_write_bytes
+    from insitu.training import export_onnx
+
+    model_dir = ws.home / "models" / run_id
+    model_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    n_features = plan.shared.n_features
+    onnx_bytes = export_onnx(model, n_features)
+    probe = np.random.default_rng(0).random((256, n_features), dtype=np.float32)
+    parity = onnx_parity(model, onnx_bytes, probe)
+    atomic_write_bytes(model_dir / "model.pt", buffer.getvalue())
+    atomic_write_bytes(model_dir / "model.onnx", onnx_bytes)
+    atomic_write_text(
+        model_dir / "features.json",
+        json.dumps(
+            {
+                "features": list(plan.feature_names),
+                "schema": plan.schema_source,
+                "schema_sha256": plan.shared.schema_sha256,
+                "onnx_parity_max_abs_diff": parity.max_abs_diff,
+                "onnx_parity_relative": parity.relative,
+                "onnx_parity_probe": "uniform [0, 1], 256 rows (the server holds no records)",
+            },
+            indent=2,
+        )
+        + "\n",
+    )
+    return model_dir
+
+
+# --------------------------------------------------------------------------- site side
+
+
+class _DeployedSite(SiteClient):
+    """A :class:`SiteClient` that marks the end of a run for ``insitu federate site --once``."""
+
+    def evaluate(
+        self, parameters: list[np.ndarray], config: dict[str, Any]
+    ) -> tuple[float, int, dict[str, Any]]:
+        """Evaluate as a site does; after the last round, mark the run done."""
+        result = super().evaluate(parameters, config)
+        if int(config.get("round", 0)) >= self.plan.config.rounds:
+            done = self.plan.home / "federation" / "done"
+            done.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(done / self.plan.run_id, "done\n")
+        return result
+
+
+def _site_plan(context: Context) -> SitePlan:
+    home = Path(str(context.node_config["insitu-home"]))
+    run = SharedPlan.loads(str(context.run_config["insitu"]))
+    site = SiteSetup.read(home)
+    if site.schema_sha256 != run.schema_sha256:
+        raise FederationError(
+            f"{site.site}: the run's schema ({run.schema_sha256[:12]}) is not the one "
+            f"this site prepared its data under ({site.schema_sha256[:12]}); refusing"
+        )
+    return SitePlan(
+        run_id=run.run_id,
+        site=site.site,
+        home=home,
+        train_dir=site.train_dir,
+        test_dir=site.test_dir,
+        dataset=site.dataset,
+        n_features=run.n_features,
+        config=run.config,
+        site_noise_multiplier=run.site_noise_multiplier,
+    )
+
+
+def site_client(context: Context) -> Any:
+    """The site's Flower client for one message (in ``flwr-clientapp``)."""
+    return _DeployedSite(_site_plan(context)).to_client()

@@ -1,0 +1,215 @@
+"""The plan of a deployed run, typed on both sides of each process boundary.
+
+A deployed run crosses two boundaries: ``insitu federate server`` hands the ServerApp
+(in ``flwr-serverapp``) the whole :class:`RunPlan` through ``plan.json`` in the run
+directory; the SuperLink hands every site (in ``flwr-clientapp``) the :class:`SharedPlan`
+through Flower's run config. Both are plain JSON so that Flower can carry them; both are
+read back through ``from_json``, which names the field that is missing or wrong instead of
+failing later with a ``KeyError``. The shared plan never carries the server's paths.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from insitu.errors import FederationError
+from insitu.federated._config import FederationConfig
+
+__all__ = ["PLAN_VERSION", "RunPlan", "SharedPlan", "SiteSetup"]
+
+#: Bumped when a field changes meaning; a process refuses a plan of another version.
+PLAN_VERSION = 1
+
+
+def _field(data: dict[str, Any], name: str, kind: type) -> Any:
+    try:
+        value = data[name]
+    except KeyError:
+        raise FederationError(
+            f"the run plan has no '{name}'; server and sites must run the same insitu"
+        ) from None
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind):
+        raise FederationError(
+            f"the run plan's '{name}' is {type(value).__name__}, expected {kind.__name__}"
+        )
+    return value
+
+
+def _check_version(data: dict[str, Any]) -> None:
+    version = data.get("version")
+    if version != PLAN_VERSION:
+        raise FederationError(
+            f"the run plan is version {version}, this insitu reads version {PLAN_VERSION}; "
+            "server and sites must run the same insitu"
+        )
+
+
+@dataclass(frozen=True)
+class SharedPlan:
+    """What every site receives of a run: its settings, never the server's paths."""
+
+    run_id: str
+    config: FederationConfig
+    dataset: str
+    schema_sha256: str
+    n_features: int
+    site_noise_multiplier: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object sites receive in the run config."""
+        return {
+            "version": PLAN_VERSION,
+            "run_id": self.run_id,
+            "config": self.config.to_json(),
+            "dataset": self.dataset,
+            "schema_sha256": self.schema_sha256,
+            "n_features": self.n_features,
+            "site_noise_multiplier": self.site_noise_multiplier,
+        }
+
+    def dumps(self) -> str:
+        """The run config value (Flower carries strings)."""
+        return json.dumps(self.to_json())
+
+    @classmethod
+    def loads(cls, text: str) -> SharedPlan:
+        """Read the run config value back; :class:`FederationError` names a bad field."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FederationError(f"the run plan is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise FederationError("the run plan is not a JSON object")
+        return cls.from_json(data)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SharedPlan:
+        """Read the JSON object back; :class:`FederationError` names a bad field."""
+        _check_version(data)
+        return cls(
+            run_id=_field(data, "run_id", str),
+            config=_config(_field(data, "config", dict)),
+            dataset=_field(data, "dataset", str),
+            schema_sha256=_field(data, "schema_sha256", str),
+            n_features=_field(data, "n_features", int),
+            site_noise_multiplier=_field(data, "site_noise_multiplier", float),
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The server's whole plan of one deployed run (``plan.json`` in the run directory)."""
+
+    shared: SharedPlan
+    home: Path
+    run_dir: Path
+    feature_names: tuple[str, ...]
+    #: The schema document the run was planned under (kept beside the model).
+    schema_source: dict[str, Any]
+    sites_registered: tuple[str, ...]
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self.shared.run_id
+
+    @property
+    def config(self) -> FederationConfig:
+        """The run's settings."""
+        return self.shared.config
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``plan.json`` (also kept in the model's ``record.json``)."""
+        return self.shared.to_json() | {
+            "home": str(self.home),
+            "run_dir": str(self.run_dir),
+            "feature_names": list(self.feature_names),
+            "schema_source": self.schema_source,
+            "sites_registered": list(self.sites_registered),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunPlan:
+        """Read ``plan.json`` back; :class:`FederationError` names a bad field."""
+        return cls(
+            shared=SharedPlan.from_json(data),
+            home=Path(_field(data, "home", str)),
+            run_dir=Path(_field(data, "run_dir", str)),
+            feature_names=tuple(_field(data, "feature_names", list)),
+            schema_source=_field(data, "schema_source", dict),
+            sites_registered=tuple(_field(data, "sites_registered", list)),
+        )
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunPlan:
+        """The plan in ``run_dir/plan.json``."""
+        path = run_dir / "plan.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FederationError(f"cannot read the run plan {path}: {exc}") from exc
+        return cls.from_json(data)
+
+
+def _config(data: dict[str, Any]) -> FederationConfig:
+    try:
+        return FederationConfig(**data)
+    except TypeError as exc:
+        raise FederationError(
+            f"the run plan's settings do not match this insitu ({exc}); "
+            "server and sites must run the same insitu"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class SiteSetup:
+    """A site's own side of a deployment (``federation/site.json`` in its workspace).
+
+    Written by ``insitu federate site`` before its SuperNode starts, read by every
+    ``flwr-clientapp`` the SuperNode starts: where the prepared parts are and which
+    schema they were prepared under.
+    """
+
+    site: str
+    dataset: str
+    schema_sha256: str
+    train_dir: Path
+    test_dir: Path
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of ``site.json``."""
+        return {
+            "version": PLAN_VERSION,
+            "site": self.site,
+            "dataset": self.dataset,
+            "schema_sha256": self.schema_sha256,
+            "train_dir": str(self.train_dir),
+            "test_dir": str(self.test_dir),
+        }
+
+    @staticmethod
+    def path(home: Path) -> Path:
+        """Where a workspace keeps it."""
+        return home / "federation" / "site.json"
+
+    @classmethod
+    def read(cls, home: Path) -> SiteSetup:
+        """The set-up of the site whose workspace is ``home``."""
+        path = cls.path(home)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FederationError(f"cannot read the site's set-up {path}: {exc}") from exc
+        _check_version(data)
+        return cls(
+            site=_field(data, "site", str),
+            dataset=_field(data, "dataset", str),
+            schema_sha256=_field(data, "schema_sha256", str),
+            train_dir=Path(_field(data, "train_dir", str)),
+            test_dir=Path(_field(data, "test_dir", str)),
+        )

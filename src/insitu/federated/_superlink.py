@@ -1,0 +1,368 @@
+"""The server of a deployed federation: the SuperLink process, its sites' keys, one run.
+
+:func:`serve` checks the server certificate against the CA and the address sites dial,
+starts the SuperLink with ``--enable-supernode-auth`` (only keys registered through its
+Control API may join), registers the federation's site keys, submits one run (a Flower
+App Bundle whose only code imports ``insitu._flower_app``; its dependency list is empty
+and runtime dependency installation is off, so the run uses this environment), waits for
+it and stops the SuperLink. The run's plan crosses to the ServerApp's process as a typed
+:class:`~insitu.federated._plan.RunPlan` in ``plan.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from insitu._atomic import atomic_write_text
+from insitu.audit import events
+from insitu.data import DataSchema, FeatureEncoder
+from insitu.errors import (
+    CertificateError,
+    FederationError,
+    SchemaError,
+    UsageError,
+)
+from insitu.federated._certs import FederationCerts, check_server_pair, load_site_public_key
+from insitu.federated._config import FederationConfig
+from insitu.federated._plan import RunPlan, SharedPlan
+from insitu.federated._processes import (
+    APP_MODULE,
+    DEFAULT_ADDRESS,
+    PYPROJECT,
+    RUN_DIR_ENV,
+    child_env,
+    flower_bin,
+    key_fingerprint,
+    log_tail,
+    split_address,
+    stop,
+    unwinds_on_sigterm,
+)
+from insitu.privacy import calibrate_noise
+from insitu.workspace import Workspace
+
+__all__ = ["DEFAULT_ADDRESS", "DeployResult", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- server side
+
+
+@dataclass
+class DeployResult:
+    """The outcome of one deployed run, as the server saw it."""
+
+    run_id: str
+    config: FederationConfig
+    sites_registered: list[str]
+    rounds: list[dict[str, Any]]
+    model_dir: Path
+    model_sha256: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON summary."""
+        return {
+            "run_id": self.run_id,
+            "config": self.config.to_json(),
+            "sites_registered": self.sites_registered,
+            "rounds": self.rounds,
+            "model_dir": str(self.model_dir),
+            "model_sha256": self.model_sha256,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _n_features(schema: DataSchema) -> int:
+    try:
+        return len(FeatureEncoder.for_schema(schema).names)
+    except ValueError as exc:
+        raise SchemaError(
+            f"{exc}: in a deployment every site must encode alike, so the schema must "
+            "declare the categories of every categorical feature (features.categories)"
+        ) from exc
+
+
+def _control_client(address: str, ca: Path) -> Any:
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+    return ControlHttpClient.from_server_address(
+        server_address=address,
+        insecure=False,
+        root_certificates=ca.read_bytes(),
+        interceptors=[
+            CliClientHttpInterceptor(),
+            RuntimeVersionHttpInterceptor(component_name="insitu"),
+        ],
+    )
+
+
+@unwinds_on_sigterm
+def serve(  # noqa: PLR0915 -- the run, step by step
+    ws: Workspace,
+    config: FederationConfig,
+    *,
+    schema: DataSchema,
+    certs: Path,
+    site_keys: list[Path] | None = None,
+    address: str = DEFAULT_ADDRESS,
+    timeout: float = 3600.0,
+    on_status: Callable[[str], None] | None = None,
+) -> DeployResult:
+    """Run the SuperLink and one federated run to the end; see the module docstring.
+
+    ``config.sites`` is the number of sites that must connect; every key in
+    ``site_keys`` (default: ``<certs>/sites/*.pub``) is registered.
+
+    Raises:
+        CertificateError: a server certificate that does not match its key, the CA or the
+            address; a site key that is not an EC public key.
+        FederationError: the SuperLink does not start, or the run fails.
+
+    """
+    started = time.perf_counter()
+    host, port = split_address(address)
+    files = FederationCerts(certs.absolute())
+    # A wildcard bind address is not what sites dial: its SAN cannot be checked here.
+    san_host = None if host in ("0.0.0.0", "::") else host  # noqa: S104 -- compared, not bound
+    check_server_pair(files.ca, files.server_cert, files.server_key, host=san_host)
+    keys = {p.stem: p for p in site_keys} if site_keys is not None else dict(files.site_publics())
+    if not keys:
+        raise CertificateError(
+            f"no site keys in {files.directory / 'sites'}; run 'insitu federate certs "
+            "--site NAME ...' or give --site-key"
+        )
+    registered = {name: load_site_public_key(path) for name, path in keys.items()}
+    if len(registered) < config.sites:
+        raise UsageError(
+            f"--sites {config.sites} but only {len(registered)} site key(s) are registered; "
+            "register more keys or lower --sites"
+        )
+    n_features = _n_features(schema)
+    with contextlib.closing(socket.socket()) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise FederationError(
+                f"cannot listen on {address}: {exc.strerror}; choose another --address"
+            ) from exc
+
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    base = ws.home.absolute() / "federation"
+    run_dir = base / "runs" / run_id
+    app_dir = base / "app"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(app_dir / "pyproject.toml", PYPROJECT.format(module=APP_MODULE))
+    atomic_write_text(
+        app_dir / f"{APP_MODULE}.py",
+        '"""The Flower app of an insitu federation: its code is insitu\'s."""\n\n'
+        "from insitu._flower_app import client_app, server_app\n\n"
+        '__all__ = ["client_app", "server_app"]\n',
+    )
+    site_sigma = 0.0
+    if config.privacy == "site":
+        site_sigma = calibrate_noise(
+            target_epsilon=config.epsilon, delta=config.delta, sample_rate=1.0, steps=config.rounds
+        )
+    plan = RunPlan(
+        shared=SharedPlan(
+            run_id=run_id,
+            config=config,
+            dataset=schema.name,
+            schema_sha256=schema.digest(),
+            n_features=n_features,
+            site_noise_multiplier=site_sigma,
+        ),
+        home=ws.home.absolute(),
+        run_dir=run_dir.absolute(),
+        feature_names=tuple(FeatureEncoder.for_schema(schema).names),
+        schema_source=schema.source,
+        sites_registered=tuple(sorted(registered)),
+    )
+    atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_json(), indent=2) + "\n")
+    with ws.ledger() as ledger:
+        events.FEDERATION_SITES_REGISTERED.record(
+            ledger,
+            run=run_id,
+            address=address,
+            ca_sha256=hashlib.sha256(files.ca.read_bytes()).hexdigest(),
+            sites={name: key_fingerprint(key) for name, key in sorted(registered.items())},
+        )
+
+    log_path = run_dir / "superlink.log"
+    command = [
+        flower_bin("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(files.ca),
+        "--ssl-certfile",
+        str(files.server_cert),
+        "--ssl-keyfile",
+        str(files.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(base / "flwr") | {RUN_DIR_ENV: str(run_dir)},
+            cwd=run_dir,
+            start_new_session=True,
+        )
+    try:
+        if on_status:
+            on_status(f"SuperLink starting on https://{address}")
+        client = _wait_for_control(process, address, files.ca, log_path)
+        try:
+            _register(client, registered)
+            flower_run = _start_run(client, app_dir, plan.shared)
+            if on_status:
+                on_status(f"run {run_id}: waiting for {config.sites} site(s)")
+            _wait_for_run(
+                client,
+                process,
+                flower_run,
+                run_dir,
+                timeout=timeout,
+                log_path=log_path,
+                on_status=on_status,
+            )
+        finally:
+            client.close()
+    finally:
+        stop(process)
+    result = json.loads((run_dir / "result.json").read_text())
+    if "error" in result:
+        raise FederationError(f"run {run_id} failed: {result['error']}")
+    return DeployResult(
+        run_id=run_id,
+        config=config,
+        sites_registered=sorted(registered),
+        rounds=result["rounds"],
+        model_dir=Path(result["model_dir"]),
+        model_sha256=result["model_sha256"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _wait_for_control(
+    process: subprocess.Popen[bytes], address: str, ca: Path, log_path: Path
+) -> Any:
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    delay = 0.2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(
+                f"the SuperLink exited with code {process.returncode}; its log "
+                f"({log_path}) ends with:\n{log_tail(log_path, 8)}"
+            )
+        client = _control_client(address, ca)
+        try:
+            client.ListRuns(ListRunsRequest())
+        except Exception:  # noqa: BLE001 -- not up yet: any transport error
+            client.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        return client
+    raise FederationError(f"the SuperLink did not answer on {address} within 60 s; see {log_path}")
+
+
+def _register(client: Any, keys: dict[str, bytes]) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    for name, openssh in sorted(keys.items()):
+        public = serialization.load_ssh_public_key(openssh)
+        if not isinstance(public, ec.EllipticCurvePublicKey):  # checked on load; for mypy
+            raise CertificateError(f"site {name}: not an EC public key")
+        response = client.RegisterNode(
+            RegisterNodeRequest(public_key=public_key_to_bytes(public), name=name)
+        )
+        if not response.node_id:
+            raise FederationError(f"the SuperLink did not register site {name}")
+
+
+def _start_run(client: Any, app_dir: Path, plan: SharedPlan) -> int:
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    fab = build_fab_from_disk(app_dir)
+    response = client.StartRun(
+        StartRunRequest(
+            fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+            override_config=user_config_to_proto({"insitu": plan.dumps()}),
+        )
+    )
+    if not response.HasField("run_id"):
+        raise FederationError("the SuperLink did not start the run")
+    return int(response.run_id)
+
+
+def _wait_for_run(
+    client: Any,
+    process: subprocess.Popen[bytes],
+    flower_run: int,
+    run_dir: Path,
+    *,
+    timeout: float,
+    log_path: Path,
+    on_status: Callable[[str], None] | None,
+) -> None:
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FederationError(
+                f"the SuperLink exited with code {process.returncode} during the run; see "
+                f"{log_path}"
+            )
+        status = client.ListRuns(ListRunsRequest(run_id=flower_run)).run_dict[flower_run].status
+        if status.status == "finished":
+            if not (run_dir / "result.json").exists():
+                raise FederationError(
+                    f"the run ended ({status.sub_status}: {status.details or 'no details'}) "
+                    f"without a result; see {log_path}"
+                )
+            return
+        progress = run_dir / "progress.txt"
+        if on_status and progress.exists():
+            text = progress.read_text().strip()
+            if text != shown:
+                shown = text
+                on_status(text)
+        time.sleep(0.5)
+    raise FederationError(
+        f"the run did not finish within {timeout:.0f} s; are all sites running "
+        "'insitu federate site'? (see each site's output)"
+    )
