@@ -3,7 +3,9 @@
 Federated training with differential privacy, signed and encrypted model bundles for
 the edge, local inference, and a verifiable audit ledger. See the README for the CLI;
 the Python API starts at :class:`insitu.workspace.Workspace` and
-:class:`insitu.audit.Ledger`.
+:class:`insitu.audit.Ledger`, trains with :func:`insitu.federated.simulate` and runs
+models with :class:`insitu.runtime.ModelRuntime`. The examples in the README and
+``docs/`` are run by the tests (``tests/test_docs_examples.py``).
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── UntrustedPublisherError      validly signed, by a key that is not the publisher's
     │   ├── TamperedBundleError          payload bytes differ from the signed digests
     │   ├── WrongDeviceKeyError          this device's key cannot open the bundle
+    │   ├── UnderstatedPrivacyError      a card stating less epsilon than the ledger records
     │   └── DeltaError                   a delta that cannot be made or applied
     │       └── DeltaMismatchError       a delta that does not rebuild the signed bundle
     ├── UpdateError
@@ -80,7 +81,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     └── InferenceError                   a model that cannot be loaded or run as asked
         ├── ModelNotFoundError           no installed model of that name
         ├── InvalidInputError            an input that does not fit the model card's schema
-        └── EgressBlockedError           a network connection or lookup refused while serving
+        ├── EgressBlockedError           a network connection or lookup refused while serving
+        └── CannotListenError            the API cannot listen on its address (port in use)
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ __all__ = [
     "BudgetEvidenceError",
     "BudgetExceededError",
     "BundleError",
+    "CannotListenError",
     "CertificateError",
     "ConfigError",
     "ConsentError",
@@ -146,6 +149,7 @@ __all__ = [
     "TargetMismatchError",
     "TooFewRecordsError",
     "TruncatedLedgerError",
+    "UnderstatedPrivacyError",
     "UnsignedBundleError",
     "UnsignedMetadataError",
     "UnsupportedOperatorError",
@@ -408,6 +412,15 @@ class WrongDeviceKeyError(BundleError):
     """The device's key is not among the bundle's recipients, or cannot unwrap the key."""
 
 
+class UnderstatedPrivacyError(BundleError):
+    """A card that would state a smaller epsilon than the ledger records for its model.
+
+    Not a usage error: the command was well formed, but the bundle it asks for would
+    understate the privacy cost of the training behind the model (or, for a private run,
+    leave it out). Stating the recorded epsilon, or more, is the fix.
+    """
+
+
 class DeltaError(BundleError):
     """A delta update that cannot be computed or applied."""
 
@@ -498,3 +511,7 @@ class EgressBlockedError(InferenceError, PermissionError):
     Also a :class:`PermissionError` (an ``OSError``), so that networking code which
     handles connection failures handles this one the same way.
     """
+
+
+class CannotListenError(InferenceError):
+    """The local API cannot listen on the address asked for (port in use, no permission)."""

@@ -13,7 +13,7 @@ import itertools
 import pytest
 
 from insitu.bundle._provenance import provenance_for
-from insitu.errors import UsageError
+from insitu.errors import UnderstatedPrivacyError, UsageError
 
 
 def _sha(data: bytes) -> str:
@@ -88,7 +88,7 @@ def test_the_run_that_exported_the_model_is_named(ledger, model):
 @pytest.mark.parametrize("stated", [None, 1.0])
 def test_a_card_may_not_understate_epsilon(ledger, model, stated):
     _run(ledger, model, [0.8, 2.4])
-    with pytest.raises(UsageError, match=r"epsilon 2\.4"):
+    with pytest.raises(UnderstatedPrivacyError, match=r"epsilon 2\.4"):
         provenance_for(
             ledger,
             model_sha256=hashlib.sha256(model).hexdigest(),
@@ -113,7 +113,7 @@ def test_a_model_trained_elsewhere_lists_training_entries(ledger, model):
 
 def test_the_runs_own_epsilon_is_the_one_recorded_on_completion(ledger, model):
     completed = _new_run(ledger, model, 2.5)
-    with pytest.raises(UsageError, match=r"run-2 of this model with epsilon 2\.5"):
+    with pytest.raises(UnderstatedPrivacyError, match=r"run-2 of this model with epsilon 2\.5"):
         _prov(ledger, model, 2.0)
     prov = _prov(ledger, model, 2.5)
     assert prov["run_entry"]["seq"] == completed.seq
@@ -127,7 +127,9 @@ def test_an_optimized_model_inherits_its_runs_epsilon_through_every_step(ledger,
     first = _optimized(ledger, model, b"pruned model", "pruned",
                        chosen_learnt_from="public calibration data " + "ab" * 32)  # fmt: skip
     second = _optimized(ledger, b"pruned model", b"quantized model", "int8-dynamic")
-    with pytest.raises(UsageError, match=r"optimized from \(model\.optimized entry \d+\)"):
+    with pytest.raises(
+        UnderstatedPrivacyError, match=r"optimized from \(model\.optimized entry \d+\)"
+    ):
         _prov(ledger, b"quantized model", 0.1)
     prov = _prov(ledger, b"quantized model", 3.0)
     assert prov["run"] == "run-2"
@@ -191,7 +193,7 @@ def test_the_most_demanding_chain_to_a_digest_is_used(ledger, model):
     _new_run(ledger, b"another source", 1.0, run="cheap")
     _optimized(ledger, model, b"same", "int8-dynamic")
     _optimized(ledger, b"another source", b"same", "int8-dynamic")
-    with pytest.raises(UsageError, match="costly"):
+    with pytest.raises(UnderstatedPrivacyError, match="costly"):
         _prov(ledger, b"same", 1.0)
     assert _prov(ledger, b"same", 8.0)["run"] == "costly"
 

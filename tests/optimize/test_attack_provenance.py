@@ -16,7 +16,7 @@ import pytest
 
 from insitu.bundle import bundle_model
 from insitu.cli import run
-from insitu.errors import OptimizationError, UsageError
+from insitu.errors import OptimizationError, UnderstatedPrivacyError, UsageError
 from insitu.optimize import Constraints, optimize, optimize_workspace_model
 from insitu.optimize._optimize import LEARNS_FROM_CALIBRATION, NOT_PUBLIC
 from insitu.training import get_weights, weights_digest
@@ -92,7 +92,7 @@ def test_bundle_create_refuses_an_epsilon_below_the_source_run_for_an_optimized_
         capsys, workspace, tmp_path / "opt" / "model.onnx", out, "--epsilon", "0.1",
         "--delta", "1e-5",
     )  # fmt: skip
-    assert code == 2
+    assert code == 1  # UnderstatedPrivacyError: a refusal, not a usage error
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "run-3" in lines[0]
@@ -100,7 +100,7 @@ def test_bundle_create_refuses_an_epsilon_below_the_source_run_for_an_optimized_
     assert "may not understate" in lines[0]
     assert not out.exists()
     # Leaving the claim out is no way round it: a private run's card states its epsilon.
-    with pytest.raises(UsageError, match="may not understate"):
+    with pytest.raises(UnderstatedPrivacyError, match="may not understate"):
         bundle_model(workspace, chosen, name="adult", version="1.0.0", encrypt=False)
 
     code, stdout, err = _bundle_cli(

@@ -307,7 +307,7 @@ def test_bundle_card_names_the_federated_run_and_its_epsilon(setup, capsys):
             "--out", str(tmp_path / "r7.insb"), "--recipient",
             f"{device}/keys/encryption.pub.pem", "--home", publisher]  # fmt: skip
     code, _, err = invoke(capsys, *base, "--epsilon", "1", "--delta", "1e-5")
-    assert code == 2
+    assert code == 1  # UnderstatedPrivacyError: a refusal, not a usage error
     assert "may not understate" in err
     assert not (tmp_path / "r7.insb").exists()
     card = invoke_json(capsys, *base, "--epsilon", "3", "--delta", "1e-5")["card"]

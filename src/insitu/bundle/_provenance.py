@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from insitu.audit import Entry, Ledger
-from insitu.errors import UsageError
+from insitu.errors import UnderstatedPrivacyError, UsageError
 
 __all__ = ["COMPLETED", "FINETUNED", "MAX_STEPS", "OPTIMIZED", "ROUND", "provenance_for"]
 
@@ -224,7 +224,8 @@ def _refuse_claim(chain: _Chain | None, *, model_sha256: str, stated: float | No
             )
         return
     if stated is None or stated < chain.epsilon:
-        raise UsageError(
+        # Not a usage error: the command is well formed, the card it asks for would lie.
+        raise UnderstatedPrivacyError(
             f"the ledger records {what} with epsilon {chain.epsilon:g}; state --epsilon "
             f"{chain.epsilon:g} (or more) and --delta for its card: a card may not understate "
             "the privacy cost"
@@ -247,10 +248,10 @@ def provenance_for(
     and, for an optimized model, ``optimized_from``.
 
     Raises:
-        UsageError: the stated epsilon is smaller than the ledger records for the run
-            behind this model, or missing for a private run; or an epsilon is stated for
-            a model with no provenance, trained without DP, or optimized on calibration
-            records not declared public.
+        UnderstatedPrivacyError: the stated epsilon is smaller than the ledger records
+            for the run behind this model, or missing for a private run.
+        UsageError: an epsilon is stated for a model with no provenance, trained without
+            DP, or optimized on calibration records not declared public.
 
     """
     chains = _Resolver(ledger).chains(model_sha256)

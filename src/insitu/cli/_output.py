@@ -4,6 +4,10 @@
   document on stdout (sorted keys, stable for scripts), nothing else on stdout.
 * Errors are one line on stderr, ``error: <problem>; <fix>``, and the exit code of the
   :class:`~insitu.errors.InsituError` (1, or 2 for usage). ``--debug`` adds the traceback.
+  Under ``--json`` a failure also prints one JSON object on stdout,
+  ``{"error": <the line>, "exit_code": N, "type": <error class>}``, so a script reads
+  every outcome from stdout; ``run()`` prints it unless the command wrote its own
+  document before failing (see :func:`json_requested`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ __all__ = [
     "HomeOption",
     "JsonOption",
     "err_console",
+    "json_printed",
+    "json_requested",
     "out",
     "print_error",
     "print_json",
+    "print_json_error",
+    "reset_json_state",
 ]
 
 out = Console(highlight=False)
@@ -40,15 +48,63 @@ HomeOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+class _JsonState:
+    """What the running command did with ``--json`` (reset by ``run()`` before each)."""
+
+    requested = False  # it parsed --json
+    printed = False  # it wrote its JSON document
+
+
+def _remember_json(value: bool) -> bool:
+    if value:
+        _JsonState.requested = True
+    return value
+
+
+def json_requested() -> bool:
+    """Whether the running command parsed its ``--json`` option as given.
+
+    Set by the option's callback: true only for a command that offers ``--json`` and
+    read it as that option (not as another option's value).
+    """
+    return _JsonState.requested
+
+
+def json_printed() -> bool:
+    """Whether the running command has written its JSON document (one per command)."""
+    return _JsonState.printed
+
+
+def reset_json_state() -> None:
+    """Start a command with neither ``--json`` seen nor a JSON document written."""
+    _JsonState.requested = False
+    _JsonState.printed = False
+
+
 JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print one JSON document instead of tables.")
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON document instead of tables.", callback=_remember_json
+    ),
 ]
 
 
 def print_json(value: Any) -> None:
     """Write ``value`` as the command's JSON document."""
+    _JsonState.printed = True
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
+
+
+def print_json_error(message: str, *, exit_code: int, error_type: str) -> None:
+    """Write a failure as the command's JSON document (the line ``print_error`` shows).
+
+    ``run()`` calls it only when the command has not written its own document (as
+    ``audit verify`` does, with the verification's findings, before failing).
+    """
+    print_json({"error": message, "exit_code": exit_code, "type": error_type})
 
 
 def print_error(message: str) -> None:

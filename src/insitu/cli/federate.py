@@ -206,8 +206,6 @@ def simulate_command(
             site_epsilon_budget=site_budget,
             on_round=on_round,
         )
-    for line in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
     if json_output:
         print_json(result.to_json())
         return

@@ -27,9 +27,10 @@ def _workspace(home: Path | None, model: Path) -> Workspace | None:
     """The workspace to record in: ``--home``, the model directory's own, or none."""
     if home is not None:
         return Workspace.open(home)
-    if model.is_dir() and model.parent.name == "models":
+    owner = model.parent.parent  # the home of <home>/models/<run id>
+    if model.is_dir() and Workspace.layout(owner).model_dir(model.name) == model:
         with contextlib.suppress(WorkspaceNotFoundError):
-            return Workspace.open(model.parent.parent)
+            return Workspace.open(owner)
     with contextlib.suppress(WorkspaceNotFoundError):
         return Workspace.open(None)
     return None
@@ -37,8 +38,8 @@ def _workspace(home: Path | None, model: Path) -> Workspace | None:
 
 def _model_path(model: str, ws: Workspace | None) -> Path:
     path = Path(model)
-    if not path.exists() and ws is not None and (ws.home / "models" / model).is_dir():
-        return ws.home / "models" / model  # a run id of this workspace
+    if not path.exists() and ws is not None and ws.model_dir(model).is_dir():
+        return ws.model_dir(model)  # a run id of this workspace
     return path
 
 

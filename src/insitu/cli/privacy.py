@@ -43,9 +43,7 @@ OutDirOption = Annotated[
 
 
 def _out_dir(ws: Workspace, out_dir: Path | None, stem: str) -> Path:
-    path = (
-        out_dir or ws.home / "reports" / f"{stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    )
+    path = out_dir or ws.report_dir(f"{stem}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

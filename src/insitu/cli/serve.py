@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -12,8 +13,11 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
-from insitu.errors import UsageError
+from insitu.errors import CannotListenError, UsageError
 from insitu.workspace import Workspace
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["explain", "predict", "serve"]
 
@@ -34,10 +38,12 @@ def serve(
         float, typer.Option(min=0, help="Longest wait for a micro-batch to fill (ms).")
     ] = 1.0,
     home: HomeOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Serve the installed model on a localhost API (bearer token: keys/api-token).
 
     OpenAPI at /docs; the egress guard blocks non-loopback connections while serving.
+    With --json, one JSON line on stdout says where, once the server listens.
 
     [dim]Examples:[/]
 
@@ -50,11 +56,18 @@ def serve(
 
     ws = Workspace.open(home)
     check_bind(host, expose=expose, certfile=tls_cert, keyfile=tls_key)
+    _check_port_free(host, port)
     scheme = "https" if tls_cert else "http"
-    err_console.print(
-        f"serving on {scheme}://{host}:{port} (docs at /docs, token in "
-        f"{ws.keys_dir / 'api-token'}); Ctrl+C stops"
-    )
+    url, token_file = f"{scheme}://{host}:{port}", ws.keys_dir / "api-token"
+
+    def started() -> None:
+        if json_output:
+            print_json({"serving": url, "docs": f"{url}/docs", "token_file": str(token_file)})
+        else:
+            err_console.print(
+                f"serving on {url} (docs at /docs, token in {token_file}); Ctrl+C stops"
+            )
+
     run_server(
         ws,
         host=host,
@@ -62,9 +75,32 @@ def serve(
         expose=expose,
         certfile=tls_cert,
         keyfile=tls_key,
+        on_started=started,
         max_batch_rows=max_batch,
         max_wait=max_wait_ms / 1000,
     )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port already in use now, before the model is loaded.
+
+    uvicorn binds the same way (``SO_REUSEADDR``) once the app has started; a port taken
+    in between still fails there, and is reported as the same error.
+    """
+    if port == 0:
+        return  # an ephemeral port is always free
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise CannotListenError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port, "
+            "or stop what holds this one"
+        ) from exc
 
 
 def _model_name(runtime: Any, model: str | None) -> str:
@@ -183,7 +219,7 @@ def explain(
         found = site_background(ws)(name)
         if found is None:
             raise InvalidInputError(
-                f"no prepared data for {name!r} in {ws.home / 'prepared'}: explanations "
+                f"no prepared data for {name!r} in {ws.prepared_dir(name).parent}: explanations "
                 "compare with this site's records; prepare the data set here first"
             )
         loaded = runtime.get(name)

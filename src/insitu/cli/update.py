@@ -32,7 +32,7 @@ app.add_typer(update_app, name="update", rich_help_panel="Supply chain")
 def _client(ws: Workspace) -> Any:
     from insitu.update import UpdateClient
 
-    return UpdateClient(ws.home / "update", device_key=ws.encryption_key(), ledger=ws.ledger())
+    return UpdateClient(ws.update_dir, device_key=ws.encryption_key(), ledger=ws.ledger())
 
 
 @update_app.callback()
@@ -105,7 +105,7 @@ def enroll(
     keyid = device_key_id(ws.encryption_public_key)
     with ws.ledger() as ledger:
         config = UpdateClient.enroll(
-            ws.home / "update",
+            ws.update_dir,
             root=root_bytes,
             url=url,
             model=model,

@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from insitu.cli._app import app
-from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
-from insitu.workspace import PASSPHRASE_ENV, Workspace, resolve_home
+from insitu.cli._output import HomeOption, JsonOption, out, print_json
+from insitu.workspace import Workspace, resolve_home
 
 __all__ = ["info", "init"]
 
@@ -84,13 +84,8 @@ def init(
         print_json(summary)
         return
     if created:
+        # Unencrypted keys: Workspace.init has logged the warning (once per process).
         _print_summary(summary, "Workspace created")
-        if not summary["keys_encrypted"]:
-            err_console.print(
-                f"[yellow]warning:[/] private keys are not encrypted; set {PASSPHRASE_ENV} "
-                "before 'insitu init' on machines that hold real data",
-                soft_wrap=True,
-            )
     else:
         _print_summary(
             summary, f"Workspace already exists at {resolve_home(home)}: nothing changed"

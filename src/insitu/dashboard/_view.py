@@ -39,11 +39,11 @@ _LIVE_KEYS = (
 def _models(workspace: Workspace) -> list[dict[str, Any]]:
     from insitu.update import UpdateClient
 
-    if not (workspace.home / "update" / "config.json").is_file():
+    if not (workspace.update_dir / "config.json").is_file():
         return []
     try:
         client = UpdateClient(
-            workspace.home / "update",
+            workspace.update_dir,
             device_key=workspace.encryption_key(),
             local_publisher=workspace.signing_public_key,
         )

@@ -148,148 +148,40 @@ class DataSchema:
             raise SchemaError(f"schema {path}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> DataSchema:  # noqa: PLR0912, PLR0915 -- one check per rule, in order
-        """Validate a parsed schema document (see the module docstring for the rules)."""
-        for section, value in doc.items():
-            if section not in _SECTIONS:
-                raise SchemaError(f"unknown section [{section}]; known: {', '.join(_SECTIONS)}")
-            if not isinstance(value, dict):
-                raise SchemaError(f"[{section}] must be a table")
-            unknown = set(value) - _SECTIONS[section]
-            if unknown:
-                raise SchemaError(
-                    f"unknown key {section}.{sorted(unknown)[0]}; "
-                    f"known keys: {', '.join(sorted(_SECTIONS[section]))}"
-                )
-        dataset = doc.get("dataset", {})
-        label = dataset.get("label")
-        if not isinstance(label, str) or not label:
-            raise SchemaError("no label column: set dataset.label to the column to predict")
-        name = dataset.get("name", "dataset")
-        positive = dataset.get("positive")
-        subject = dataset.get("subject")
-        for key, value in (("name", name), ("positive", positive), ("subject", subject)):
-            if value is not None and not isinstance(value, str):
-                raise SchemaError(f"dataset.{key} must be a string")
+    def from_dict(cls, doc: dict[str, Any]) -> DataSchema:
+        """Validate a parsed schema document (see the module docstring for the rules).
 
-        numeric = _str_list(doc, "features", "numeric")
-        categorical = _str_list(doc, "features", "categorical")
-        direct = _str_list(doc, "identifiers", "direct")
-        quasi = _str_list(doc, "identifiers", "quasi")
-        drop = _str_list(doc, "treatment", "drop")
-        pseudonymize = _str_list(doc, "treatment", "pseudonymize")
-        keep = _str_list(doc, "treatment", "keep")
-        features = numeric + categorical
-
-        both = set(numeric) & set(categorical)
-        if both:
-            raise SchemaError(f"column {sorted(both)[0]!r} is both numeric and categorical")
-        if label in features:
-            raise SchemaError(f"column {label!r} is the label and also a feature")
-        treatments = {"dropped": drop, "pseudonymized": pseudonymize, "kept": keep}
-        if label in drop + pseudonymize + keep + direct:
-            raise SchemaError(
-                f"column {label!r} is the label; it cannot be treated or an identifier"
-            )
-        names = list(treatments)
-        for i, first in enumerate(names):
-            for second in names[i + 1 :]:
-                clash = set(treatments[first]) & set(treatments[second])
-                if clash:
-                    raise SchemaError(f"column {sorted(clash)[0]!r} is both {first} and {second}")
-        for column in features:
-            if column in drop or column in pseudonymize:
-                what = "dropped" if column in drop else "pseudonymized"
-                raise SchemaError(
-                    f"column {column!r} is a feature and {what}: a model never receives "
-                    "dropped or pseudonymized columns; remove it from one list"
-                )
-        if subject is not None:
-            if subject in features or subject in keep:
-                raise SchemaError(
-                    f"column {subject!r} is the subject identifier; it is always "
-                    "pseudonymized and can never be a feature or kept"
-                )
-            if subject in drop:
-                raise SchemaError(
-                    f"column {subject!r} is the subject identifier: consent is keyed by its "
-                    "pseudonym, so it cannot be dropped; remove it from treatment.drop"
-                )
-            if subject not in pseudonymize:
-                pseudonymize.append(subject)
-        for column in direct:
-            if column in features or column in keep:
-                raise SchemaError(
-                    f"column {column!r} is a direct identifier and cannot be a feature or kept"
-                )
-            if column not in drop and column not in pseudonymize:
-                raise SchemaError(
-                    f"direct identifier {column!r} must be dropped or pseudonymized "
-                    "(treatment.drop or treatment.pseudonymize)"
-                )
-
-        raw_rules = doc.get("treatment", {}).get("generalize", {})
-        if not isinstance(raw_rules, dict):
-            raise SchemaError('treatment.generalize must be a table of column = "rule"')
-        generalize: dict[str, Rule] = {}
-        for column, text in raw_rules.items():
-            if column not in features and column not in keep:
-                raise SchemaError(
-                    f"column {column!r} is generalized but is neither a feature nor kept"
-                )
-            if not isinstance(text, str):
-                raise SchemaError(f"generalization of {column!r} must be a string rule")
-            generalize[column] = parse_rule(column, text)
-
-        for column in quasi:
-            if column not in features + keep + drop:
-                raise SchemaError(
-                    f"quasi-identifier {column!r} has no declared fate: make it a feature, "
-                    "keep, generalize or drop it"
-                )
-
-        categories = _categories(doc, categorical)
-        ranges = _ranges(doc, numeric)
-        transforms = _transforms(doc, numeric, ranges)
-        bins = _bins(doc, numeric)
-
-        consent = doc.get("consent", {})
-        required = consent.get("required", subject is not None)
-        purpose = consent.get("purpose", "training")
-        legal_basis = consent.get("legal_basis", "")
-        if (
-            not isinstance(required, bool)
-            or not isinstance(purpose, str)
-            or not isinstance(legal_basis, str)
-        ):
-            raise SchemaError("consent.required is true/false; purpose and legal_basis are strings")
-        if required and subject is None:
-            raise SchemaError(
-                "consent.required needs dataset.subject: consent is recorded per subject"
-            )
-        if not required and not legal_basis:
-            raise SchemaError(
-                "consent is not required: state the legal basis in consent.legal_basis "
-                "(e.g. 'GDPR art. 9(2)(j), research')"
-            )
-        k = doc.get("privacy", {}).get("k", 1)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise SchemaError("privacy.k must be a whole number of at least 1")
-
+        The sections are read in the order below; the first rule broken is raised.
+        """
+        _check_sections(doc)
+        dataset = _Dataset.read(doc)
+        columns = _Columns.read(doc)
+        _check_label(columns, dataset.label)
+        _check_treatments(columns)
+        _check_subject(columns, dataset.subject)
+        _check_direct(columns)
+        generalize = _generalize(doc, columns)
+        _check_quasi(columns)
+        categories = _categories(doc, columns.categorical)
+        ranges = _ranges(doc, columns.numeric)
+        transforms = _transforms(doc, columns.numeric, ranges)
+        bins = _bins(doc, columns.numeric)
+        required, purpose, legal_basis = _consent(doc, subject=dataset.subject)
+        k = _k(doc)
         return cls(
-            name=name,
-            label=label,
-            positive=positive,
-            subject=subject,
-            numeric=tuple(numeric),
-            categorical=tuple(categorical),
+            name=dataset.name,
+            label=dataset.label,
+            positive=dataset.positive,
+            subject=dataset.subject,
+            numeric=tuple(columns.numeric),
+            categorical=tuple(columns.categorical),
             categories=categories,
             ranges=ranges,
-            direct=tuple(direct),
-            quasi=tuple(quasi),
-            drop=tuple(drop),
-            pseudonymize=tuple(pseudonymize),
-            keep=tuple(keep),
+            direct=tuple(columns.direct),
+            quasi=tuple(columns.quasi),
+            drop=tuple(columns.drop),
+            pseudonymize=tuple(columns.pseudonymize),
+            keep=tuple(columns.keep),
             generalize=generalize,
             consent_required=required,
             consent_purpose=purpose,
@@ -421,6 +313,199 @@ class DataSchema:
                     f"column {column!r} is declared in the schema but is not in {source} "
                     f"(its columns: {', '.join(sorted(present))})"
                 )
+
+
+# -- the steps of DataSchema.from_dict, in order ---------------------------------------
+
+
+def _check_sections(doc: dict[str, Any]) -> None:
+    """Only known sections, each a table of known keys."""
+    for section, value in doc.items():
+        if section not in _SECTIONS:
+            raise SchemaError(f"unknown section [{section}]; known: {', '.join(_SECTIONS)}")
+        if not isinstance(value, dict):
+            raise SchemaError(f"[{section}] must be a table")
+        unknown = set(value) - _SECTIONS[section]
+        if unknown:
+            raise SchemaError(
+                f"unknown key {section}.{sorted(unknown)[0]}; "
+                f"known keys: {', '.join(sorted(_SECTIONS[section]))}"
+            )
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """``[dataset]``: the data set's name, its label column and its subject column."""
+
+    name: str
+    label: str
+    positive: str | None
+    subject: str | None
+
+    @classmethod
+    def read(cls, doc: dict[str, Any]) -> _Dataset:
+        dataset = doc.get("dataset", {})
+        label = dataset.get("label")
+        if not isinstance(label, str) or not label:
+            raise SchemaError("no label column: set dataset.label to the column to predict")
+        name = dataset.get("name", "dataset")
+        positive = dataset.get("positive")
+        subject = dataset.get("subject")
+        for key, value in (("name", name), ("positive", positive), ("subject", subject)):
+            if value is not None and not isinstance(value, str):
+                raise SchemaError(f"dataset.{key} must be a string")
+        return cls(name=name, label=label, positive=positive, subject=subject)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The column lists of ``[features]``, ``[identifiers]`` and ``[treatment]``.
+
+    ``pseudonymize`` gains the subject column (:func:`_check_subject`).
+    """
+
+    numeric: list[str]
+    categorical: list[str]
+    direct: list[str]
+    quasi: list[str]
+    drop: list[str]
+    pseudonymize: list[str]
+    keep: list[str]
+
+    @classmethod
+    def read(cls, doc: dict[str, Any]) -> _Columns:
+        return cls(
+            numeric=_str_list(doc, "features", "numeric"),
+            categorical=_str_list(doc, "features", "categorical"),
+            direct=_str_list(doc, "identifiers", "direct"),
+            quasi=_str_list(doc, "identifiers", "quasi"),
+            drop=_str_list(doc, "treatment", "drop"),
+            pseudonymize=_str_list(doc, "treatment", "pseudonymize"),
+            keep=_str_list(doc, "treatment", "keep"),
+        )
+
+    @property
+    def features(self) -> list[str]:
+        return self.numeric + self.categorical
+
+
+def _check_label(columns: _Columns, label: str) -> None:
+    """Features are numeric or categorical, not both; the label is neither, nor treated."""
+    both = set(columns.numeric) & set(columns.categorical)
+    if both:
+        raise SchemaError(f"column {sorted(both)[0]!r} is both numeric and categorical")
+    if label in columns.features:
+        raise SchemaError(f"column {label!r} is the label and also a feature")
+    if label in columns.drop + columns.pseudonymize + columns.keep + columns.direct:
+        raise SchemaError(f"column {label!r} is the label; it cannot be treated or an identifier")
+
+
+def _check_treatments(columns: _Columns) -> None:
+    """At most one treatment per column; a feature is never dropped or pseudonymized."""
+    treatments = {
+        "dropped": columns.drop,
+        "pseudonymized": columns.pseudonymize,
+        "kept": columns.keep,
+    }
+    names = list(treatments)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            clash = set(treatments[first]) & set(treatments[second])
+            if clash:
+                raise SchemaError(f"column {sorted(clash)[0]!r} is both {first} and {second}")
+    for column in columns.features:
+        if column in columns.drop or column in columns.pseudonymize:
+            what = "dropped" if column in columns.drop else "pseudonymized"
+            raise SchemaError(
+                f"column {column!r} is a feature and {what}: a model never receives "
+                "dropped or pseudonymized columns; remove it from one list"
+            )
+
+
+def _check_subject(columns: _Columns, subject: str | None) -> None:
+    """The subject column is neither a feature, kept nor dropped; it is pseudonymized."""
+    if subject is None:
+        return
+    if subject in columns.features or subject in columns.keep:
+        raise SchemaError(
+            f"column {subject!r} is the subject identifier; it is always "
+            "pseudonymized and can never be a feature or kept"
+        )
+    if subject in columns.drop:
+        raise SchemaError(
+            f"column {subject!r} is the subject identifier: consent is keyed by its "
+            "pseudonym, so it cannot be dropped; remove it from treatment.drop"
+        )
+    if subject not in columns.pseudonymize:
+        columns.pseudonymize.append(subject)
+
+
+def _check_direct(columns: _Columns) -> None:
+    """Every direct identifier is dropped or pseudonymized, never a feature or kept."""
+    for column in columns.direct:
+        if column in columns.features or column in columns.keep:
+            raise SchemaError(
+                f"column {column!r} is a direct identifier and cannot be a feature or kept"
+            )
+        if column not in columns.drop and column not in columns.pseudonymize:
+            raise SchemaError(
+                f"direct identifier {column!r} must be dropped or pseudonymized "
+                "(treatment.drop or treatment.pseudonymize)"
+            )
+
+
+def _generalize(doc: dict[str, Any], columns: _Columns) -> dict[str, Rule]:
+    """``treatment.generalize``: well-formed rules, for feature or kept columns."""
+    raw_rules = doc.get("treatment", {}).get("generalize", {})
+    if not isinstance(raw_rules, dict):
+        raise SchemaError('treatment.generalize must be a table of column = "rule"')
+    generalize: dict[str, Rule] = {}
+    for column, text in raw_rules.items():
+        if column not in columns.features and column not in columns.keep:
+            raise SchemaError(f"column {column!r} is generalized but is neither a feature nor kept")
+        if not isinstance(text, str):
+            raise SchemaError(f"generalization of {column!r} must be a string rule")
+        generalize[column] = parse_rule(column, text)
+    return generalize
+
+
+def _check_quasi(columns: _Columns) -> None:
+    """Every quasi-identifier has a fate: a feature, kept (either maybe generalized) or dropped."""
+    for column in columns.quasi:
+        if column not in columns.features + columns.keep + columns.drop:
+            raise SchemaError(
+                f"quasi-identifier {column!r} has no declared fate: make it a feature, "
+                "keep, generalize or drop it"
+            )
+
+
+def _consent(doc: dict[str, Any], *, subject: str | None) -> tuple[bool, str, str]:
+    """``[consent]``: (required, purpose, legal basis); required by default with a subject."""
+    consent = doc.get("consent", {})
+    required = consent.get("required", subject is not None)
+    purpose = consent.get("purpose", "training")
+    legal_basis = consent.get("legal_basis", "")
+    if (
+        not isinstance(required, bool)
+        or not isinstance(purpose, str)
+        or not isinstance(legal_basis, str)
+    ):
+        raise SchemaError("consent.required is true/false; purpose and legal_basis are strings")
+    if required and subject is None:
+        raise SchemaError("consent.required needs dataset.subject: consent is recorded per subject")
+    if not required and not legal_basis:
+        raise SchemaError(
+            "consent is not required: state the legal basis in consent.legal_basis "
+            "(e.g. 'GDPR art. 9(2)(j), research')"
+        )
+    return required, purpose, legal_basis
+
+
+def _k(doc: dict[str, Any]) -> int:
+    k = doc.get("privacy", {}).get("k", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise SchemaError("privacy.k must be a whole number of at least 1")
+    return k
 
 
 def _categories(doc: dict[str, Any], categorical: list[str]) -> dict[str, tuple[str, ...]]:

@@ -136,7 +136,7 @@ class DriftMonitor:
     @property
     def state_dir(self) -> Path | None:
         """Where the state files go (``drift/`` in the workspace)."""
-        return self.workspace.home / "drift" if self.workspace else None
+        return self.workspace.drift_dir if self.workspace else None
 
     def register(self, model: str, version: str, profile: ReferenceProfile) -> None:
         """Monitor ``model`` ``version`` against ``profile``; resumes its saved counts."""
@@ -302,7 +302,7 @@ def drift_status(workspace: Workspace, *, model: str | None = None) -> list[dict
 
     """
     thresholds = DriftThresholds.from_workspace(workspace)
-    state_dir = workspace.home / "drift"
+    state_dir = workspace.drift_dir
     out: list[dict[str, Any]] = []
     for path in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
         doc = json.loads(path.read_text(encoding="utf-8"))

@@ -164,7 +164,7 @@ def _save_deployed_model(
     from insitu._atomic import atomic_write_bytes
     from insitu.training import export_onnx
 
-    model_dir = ws.home / "models" / run_id
+    model_dir = ws.model_dir(run_id)
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -204,7 +204,7 @@ class _DeployedSite(SiteClient):
         """Evaluate as a site does; after the last round, mark the run done."""
         result = super().evaluate(parameters, config)
         if int(config.get("round", 0)) >= self.plan.config.rounds:
-            done = self.plan.home / "federation" / "done"
+            done = Workspace.layout(self.plan.home).runs_done_dir
             done.mkdir(parents=True, exist_ok=True)
             atomic_write_text(done / self.plan.run_id, "done\n")
         return result

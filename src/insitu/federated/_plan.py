@@ -17,6 +17,7 @@ from typing import Any
 
 from insitu.errors import FederationError
 from insitu.federated._config import FederationConfig
+from insitu.workspace import Workspace
 
 __all__ = ["PLAN_VERSION", "RunPlan", "SharedPlan", "SiteSetup"]
 
@@ -192,15 +193,10 @@ class SiteSetup:
             "test_dir": str(self.test_dir),
         }
 
-    @staticmethod
-    def path(home: Path) -> Path:
-        """Where a workspace keeps it."""
-        return home / "federation" / "site.json"
-
     @classmethod
     def read(cls, home: Path) -> SiteSetup:
         """The set-up of the site whose workspace is ``home``."""
-        path = cls.path(home)
+        path = Workspace.layout(home).site_setup_path
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -188,7 +188,7 @@ def min_rows_for(config: FederationConfig) -> int:
 
 def _site_workspace(coordinator: Workspace, index: int, epsilon_budget: float | None) -> Workspace:
     ws, created = Workspace.init(
-        coordinator.home / "sites" / f"site-{index:02d}", name=f"site-{index:02d}"
+        coordinator.site_home(f"site-{index:02d}"), name=f"site-{index:02d}"
     )
     if created and epsilon_budget is not None:
         ws = ws.with_config("privacy", epsilon_budget=float(epsilon_budget))
@@ -398,12 +398,12 @@ def _site_summaries(plans: list[SitePlan], run_id: str) -> list[SiteSummary]:
 
 def simulate(
     coordinator: Workspace,
-    data: Path | pd.DataFrame,
+    data: str | os.PathLike[str] | pd.DataFrame,
     config: FederationConfig,
     *,
-    schema: DataSchema | None = None,
+    schema: DataSchema | str | os.PathLike[str] | None = None,
     label: str | None = None,
-    consent: Path | Sequence[tuple[str, str, str]] | None = None,
+    consent: str | os.PathLike[str] | Sequence[tuple[str, str, str]] | None = None,
     site_epsilon_budget: float | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     model_fn: ModelFn | None = None,
@@ -414,12 +414,15 @@ def simulate(
 
     Args:
         coordinator: the workspace the run is recorded in (sites live under it).
-        data: the whole table (a path or a frame).
+        data: the whole table: a file's path (CSV, CSV.gz, TSV or Parquet; a ``str`` or
+            a path object) or a frame.
         config: the run's settings.
-        schema: the data schema; without it, one is inferred from ``label``.
+        schema: the data schema, or its TOML file's path; without it, one is inferred
+            from ``label``.
         label: the label column when no schema is given.
-        consent: a consent CSV (subject,purpose,status) every site imports, or the same
-            rows in memory (subject ids are pseudonymized by each site before storage).
+        consent: the path of a consent CSV (subject,purpose,status) every site imports, or
+            the same rows in memory (subject ids are pseudonymized by each site before
+            storage).
         site_epsilon_budget: the budget of sites created by this run (existing sites
             keep theirs).
         on_round: called after each round (progress display).
@@ -429,6 +432,8 @@ def simulate(
         strategy_spy: receives the strategy before the run (tests).
 
     Raises:
+        DataFormatError: the data file is missing, unreadable or empty.
+        SchemaError: the schema file is invalid, or the data does not fit the schema.
         UsageError: bad settings or a data set that cannot be split as asked.
         InsufficientDataError: a site too small for the requested epsilon.
         RoundFailedError: a round without enough sites (recorded as ``federation.failed``).
@@ -436,8 +441,11 @@ def simulate(
 
     """
     started = time.perf_counter()
-    frame = data if isinstance(data, pd.DataFrame) else read_table(data)
-    source = "data" if isinstance(data, pd.DataFrame) else data.name
+    frame, source = _read_data(data)
+    if schema is not None and not isinstance(schema, DataSchema):
+        schema = DataSchema.load(Path(schema))
+    if isinstance(consent, str | os.PathLike):
+        consent = Path(consent)
     label = _label_for(frame, schema, label, source=source)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     split = _split(
@@ -531,6 +539,14 @@ def simulate(
     return result
 
 
+def _read_data(data: str | os.PathLike[str] | pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The table, and the source name its sites record (the file's name, or ``data``)."""
+    if isinstance(data, pd.DataFrame):
+        return data, "data"
+    path = Path(data)
+    return read_table(path), path.name
+
+
 def _label_for(
     frame: pd.DataFrame, schema: DataSchema | None, label: str | None, *, source: str
 ) -> str:
@@ -604,9 +620,7 @@ def _infer_schema(
             delta=config.delta,
             noise_multiplier=sigma,
         )
-    for line in inferred.warnings:
-        logger.warning("%s", line)
-    return inferred
+    return inferred  # its warnings were logged where they were found (infer_schema)
 
 
 def _strategy(
@@ -693,7 +707,7 @@ def _save_model(
     sample: np.ndarray,
 ) -> Path:
     """Write the PyTorch state, the ONNX export (parity-checked) and the feature names."""
-    model_dir = coordinator.home / "models" / run_id
+    model_dir = coordinator.model_dir(run_id)
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)

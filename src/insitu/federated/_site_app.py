@@ -148,17 +148,21 @@ def prepare_site_data(
 
     tokens = subject_tokens(frame, Pseudonymizer(ws.secret("pseudonym")), subject=schema.subject)
     is_test = token_uniform(tokens, part=0) < test_fraction
-    base = ws.home / "prepared" / schema.name
-    for part, subset in (("train", frame[~is_test]), ("test", frame[is_test])):
+    train_dir = ws.prepared_part(schema.name, "train")
+    test_dir = ws.prepared_part(schema.name, "test")
+    for part, subset, out in (
+        ("train", frame[~is_test], train_dir),
+        ("test", frame[is_test], test_dir),
+    ):
         SiteDataset.from_frame(
             ws,
             subset.reset_index(drop=True),
             schema,
             source=f"{source} ({part})",
             k=1,
-            out=base / part,
+            out=out,
         )
-    return (base / "train").absolute(), (base / "test").absolute()
+    return train_dir.absolute(), test_dir.absolute()
 
 
 def evaluation_noise(config: FederationConfig) -> float:
@@ -195,7 +199,7 @@ class SiteClient(NumPyClient):
         the records) and all its planned rounds compose to the run's epsilon.
         """
         cfg = self.plan.config
-        path = ws.home / "runs" / f"{self.plan.run_id}.json"
+        path = ws.run_events_path(self.plan.run_id)
         if path.exists():
             kept = json.loads(path.read_text())
             event = PrivacyEvent(kept["noise_multiplier"], kept["sample_rate"], kept["steps"])

@@ -113,7 +113,7 @@ def _control_client(address: str, ca: Path) -> Any:
 
 
 @unwinds_on_sigterm
-def serve(  # noqa: PLR0915 -- the run, step by step
+def serve(
     ws: Workspace,
     config: FederationConfig,
     *,
@@ -138,6 +138,61 @@ def serve(  # noqa: PLR0915 -- the run, step by step
     started = time.perf_counter()
     host, port = split_address(address)
     files = FederationCerts(certs.absolute())
+    registered = _check_certs_and_keys(files, site_keys, host=host, sites=config.sites)
+    plan = _plan_run(ws, config, schema, registered)
+    _check_bindable(host, port, address=address)
+
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    app_dir = _write_app(ws.flower_app_dir.absolute())
+    atomic_write_text(plan.run_dir / "plan.json", json.dumps(plan.to_json(), indent=2) + "\n")
+    with ws.ledger() as ledger:
+        events.FEDERATION_SITES_REGISTERED.record(
+            ledger,
+            run=plan.run_id,
+            address=address,
+            ca_sha256=hashlib.sha256(files.ca.read_bytes()).hexdigest(),
+            sites={name: key_fingerprint(key) for name, key in sorted(registered.items())},
+        )
+
+    process = _start_superlink(
+        files, host=host, port=port, plan=plan, flwr_home=ws.flower_home.absolute()
+    )
+    try:
+        _drive_run(
+            process,
+            plan,
+            registered,
+            app_dir=app_dir,
+            address=address,
+            ca=files.ca,
+            timeout=timeout,
+            on_status=on_status,
+        )
+    finally:
+        stop(process)
+    result = _read_result(plan)
+    return DeployResult(
+        run_id=plan.run_id,
+        config=config,
+        sites_registered=list(plan.sites_registered),
+        rounds=result["rounds"],
+        model_dir=Path(result["model_dir"]),
+        model_sha256=result["model_sha256"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _check_certs_and_keys(
+    files: FederationCerts, site_keys: list[Path] | None, *, host: str, sites: int
+) -> dict[str, bytes]:
+    """The site keys to register, by name, once the server's certificate is checked.
+
+    Raises:
+        CertificateError: the server pair does not match its CA or ``host``; no site key,
+            or one that is not an EC public key.
+        UsageError: fewer keys than the ``sites`` that must connect.
+
+    """
     # A wildcard bind address is not what sites dial: its SAN cannot be checked here.
     san_host = None if host in ("0.0.0.0", "::") else host  # noqa: S104 -- compared, not bound
     check_server_pair(files.ca, files.server_cert, files.server_key, host=san_host)
@@ -148,40 +203,32 @@ def serve(  # noqa: PLR0915 -- the run, step by step
             "--site NAME ...' or give --site-key"
         )
     registered = {name: load_site_public_key(path) for name, path in keys.items()}
-    if len(registered) < config.sites:
+    if len(registered) < sites:
         raise UsageError(
-            f"--sites {config.sites} but only {len(registered)} site key(s) are registered; "
+            f"--sites {sites} but only {len(registered)} site key(s) are registered; "
             "register more keys or lower --sites"
         )
-    n_features = _n_features(schema)
-    with contextlib.closing(socket.socket()) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise FederationError(
-                f"cannot listen on {address}: {exc.strerror}; choose another --address"
-            ) from exc
+    return registered
 
+
+def _plan_run(
+    ws: Workspace, config: FederationConfig, schema: DataSchema, registered: dict[str, bytes]
+) -> RunPlan:
+    """The plan of a new run: its id, its directory, what every site must agree on.
+
+    Raises:
+        SchemaError: the schema does not fix every categorical feature's categories.
+
+    """
+    n_features = _n_features(schema)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    base = ws.home.absolute() / "federation"
-    run_dir = base / "runs" / run_id
-    app_dir = base / "app"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    app_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(app_dir / "pyproject.toml", PYPROJECT.format(module=APP_MODULE))
-    atomic_write_text(
-        app_dir / f"{APP_MODULE}.py",
-        '"""The Flower app of an insitu federation: its code is insitu\'s."""\n\n'
-        "from insitu._flower_app import client_app, server_app\n\n"
-        '__all__ = ["client_app", "server_app"]\n',
-    )
+    run_dir = ws.deployed_run_dir(run_id).absolute()
     site_sigma = 0.0
     if config.privacy == "site":
         site_sigma = calibrate_noise(
             target_epsilon=config.epsilon, delta=config.delta, sample_rate=1.0, steps=config.rounds
         )
-    plan = RunPlan(
+    return RunPlan(
         shared=SharedPlan(
             run_id=run_id,
             config=config,
@@ -196,17 +243,41 @@ def serve(  # noqa: PLR0915 -- the run, step by step
         schema_source=schema.source,
         sites_registered=tuple(sorted(registered)),
     )
-    atomic_write_text(run_dir / "plan.json", json.dumps(plan.to_json(), indent=2) + "\n")
-    with ws.ledger() as ledger:
-        events.FEDERATION_SITES_REGISTERED.record(
-            ledger,
-            run=run_id,
-            address=address,
-            ca_sha256=hashlib.sha256(files.ca.read_bytes()).hexdigest(),
-            sites={name: key_fingerprint(key) for name, key in sorted(registered.items())},
-        )
 
-    log_path = run_dir / "superlink.log"
+
+def _check_bindable(host: str, port: int, *, address: str) -> None:
+    """Refuse an address this machine cannot listen on, before anything is written."""
+    with contextlib.closing(socket.socket()) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise FederationError(
+                f"cannot listen on {address}: {exc.strerror}; choose another --address"
+            ) from exc
+
+
+def _write_app(app_dir: Path) -> Path:
+    """The Flower App the run ships: a module that imports ``insitu._flower_app``."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(app_dir / "pyproject.toml", PYPROJECT.format(module=APP_MODULE))
+    atomic_write_text(
+        app_dir / f"{APP_MODULE}.py",
+        '"""The Flower app of an insitu federation: its code is insitu\'s."""\n\n'
+        "from insitu._flower_app import client_app, server_app\n\n"
+        '__all__ = ["client_app", "server_app"]\n',
+    )
+    return app_dir
+
+
+def _start_superlink(
+    files: FederationCerts, *, host: str, port: int, plan: RunPlan, flwr_home: Path
+) -> subprocess.Popen[bytes]:
+    """The SuperLink process, over TLS, admitting only registered site keys.
+
+    It runs in the run directory and logs to its ``superlink.log``.
+    """
+    run_dir = plan.run_dir
     command = [
         flower_bin("flower-superlink"),
         "--ssl-ca-certfile",
@@ -222,49 +293,57 @@ def serve(  # noqa: PLR0915 -- the run, step by step
         "--port",
         str(port),
     ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
+    with (run_dir / "superlink.log").open("wb") as log:
+        return subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env(base / "flwr") | {RUN_DIR_ENV: str(run_dir)},
+            env=child_env(flwr_home) | {RUN_DIR_ENV: str(run_dir)},
             cwd=run_dir,
             start_new_session=True,
         )
+
+
+def _drive_run(
+    process: subprocess.Popen[bytes],
+    plan: RunPlan,
+    registered: dict[str, bytes],
+    *,
+    app_dir: Path,
+    address: str,
+    ca: Path,
+    timeout: float,
+    on_status: Callable[[str], None] | None,
+) -> None:
+    """Register the site keys with the SuperLink, submit the run and wait for its end."""
+    log_path = plan.run_dir / "superlink.log"
+    if on_status:
+        on_status(f"SuperLink starting on https://{address}")
+    client = _wait_for_control(process, address, ca, log_path)
     try:
+        _register(client, registered)
+        flower_run = _start_run(client, app_dir, plan.shared)
         if on_status:
-            on_status(f"SuperLink starting on https://{address}")
-        client = _wait_for_control(process, address, files.ca, log_path)
-        try:
-            _register(client, registered)
-            flower_run = _start_run(client, app_dir, plan.shared)
-            if on_status:
-                on_status(f"run {run_id}: waiting for {config.sites} site(s)")
-            _wait_for_run(
-                client,
-                process,
-                flower_run,
-                run_dir,
-                timeout=timeout,
-                log_path=log_path,
-                on_status=on_status,
-            )
-        finally:
-            client.close()
+            on_status(f"run {plan.run_id}: waiting for {plan.config.sites} site(s)")
+        _wait_for_run(
+            client,
+            process,
+            flower_run,
+            plan.run_dir,
+            timeout=timeout,
+            log_path=log_path,
+            on_status=on_status,
+        )
     finally:
-        stop(process)
-    result = json.loads((run_dir / "result.json").read_text())
+        client.close()
+
+
+def _read_result(plan: RunPlan) -> dict[str, Any]:
+    """The ``result.json`` the ServerApp wrote; a failed run raises its error."""
+    result: dict[str, Any] = json.loads((plan.run_dir / "result.json").read_text())
     if "error" in result:
-        raise FederationError(f"run {run_id} failed: {result['error']}")
-    return DeployResult(
-        run_id=run_id,
-        config=config,
-        sites_registered=sorted(registered),
-        rounds=result["rounds"],
-        model_dir=Path(result["model_dir"]),
-        model_sha256=result["model_sha256"],
-        seconds=time.perf_counter() - started,
-    )
+        raise FederationError(f"run {plan.run_id} failed: {result['error']}")
+    return result
 
 
 def _wait_for_control(

@@ -173,8 +173,7 @@ def join(
             dataset=schema.name,
             workspace_created=created,
         )
-    fed = ws.home.absolute() / "federation"
-    log_path = fed / "supernode.log"
+    log_path = ws.supernode_log_path.absolute()
     if on_status:
         on_status(f"{site}: SuperNode connecting to https://{server}")
     runs: tuple[str, ...] = ()
@@ -182,7 +181,7 @@ def join(
         ws, server=server, ca=ca, key=key, retries=retries, log_path=log_path
     )
     try:
-        runs = _serve_runs(process, fed / "done", log_path=log_path, once=once)
+        runs = _serve_runs(process, ws.runs_done_dir.absolute(), log_path=log_path, once=once)
     finally:
         stop(process)
         with ws.ledger() as ledger:
@@ -208,11 +207,7 @@ def _prepare_site(
     A workspace this call created is removed again when preparation fails: nothing
     half-made stays behind.
     """
-    created = False
-    if (ws_home / "config.toml").exists():
-        ws = Workspace.open(ws_home)
-    else:
-        ws, created = Workspace.init(ws_home, name=site)
+    ws, created = Workspace.init(ws_home, name=site)  # opens an existing one
     try:
         train_dir, test_dir = prepare_site_data(
             ws, frame, schema, test_fraction=test_fraction, source=source
@@ -228,7 +223,7 @@ def _prepare_site(
         train_dir=train_dir,
         test_dir=test_dir,
     )
-    path = SiteSetup.path(ws.home.absolute())
+    path = ws.site_setup_path.absolute()
     path.parent.mkdir(exist_ok=True)
     atomic_write_text(path, json.dumps(setup.to_json(), indent=2) + "\n")
     return ws, created
@@ -260,8 +255,8 @@ def _start_supernode(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env(log_path.parent / "flwr"),
-            cwd=log_path.parent,
+            env=child_env(ws.flower_home.absolute()),
+            cwd=ws.federation_dir.absolute(),
             start_new_session=True,
         )
 
@@ -274,7 +269,10 @@ def _serve_runs(
     runs: tuple[str, ...] = ()
     while process.poll() is None:
         if done_dir.exists():
-            runs = tuple(sorted(p.name for p in set(done_dir.iterdir()) - before))
+            # A marker is written atomically (a dot-named temporary file, then a
+            # rename): only the renamed files are runs.
+            done = {p for p in done_dir.iterdir() if not p.name.startswith(".")}
+            runs = tuple(sorted(p.name for p in done - before))
             if runs and once:
                 _wait_for_last_reply(process, log_path, sent_before=_sent(log_path))
                 break

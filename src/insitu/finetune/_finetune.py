@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +43,12 @@ from insitu.bundle import ModelCard, SemVer
 from insitu.data import DataSchema, SiteDataset, read_table
 from insitu.errors import InstallError, SchemaError, UnusableSplitError, UsageError
 from insitu.workspace import Workspace
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from insitu.privacy import BudgetCharge, PrivacyEvent
+    from insitu.update import UpdateClient
 
 __all__ = ["FinetuneResult", "finetune", "local_start_weights", "split_holdout"]
 
@@ -164,7 +171,7 @@ def _next_version(base: str, workspace: Workspace, model: str) -> str:
     return f"{stem}-local.{len(earlier) + 1}"
 
 
-def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
+def finetune(
     workspace: Workspace,
     model: str,
     data: Path,
@@ -189,17 +196,110 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         BudgetExceededError: the fine-tuning would exceed the site's budget.
 
     """
-    from insitu.finetune._rebuild import rebuild_sequential
-    from insitu.privacy import SubjectBudget, calibrate_noise
-    from insitu.training import export_onnx, get_weights, planned_event, train
-    from insitu.update import UpdateClient
+    from insitu.training import export_onnx
 
     stage = on_stage or (lambda _: None)
     if epsilon <= 0 or epochs < 1 or batch_size < 1 or layers < 1 or learning_rate <= 0:
         raise UsageError("epsilon, learning rate, epochs, batch size and layers must be positive")
     stage("loading the installed model")
+    client, card, installed_model = _load_installed(workspace, model)
+    schema = _schema_of(card, schema_path)
+
+    stage("reading the local data")
+    local = _read_local(workspace, data, schema, card, holdout=holdout, seed=seed)
+    torch_model = _trainable(installed_model, local.x_held, layers=layers)
+    accuracy_before = _accuracy(installed_model, local.x_held, local.y_held)
+
+    stage("charging the privacy budget")
+    charged = _charge(
+        workspace,
+        local,
+        model=model,
+        card=card,
+        schema=schema,
+        epsilon=epsilon,
+        epochs=epochs,
+        batch_size=batch_size,
+    )
+    rows = _train(
+        torch_model,
+        local,
+        charged,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        max_grad_norm=max_grad_norm,
+        stage=stage,
+    )
+    stage("evaluating on the held-out split")
+    candidate = export_onnx(torch_model, local.width)
+    outcome = FinetuneResult(
+        model=model,
+        base_version=card.version,
+        version=None,
+        installed=False,
+        accuracy_installed=accuracy_before,
+        accuracy_finetuned=_accuracy(candidate, local.x_held, local.y_held),
+        rows_train=rows,
+        rows_holdout=len(local.y_held),
+        epsilon=epsilon,
+        epsilon_spent_total=charged.charge.epsilon_max_after,
+        epsilon_budget=charged.charge.budget,
+        noise_multiplier=charged.noise_multiplier,
+        weights=None,
+    )
+    figures = _figures(outcome, charged, layers=layers)
+    if not outcome.accuracy_finetuned > outcome.accuracy_installed:
+        with workspace.ledger() as ledger:
+            events.FINETUNE_REJECTED.record(
+                ledger, **figures, reason="not better on the local held-out split"
+            )
+        return outcome
+
+    stage("bundling and installing")
+    version, weights_path = _install(
+        workspace,
+        client,
+        outcome,
+        torch_model,
+        candidate,
+        card=card,
+        schema=schema,
+        charged=charged,
+        figures=figures,
+        layers=layers,
+    )
+    return dataclasses.replace(outcome, version=version, installed=True, weights=str(weights_path))
+
+
+@dataclass(frozen=True)
+class _Local:
+    """The local records, encoded and split (steps 2 and 3)."""
+
+    width: int  # the encoded columns
+    x_train: np.ndarray
+    y_train: np.ndarray
+    subjects: np.ndarray  # the subject keys of the training records
+    x_held: np.ndarray
+    y_held: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Charged:
+    """The DP-SGD event, charged to the training records' subjects (step 5)."""
+
+    event: PrivacyEvent
+    noise_multiplier: float
+    delta: float
+    charge: BudgetCharge
+
+
+def _load_installed(workspace: Workspace, model: str) -> tuple[UpdateClient, ModelCard, bytes]:
+    """The update client, and the card and ONNX model of the installed version (step 1)."""
+    from insitu.update import UpdateClient
+
     client = UpdateClient(
-        workspace.home / "update",
+        workspace.update_dir,
         device_key=workspace.encryption_key(),
         local_publisher=workspace.signing_public_key,
     )
@@ -208,14 +308,22 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
             f"this device runs {client.config.model!r}, not {model!r}; fine-tune the "
             "installed model"
         )
-    active = client.slots.active()
-    if active is None:
+    if client.slots.active() is None:
         raise InstallError(f"no version of {model} is installed; run 'insitu update' first")
     opened = client.load()
-    card, installed_model = opened.card, bytes(opened.model)
-    schema = _schema_of(card, schema_path)
+    return client, opened.card, bytes(opened.model)
 
-    stage("reading the local data")
+
+def _read_local(
+    workspace: Workspace,
+    data: Path,
+    schema: DataSchema,
+    card: ModelCard,
+    *,
+    holdout: float,
+    seed: int,
+) -> _Local:
+    """The records of ``data`` under ``schema``, as wide as the model takes, split."""
     frame = read_table(data)
     schema.check_columns(frame.columns, source=str(data))
     records = SiteDataset.from_frame(workspace, frame, schema, source=str(data), k=1)
@@ -227,18 +335,49 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
             "use the schema the model was trained with"
         )
     train_idx, held_idx = split_holdout(local.labels, fraction=holdout, seed=seed)
-    x_train, y_train = local.features[train_idx], local.labels[train_idx]
-    x_held, y_held = local.features[held_idx], local.labels[held_idx]
+    return _Local(
+        width=local.features.shape[1],
+        x_train=local.features[train_idx],
+        y_train=local.labels[train_idx],
+        subjects=local.subject_keys[train_idx],
+        x_held=local.features[held_idx],
+        y_held=local.labels[held_idx],
+    )
 
-    torch_model = rebuild_sequential(installed_model, x_held)
+
+def _trainable(installed_model: bytes, check_inputs: np.ndarray, *, layers: int) -> nn.Sequential:
+    """The installed model in PyTorch, all but its last ``layers`` linear layers frozen."""
+    from insitu.finetune._rebuild import rebuild_sequential
+
+    torch_model = rebuild_sequential(installed_model, check_inputs)
     linears = [m for m in torch_model if hasattr(m, "weight")]
     for module in linears[: max(0, len(linears) - layers)]:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
-    accuracy_before = _accuracy(installed_model, x_held, y_held)
+    return torch_model
 
-    stage("charging the privacy budget")
-    rows = len(y_train)
+
+def _charge(
+    workspace: Workspace,
+    local: _Local,
+    *,
+    model: str,
+    card: ModelCard,
+    schema: DataSchema,
+    epsilon: float,
+    epochs: int,
+    batch_size: int,
+) -> _Charged:
+    """DP-SGD calibrated for ``epsilon``, charged before training to the subjects it fits.
+
+    Raises:
+        BudgetExceededError: it fits no subject's budget (recorded).
+
+    """
+    from insitu.privacy import SubjectBudget, calibrate_noise
+    from insitu.training import planned_event
+
+    rows = len(local.y_train)
     one = planned_event(rows=rows, batch_size=batch_size, epochs=epochs, noise_multiplier=1.0)
     delta = float(workspace.config.get("privacy", "delta"))
     sigma = calibrate_noise(
@@ -247,18 +386,33 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
     event = planned_event(rows=rows, batch_size=batch_size, epochs=epochs, noise_multiplier=sigma)
     with workspace.ledger() as ledger:
         charge = SubjectBudget.for_workspace(workspace, ledger).charge(
-            local.subject_keys[train_idx],
+            local.subjects,
             event,
             mechanism="finetune",
             model=model,
             base_version=card.version,
             dataset=schema.name,
         )
-    admitted = charge.admission.admitted
-    x_train, y_train = x_train[admitted], y_train[admitted]
-    rows = len(y_train)
+    return _Charged(event=event, noise_multiplier=sigma, delta=delta, charge=charge)
 
-    stage(f"DP-SGD on {rows} records")
+
+def _train(
+    torch_model: nn.Module,
+    local: _Local,
+    charged: _Charged,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    max_grad_norm: float,
+    stage: Callable[[str], None],
+) -> int:
+    """DP-SGD on the training records whose subjects were charged; their number."""
+    from insitu.training import train
+
+    admitted = charged.charge.admission.admitted
+    x_train, y_train = local.x_train[admitted], local.y_train[admitted]
+    stage(f"DP-SGD on {len(y_train)} records")
     train(
         torch_model,
         np.ascontiguousarray(x_train, dtype=np.float32),
@@ -266,66 +420,115 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
-        event=event,
+        event=charged.event,
         max_grad_norm=max_grad_norm,
     )
-    stage("evaluating on the held-out split")
-    candidate = export_onnx(torch_model, local.features.shape[1])
-    accuracy_after = _accuracy(candidate, x_held, y_held)
-    figures = {
-        "model": model,
-        "base_version": card.version,
-        "accuracy_installed": round(accuracy_before, 6),
-        "accuracy_finetuned": round(accuracy_after, 6),
-        "rows_train": rows,
-        "rows_holdout": len(y_held),
-        "epsilon": epsilon,
-        "epsilon_spent_total": round(charge.epsilon_max_after, 6),
-        "excluded_over_budget": charge.admission.excluded_over_budget,
-        "noise_multiplier": sigma,
+    return len(y_train)
+
+
+def _figures(outcome: FinetuneResult, charged: _Charged, *, layers: int) -> dict[str, Any]:
+    """What ``finetune.installed`` or ``finetune.rejected`` records."""
+    return {
+        "model": outcome.model,
+        "base_version": outcome.base_version,
+        "accuracy_installed": round(outcome.accuracy_installed, 6),
+        "accuracy_finetuned": round(outcome.accuracy_finetuned, 6),
+        "rows_train": outcome.rows_train,
+        "rows_holdout": outcome.rows_holdout,
+        "epsilon": outcome.epsilon,
+        "epsilon_spent_total": round(outcome.epsilon_spent_total, 6),
+        "excluded_over_budget": charged.charge.admission.excluded_over_budget,
+        "noise_multiplier": outcome.noise_multiplier,
         "layers": layers,
     }
-    outcome = FinetuneResult(
-        model=model,
-        base_version=card.version,
-        version=None,
-        installed=False,
-        accuracy_installed=accuracy_before,
-        accuracy_finetuned=accuracy_after,
-        rows_train=rows,
-        rows_holdout=len(y_held),
-        epsilon=epsilon,
-        epsilon_spent_total=charge.epsilon_max_after,
-        epsilon_budget=charge.budget,
-        noise_multiplier=sigma,
-        weights=None,
-    )
-    if not accuracy_after > accuracy_before:
-        with workspace.ledger() as ledger:
-            events.FINETUNE_REJECTED.record(
-                ledger, **figures, reason="not better on the local held-out split"
-            )
-        return outcome
 
-    stage("bundling and installing")
+
+def _install(
+    workspace: Workspace,
+    client: UpdateClient,
+    outcome: FinetuneResult,
+    trained: nn.Module,
+    candidate: bytes,
+    *,
+    card: ModelCard,
+    schema: DataSchema,
+    charged: _Charged,
+    figures: dict[str, Any],
+    layers: int,
+) -> tuple[str, Path]:
+    """Install ``candidate`` as the next local version and make it active (step 6).
+
+    Returns its version and the file of its weights, kept for the next federated round.
+    """
+    from insitu._clock import utc_now
+    from insitu.training import get_weights, weights_digest
+
+    model = outcome.model
     version = _next_version(card.version, workspace, model)
-    weights = get_weights(torch_model)
-    weights_path = workspace.home / "finetune" / model / f"{version}.npz"
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    import io
+    weights = get_weights(trained)
+    weights_path = _save_weights(workspace, model, version, weights)
+    blob, bundle_id = _bundle(
+        workspace,
+        candidate,
+        outcome,
+        version=version,
+        card=card,
+        schema=schema,
+        charged=charged,
+        layers=layers,
+    )
+    with client._exclusive():
+        info = client.slots.install(
+            blob, name=model, version=version, bundle_id=bundle_id, now=utc_now()
+        )
+    with workspace.ledger() as ledger:
+        events.FINETUNE_INSTALLED.record(
+            ledger,
+            **figures,
+            version=version,
+            slot=info.slot,
+            bundle_sha256=info.sha256,
+            weights_sha256=weights_digest(weights),
+            weights_file=str(weights_path.relative_to(workspace.home)),
+            offered_as_start=True,
+        )
+    return version, weights_path
 
+
+def _save_weights(
+    workspace: Workspace, model: str, version: str, weights: list[np.ndarray]
+) -> Path:
+    weights_path = workspace.finetune_weights_path(model, version)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, *weights)
     atomic_write_bytes(weights_path, buffer.getvalue())
-    from insitu._clock import utc_now
-    from insitu.bundle import bundle_model
-    from insitu.training import weights_digest
+    return weights_path
 
+
+def _bundle(
+    workspace: Workspace,
+    candidate: bytes,
+    outcome: FinetuneResult,
+    *,
+    version: str,
+    card: ModelCard,
+    schema: DataSchema,
+    charged: _Charged,
+    layers: int,
+) -> tuple[bytes, str]:
+    """Record the training (``finetune.trained``), then bundle ``candidate`` to this device.
+
+    Returns the bundle and its id.
+    """
+    from insitu.bundle import bundle_model
+
+    model = outcome.model
     base_eps = float(card.privacy["epsilon"]) if card.privacy else 0.0
     # Per record: the federation's epsilon for other sites' records; this site's records
     # have spent at most the most any of its subjects spent (the fine-tune included).
-    claimed = max(base_eps, charge.epsilon_max_after)
-    delta_claimed = max(float(card.privacy["delta"]) if card.privacy else 0.0, delta)
+    claimed = max(base_eps, charged.charge.epsilon_max_after)
+    delta_claimed = max(float(card.privacy["delta"]) if card.privacy else 0.0, charged.delta)
     with workspace.ledger() as ledger:
         events.FINETUNE_TRAINED.record(
             ledger,
@@ -343,30 +546,15 @@ def finetune(  # noqa: PLR0915 -- the steps of the module docstring, in order
         name=model,
         version=version,
         recipients=[workspace.encryption_public_key],
-        metrics={**card.metrics, "local_holdout_accuracy": round(accuracy_after, 4)},
+        metrics={**card.metrics, "local_holdout_accuracy": round(outcome.accuracy_finetuned, 4)},
         epsilon=claimed,
         delta=delta_claimed,
         data_schema_sha256=schema.digest(),
         description=f"Local fine-tune of {model} {card.version} (last {layers} layer(s), "
-        f"DP-SGD at epsilon {epsilon}).",
+        f"DP-SGD at epsilon {outcome.epsilon}).",
         drift_reference=card.drift_reference,
     )
-    with client._exclusive():
-        info = client.slots.install(
-            blob, name=model, version=version, bundle_id=bundle.bundle_id, now=utc_now()
-        )
-    with workspace.ledger() as ledger:
-        events.FINETUNE_INSTALLED.record(
-            ledger,
-            **figures,
-            version=version,
-            slot=info.slot,
-            bundle_sha256=info.sha256,
-            weights_sha256=weights_digest(weights),
-            weights_file=str(weights_path.relative_to(workspace.home)),
-            offered_as_start=True,
-        )
-    return dataclasses.replace(outcome, version=version, installed=True, weights=str(weights_path))
+    return blob, bundle.bundle_id
 
 
 def local_start_weights(workspace: Workspace, model: str) -> list[np.ndarray] | None:

@@ -60,7 +60,7 @@ from insitu.errors import InsituError, OptimizationError, UsageError
 from insitu.optimize._compress import CompressionPlan, distill, prune
 from insitu.optimize._data import DataLike, DataSet, data_sha256, load_data
 from insitu.optimize._export import export_torch
-from insitu.optimize._measure import measure_outputs, time_session, timing_plan
+from insitu.optimize._measure import Timing, measure_outputs, time_session, timing_plan
 from insitu.optimize._onnx import run, session_for
 from insitu.optimize._quantize import quantize_dynamic_int8, quantize_static_int8
 from insitu.optimize._report import OptimizationReport, plot_candidates
@@ -225,7 +225,7 @@ def _parameters(source: SourceModel) -> int:
     return int(sum(numpy_helper.to_array(t).size for t in proto.graph.initializer))
 
 
-def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads best in one place
+def optimize(
     model: ModelLike,
     calibration: DataLike,
     evaluation: DataLike,
@@ -282,13 +282,7 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
 
     """
     started = time.perf_counter()
-    if target not in TARGETS:
-        raise UsageError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
-    if target in LEARNS_FROM_CALIBRATION and not public_calibration:
-        raise UsageError(
-            f"--target {target} {NOT_PUBLIC}; pass --public-calibration only if the "
-            "calibration records are public data, or use --target int8-dynamic"
-        )
+    _check_target(target, public_calibration=public_calibration)
     constraints = constraints or Constraints()
     step = on_step or (lambda _text: None)
     step("loading the model")
@@ -296,128 +290,26 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
     cal = load_data(calibration, source, role="calibration", label=label)
     ev = load_data(evaluation, source, role="evaluation", label=label)
     origin = _source_entry(workspace, source)
-    plan = CompressionPlan(finetune_epochs=4, distill_epochs=15) if quick else CompressionPlan()
-    timing = timing_plan(quick=quick)
-
-    # The source's own outputs: the reference for parity, and the teacher's targets.
-    fp32_session = session_for(source.onnx, threads=threads, name=source.name)
-    # (Only for calibration records declared public: nothing else learns from them.)
-    teacher = np.zeros((0, 1), dtype=np.float32)
-    if source.reference is not None:
-        ref_scores = np.asarray(source.reference(ev.x), dtype=np.float32).reshape(len(ev.x), -1)
-        if public_calibration:
-            teacher = np.asarray(source.reference(cal.x), dtype=np.float32).reshape(len(cal.x), -1)
-        ref_labels = scores_and_labels(run(fp32_session, ev.x))[1]
-        if source.kind != "sklearn":
-            ref_labels = scores_and_labels([ref_scores])[1]
-    else:
-        ref_scores, ref_labels = scores_and_labels(run(fp32_session, ev.x))
-        if public_calibration:
-            teacher = scores_and_labels(run(fp32_session, cal.x))[0]
-    ref_accuracy = None if ev.y is None else float(np.mean(ref_labels == ev.y))
-    names = (
-        list(CANDIDATES)
-        if target == "auto"
-        else (["fp32"] if target == "fp32" else ["fp32", target])
+    pipeline = _Pipeline(
+        source=source,
+        cal=cal,
+        ev=ev,
+        reference=_reference(
+            source, cal, ev, public_calibration=public_calibration, threads=threads
+        ),
+        target=target,
+        public_calibration=public_calibration,
+        threads=threads,
+        timing=timing_plan(quick=quick),
+        step=step,
     )
-    if source.module is None and source.kind != "sklearn" and target == "auto":
-        names = [n for n in names if not n.startswith("pruned")]
-    if source.kind == "sklearn" and target == "auto":
-        names = [n for n in names if not n.startswith("pruned")]
-    notes: list[str] = []
-    if "pruned" not in names and target == "auto":
-        notes.append(f"pruning skipped: a {source.kind} source has no trainable PyTorch model")
-
-    builder = _Builder(source, cal, teacher, plan, student)
-    candidates: list[Candidate] = []
-    for name in names:
-        if name in LEARNS_FROM_CALIBRATION and not public_calibration:
-            candidates.append(Candidate(name, "", error=NOT_PUBLIC, skipped=True))
-            continue
-        step(f"building {name}")
-        try:
-            onnx_bytes, technique = builder.build(name)
-        except InsituError as exc:
-            if target != "auto" or name == "fp32":
-                raise
-            candidates.append(Candidate(name, "", error=str(exc)))
-            continue
-        except Exception as exc:  # a quantizer or exporter failing on one candidate
-            if target != "auto":
-                raise OptimizationError(f"{name} could not be built: {exc}") from exc
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            candidates.append(Candidate(name, "", error=text[:200]))
-            continue
-        step(f"measuring {name}")
-        session, figures = measure_outputs(
-            onnx_bytes, ev.x, ev.y, ref_scores, ref_labels, name=name
-        )
-        if threads != 1:
-            session = session_for(onnx_bytes, threads=threads, name=name)
-        timed = time_session(session, ev.x, timing)
-        accuracy = figures["accuracy"]
-        if ref_accuracy is not None and accuracy is not None:
-            drop = 100 * (ref_accuracy - accuracy)
-        else:
-            drop = 100 * (1 - float(figures["label_agreement"] or 0.0))
-        candidate = Candidate(
-            name,
-            technique,
-            onnx=onnx_bytes,
-            size_bytes=len(onnx_bytes),
-            latency_p50_ms=timed["latency_p50_ms"],
-            latency_p99_ms=timed["latency_p99_ms"],
-            throughput_per_s=timed["throughput_per_s"],
-            accuracy=accuracy,
-            accuracy_drop=drop,
-            max_abs_diff=figures["max_abs_diff"],
-            label_agreement=figures["label_agreement"],
-        )
-        if name == "fp32" and source.kind in {"pytorch", "workspace"} and source.module is not None:
-            diff = candidate.max_abs_diff
-            scale = max(1.0, float(np.max(np.abs(ref_scores)))) if len(ev.x) else 1.0
-            if diff is None or diff > PARITY_TOLERANCE * scale:
-                raise OptimizationError(
-                    f"the ONNX export of {source.name} differs from the PyTorch model by "
-                    f"{diff} (> {PARITY_TOLERANCE:g} of the outputs' scale {scale:.3g}) on the "
-                    "evaluation data; report this with the model"
-                )
-        candidates.append(candidate)
-
-    chosen, reason = select(candidates, constraints)
-    if target != "auto" and chosen is not None and chosen.name != target:
-        # An explicit target is that model or nothing.
-        mine = next(c for c in candidates if c.name == target)
-        chosen = mine if mine.feasible else None
-        reason = (
-            f"{target}: asked for, and it meets the constraints"
-            if chosen
-            else f"{target} does not meet the constraints ({', '.join(mine.failures)})"
-        )
-    elif target != "auto" and chosen is not None:
-        reason = f"{target}: asked for, and it meets the constraints"
-    source_json = {
-        "name": source.name,
-        "kind": source.kind,
-        "sha256": source.sha256,
-        "size_bytes": len(source.onnx),
-        "input_shape": ["batch", *(d if d is not None else "?" for d in source.input_shape)],
-        "reference_accuracy": ref_accuracy,
-        "calibration_records": len(cal),
-        "evaluation_records": len(ev),
-        "run_id": source.run_id if origin is None else origin["run"],
-        "onnx_sha256": source.ledger_sha256,
-    }
-    calibration_json: dict[str, Any] = {
-        "public": public_calibration,
-        "records": len(cal),
-        "sha256": None,
-        "digest_of": None,
-    }
-    if public_calibration:
-        calibration_json["sha256"], calibration_json["digest_of"] = data_sha256(calibration, cal)
+    plan = CompressionPlan(finetune_epochs=4, distill_epochs=15) if quick else CompressionPlan()
+    builder = _Builder(source, cal, pipeline.reference.teacher, plan, student)
+    names, notes = _candidate_names(target, source)
+    candidates = [_candidate(pipeline, builder, name) for name in names]
+    chosen, reason = _choose(candidates, constraints, target)
     report = OptimizationReport(
-        source=source_json,
+        source=_source_json(pipeline, origin),
         constraints=constraints,
         candidates=candidates,
         chosen=None if chosen is None else chosen.name,
@@ -428,18 +320,211 @@ def optimize(  # noqa: PLR0912, PLR0915 -- the pipeline, step by step, reads bes
         out_dir=Path(out_dir) if out_dir is not None else None,
         notes=notes,
     )
-    report.provenance = _provenance(report, origin=origin, calibration=calibration_json)
+    report.provenance = _provenance(
+        report, origin=origin, calibration=_calibration_json(calibration, pipeline)
+    )
     report.seconds = time.perf_counter() - started
-    if out_dir is not None:
+    _record(report, workspace, step)
+    return report
+
+
+def _check_target(target: str, *, public_calibration: bool) -> None:
+    if target not in TARGETS:
+        raise UsageError(f"--target {target!r}: use one of {', '.join(TARGETS)}")
+    if target in LEARNS_FROM_CALIBRATION and not public_calibration:
+        raise UsageError(
+            f"--target {target} {NOT_PUBLIC}; pass --public-calibration only if the "
+            "calibration records are public data, or use --target int8-dynamic"
+        )
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """The source's own outputs: the reference for parity, and the teacher's targets."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    accuracy: float | None
+    #: On the calibration records, only when declared public (nothing else learns from
+    #: them); empty otherwise.
+    teacher: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Pipeline:
+    """What the steps of one :func:`optimize` share."""
+
+    source: SourceModel
+    cal: DataSet
+    ev: DataSet
+    reference: _Reference
+    target: str
+    public_calibration: bool
+    threads: int
+    timing: Timing
+    step: Callable[[str], None]
+
+
+def _reference(
+    source: SourceModel, cal: DataSet, ev: DataSet, *, public_calibration: bool, threads: int
+) -> _Reference:
+    fp32_session = session_for(source.onnx, threads=threads, name=source.name)
+    teacher = np.zeros((0, 1), dtype=np.float32)
+    if source.reference is not None:
+        scores = np.asarray(source.reference(ev.x), dtype=np.float32).reshape(len(ev.x), -1)
+        if public_calibration:
+            teacher = np.asarray(source.reference(cal.x), dtype=np.float32).reshape(len(cal.x), -1)
+        labels = scores_and_labels(run(fp32_session, ev.x))[1]
+        if source.kind != "sklearn":
+            labels = scores_and_labels([scores])[1]
+    else:
+        scores, labels = scores_and_labels(run(fp32_session, ev.x))
+        if public_calibration:
+            teacher = scores_and_labels(run(fp32_session, cal.x))[0]
+    accuracy = None if ev.y is None else float(np.mean(labels == ev.y))
+    return _Reference(scores=scores, labels=labels, accuracy=accuracy, teacher=teacher)
+
+
+def _candidate_names(target: str, source: SourceModel) -> tuple[list[str], list[str]]:
+    """(the candidates to build, in order; notes for the report)."""
+    if target != "auto":
+        return (["fp32"] if target == "fp32" else ["fp32", target]), []
+    if source.module is None or source.kind == "sklearn":
+        return (
+            [n for n in CANDIDATES if not n.startswith("pruned")],
+            [f"pruning skipped: a {source.kind} source has no trainable PyTorch model"],
+        )
+    return list(CANDIDATES), []
+
+
+def _candidate(pipeline: _Pipeline, builder: _Builder, name: str) -> Candidate:
+    """Candidate ``name`` built, checked and measured, or why it was not built.
+
+    With ``target="auto"`` a candidate that fails to build is listed with the error
+    (except fp32, the baseline); an explicit target raises it.
+    """
+    if name in LEARNS_FROM_CALIBRATION and not pipeline.public_calibration:
+        return Candidate(name, "", error=NOT_PUBLIC, skipped=True)
+    pipeline.step(f"building {name}")
+    try:
+        onnx_bytes, technique = builder.build(name)
+    except InsituError as exc:
+        if pipeline.target != "auto" or name == "fp32":
+            raise
+        return Candidate(name, "", error=str(exc))
+    except Exception as exc:  # a quantizer or exporter failing on one candidate
+        if pipeline.target != "auto":
+            raise OptimizationError(f"{name} could not be built: {exc}") from exc
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Candidate(name, "", error=text[:200])
+    pipeline.step(f"measuring {name}")
+    candidate = _measure(pipeline, name, onnx_bytes, technique)
+    if name == "fp32":
+        _check_parity(pipeline, candidate)
+    return candidate
+
+
+def _measure(pipeline: _Pipeline, name: str, onnx_bytes: bytes, technique: str) -> Candidate:
+    ev, reference = pipeline.ev, pipeline.reference
+    session, figures = measure_outputs(
+        onnx_bytes, ev.x, ev.y, reference.scores, reference.labels, name=name
+    )
+    if pipeline.threads != 1:
+        session = session_for(onnx_bytes, threads=pipeline.threads, name=name)
+    timed = time_session(session, ev.x, pipeline.timing)
+    accuracy = figures["accuracy"]
+    if reference.accuracy is not None and accuracy is not None:
+        drop = 100 * (reference.accuracy - accuracy)
+    else:
+        drop = 100 * (1 - float(figures["label_agreement"] or 0.0))
+    return Candidate(
+        name,
+        technique,
+        onnx=onnx_bytes,
+        size_bytes=len(onnx_bytes),
+        latency_p50_ms=timed["latency_p50_ms"],
+        latency_p99_ms=timed["latency_p99_ms"],
+        throughput_per_s=timed["throughput_per_s"],
+        accuracy=accuracy,
+        accuracy_drop=drop,
+        max_abs_diff=figures["max_abs_diff"],
+        label_agreement=figures["label_agreement"],
+    )
+
+
+def _check_parity(pipeline: _Pipeline, fp32: Candidate) -> None:
+    """Refuse an fp32 export that does not reproduce its PyTorch model."""
+    source = pipeline.source
+    if source.kind not in {"pytorch", "workspace"} or source.module is None:
+        return
+    diff = fp32.max_abs_diff
+    scale = (
+        max(1.0, float(np.max(np.abs(pipeline.reference.scores)))) if len(pipeline.ev.x) else 1.0
+    )
+    if diff is None or diff > PARITY_TOLERANCE * scale:
+        raise OptimizationError(
+            f"the ONNX export of {source.name} differs from the PyTorch model by "
+            f"{diff} (> {PARITY_TOLERANCE:g} of the outputs' scale {scale:.3g}) on the "
+            "evaluation data; report this with the model"
+        )
+
+
+def _choose(
+    candidates: list[Candidate], constraints: Constraints, target: str
+) -> tuple[Candidate | None, str]:
+    """(the choice or None, why): :func:`select`'s, or an explicit target or nothing."""
+    chosen, reason = select(candidates, constraints)
+    if target == "auto" or chosen is None:
+        return chosen, reason
+    if chosen.name != target:
+        # An explicit target is that model or nothing.
+        mine = next(c for c in candidates if c.name == target)
+        if not mine.feasible:
+            return None, f"{target} does not meet the constraints ({', '.join(mine.failures)})"
+        chosen = mine
+    return chosen, f"{target}: asked for, and it meets the constraints"
+
+
+def _source_json(pipeline: _Pipeline, origin: dict[str, Any] | None) -> dict[str, Any]:
+    source = pipeline.source
+    return {
+        "name": source.name,
+        "kind": source.kind,
+        "sha256": source.sha256,
+        "size_bytes": len(source.onnx),
+        "input_shape": ["batch", *(d if d is not None else "?" for d in source.input_shape)],
+        "reference_accuracy": pipeline.reference.accuracy,
+        "calibration_records": len(pipeline.cal),
+        "evaluation_records": len(pipeline.ev),
+        "run_id": source.run_id if origin is None else origin["run"],
+        "onnx_sha256": source.ledger_sha256,
+    }
+
+
+def _calibration_json(calibration: DataLike, pipeline: _Pipeline) -> dict[str, Any]:
+    """The calibration records' declaration, and their digest when declared public."""
+    described: dict[str, Any] = {
+        "public": pipeline.public_calibration,
+        "records": len(pipeline.cal),
+        "sha256": None,
+        "digest_of": None,
+    }
+    if pipeline.public_calibration:
+        described["sha256"], described["digest_of"] = data_sha256(calibration, pipeline.cal)
+    return described
+
+
+def _record(report: OptimizationReport, workspace: Any, step: Callable[[str], None]) -> None:
+    """Write the report (when it has a directory) and record it in the ledger."""
+    if report.out_dir is not None:
         step("writing the report")
         _write(report)
     if workspace is not None:
         with workspace.ledger() as ledger:
             entry = events.MODEL_OPTIMIZED.record(ledger, **_ledger_payload(report))
         report.ledger_seq = entry.seq
-        if out_dir is not None:
+        if report.out_dir is not None:
             _write_json(report)
-    return report
 
 
 def _source_entry(workspace: Any, source: SourceModel) -> dict[str, Any] | None:
@@ -582,7 +667,7 @@ def optimize_workspace_model(
         UsageError: the workspace holds no model (or none with that run id).
 
     """
-    models = workspace.home / "models"
+    models = workspace.models_dir
     if run_id is None:
         runs = sorted(
             (p for p in models.glob("*") if (p / "features.json").is_file()),

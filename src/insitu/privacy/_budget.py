@@ -221,7 +221,7 @@ class SubjectBudget:
         """The budget of the site of ``workspace``, as configured there."""
         return cls(
             ledger,
-            workspace.home / "privacy",
+            workspace.privacy_dir,
             epsilon_budget=float(workspace.config.get("privacy", "epsilon_budget")),
             delta=float(workspace.config.get("privacy", "delta")),
             mac_key=workspace.secret("data"),

@@ -446,7 +446,7 @@ def _serve_step(
     top: list[str] = []
     for home in result.site_homes:
         site = Workspace.open(home)
-        held = SiteDataset.open(site, site.home / "prepared" / schema.name / "test").for_round(
+        held = SiteDataset.open(site, site.prepared_part(schema.name, "test")).for_round(
             role="inference"
         )
         rows = held.features[:requests_per_site]
@@ -554,7 +554,7 @@ def _ship(
     correct = total = 0
     try:
         for site in sites:
-            update_dir = site.home / "update"
+            update_dir = site.update_dir
             if not (update_dir / "config.json").is_file():
                 root = (repo_dir / "public" / "metadata" / "1.root.json").read_bytes()
                 UpdateClient.enroll(update_dir, root=root, url=url, model=name)
@@ -567,7 +567,7 @@ def _ship(
                 outcome = client.update()
                 methods.append(str(outcome.get("method", "none")))
                 _, session = client.session()
-            test_dir = site.home / "prepared" / schema.name / "test"
+            test_dir = site.prepared_part(schema.name, "test")
             data = SiteDataset.open(site, test_dir).for_round(role="inference")
             feed = {session.get_inputs()[0].name: data.features}
             logits = session.run(None, feed)[0].reshape(-1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -77,10 +77,10 @@ def record_step(coordinator: Workspace, run_id: str, result: StepResult) -> None
 
 
 def site_records(
-    site: Workspace, schema: DataSchema, part: str
+    site: Workspace, schema: DataSchema, part: Literal["train", "test"]
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """A site's prepared ``train`` or ``test`` records as the model sees them (consent applied)."""
-    directory = site.home / "prepared" / schema.name / part
+    directory = site.prepared_part(schema.name, part)
     data = SiteDataset.open(site, directory).for_round(role="audit")
     return data.features, data.labels, data.rows
 
@@ -160,7 +160,7 @@ def audit_membership_of(
         bootstrap=200,
     )
     curve = audit.results[0].summary
-    directory = coordinator.home / "reports" / f"privacy-audit-{run_id}"
+    directory = coordinator.report_dir(f"privacy-audit-{run_id}")
     report = {
         "model": model_dir.name,
         "onnx_sha256": hashlib.sha256(onnx).hexdigest(),

@@ -110,7 +110,8 @@ class Evidence:
 
 
 def _is_workspace(path: Path) -> bool:
-    return (path / "config.toml").is_file() and (path / "ledger.db").is_file()
+    layout = Workspace.layout(path)
+    return layout.config_path.is_file() and layout.ledger_path.is_file()
 
 
 def find_workspaces(paths: list[Path]) -> list[Path]:
@@ -131,7 +132,7 @@ def find_workspaces(paths: list[Path]) -> list[Path]:
             )
         for home in homes:
             found.append(home)
-            sites = home / "sites"
+            sites = Workspace.layout(home).sites_dir
             if sites.is_dir():
                 found += sorted(p for p in sites.iterdir() if _is_workspace(p))
     unique: list[Path] = []
@@ -189,7 +190,7 @@ def _check_artefacts(evidence: Evidence, le: LedgerEvidence) -> None:
     started = {e.payload.get("run"): e for e in le.of_type("federation.started")}
     for entry in le.of_type("federation.completed"):
         run = str(entry.payload["run"])
-        model_dir = le.home / "models" / run
+        model_dir = Workspace.layout(le.home).model_dir(run)
         onnx = model_dir / "model.onnx"
         check = ArtefactCheck(
             "model", str(onnx.relative_to(le.home)), le.name, entry.seq,

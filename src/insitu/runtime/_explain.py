@@ -20,9 +20,9 @@ synthetic rows are neither counted as predictions nor shown to drift observers.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -149,7 +149,11 @@ def global_importance(explanation: Explanation) -> dict[str, float]:
 
 
 def plot_global_importance(
-    explanation: Explanation, path: Path | None = None, *, top: int = 15, title: str = ""
+    explanation: Explanation,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    top: int = 15,
+    title: str = "",
 ) -> Figure:
     """A bar chart of the ``top`` features by mean absolute attribution; saved to ``path``.
 

@@ -77,8 +77,8 @@ def _features(
 def predict_file(
     runtime: ModelRuntime,
     model: str,
-    source: Path,
-    output: Path,
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
     *,
     schema: DataSchema | None = None,
     columns: Sequence[str] | None = None,

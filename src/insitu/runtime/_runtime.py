@@ -186,7 +186,7 @@ class ModelRuntime:
             ModelNotFoundError: nothing was ever enrolled or installed there.
 
         """
-        update_dir = workspace.home / "update"
+        update_dir = workspace.update_dir
         if not (update_dir / "config.json").is_file():
             raise ModelNotFoundError(
                 f"no model is installed in {workspace.home}; enroll with 'insitu update "

@@ -11,6 +11,7 @@ anonymous memory file.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,7 +46,7 @@ class ModelSource(Protocol):
 class InstalledModel:
     """The model ``insitu update`` installed into a device's A/B slots."""
 
-    def __init__(self, update_dir: Path, *, device_key: X25519PrivateKey) -> None:
+    def __init__(self, update_dir: str | os.PathLike[str], *, device_key: X25519PrivateKey) -> None:
         from insitu.update import UpdateClient
 
         self._client = UpdateClient(Path(update_dir), device_key=device_key)
@@ -78,7 +79,7 @@ class BundleFile:
 
     def __init__(
         self,
-        path: Path,
+        path: str | os.PathLike[str],
         *,
         verifier: BundleVerifier,
         device_key: X25519PrivateKey | None,

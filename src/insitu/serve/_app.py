@@ -25,11 +25,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, params
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
@@ -82,11 +82,26 @@ _EXPLAIN_BODY = {
         "content": {"application/json": {"schema": _INPUTS_SCHEMA}},
     }
 }
+_PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Outputs by name (JSON), or the first output as NPY "
+        "when the request sends 'Accept: application/x-npy'.",
+        "content": {
+            "application/json": {},
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **_ERRORS,
+}
 
 
 def _error(status: int, message: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def _not_served(name: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"no model named {name!r}; GET /v1/models lists those served")
 
 
 class _State:
@@ -113,6 +128,23 @@ class _State:
             for name in runtime.names
         }
         self._explainers: dict[tuple[str, str], Explainer] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the runtime (egress guard, watcher) and load each model; stop it all after."""
+        runtime = self.runtime
+        runtime.start()
+        for name in runtime.names:
+            try:
+                await run_in_threadpool(runtime.get, name)
+            except InferenceError as exc:
+                logger.warning("%s is not available yet: %s", name, exc)
+        try:
+            yield
+        finally:
+            for batcher in self.batchers.values():
+                await batcher.stop()
+            runtime.close()
 
     async def body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -144,8 +176,68 @@ class _State:
             self._explainers[key] = Explainer(model, found[0], feature_names=found[1])
         return self._explainers[key]
 
+    @contextlib.contextmanager
+    def observed(
+        self, name: str, endpoint: str, *, invalid: tuple[type[Exception], ...]
+    ) -> Iterator[None]:
+        """Count one request in the metrics: its status (500 unless known) and latency.
 
-def create_app(  # noqa: PLR0915 -- the endpoints are defined together
+        ``invalid`` are the errors that answer 422.
+        """
+        started = time.perf_counter()
+        status = 500
+        try:
+            yield
+            status = 200
+        except BodyError as exc:
+            status = exc.status
+            raise
+        except invalid:
+            status = 422
+            raise
+        except ModelNotFoundError:
+            status = 404
+            raise
+        finally:
+            # Metric labels only for served models: a fuzzer must not grow the registry.
+            label = name if name in self.batchers else "-"
+            self.metrics.observe_request(label, endpoint, status, time.perf_counter() - started)
+
+
+class _Token:
+    """The bearer token: a dependency (``required``), or checked by hand (``check_header``).
+
+    ``/predict`` checks the token itself (FastAPI's dependency resolution costs more per
+    request than the Adult MLP); its OpenAPI entry declares the same security scheme.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._expected = token.encode()
+        bearer = HTTPBearer(auto_error=False, description="The token in keys/api-token.")
+
+        async def authorized(
+            credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+        ) -> None:
+            self.check(credentials.credentials if credentials else "")
+
+        self.required: params.Depends = Depends(authorized)
+
+    def check(self, given: str) -> None:
+        if not secrets.compare_digest(given.encode(), self._expected):
+            raise BodyError(
+                401,
+                "missing or wrong bearer token; send 'Authorization: Bearer "
+                "<keys/api-token of the workspace>'",
+            )
+
+    def check_header(self, request: Request) -> None:
+        """Check the ``Authorization`` header of ``request``."""
+        authorization = request.headers.get("authorization", "")
+        scheme, _, credentials = authorization.partition(" ")
+        self.check(credentials.strip() if scheme.lower() == "bearer" else "")
+
+
+def create_app(
     runtime: ModelRuntime,
     *,
     token: str,
@@ -175,47 +267,26 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
         max_body_bytes=max_body_bytes,
     )
     runtime.on_swap(lambda model: metrics.set_version(model.name, model.version))
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.start()
-        for name in runtime.names:
-            try:
-                await run_in_threadpool(runtime.get, name)
-            except InferenceError as exc:
-                logger.warning("%s is not available yet: %s", name, exc)
-        try:
-            yield
-        finally:
-            for batcher in state.batchers.values():
-                await batcher.stop()
-            runtime.close()
-
     app = FastAPI(
         title="insitu local inference API",
         version="1",
         description="Models run on this machine, in memory; nothing leaves it.",
-        lifespan=lifespan,
+        lifespan=state.lifespan,
     )
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.state.insitu = state
-    bearer = HTTPBearer(auto_error=False, description="The token in keys/api-token.")
+    guard = _Token(token)
+    _add_error_handlers(app)
+    _add_operations(app, state, guard)
+    app.include_router(_models_router(state, guard))
+    for router in routers:
+        app.include_router(router)
+    return app
 
-    expected = token.encode()
 
-    def check_token(given: str) -> None:
-        if not secrets.compare_digest(given.encode(), expected):
-            raise BodyError(
-                401,
-                "missing or wrong bearer token; send 'Authorization: Bearer "
-                "<keys/api-token of the workspace>'",
-            )
-
-    async def authorized(
-        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
-    ) -> None:
-        check_token(credentials.credentials if credentials else "")
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON ``{"detail": ...}`` with its 4xx status."""
 
     @app.exception_handler(BodyError)
     async def _body_error(request: Request, exc: BodyError) -> JSONResponse:
@@ -233,109 +304,48 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
     async def _not_found(request: Request, exc: ModelNotFoundError) -> JSONResponse:
         return _error(404, str(exc))
 
+
+def _add_operations(app: FastAPI, state: _State, guard: _Token) -> None:
+    """``/healthz`` (no token) and ``/metrics``."""
+
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, Any]:
         """Liveness: the server answers (no token needed)."""
-        return {"status": "ok", "models": runtime.names}
+        return {"status": "ok", "models": state.runtime.names}
 
     @app.get(
         "/metrics",
         tags=["operations"],
-        dependencies=[Depends(authorized)],
+        dependencies=[guard.required],
         response_class=Response,
         responses={200: {"content": {"text/plain": {}}}, 401: _ERRORS[401]},
     )
     async def prometheus() -> Response:
         """Prometheus text: requests, latency histogram, batch sizes, model versions."""
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    def _label(name: str) -> str:
-        # Metric labels only for served models: a fuzzer must not grow the registry.
-        return name if name in state.batchers else "-"
 
-    # /predict checks the token itself (FastAPI's dependency resolution costs more per
-    # request than the Adult MLP); its OpenAPI entry declares the same security scheme.
+def _models_router(state: _State, guard: _Token) -> APIRouter:
+    """``/v1/models``: the list, predictions and explanations."""
     api = APIRouter(prefix="/v1", tags=["models"])
-    guarded = [Depends(authorized)]
+    guarded = [guard.required]
 
     @api.get("/models", dependencies=guarded, responses={401: _ERRORS[401]})
     async def models() -> dict[str, Any]:
         """The models served: name, version, input and output schema, metrics, privacy."""
-        listed = []
-        for name in runtime.names:
-            try:
-                loaded = await run_in_threadpool(runtime.get, name)
-                listed.append(loaded.describe())
-            except InferenceError as exc:
-                listed.append({"name": name, "version": None, "error": str(exc)})
-        return {"models": listed}
+        return {"models": await _describe(state.runtime)}
 
     @api.post(
         "/models/{name}/predict",
         openapi_extra={**_PREDICT_BODY, "security": [{"HTTPBearer": []}]},
-        responses={
-            200: {
-                "description": "Outputs by name (JSON), or the first output as NPY "
-                "when the request sends 'Accept: application/x-npy'.",
-                "content": {
-                    "application/json": {},
-                    "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-                },
-            },
-            **_ERRORS,
-        },
+        responses=_PREDICT_RESPONSES,
     )
     async def predict(name: str, request: Request) -> Response:
         """Predict a batch of rows (checked against the model card; micro-batched)."""
-        started = time.perf_counter()
-        status = 500
-        try:
-            authorization = request.headers.get("authorization", "")
-            scheme, _, credentials = authorization.partition(" ")
-            check_token(credentials.strip() if scheme.lower() == "bearer" else "")
-            batcher = state.batchers.get(name)
-            if batcher is None:
-                raise ModelNotFoundError(
-                    f"no model named {name!r}; GET /v1/models lists those served"
-                )
-            body = await state.body(request)
-            inputs = decode_inputs(body, request.headers.get("content-type", ""), request.headers)
-            model = runtime.peek(name)
-            if model is None:  # unloaded (idle, budget): load it off the event loop
-                model = await run_in_threadpool(runtime.get, name)
-            try:
-                feeds = model.check(inputs, max_rows=runtime.max_rows)
-            except InvalidInputError:
-                runtime.usage.add(name, model.version, requests=1, rows=0, errors=1)
-                raise
-            outputs = await batcher.submit(model, feeds)
-            runtime.usage.add(name, model.version, requests=1, rows=len(outputs[0]), errors=0)
-            headers = {"X-Insitu-Model": name, "X-Insitu-Version": model.version}
-            status = 200
-            if "application/x-npy" in request.headers.get("accept", ""):
-                return Response(
-                    encode_npy(outputs[0]), media_type="application/x-npy", headers=headers
-                )
-            doc = {
-                "model": name,
-                "version": model.version,
-                "outputs": {
-                    out: value.tolist()
-                    for out, value in zip(model.output_names, outputs, strict=False)
-                },
-            }
-            return Response(json.dumps(doc), media_type="application/json", headers=headers)
-        except BodyError as exc:
-            status = exc.status
-            raise
-        except InvalidInputError:
-            status = 422
-            raise
-        except ModelNotFoundError:
-            status = 404
-            raise
-        finally:
-            metrics.observe_request(_label(name), "predict", status, time.perf_counter() - started)
+        with state.observed(name, "predict", invalid=(InvalidInputError,)):
+            guard.check_header(request)
+            model, outputs = await _predict(state, name, request)
+            return _prediction(name, model, outputs, accept=request.headers.get("accept", ""))
 
     @api.post(
         "/models/{name}/explain",
@@ -345,36 +355,74 @@ def create_app(  # noqa: PLR0915 -- the endpoints are defined together
     )
     async def explain(name: str, request: Request) -> dict[str, Any]:
         """Feature attributions (SHAP, against a background sample of this site's data)."""
-        started = time.perf_counter()
-        status = 500
-        try:
-            if name not in runtime.names:
-                raise ModelNotFoundError(
-                    f"no model named {name!r}; GET /v1/models lists those served"
-                )
-            body = await state.body(request)
-            content_type = request.headers.get("content-type", "") or "application/json"
-            if not content_type.lower().startswith("application/json"):
-                raise BodyError(415, 'explanations take a JSON body {"inputs": [[...]]}')
-            inputs = decode_inputs(body, content_type, request.headers)
-            model = await run_in_threadpool(runtime.get, name)
-            explainer = await run_in_threadpool(state.explainer, model)
-            explanation = await run_in_threadpool(explainer.explain, inputs)
-            status = 200
-            return {"model": name, "version": model.version, **explanation.to_json()}
-        except BodyError as exc:
-            status = exc.status
-            raise
-        except (InvalidInputError, UsageError):
-            status = 422
-            raise
-        except ModelNotFoundError:
-            status = 404
-            raise
-        finally:
-            metrics.observe_request(_label(name), "explain", status, time.perf_counter() - started)
+        with state.observed(name, "explain", invalid=(InvalidInputError, UsageError)):
+            return await _explain(state, name, request)
 
-    app.include_router(api)
-    for router in routers:
-        app.include_router(router)
-    return app
+    return api
+
+
+async def _describe(runtime: ModelRuntime) -> list[dict[str, Any]]:
+    listed = []
+    for name in runtime.names:
+        try:
+            loaded = await run_in_threadpool(runtime.get, name)
+            listed.append(loaded.describe())
+        except InferenceError as exc:
+            listed.append({"name": name, "version": None, "error": str(exc)})
+    return listed
+
+
+async def _predict(
+    state: _State, name: str, request: Request
+) -> tuple[LoadedModel, list[np.ndarray]]:
+    """The outputs of model ``name`` for the body of ``request``, counted in its usage."""
+    batcher = state.batchers.get(name)
+    if batcher is None:
+        raise _not_served(name)
+    body = await state.body(request)
+    inputs = decode_inputs(body, request.headers.get("content-type", ""), request.headers)
+    runtime = state.runtime
+    model = runtime.peek(name)
+    if model is None:  # unloaded (idle, budget): load it off the event loop
+        model = await run_in_threadpool(runtime.get, name)
+    try:
+        feeds = model.check(inputs, max_rows=runtime.max_rows)
+    except InvalidInputError:
+        runtime.usage.add(name, model.version, requests=1, rows=0, errors=1)
+        raise
+    outputs = await batcher.submit(model, feeds)
+    runtime.usage.add(name, model.version, requests=1, rows=len(outputs[0]), errors=0)
+    return model, outputs
+
+
+def _prediction(
+    name: str, model: LoadedModel, outputs: list[np.ndarray], *, accept: str
+) -> Response:
+    """The outputs by name as JSON, or the first as NPY when ``accept`` asks for it."""
+    headers = {"X-Insitu-Model": name, "X-Insitu-Version": model.version}
+    if "application/x-npy" in accept:
+        return Response(encode_npy(outputs[0]), media_type="application/x-npy", headers=headers)
+    doc = {
+        "model": name,
+        "version": model.version,
+        "outputs": {
+            out: value.tolist() for out, value in zip(model.output_names, outputs, strict=False)
+        },
+    }
+    return Response(json.dumps(doc), media_type="application/json", headers=headers)
+
+
+async def _explain(state: _State, name: str, request: Request) -> dict[str, Any]:
+    """The attributions of model ``name`` for the JSON body of ``request``."""
+    runtime = state.runtime
+    if name not in runtime.names:
+        raise _not_served(name)
+    body = await state.body(request)
+    content_type = request.headers.get("content-type", "") or "application/json"
+    if not content_type.lower().startswith("application/json"):
+        raise BodyError(415, 'explanations take a JSON body {"inputs": [[...]]}')
+    inputs = decode_inputs(body, content_type, request.headers)
+    model = await run_in_threadpool(runtime.get, name)
+    explainer = await run_in_threadpool(state.explainer, model)
+    explanation = await run_in_threadpool(explainer.explain, inputs)
+    return {"model": name, "version": model.version, **explanation.to_json()}

@@ -18,14 +18,14 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.errors import InsituError, UsageError
+from insitu.errors import CannotListenError, InsituError, UsageError
 from insitu.runtime import LoadedModel, ModelRuntime
 from insitu.serve._app import Background, create_app
 from insitu.serve._metrics import MetricsSnapshot, ServeMetrics
@@ -92,7 +92,7 @@ def site_background(workspace: Workspace) -> Any:
     def find(name: str) -> Background | None:
         from insitu.data import SiteDataset
 
-        base = workspace.home / "prepared" / name
+        base = workspace.prepared_dir(name)
         releases = sorted(p.parent for p in base.glob("*/manifest.json")) if base.is_dir() else []
         if (base / "manifest.json").is_file():
             releases.insert(0, base)
@@ -249,11 +249,18 @@ def serve(
     certfile: Path | None = None,
     keyfile: Path | None = None,
     routers: Sequence[APIRouter] = (),
+    on_started: Callable[[], None] | None = None,
     **app_options: Any,
 ) -> None:
-    """Serve in the foreground until interrupted (``insitu serve``)."""
-    import uvicorn
+    """Serve in the foreground until interrupted (``insitu serve``).
 
+    ``on_started`` is called once the models are loaded and the socket is listening,
+    never before an error that stops the server from starting.
+
+    Raises:
+        CannotListenError: uvicorn could not bind ``host:port``.
+
+    """
     tls = check_bind(host, expose=expose, certfile=certfile, keyfile=keyfile)
     runtime = ModelRuntime.for_workspace(workspace)
     app_options.setdefault("backgrounds", site_background(workspace))
@@ -262,8 +269,28 @@ def serve(
         runtime, token=workspace.api_token(), routers=[*extra, *routers], **app_options
     )
     options = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if tls else {}
+    server = _announcing_server(_uvicorn_config(app, host, port, **options), on_started)
     try:
-        uvicorn.Server(_uvicorn_config(app, host, port, **options)).run()
+        server.run()
+    except SystemExit as exc:
+        # uvicorn logs why it cannot bind, then exits the process: one error of ours.
+        raise CannotListenError(
+            f"the server could not listen on {host}:{port} (the reason is above); choose "
+            "another --port, or stop what holds this one"
+        ) from exc
     finally:
         runtime.close()
         monitor.flush()
+
+
+def _announcing_server(config: Any, on_started: Callable[[], None] | None) -> Any:
+    """A ``uvicorn.Server`` that calls ``on_started`` once it is listening."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and on_started is not None:
+                on_started()
+
+    return _Server(config)

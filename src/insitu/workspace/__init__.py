@@ -14,14 +14,23 @@ from insitu.workspace._keys import (
     passphrase_from_env,
     save_private_key,
 )
-from insitu.workspace._workspace import DEFAULT_HOME, HOME_ENV, Workspace, resolve_home
+from insitu.workspace._workspace import (
+    DEFAULT_HOME,
+    HOME_ENV,
+    PreparedPart,
+    Workspace,
+    WorkspaceLayout,
+    resolve_home,
+)
 
 __all__ = [
     "DEFAULT_HOME",
     "HOME_ENV",
     "PASSPHRASE_ENV",
     "Config",
+    "PreparedPart",
     "Workspace",
+    "WorkspaceLayout",
     "load_private_key",
     "passphrase_from_env",
     "resolve_home",

@@ -1,16 +1,8 @@
-"""A workspace: one node's home directory with its config, identity and ledger.
+"""A workspace: one node's home directory with its config, identity, ledger and layout.
 
-Layout (``./.insitu`` by default; ``--home`` or ``INSITU_HOME`` elsewhere)::
-
-    config.toml              validated configuration (``_config``)
-    keys/signing.key         Ed25519 private key, 0600, scrypt-encrypted with a passphrase
-    keys/signing.pub.pem     its public half
-    keys/encryption.key      X25519 private key for receiving encrypted bundles, 0600
-    keys/encryption.pub.pem  its public half
-    keys/api-token           bearer token of the localhost API, 0600
-    keys/pseudonym.key       site secret: HMAC key of pseudonymization, 0600
-    keys/data.key            site secret: AES-256-GCM key of local caches, 0600
-    ledger.db                the audit ledger (``insitu.audit``)
+The home is ``./.insitu`` by default (``--home`` or ``INSITU_HOME`` elsewhere); every
+path under it is named by :class:`Workspace` (the tree is drawn in its docstring), so no
+other package spells one.
 
 Invariants: a workspace is created whole or not at all (built in a temporary sibling
 directory, then renamed into place), and the keys of an existing workspace are never
@@ -27,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -53,7 +45,14 @@ from insitu.workspace._keys import (
     save_public_key,
 )
 
-__all__ = ["DEFAULT_HOME", "HOME_ENV", "Workspace", "resolve_home"]
+__all__ = [
+    "DEFAULT_HOME",
+    "HOME_ENV",
+    "PreparedPart",
+    "Workspace",
+    "WorkspaceLayout",
+    "resolve_home",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,11 @@ _warned = {"unencrypted": False}
 DEFAULT_HOME = Path(".insitu")
 
 
-def resolve_home(home: Path | str | None = None) -> Path:
+PreparedPart: TypeAlias = Literal["train", "test"]
+"""The two parts a site's records are prepared in for training: its own and held-out."""
+
+
+def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
     """The workspace home: ``home`` if given, else ``$INSITU_HOME``, else ``./.insitu``."""
     if home is not None:
         return Path(home).expanduser()
@@ -71,13 +74,14 @@ def resolve_home(home: Path | str | None = None) -> Path:
 
 
 @dataclass(frozen=True)
-class Workspace:
-    """An opened workspace. Create with :meth:`init` or :meth:`open`."""
+class WorkspaceLayout:
+    """The paths of a workspace's home, drawn as a tree in :class:`Workspace`.
+
+    Needs no config: it names the paths of a home that is not opened yet, or not a
+    workspace yet (``Workspace.layout(home)``). Naming a path creates nothing.
+    """
 
     home: Path
-    config: Config
-
-    # -- paths ---------------------------------------------------------------------
 
     @property
     def config_path(self) -> Path:
@@ -93,6 +97,157 @@ class Workspace:
     def ledger_path(self) -> Path:
         """The SQLite file of the ledger."""
         return self.home / "ledger.db"
+
+    # -- data ----------------------------------------------------------------------
+
+    def prepared_dir(self, dataset: str) -> Path:
+        """Where the sealed releases of ``dataset`` prepared at this site are."""
+        return self.home / "prepared" / dataset
+
+    def prepared_part(self, dataset: str, part: PreparedPart) -> Path:
+        """The site's own (``train``) or held-out (``test``) records of ``dataset``."""
+        return self.prepared_dir(dataset) / part
+
+    # -- models and runs -----------------------------------------------------------
+
+    @property
+    def models_dir(self) -> Path:
+        """The directory of the models trained here, one directory per run."""
+        return self.home / "models"
+
+    def model_dir(self, run_id: str) -> Path:
+        """The model of run ``run_id``: its PyTorch state, ONNX export and features."""
+        return self.models_dir / run_id
+
+    def run_events_path(self, run_id: str) -> Path:
+        """A site's DP-SGD event of run ``run_id``, fixed on the run's first round."""
+        return self.home / "runs" / f"{run_id}.json"
+
+    def finetune_weights_path(self, model: str, version: str) -> Path:
+        """The weights of ``version`` of ``model``, fine-tuned on this device."""
+        return self.home / "finetune" / model / f"{version}.npz"
+
+    # -- federation ----------------------------------------------------------------
+
+    @property
+    def federation_dir(self) -> Path:
+        """The state of a deployed federation (``insitu federate server|site``)."""
+        return self.home / "federation"
+
+    @property
+    def site_setup_path(self) -> Path:
+        """A site's set-up, read by every ClientApp its SuperNode starts."""
+        return self.federation_dir / "site.json"
+
+    @property
+    def supernode_log_path(self) -> Path:
+        """The output of a site's SuperNode."""
+        return self.federation_dir / "supernode.log"
+
+    @property
+    def runs_done_dir(self) -> Path:
+        """A site's markers of the runs it finished, one file named after each run."""
+        return self.federation_dir / "done"
+
+    def deployed_run_dir(self, run_id: str) -> Path:
+        """The server's side of run ``run_id``: its plan, progress and result."""
+        return self.federation_dir / "runs" / run_id
+
+    @property
+    def flower_app_dir(self) -> Path:
+        """The Flower app a server ships to its sites."""
+        return self.federation_dir / "app"
+
+    @property
+    def flower_home(self) -> Path:
+        """``FLWR_HOME`` of the Flower processes this node starts."""
+        return self.federation_dir / "flwr"
+
+    @property
+    def sites_dir(self) -> Path:
+        """The workspaces of a simulation's sites, under its coordinator."""
+        return self.home / "sites"
+
+    def site_home(self, site: str) -> Path:
+        """The home of the simulated site ``site``."""
+        return self.sites_dir / site
+
+    # -- operations ----------------------------------------------------------------
+
+    @property
+    def update_dir(self) -> Path:
+        """The update client's state: trusted metadata, slots (``insitu update``)."""
+        return self.home / "update"
+
+    @property
+    def privacy_dir(self) -> Path:
+        """The evidence of the per-subject privacy budget."""
+        return self.home / "privacy"
+
+    @property
+    def drift_dir(self) -> Path:
+        """The drift monitor's saved counts, one file per model version."""
+        return self.home / "drift"
+
+    @property
+    def reports_dir(self) -> Path:
+        """The directory of reports written here."""
+        return self.home / "reports"
+
+    def report_dir(self, name: str) -> Path:
+        """The report ``name`` (an audit's JSON, plot and evidence)."""
+        return self.reports_dir / name
+
+
+@dataclass(frozen=True)
+class Workspace(WorkspaceLayout):
+    """An opened workspace. Create with :meth:`init` or :meth:`open`.
+
+    Its home, each path named by a property or method of the same name::
+
+        <home>/
+        ├── config.toml                   config_path: validated configuration
+        ├── ledger.db                     ledger_path: the audit ledger (insitu.audit)
+        ├── keys/                         keys_dir, 0700:
+        │   ├── signing.key               Ed25519 private key, 0600, scrypt-encrypted
+        │   ├── signing.pub.pem           its public half
+        │   ├── encryption.key            X25519 private key bundles are sent to, 0600
+        │   ├── encryption.pub.pem        its public half
+        │   ├── api-token                 bearer token of the localhost API, 0600
+        │   ├── pseudonym.key             site secret: HMAC key of pseudonymization, 0600
+        │   └── data.key                  site secret: AES-256-GCM key of caches, 0600
+        ├── prepared/<dataset>/           prepared_dir: sealed releases (insitu.data)
+        │   └── train/, test/             prepared_part: a site's own and held-out records
+        ├── models/                       models_dir
+        │   └── <run id>/                 model_dir: model.pt, model.onnx, features.json,
+        │                                   record.json, optimized/
+        ├── runs/<run id>.json            run_events_path: a site's DP-SGD event of a run
+        ├── finetune/<model>/<v>.npz      finetune_weights_path: local fine-tuned weights
+        ├── federation/                   federation_dir: a deployment (insitu.federated)
+        │   ├── site.json                 site_setup_path
+        │   ├── supernode.log             supernode_log_path
+        │   ├── done/<run id>             runs_done_dir: runs the site finished
+        │   ├── runs/<run id>/            deployed_run_dir: plan.json, progress, result
+        │   ├── app/                      flower_app_dir: the app the server ships
+        │   └── flwr/                     flower_home: FLWR_HOME of Flower's processes
+        ├── sites/<site>/                 site_home: a simulation's site workspaces
+        ├── update/                       update_dir: the update client (insitu.update)
+        ├── privacy/                      privacy_dir: per-subject budget evidence
+        ├── drift/                        drift_dir: the drift monitor's saved counts
+        └── reports/<name>/               report_dir: audit reports
+
+    What is inside ``update/``, ``privacy/``, ``drift/`` and a model's directory belongs
+    to the package that writes there.
+    """
+
+    config: Config
+
+    # -- paths (the rest are WorkspaceLayout's) ------------------------------------
+
+    @staticmethod
+    def layout(home: str | os.PathLike[str]) -> WorkspaceLayout:
+        """The paths of the workspace at ``home``, without opening it (it need not exist)."""
+        return WorkspaceLayout(Path(home))
 
     @property
     def node_id(self) -> str:
@@ -194,7 +349,7 @@ class Workspace:
     # -- creation ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, home: Path | str | None = None) -> Workspace:
+    def open(cls, home: str | os.PathLike[str] | None = None) -> Workspace:
         """Open an existing workspace.
 
         Raises:
@@ -203,17 +358,18 @@ class Workspace:
 
         """
         path = resolve_home(home)
-        if not (path / "config.toml").is_file():
+        config_path = cls.layout(path).config_path
+        if not config_path.is_file():
             raise WorkspaceNotFoundError(
                 f"no insitu workspace at {path}: run 'insitu init' there first, or pass "
                 f"--home (or set {HOME_ENV}) to the workspace you meant"
             )
-        return cls(home=path, config=load_config(path / "config.toml"))
+        return cls(home=path, config=load_config(config_path))
 
     @classmethod
     def init(
         cls,
-        home: Path | str | None = None,
+        home: str | os.PathLike[str] | None = None,
         *,
         name: str | None = None,
         passphrase: str | None = None,
@@ -229,7 +385,7 @@ class Workspace:
 
         """
         path = resolve_home(home)
-        if (path / "config.toml").exists():
+        if cls.layout(path).config_path.exists():
             return cls.open(path), False
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise WorkspaceError(
@@ -278,7 +434,8 @@ class Workspace:
 
 def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
     """Write a complete workspace into the (temporary) directory ``root``."""
-    keys = root / "keys"
+    layout = Workspace.layout(root)
+    keys = layout.keys_dir
     keys.mkdir(mode=0o700)
     signing = Ed25519PrivateKey.generate()
     encryption = X25519PrivateKey.generate()
@@ -297,9 +454,9 @@ def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
             "server": {"host": "127.0.0.1", "port": 8765},
         }
     )
-    save_config(root / "config.toml", config)
+    save_config(layout.config_path, config)
     with Ledger(
-        root / "ledger.db", log_id=node_id, public_key=signing.public_key(), signing_key=signing
+        layout.ledger_path, log_id=node_id, public_key=signing.public_key(), signing_key=signing
     ) as ledger:
         events.WORKSPACE_INIT.record(
             ledger,
