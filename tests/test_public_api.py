@@ -20,6 +20,7 @@ EXPECTED = {
         "ATTACKS",
         "AttackResult",
         "AuditTarget",
+        "ChanceBand",
         "InsituMechanism",
         "InversionDemo",
         "InversionResult",

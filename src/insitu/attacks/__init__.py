@@ -25,6 +25,7 @@ measures against); nothing below imports it.
 from __future__ import annotations
 
 from insitu.attacks._inversion import (
+    ChanceBand,
     InversionDemo,
     InversionResult,
     dp_secagg_aggregate,
@@ -78,6 +79,7 @@ __all__ = [
     "ATTACKS",
     "AttackResult",
     "AuditTarget",
+    "ChanceBand",
     "InsituMechanism",
     "InversionDemo",
     "InversionResult",

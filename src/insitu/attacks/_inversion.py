@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ChanceBand",
     "InversionDemo",
     "InversionResult",
     "chance_cosine",
@@ -190,12 +191,50 @@ def chance_cosine(
     The floor that ``best_cosine`` must be read against: with many records in an update,
     noise alone comes close to *some* record.
     """
-    rng = np.random.default_rng(seed)
-    best = [
-        float(_cosines(mean + rng.standard_normal(len(mean)), records, mean).max())
-        for _ in range(draws)
-    ]
-    return float(np.mean(best))
+    return ChanceBand.of(records, mean=mean, draws=draws, seed=seed).best_mean
+
+
+@dataclass(frozen=True)
+class ChanceBand:
+    """What a random direction reaches against the records of an update.
+
+    One attack on a noised aggregate is one draw, so it is read against the spread of
+    random guesses, not their mean: ``best_high`` and ``target_high`` are the upper
+    ``quantile`` of a random direction's best cosine to any record and its cosine to the
+    target (``records[0]``). An attack that stays under them has learnt nothing a guess
+    would not give; one above them (rate ``1 - quantile`` for a guess) has.
+    """
+
+    best_mean: float
+    best_high: float
+    target_high: float
+    quantile: float
+
+    @classmethod
+    def of(
+        cls,
+        records: np.ndarray,
+        *,
+        mean: np.ndarray,
+        draws: int = 20_000,
+        quantile: float = 0.999,
+        seed: int = 0,
+    ) -> ChanceBand:
+        """Measure the band over ``draws`` standard normal directions around ``mean``."""
+        rng = np.random.default_rng(seed)
+        guesses = rng.standard_normal((draws, len(mean)))
+        centred = records - mean[None, :]
+        cosines = (guesses @ centred.T) / (
+            np.linalg.norm(guesses, axis=1)[:, None] * np.linalg.norm(centred, axis=1)[None, :]
+            + 1e-12
+        )
+        best = cosines.max(axis=1)
+        return cls(
+            best_mean=float(best.mean()),
+            best_high=float(np.quantile(best, quantile)),
+            target_high=float(np.quantile(cosines[:, 0], quantile)),
+            quantile=quantile,
+        )
 
 
 @dataclass(frozen=True)
@@ -204,7 +243,10 @@ class InversionResult:
 
     ``cosine`` and ``mse`` compare with the target record (the one the raw update was
     computed from; it is in every aggregate); ``best_cosine`` with whichever record of
-    the update came closest, against ``chance_cosine``, what a random guess gets.
+    the update came closest, against ``chance_cosine``, what a random guess gets on
+    average. One attack is one draw: ``chance_best_high`` and ``chance_target_high`` are
+    the upper 99.9% of random guesses (``ChanceBand``), the lines an attack that learnt
+    something would cross.
     """
 
     setting: str
@@ -212,6 +254,8 @@ class InversionResult:
     mse: float
     best_cosine: float
     chance_cosine: float
+    chance_best_high: float
+    chance_target_high: float
     label_correct: bool
     records_in_update: int
     seconds: float
@@ -226,6 +270,8 @@ class InversionResult:
             "mse": round(self.mse, 6),
             "best_cosine": round(self.best_cosine, 4),
             "chance_cosine": round(self.chance_cosine, 4),
+            "chance_best_high": round(self.chance_best_high, 4),
+            "chance_target_high": round(self.chance_target_high, 4),
             "label_correct": self.label_correct,
             "records_in_update": self.records_in_update,
             "seconds": round(self.seconds, 3),
@@ -266,7 +312,9 @@ def _attack(
     seed: int,
 ) -> InversionResult:
     started = time.perf_counter()
-    chance = chance_cosine(records, mean=mean, seed=seed) if len(records) > 1 else 0.0
+    band = ChanceBand.of(records, mean=mean, seed=seed)
+    if len(records) == 1:  # the raw update: no other record to come close to by chance
+        band = ChanceBand(0.0, 0.0, band.target_high, band.quantile)
     best: InversionResult | None = None
     for objective in ("l2", "cosine"):
         x, label, _ = invert_gradient(
@@ -285,7 +333,9 @@ def _attack(
                 cosine=cosine,
                 mse=mse,
                 best_cosine=best_cosine,
-                chance_cosine=chance,
+                chance_cosine=band.best_mean,
+                chance_best_high=band.best_high,
+                chance_target_high=band.target_high,
                 label_correct=bool(label == int(labels[0])),
                 records_in_update=len(records),
                 seconds=0.0,

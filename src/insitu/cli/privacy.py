@@ -318,18 +318,18 @@ def inversion_command(
     for column in (
         "what the attacker sees",
         "records",
-        "cosine to target",
+        "cosine to target (guess 99.9%)",
         "MSE",
-        "best cosine (chance)",
+        "best cosine (guess mean, 99.9%)",
     ):
         table.add_column(column)
     for r in report["results"]:
         table.add_row(
             r["setting"],
             str(r["records_in_update"]),
-            f"{r['cosine']:.3f}",
+            f"{r['cosine']:.3f} ({r['chance_target_high']:.3f})",
             f"{r['mse']:.4g}",
-            f"{r['best_cosine']:.3f} ({r['chance_cosine']:.3f})",
+            f"{r['best_cosine']:.3f} ({r['chance_cosine']:.3f}, {r['chance_best_high']:.3f})",
         )
     out.print(table)
     out.print(f"report in {directory}")
