@@ -8,6 +8,7 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
 
     InsituError                          exit 1
     ├── UsageError                       exit 2  (bad option values, bad arguments)
+    ├── MissingDependencyError           a verb needs a package this install lacks (an extra)
     ├── WorkspaceError
     │   ├── WorkspaceNotFoundError       no workspace where one was expected
     │   ├── WorkspaceNotWritableError    the home cannot be created or written
@@ -124,6 +125,7 @@ __all__ = [
     "LedgerIntegrityError",
     "MalformedBundleError",
     "MalformedLedgerError",
+    "MissingDependencyError",
     "MixAndMatchError",
     "ModelNotFoundError",
     "NotAModelError",
@@ -181,6 +183,13 @@ class UsageError(InsituError):
     """The command was called wrongly (a bad option value, a missing argument)."""
 
     exit_code = 2
+
+
+class MissingDependencyError(InsituError):
+    """A command needs a package this install lacks (a device install has no PyTorch).
+
+    The message names the package and the extra that brings it.
+    """
 
 
 class WorkspaceError(InsituError):

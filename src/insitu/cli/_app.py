@@ -34,6 +34,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 import insitu
+from insitu.cli._lazy import LazyGroup
 from insitu.cli._output import (
     err_console,
     json_printed,
@@ -49,6 +50,7 @@ __all__ = ["app", "main", "run"]
 
 app = typer.Typer(
     name="insitu",
+    cls=LazyGroup,
     help=(
         "Private AI where the data lives: federated training with differential privacy, "
         "signed and encrypted model bundles, local inference, and a verifiable audit ledger.\n\n"

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from insitu.workspace import HOME_ENV
 
@@ -108,5 +109,9 @@ def print_json_error(message: str, *, exit_code: int, error_type: str) -> None:
 
 
 def print_error(message: str) -> None:
-    """One line on stderr, never wrapped."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    """One line on stderr, never wrapped; the message is text, never Rich markup.
+
+    (An error naming ``pip install 'insitu[data]'`` or a list ``[1, 2]`` keeps its
+    brackets.)
+    """
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, markup=True)

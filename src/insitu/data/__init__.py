@@ -8,32 +8,41 @@ See ``docs/data-protection.md``.
 
 Layer 5: imports ``insitu.privacy`` (secret randomness), ``insitu.workspace``,
 ``insitu.audit`` and the leaves.
+
+pandas is imported only by what reads or writes tables: a device install, which has no
+pandas, still reads schemas and encodes records (``DataSchema``, ``FeatureEncoder``).
+The names below are loaded on first use (PEP 562), so importing the package costs
+nothing.
 """
 
 from __future__ import annotations
 
-from insitu.data._consent import ConsentChange, ConsentRegistry, Status
-from insitu.data._detect import ColumnFinding, scan_column, scan_frame
-from insitu.data._encode import FeatureEncoder
-from insitu.data._infer import InferredSchema, infer_schema
-from insitu.data._io import read_table
-from insitu.data._kanon import KAnonymity
-from insitu.data._prepare import (
-    SUBJECT_COLUMN,
-    InspectReport,
-    PreparedData,
-    PrepareReport,
-    inspect_table,
-    load_prepared,
-    prepare,
-    subject_keys,
-    subject_tokens,
-    token_uniform,
-    write_prepared,
-)
-from insitu.data._pseudonym import Pseudonymizer
-from insitu.data._schema import DataSchema
-from insitu.data._site import SiteDataset, TrainingData
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from insitu.data._consent import ConsentChange, ConsentRegistry, Status
+    from insitu.data._detect import ColumnFinding, scan_column, scan_frame
+    from insitu.data._encode import FeatureEncoder
+    from insitu.data._infer import InferredSchema, infer_schema
+    from insitu.data._io import read_table
+    from insitu.data._kanon import KAnonymity
+    from insitu.data._prepare import (
+        SUBJECT_COLUMN,
+        InspectReport,
+        PreparedData,
+        PrepareReport,
+        inspect_table,
+        load_prepared,
+        prepare,
+        subject_keys,
+        subject_tokens,
+        token_uniform,
+        write_prepared,
+    )
+    from insitu.data._pseudonym import Pseudonymizer
+    from insitu.data._schema import DataSchema
+    from insitu.data._site import SiteDataset, TrainingData
 
 __all__ = [
     "SUBJECT_COLUMN",
@@ -63,3 +72,46 @@ __all__ = [
     "token_uniform",
     "write_prepared",
 ]
+
+# Where each public name lives, so that importing the package costs nothing.
+_HOMES: dict[str, str] = {
+    "ColumnFinding": "_detect",
+    "ConsentChange": "_consent",
+    "ConsentRegistry": "_consent",
+    "DataSchema": "_schema",
+    "FeatureEncoder": "_encode",
+    "InferredSchema": "_infer",
+    "InspectReport": "_prepare",
+    "KAnonymity": "_kanon",
+    "PrepareReport": "_prepare",
+    "PreparedData": "_prepare",
+    "Pseudonymizer": "_pseudonym",
+    "SUBJECT_COLUMN": "_prepare",
+    "SiteDataset": "_site",
+    "Status": "_consent",
+    "TrainingData": "_site",
+    "infer_schema": "_infer",
+    "inspect_table": "_prepare",
+    "load_prepared": "_prepare",
+    "prepare": "_prepare",
+    "read_table": "_io",
+    "scan_column": "_detect",
+    "scan_frame": "_detect",
+    "subject_keys": "_prepare",
+    "subject_tokens": "_prepare",
+    "token_uniform": "_prepare",
+    "write_prepared": "_prepare",
+}
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

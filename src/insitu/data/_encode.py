@@ -18,11 +18,14 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from insitu.data._schema import DataSchema
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["FeatureEncoder"]
 
@@ -105,6 +108,8 @@ class FeatureEncoder:
 
     def labels(self, frame: pd.DataFrame) -> np.ndarray:
         """Labels: 1/0 for a binary schema (``dataset.positive``), else category codes."""
+        import pandas as pd
+
         values = frame[self.schema.label].astype(str)
         if self.schema.positive is not None:
             return (values == self.schema.positive).to_numpy(dtype=np.int64)

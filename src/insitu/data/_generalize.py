@@ -9,12 +9,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 
 from insitu.errors import DataFormatError, SchemaError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["Rule", "apply_rule", "parse_rule"]
 
@@ -48,6 +50,8 @@ def parse_rule(column: str, text: str) -> Rule:
 
 def apply_rule(rule: Rule, values: pd.Series) -> pd.Series:
     """Generalize one column; raises :class:`DataFormatError` on values the rule cannot take."""
+    import pandas as pd  # a schema is read without pandas (a device has none)
+
     if rule.kind == "band":
         numbers = pd.to_numeric(values, errors="coerce")
         if numbers.isna().any():

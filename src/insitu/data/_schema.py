@@ -67,13 +67,14 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from insitu._canonical import canonical_bytes
 from insitu.data._generalize import Rule, parse_rule
 from insitu.errors import SchemaError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["DataSchema"]
 
@@ -212,6 +213,8 @@ class DataSchema:
         basis says so.
         """
         import logging
+
+        import pandas as pd
 
         from insitu.data._detect import identifier_columns
 

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from insitu._atomic import fsync_dir
-from insitu.errors import DataFormatError, InvalidInputError
+from insitu.errors import DataFormatError, InvalidInputError, MissingDependencyError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from insitu.data import DataSchema
     from insitu.runtime._runtime import ModelRuntime
 
@@ -36,7 +37,20 @@ __all__ = ["predict_file"]
 CHUNK_ROWS = 4096
 
 
+def _pandas() -> Any:
+    # pandas reads the files; a device install without it can serve, not predict files.
+    try:
+        import pandas
+    except ModuleNotFoundError as exc:
+        raise MissingDependencyError(
+            "predicting a file needs pandas, which this install lacks; install the extra "
+            "that brings it: pip install 'insitu[data]'"
+        ) from exc
+    return pandas
+
+
 def _chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
+    pd = _pandas()
     name = path.name.lower()
     if not path.is_file():
         raise DataFormatError(f"input file {path} does not exist")
@@ -94,6 +108,7 @@ def predict_file(
         InvalidInputError: a chunk does not fit the model (no output is written).
 
     """
+    pd = _pandas()
     source, output = Path(source), Path(output)
     loaded = runtime.get(model)
     encoder = None
