@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -57,6 +59,33 @@ sys.meta_path.insert(0, _NotInstalled())
 WIDTHS = [8, 16, 3]
 
 Device = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def device_venv(tmp_path: Path, root: Path) -> Path:
+    """A venv holding ``insitu[device]`` only (no pip), built from a copy of ``root``.
+
+    A copy, because pip builds a local project in its own tree (``build/``).
+    """
+    source = tmp_path / "source"
+    shutil.copytree(
+        root / "src",
+        source / "src",
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, source / name)
+    venv = tmp_path / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+            "--quiet", "--disable-pip-version-check", "--no-warn-script-location",
+            f"{source}[device]",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return venv
 
 
 def blocked_python(tmp_path: Path, python: str) -> list[str]:
@@ -189,6 +218,7 @@ def device_life(tmp: Path, command: Sequence[str]) -> dict[str, object]:
     started = time.perf_counter()
     shown["outputs"] = _serve_and_predict(command, home)
     shown["serve_seconds"] = time.perf_counter() - started
+    shown["drift"] = json.loads(device("drift", "status", "--json").stdout)
     shown["rollback"] = json.loads(device("rollback", "--json").stdout)
     shown["audit"] = device("audit", "verify").stdout
     shown["info"] = json.loads(device("info", "--json").stdout)

@@ -35,7 +35,6 @@ import hashlib
 import json
 from typing import Any
 
-import numpy as np
 import zstandard
 
 from insitu._canonical import canonical_bytes
@@ -56,16 +55,22 @@ def _sha(data: bytes | bytearray | memoryview) -> str:
 def _planes(data: bytes, itemsize: int) -> bytes:
     if itemsize <= 1 or len(data) % itemsize:
         return data
+    import numpy as np  # here, not at the top: 'insitu update --check' never needs it
+
     return np.frombuffer(data, np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
 def _unplanes(data: bytes, itemsize: int) -> bytes:
     if itemsize <= 1 or len(data) % itemsize:
         return data
+    import numpy as np
+
     return np.frombuffer(data, np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
+    import numpy as np
+
     return np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)).tobytes()
 
 
@@ -73,6 +78,8 @@ def _itemsize(data_type: int) -> int:
     from onnx import helper
 
     try:
+        import numpy as np
+
         return int(np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
     except (KeyError, TypeError, ValueError):
         return 1

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from insitu.workspace import HOME_ENV
+from insitu._home import HOME_ENV
 
 __all__ = [
     "HomeOption",

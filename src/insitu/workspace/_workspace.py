@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 import insitu
 from insitu._atomic import atomic_write_text, fsync_dir
 from insitu._clock import utc_now
+from insitu._home import HOME_ENV
 from insitu.audit import Ledger, events, node_id_for
 from insitu.errors import (
     KeyFileError,
@@ -56,7 +57,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HOME_ENV = "INSITU_HOME"
 _warned = {"unencrypted": False}
 DEFAULT_HOME = Path(".insitu")
 
