@@ -4,10 +4,16 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import freezegun
 import pytest
 
 from insitu.audit import Ledger
 from insitu.workspace import Workspace
+
+# freezegun reads every attribute of every loaded module when it starts; insitu.data loads
+# its names on first use (PEP 562), so that read would import pandas under the fake
+# datetime, which pandas 3 does not survive (a crash in the garbage collector).
+freezegun.configure(extend_ignore_list=["insitu.data"])
 
 
 @pytest.fixture(autouse=True)

@@ -230,6 +230,7 @@ EXPECTED = {
         "write_report",
     ],
     "insitu.runtime": [
+        "Answers",
         "BatchObserver",
         "BundleFile",
         "EgressGuard",
@@ -240,6 +241,7 @@ EXPECTED = {
         "LoadedModel",
         "ModelRuntime",
         "ModelSource",
+        "RecordSchema",
         "create_session",
         "egress_guard",
         "global_importance",

@@ -47,6 +47,7 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   │   └── PersonalDataError        a payload value looks like personal data
     │   ├── ProofError                   an inclusion or consistency proof does not verify
     │   └── LedgerIntegrityError         verification failed; ``.seq`` is the first bad entry
+    │       ├── MissingLedgerError       a ledger deleted, emptied, or without its init entry
     │       ├── MalformedLedgerError     unreadable rows or export lines
     │       ├── BrokenChainError         an entry deleted, inserted or reordered
     │       ├── EntryHashMismatchError   an entry's content was changed
@@ -126,6 +127,7 @@ __all__ = [
     "MalformedBundleError",
     "MalformedLedgerError",
     "MissingDependencyError",
+    "MissingLedgerError",
     "MixAndMatchError",
     "ModelNotFoundError",
     "NotAModelError",
@@ -367,6 +369,14 @@ class LedgerIntegrityError(LedgerError):
     def __init__(self, message: str, *, seq: int | None = None) -> None:
         super().__init__(message)
         self.seq = seq
+
+
+class MissingLedgerError(LedgerIntegrityError):
+    """A workspace's ledger that is missing, empty, or does not start with its init entry.
+
+    Every workspace's ledger starts with the entry ``insitu init`` wrote; without it
+    there is no history to verify, which is never "0 entries, OK". ``seq`` is 1.
+    """
 
 
 class MalformedLedgerError(LedgerIntegrityError):

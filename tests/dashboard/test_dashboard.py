@@ -176,3 +176,26 @@ def test_a_tampered_ledger_shows_as_failed(site: Site, tmp_path: Path) -> None:
     view = site_view(Workspace.open(home))
     assert view["ledger"]["verification"]["ok"] is False
     assert view["ledger"]["verification"]["seq"] is not None
+
+
+def test_attack_deleted_ledger_shows_as_failed_not_as_an_error(site: Site, tmp_path: Path) -> None:
+    home = tmp_path / "copy"
+    shutil.copytree(site.device.home, home)
+    (home / "ledger.db").unlink()
+    view = site_view(Workspace.open(home))
+    assert view["ledger"]["verification"]["ok"] is False
+    assert "MissingLedgerError" in view["ledger"]["verification"]["error"]
+    assert view["ledger"]["recent"] == []
+
+
+def test_the_local_version_is_served_with_its_drift_gauges_in_metrics(site: Site) -> None:
+    # What 'insitu finetune' installed (signed by the device's own key) is what serves.
+    import httpx
+
+    from insitu.serve import running
+
+    with running(site.device.workspace()) as server:
+        models = httpx.get(server.url + "/v1/models", headers=server.headers, timeout=30).json()
+        text = httpx.get(server.url + "/metrics", headers=server.headers, timeout=30).text
+    assert "1.0.1-local.1" in str(models)
+    assert 'insitu_drift_rows{model="adult-income",version="1.0.1-local.1"}' in text

@@ -175,7 +175,9 @@ def test_inversion_command_on_digits(capsys, home, tmp_path):
     report = json.loads(captured.out)
     raw, _, protected = report["results"]
     assert raw["cosine"] > 0.9
-    assert protected["cosine"] < 0.3
+    # One draw of secret noise: read against the upper 99.9% of random guesses, not 0.3
+    # (a guess crosses 0.3 about once in a hundred runs; see ChanceBand).
+    assert protected["cosine"] < protected["chance_target_high"]
     assert (out_dir / "inversion.png").read_bytes()[:4] == b"\x89PNG"
     with Workspace.open(home).ledger() as ledger:
         (entry,) = ledger.entries(event_type="privacy.inversion")

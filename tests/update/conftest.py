@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from freezegun import freeze_time
 
 from insitu.audit import Ledger
 from insitu.bundle import ModelCard, create_bundle, schema_of
@@ -14,6 +17,18 @@ from tests.bundle._models import fine_tune, mlp
 from tests.update.repository_simulator import BASE_URL, RepositorySimulator
 
 WIDTHS = [16, 32, 4]
+
+
+def frozen_at(when: dt.datetime) -> Any:
+    """``freeze_time(when)`` that never imports pandas while the clock is fake.
+
+    freezegun reads every attribute of every loaded module when it starts, and
+    ``insitu.data`` loads pandas on first attribute access; pandas 3 imported under
+    freezegun's fake ``datetime`` crashes the interpreter (SIGSEGV in the garbage
+    collector: pandas-dev/pandas#64023). Whether pandas was loaded before depends on the
+    tests that ran first, so the module is skipped here rather than hoped loaded.
+    """
+    return freeze_time(when, ignore=["insitu.data"])
 
 
 @dataclass

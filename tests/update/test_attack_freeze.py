@@ -6,10 +6,9 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from freezegun import freeze_time
 
 from insitu.errors import ExpiredMetadataError
-from tests.update.conftest import device_state, installed_v1, make_bundle
+from tests.update.conftest import device_state, frozen_at, installed_v1, make_bundle
 
 
 def test_attack_freeze_expired_timestamp(sim, device, keys, models, ledger):
@@ -19,7 +18,7 @@ def test_attack_freeze_expired_timestamp(sim, device, keys, models, ledger):
     sim.serve("metadata/timestamp.json", frozen)
     before = device_state(device)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
-    with freeze_time(later), pytest.raises(ExpiredMetadataError, match="repo timestamp"):
+    with frozen_at(later), pytest.raises(ExpiredMetadataError, match="repo timestamp"):
         device.update()
     assert device_state(device) == before
     assert ledger.entries(event_type="update.refused")[-1].payload["reason"] == (
@@ -30,7 +29,7 @@ def test_attack_freeze_expired_timestamp(sim, device, keys, models, ledger):
 def test_a_fresh_timestamp_ends_the_freeze(sim, device, keys, models):
     installed_v1(sim, device, keys, models)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
-    with freeze_time(later):
+    with frozen_at(later):
         with pytest.raises(ExpiredMetadataError):
             device.update()
         sim.repo.refresh_timestamp()  # the operator's cron job runs again

@@ -197,6 +197,61 @@ def test_tuf_conformance_client_protocol(setup, capsys):
     assert "cannot be reached" in err
 
 
+def test_tuf_client_downloads_each_target_name_in_order_with_one_updater(
+    setup, capsys, monkeypatch
+):
+    # The protocol repeats --target-name; each is required, in order, on one updater.
+    from insitu.update import _conformance
+
+    tmp_path, publisher, device = setup
+    repo = str(tmp_path / "repo")
+    invoke_json(capsys, "repo", "init", repo, "--home", publisher)
+    _create(capsys, tmp_path, publisher, device, "model.onnx", "1.0.0")
+    invoke_json(
+        capsys, "repo", "publish", repo, str(tmp_path / "triage-1.0.0.insb"), "--home", publisher
+    )
+    made, downloaded = [], []
+
+    class Recording(_conformance.Updater):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def download_target(self, targetinfo, *args, **kwargs):
+            downloaded.append(targetinfo.path)
+            return super().download_target(targetinfo, *args, **kwargs)
+
+    monkeypatch.setattr(_conformance, "Updater", Recording)
+    metadata, targets = str(tmp_path / "tuf-md"), tmp_path / "tuf-targets"
+    root = f"{repo}/public/metadata/1.root.json"
+    assert invoke(capsys, "update", "tuf-client", "--metadata-dir", metadata, "init", root)[0] == 0
+    names = ["channels/stable/triage.json", "bundles/triage/1.0.0.insb"]
+    with serving(Path(repo)) as url:
+        download = ["update", "tuf-client", "--metadata-dir", metadata,
+                    "--metadata-url", f"{url}/metadata", "--target-base-url", f"{url}/targets",
+                    "--target-dir", str(targets)]  # fmt: skip
+        args = [*download, "--target-name", names[0], "--target-name", names[1], "download"]
+        assert invoke(capsys, *args)[0] == 0
+        assert (len(made), downloaded) == (1, names)
+        files = {p.name: p.read_bytes() for p in targets.iterdir()}
+        assert json.loads(files["channels%2Fstable%2Ftriage.json"])["version"] == "1.0.0"
+        bundle = (tmp_path / "triage-1.0.0.insb").read_bytes()
+        assert files["bundles%2Ftriage%2F1.0.0.insb"] == bundle
+        # A target the metadata does not list fails the command, after the ones before it.
+        made.clear()
+        downloaded.clear()
+        (targets / "bundles%2Ftriage%2F1.0.0.insb").unlink()
+        code, _, err = invoke(
+            capsys, *download, "--target-name", names[1], "--target-name", "no/such.bin",
+            "download",
+        )  # fmt: skip
+        assert code == 1
+        assert "no/such.bin is not in the repository's metadata" in err
+        assert (len(made), downloaded) == (1, names[1:])
+        code, _, err = invoke(capsys, *download, "download")
+        assert (code, "--target-name is required" in err) == (2, True)
+
+
 def test_help_texts_have_examples(capsys):
     for group in (["bundle", "create"], ["repo", "publish"], ["update"], ["rollback"]):
         code, out, _ = invoke(capsys, *group, "--help")
@@ -227,7 +282,7 @@ def test_tuf_client_refuses_a_rolled_back_timestamp_and_keeps_its_metadata(setup
     import datetime as dt
     import shutil
 
-    from freezegun import freeze_time
+    from tests.update.conftest import frozen_at
 
     tmp_path, publisher, device = setup
     repo = tmp_path / "repo"
@@ -250,7 +305,7 @@ def test_tuf_client_refuses_a_rolled_back_timestamp_and_keeps_its_metadata(setup
         assert (code, "older than the trusted version" in err) == (1, True)
         assert {p.name: p.read_bytes() for p in metadata.glob("*.json")} == trusted
         (repo / "public/metadata/timestamp.json").write_bytes(new_timestamp)
-        with freeze_time(dt.datetime.now(dt.UTC) + dt.timedelta(days=3)):  # freeze
+        with frozen_at(dt.datetime.now(dt.UTC) + dt.timedelta(days=3)):  # freeze
             code, _, err = invoke(capsys, *client, "refresh")
         assert (code, "expired" in err) == (1, True)
         assert {p.name: p.read_bytes() for p in metadata.glob("*.json")} == trusted

@@ -26,8 +26,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from insitu._atomic import fsync_dir
+from insitu._atomic import atomic_writer
 from insitu._canonical import canonical_text, is_canonical
+from insitu.audit import events
 from insitu.audit._ledger import Ledger
 from insitu.audit._records import Entry, TreeHead, node_id_for
 from insitu.audit._verify import VerificationReport, verify_entries
@@ -48,30 +49,27 @@ class ExportVerification:
     report: VerificationReport
 
 
-def export_ledger(ledger: Ledger, path: Path) -> TreeHead:
+def export_ledger(ledger: Ledger, path: str | os.PathLike[str]) -> TreeHead:
     """Write the whole ledger to ``path`` with a fresh signed head; returns that head.
 
-    The file is written to a temporary name, fsynced and renamed: never half-written.
+    Written with :func:`insitu._atomic.atomic_writer`: an unpredictable temporary file,
+    fsynced and renamed, never half-written; a ``path`` that is a symbolic link is
+    refused (``OSError`` ``ELOOP``) before the head is signed.
+
+    Raises:
+        OSError: ``path`` is a symbolic link, or the file system refused the write.
+
     """
-    head = ledger.sign_head()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    raw_key = ledger.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    header = {"format": EXPORT_FORMAT, "head": head.to_json(), "public_key": raw_key.hex()}
-    try:
-        with tmp.open("w", encoding="ascii", newline="\n") as handle:
-            handle.write(canonical_text(header) + "\n")
-            for entry in ledger.entries():
-                if entry.seq > head.size:
-                    break
-                handle.write(canonical_text(entry.to_json()) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as handle:
+        head = ledger.sign_head()
+        raw_key = ledger.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        header = {"format": EXPORT_FORMAT, "head": head.to_json(), "public_key": raw_key.hex()}
+        handle.write(canonical_text(header).encode("ascii") + b"\n")
+        for entry in ledger.entries():
+            if entry.seq > head.size:
+                break
+            handle.write(canonical_text(entry.to_json()).encode("ascii") + b"\n")
     return head
 
 
@@ -80,6 +78,7 @@ def verify_export(
     *,
     public_key: Ed25519PublicKey | None = None,
     trusted_head: TreeHead | None = None,
+    first_type: str | None = events.WORKSPACE_INIT.name,
 ) -> ExportVerification:
     """Verify an export file completely.
 
@@ -88,6 +87,9 @@ def verify_export(
         public_key: the key the ledger must be signed with. Without it, the key in the
             file is trusted (the caller should say so to the user).
         trusted_head: an older head kept elsewhere; the export must contain its entries.
+        first_type: the type entry 1 must have: a workspace's ledger starts with its
+            ``workspace.init`` entry, so an export without it is refused. ``None`` for a
+            ledger that was not a workspace's.
 
     Raises:
         LedgerIntegrityError: the subclass named after the first failure found.
@@ -125,7 +127,12 @@ def verify_export(
             seq=min(head.size, len(entries)) + 1,
         )
     report = verify_entries(
-        entries, public_key=key, log_id=node, heads=[head], trusted_head=trusted_head
+        entries,
+        public_key=key,
+        log_id=node,
+        heads=[head],
+        trusted_head=trusted_head,
+        first_type=first_type,
     )
     return ExportVerification(
         node_id=node, public_key_hex=_raw(key).hex(), head=head, report=report

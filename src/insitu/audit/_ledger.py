@@ -52,6 +52,7 @@ from insitu.errors import (
     InvalidEventError,
     LedgerError,
     MalformedLedgerError,
+    MissingLedgerError,
     PersonalDataError,
     RootMismatchError,
 )
@@ -107,13 +108,24 @@ class Ledger:
     """One node's audit ledger.
 
     Args:
-        path: the SQLite file (created with its schema if missing).
+        path: the SQLite file (created with its schema if missing, unless ``genesis``).
         log_id: this node's id; every entry and head names it.
         public_key: the node's Ed25519 public key, used by :meth:`verify`.
         signing_key: the private key, or a function returning it. A function is called
             at the first write only, so that reading and verifying never need the
             passphrase.
         head_interval: sign and store a tree head every this many entries.
+        genesis: the type of the entry this ledger starts with (a workspace's ledger
+            starts with ``workspace.init``). With it the ledger must already exist: a
+            missing, empty or emptied file is refused (:class:`MissingLedgerError`),
+            never created anew, and :meth:`verify` refuses a ledger whose entry 1 is
+            gone or is another event.
+
+    Raises:
+        MissingLedgerError: ``genesis`` is given and the file is missing or empty, or
+            holds no ledger.
+        MalformedLedgerError: the file is not a ledger SQLite can open.
+        LedgerError: the ledger is another node's, or of another schema.
 
     """
 
@@ -125,6 +137,7 @@ class Ledger:
         public_key: Ed25519PublicKey,
         signing_key: Ed25519PrivateKey | KeyProvider | None = None,
         head_interval: int = 256,
+        genesis: str | None = None,
     ) -> None:
         if head_interval < 1:
             raise ValueError("head_interval must be at least 1")
@@ -132,25 +145,76 @@ class Ledger:
         self.log_id = log_id
         self.public_key = public_key
         self.head_interval = head_interval
+        self.genesis = genesis
         self._signing_key = signing_key
         self._lock = threading.Lock()
         try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-            )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            # executescript() commits any open transaction first, so the script carries
-            # its own: the schema is created under the write lock, once, even when
-            # several processes open a new ledger at the same moment.
-            self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
-            with self._write():
-                self._check_meta()
+            self._conn = self._connect()
         except sqlite3.DatabaseError as exc:
             raise MalformedLedgerError(
                 f"cannot open the ledger {self.path}: {exc}; restore it from a backup "
                 "or an export ('insitu audit export')"
             ) from exc
+        try:
+            self._open_schema()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise MalformedLedgerError(
+                f"cannot open the ledger {self.path}: {exc}; restore it from a backup "
+                "or an export ('insitu audit export')"
+            ) from exc
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        """Connect; with ``genesis``, to an existing, non-empty file only (never create it)."""
+        if self.genesis is None:
+            return sqlite3.connect(
+                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+            )
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise self._missing("is missing: it was deleted or moved") from None
+        if size == 0:
+            raise self._missing("is empty (0 bytes): it was truncated")
+        # mode=rw: SQLite opens the file or fails; it never creates an empty ledger in
+        # the place of one deleted since the check above.
+        return sqlite3.connect(
+            f"{self.path.absolute().as_uri()}?mode=rw",
+            uri=True,
+            timeout=60.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+
+    def _missing(self, what: str) -> MissingLedgerError:
+        return MissingLedgerError(
+            f"the ledger {self.path} {what}; entry 1 (its {self.genesis!r} entry) and "
+            "everything after it are gone: restore ledger.db from a backup, or verify an "
+            "export of it ('insitu audit verify --export')",
+            seq=1,
+        )
+
+    def _open_schema(self) -> None:
+        if self.genesis is not None:
+            tables = {
+                name
+                for (name,) in self._conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                )
+            }
+            if not {"meta", "entries"} <= tables:
+                raise self._missing("holds no ledger tables: it was emptied or replaced")
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        # executescript() commits any open transaction first, so the script carries
+        # its own: the schema is created under the write lock, once, even when
+        # several processes open a new ledger at the same moment.
+        self._conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        with self._write():
+            self._check_meta()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -179,6 +243,8 @@ class Ledger:
     def _check_meta(self) -> None:
         rows = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         if not rows:
+            if self.genesis is not None:
+                raise self._missing("holds no ledger metadata: it was emptied or replaced")
             self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema', ?), ('log_id', ?)",
                 (str(SCHEMA_VERSION), self.log_id),
@@ -459,6 +525,7 @@ class Ledger:
             log_id=self.log_id,
             heads=heads,
             trusted_head=trusted_head,
+            first_type=self.genesis,
         )
         try:
             stored = _merkle.Frontier.from_bytes(size, blob)
@@ -467,8 +534,15 @@ class Ledger:
         if stored is None or stored.size != report.entries or stored.root() != report.root:
             # The frontier is a cache of the entries; if it disagrees, the next heads
             # signed from it would be wrong.
+            cached = "unreadable" if stored is None else f"{stored.size} entries"
             raise RootMismatchError(
-                "the ledger's Merkle state does not match its entries: the database was altered"
+                f"the ledger's Merkle state ({cached}) does not match its {report.entries} "
+                "verified entries: the database was altered; restore it from a backup",
+                seq=(
+                    min(stored.size, report.entries) + 1
+                    if stored is not None and stored.size != report.entries
+                    else None
+                ),
             )
         return report
 

@@ -14,7 +14,13 @@ the first bad sequence number):
 5. every signed tree head given is signed by the node's key, and its root is the RFC
    6962 root of the first ``size`` entries (no forged or rewritten history);
 6. a *trusted* head (kept elsewhere by an auditor) covers no more entries than there
-   are (no truncation) and matches the entries it covers.
+   are (no truncation) and matches the entries it covers;
+7. given ``first_type`` (a workspace's ledger starts with its ``workspace.init``
+   entry), there is an entry 1 and it is of that type: a deleted or emptied ledger
+   is never "0 entries, OK".
+
+Every failure names the first bad entry in its message and in ``seq``, or says that
+no single entry is bad (a forged head, a malformed export header).
 
 Signatures are checked last and in bulk: Ed25519 verification is the dominant cost
 (about 100 us each with OpenSSL here), so for large logs it is spread over the cores
@@ -43,6 +49,7 @@ from insitu.errors import (
     EntryHashMismatchError,
     LedgerIntegrityError,
     MalformedLedgerError,
+    MissingLedgerError,
     RootMismatchError,
     TruncatedLedgerError,
 )
@@ -156,6 +163,7 @@ def verify_entries(
     log_id: str,
     heads: Iterable[TreeHead] = (),
     trusted_head: TreeHead | None = None,
+    first_type: str | None = None,
 ) -> VerificationReport:
     """Verify entries (in order) and heads of one ledger; see the module docstring.
 
@@ -165,6 +173,12 @@ def verify_entries(
     """
     started = time.perf_counter()
     entries = list(entries)
+    if first_type is not None and not entries:
+        raise MissingLedgerError(
+            f"entry 1 is missing: the ledger holds no entries, not even its {first_type!r} "
+            "entry; it was emptied: restore it from a backup or an export",
+            seq=1,
+        )
     all_heads = [*heads, *([trusted_head] if trusted_head else [])]
     for head in all_heads:
         head.verify_signature(public_key)
@@ -197,6 +211,12 @@ def verify_entries(
         )
     if chain_error is not None:
         raise chain_error
+    if first_type is not None and entries[0].type != first_type:
+        raise MissingLedgerError(
+            f"entry 1 is a {entries[0].type!r} event, not the {first_type!r} entry the "
+            "ledger starts with: its history was replaced or restarted",
+            seq=1,
+        )
 
     longest = max((h.size for h in all_heads), default=0)
     if longest > checker.size:

@@ -513,8 +513,9 @@ REPO_TIMESTAMP = _event(
 )
 UPDATE_ENROLLED = _event(
     "update.enrolled",
-    "a device enrolled with a repository for a model and channel",
+    "a device enrolled with a repository for a model and channel (and its version floor)",
     {"model": STR, "channel": STR, "device_key_id": STR},
+    {"floor": OPT_STR},
     writer="insitu.update._client",
 )
 UPDATE_DOWNLOADED = _event(
@@ -553,6 +554,18 @@ UPDATE_ROLLED_BACK = _event(
     "the previous version was made active again",
     {"model": STR, "version": STR, "from_version": STR, "slot": STR},
     writer="insitu.update._client",
+)
+UPDATE_REPAIRED = _event(
+    "update.repaired",
+    "a damaged or swapped slot was reinstalled from the repository (what was wrong)",
+    {"model": STR, "version": STR, "slot": STR, "damage": STR, "bundle_sha256": STR},
+    writer="insitu.update._client",
+)
+UPDATE_FAILED = _event(
+    "update.failed",
+    "an update or rollback stopped: the update directory could not be written (errno)",
+    {"model": STR, "action": STR, "reason": STR, "path": STR},
+    writer="insitu.update._disk",
 )
 
 # -- running ------------------------------------------------------------------------

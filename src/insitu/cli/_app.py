@@ -136,6 +136,7 @@ _OS_CHECKS = {
     errno.EROFS: "that its file system is not mounted read-only",
     errno.ENOENT: "that it (and its folder) exists",
     errno.EMFILE: "the limit of open files (ulimit -n)",
+    errno.ELOOP: "why a link is there, remove it or choose another path",
 }
 
 

@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TextIO
 
 import typer
 from rich.console import Console
@@ -36,8 +37,20 @@ __all__ = [
     "reset_json_state",
 ]
 
-out = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+#: The width of output that is not a terminal (a cron mail, a CI log, a pipe): wide
+#: enough that Rich never wraps a line or a table cell. At Rich's default of 80 columns a
+#: digest or a path was split over lines, and a script reading the log lost it.
+PLAIN_WIDTH = 10_000
+
+
+def _console(stream: TextIO) -> Console:
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stream is sys.stderr, highlight=False)
+    return Console(stderr=stream is sys.stderr, highlight=False, width=PLAIN_WIDTH)
+
+
+out = _console(sys.stdout)
+err_console = _console(sys.stderr)
 
 HomeOption = Annotated[
     Path | None,

@@ -176,7 +176,8 @@ def verify(
     """Verify the hash chain, every signature and every signed head; exit 1 on any failure.
 
     Prints the first bad sequence number when something was changed, deleted, reordered,
-    re-signed or truncated.
+    re-signed or truncated; a ledger that is missing, empty, or lacks the entry
+    [bold]insitu init[/] wrote fails at entry 1.
 
     [dim]Examples:[/]
       insitu audit verify
@@ -217,8 +218,10 @@ def verify(
                     "message": str(exc),
                 }
             )
-        where = f" (first bad entry: {exc.seq})" if exc.seq is not None else ""
-        raise type(exc)(f"verification FAILED{where}: {exc}", seq=exc.seq) from exc
+        where = exc.seq if exc.seq is not None else "none found"
+        raise type(exc)(
+            f"verification FAILED (first bad entry: {where}): {exc}", seq=exc.seq
+        ) from exc
     if json_output:
         print_json(_report_json(report, **extra))
         return

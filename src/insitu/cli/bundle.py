@@ -65,6 +65,13 @@ def _public_key(path: Path, kind: type) -> Any:
     return key
 
 
+def _enrolled_publishers(ws: Workspace) -> list[Ed25519PublicKey]:
+    """The publisher keys of the repository this device enrolled with (none if it did not)."""
+    from insitu.update import UpdateClient
+
+    return UpdateClient.enrolled_publishers(ws.update_dir)
+
+
 def _parse_metrics(values: list[str]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for item in values:
@@ -254,12 +261,20 @@ def verify(
     path: Annotated[Path, typer.Argument(help="A bundle file.", show_default=False)],
     publisher: Annotated[
         list[Path] | None,
-        typer.Option(help="Trusted publisher key (PEM) \\[default: this workspace's key]."),
+        typer.Option(
+            help=(
+                "Trusted publisher key (PEM) \\[default: this workspace's key and, on a "
+                "device, the publisher keys it enrolled with]."
+            )
+        ),
     ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Verify a bundle: signature, digests, and (if this device may) the decrypted model.
+
+    Without --publisher, a device (one that ran 'insitu update enroll') trusts the
+    publisher keys its repository's signed root lists, as 'insitu update' does.
 
     [dim]Examples:[/]
       insitu bundle verify model-1.0.0.insb
@@ -273,7 +288,7 @@ def verify(
         keys: list[Ed25519PublicKey] = [_public_key(p, Ed25519PublicKey) for p in publisher]
     else:
         ws = Workspace.open(home)
-        keys = [ws.signing_public_key]
+        keys = [ws.signing_public_key, *_enrolled_publishers(ws)]
     verifier = BundleVerifier(keys)
     verifier.verify(bundle)
     level = "signature and payload digest"

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from insitu._atomic import atomic_write_text
+from insitu._atomic import atomic_write_text, refuse_symlink
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, out, print_json
 from insitu.drift import drift_status
@@ -98,6 +98,7 @@ def release(
 
     if epsilon <= 0:
         raise ConfigError("--epsilon must be positive")
+    refuse_symlink(out_path)  # before any budget is charged for a release it cannot write
     ws = Workspace.open(home)
     parsed = DataSchema.load(schema)
     frame = read_table(data)

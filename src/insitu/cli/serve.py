@@ -120,10 +120,14 @@ def predict(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .csv or .parquet.")],
     schema: Annotated[
         Path | None,
-        typer.Option(help="Encode raw records with this data schema (as in training)."),
+        typer.Option(
+            help="Encode raw records with this data schema (as in training); by default, "
+            "the schema the model's card carries."
+        ),
     ] = None,
     columns: Annotated[
-        str | None, typer.Option(help="Comma-separated input columns, in model order.")
+        str | None,
+        typer.Option(help="Comma-separated encoded input columns, in model order."),
     ] = None,
     chunk_rows: Annotated[int, typer.Option(min=1, help="Rows read per chunk.")] = 4096,
     home: HomeOption = None,
@@ -131,7 +135,12 @@ def predict(
 ) -> None:
     """Predict every row of a file, streamed (files larger than memory work).
 
-    [dim]Example:[/] insitu predict adult-income patients.csv --schema adult.schema.toml -o out.csv
+    Records are encoded by the data schema of the model's card (or --schema); a value
+    outside the schema stops the run, naming its row and column. The output keeps the
+    row key (the schema's identifier column, else the row number), the raw outputs, and
+    the label and probability.
+
+    [dim]Example:[/] insitu predict adult-income patients.csv -o out.csv
     """
     from insitu.data import DataSchema
     from insitu.runtime import ModelRuntime, predict_file
@@ -167,9 +176,10 @@ def predict(
     if json_output:
         print_json(summary)
     else:
+        labelled = ", with labels and probabilities," if summary["labelled"] else ""
         out.print(
-            f"[green]wrote[/] {summary['rows']:,} predictions of {name} {summary['version']} "
-            f"to {output}"
+            f"[green]wrote[/] {summary['rows']:,} predictions of {name} {summary['version']}"
+            f"{labelled} to {output} (keyed by {summary['key']})"
         )
 
 

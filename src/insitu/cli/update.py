@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
@@ -32,7 +33,12 @@ app.add_typer(update_app, name="update", rich_help_panel="Supply chain")
 def _client(ws: Workspace) -> Any:
     from insitu.update import UpdateClient
 
-    return UpdateClient(ws.update_dir, device_key=ws.encryption_key(), ledger=ws.ledger())
+    return UpdateClient(
+        ws.update_dir,
+        device_key=ws.encryption_key(),
+        ledger=ws.ledger(),
+        local_publisher=ws.signing_public_key,
+    )
 
 
 @update_app.callback()
@@ -60,8 +66,29 @@ def update(
             client.ledger.close()
     if json_output:
         print_json(result)
-    elif result["status"] == "up-to-date":
+        return
+    if result["repaired"]:
+        repaired = result["repaired"]
+        out.print(
+            f"[yellow]repaired[/] {escape(repaired['detail'])}; reinstalled from the repository "
+            "(full download)"
+        )
+    _print_update(result)
+
+
+def _print_update(result: dict[str, Any]) -> None:
+    if result["status"] in ("up-to-date", "repaired"):
         out.print(f"{result['model']} {result['installed']} is up to date")
+    elif result["status"] == "local":
+        out.print(
+            f"{result['model']} {result['installed']} (fine-tuned on this device) stays: the "
+            f"repository offers {result['available']}, not a newer release"
+        )
+    elif result["status"] == "damaged":
+        out.print(
+            f"[red]damaged[/] {escape(result['damage']['detail'])}; run 'insitu update' to "
+            "reinstall it from the repository"
+        )
     elif result["status"] == "available":
         out.print(
             f"{result['model']} {result['available']} is available "
@@ -86,10 +113,19 @@ def enroll(
     url: Annotated[str, typer.Option(help="Repository base URL (serves metadata/, targets/).")],
     model: Annotated[str, typer.Option(help="Name of the model this device runs.")],
     channel: Annotated[str, typer.Option(help="Channel to follow.")] = "stable",
+    min_version: Annotated[
+        str | None,
+        typer.Option(
+            help="Lowest version this device installs \\[default: what the channel offers now]."
+        ),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Enroll this device with a repository: trust its root, remember URL and model.
+
+    The version the channel offers now (or --min-version) becomes the device's floor:
+    it never installs an older one, even if the channel is pointed back.
 
     [dim]Example:[/]
       insitu update enroll --root 1.root.json --url https://models.example --model triage
@@ -112,12 +148,17 @@ def enroll(
             channel=channel,
             ledger=ledger,
             device_key_id=keyid,
+            min_version=min_version,
+            learn_floor=True,
         )
     summary = config.to_json() | {"device_key_id": keyid}
     if json_output:
         print_json(summary)
-    else:
-        out.print(f"[green]enrolled[/] for {model} on channel {channel}; device key id {keyid}")
+        return
+    floor = f"floor {config.floor}" if config.floor else "no floor (the channel offers nothing yet)"
+    out.print(
+        f"[green]enrolled[/] for {model} on channel {channel}, {floor}; device key id {keyid}"
+    )
 
 
 @update_app.command("status")
@@ -133,14 +174,21 @@ def status(home: HomeOption = None, json_output: JsonOption = False) -> None:
     if json_output:
         print_json(summary)
         return
-    active, previous = summary["active"], summary["previous"]
-    out.print(f"model {summary['config']['model']} on channel {summary['config']['channel']}")
-    out.print(
-        f"active:   {active['version'] + ' (slot ' + active['slot'] + ')' if active else '-'}"
-    )
-    out.print(
-        f"previous: {previous['version'] + ' (slot ' + previous['slot'] + ')' if previous else '-'}"
-    )
+    config = summary["config"]
+    floor = f", floor {config['floor']}" if config.get("floor") else ""
+    out.print(f"model {config['model']} on channel {config['channel']}{floor}")
+    active = _slot_line(summary["active"], "run 'insitu update' to reinstall it")
+    out.print(f"active:   {active}")
+    out.print(f"previous: {_slot_line(summary['previous'], 'it cannot be rolled back to')}")
+
+
+def _slot_line(slot: dict[str, Any] | None, hint: str) -> str:
+    if slot is None:
+        return "-"
+    line = f"{slot['version']} (slot {slot['slot']})"
+    if slot["damage"] is None:
+        return line
+    return f"{line} [red]DAMAGED[/]: {escape(slot['damage']['reason'])}; {hint}"
 
 
 @app.command(rich_help_panel="Supply chain")
@@ -180,7 +228,7 @@ update_app.add_typer(tuf_app, name="tuf-client")
 class _TufArgs:
     metadata_dir: Path
     metadata_url: str | None = None
-    target_name: str | None = None
+    target_names: list[str] | None = None
     target_base_url: str | None = None
     target_dir: Path | None = None
 
@@ -189,14 +237,17 @@ class _TufArgs:
 def tuf_client(
     metadata_dir: Annotated[Path, typer.Option(help="Trusted metadata directory.")],
     metadata_url: Annotated[str | None, typer.Option(help="Repository metadata URL.")] = None,
-    target_name: Annotated[str | None, typer.Option(help="Target path to download.")] = None,
+    target_name: Annotated[
+        list[str] | None,
+        typer.Option(help="Target path to download (repeat it: each is downloaded, in order)."),
+    ] = None,
     target_base_url: Annotated[str | None, typer.Option(help="Targets base URL.")] = None,
     target_dir: Annotated[Path | None, typer.Option(help="Where downloads go.")] = None,
 ) -> None:
     """Options shared by the protocol's commands."""
     _TufArgs.metadata_dir = metadata_dir
     _TufArgs.metadata_url = metadata_url
-    _TufArgs.target_name = target_name
+    _TufArgs.target_names = target_name
     _TufArgs.target_base_url = target_base_url
     _TufArgs.target_dir = target_dir
 
@@ -227,13 +278,13 @@ def tuf_refresh_command() -> None:
 
 @tuf_app.command("download")
 def tuf_download_command() -> None:
-    """Download one target, verified, into --target-dir."""
+    """Download each --target-name, in order, verified, into --target-dir."""
     from insitu.update import tuf_download
 
     tuf_download(
         _TufArgs.metadata_dir,
         _need(_TufArgs.metadata_url, "--metadata-url"),
-        _need(_TufArgs.target_name, "--target-name"),
+        _need(_TufArgs.target_names or None, "--target-name"),
         _need(_TufArgs.target_base_url, "--target-base-url"),
         _need(_TufArgs.target_dir, "--target-dir"),
     )

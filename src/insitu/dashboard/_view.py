@@ -153,16 +153,24 @@ def _summary(payload: Mapping[str, Any]) -> str:
     return ", ".join(keep[:6])
 
 
-def site_view(
+def _ledger_view(
     workspace: Workspace,
-    *,
-    metrics_source: MetricsSource | None = None,
-    drift_monitor: DriftMonitor | None = None,
-) -> dict[str, Any]:
-    """Everything the page shows, as plain data (also served as JSON)."""
-    if drift_monitor is not None:
-        drift_monitor.check()  # saves fresh figures for drift_status to read
-    with workspace.ledger() as ledger:
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The ledger's verification, recent entries, budgets and training rounds.
+
+    A ledger that cannot be opened (deleted, emptied) shows as a failed verification.
+    """
+    try:
+        ledger_context = workspace.ledger()
+    except InsituError as exc:
+        failed = {
+            "ok": False,
+            "entries": None,
+            "error": f"{type(exc).__name__}: {exc}",
+            "seq": getattr(exc, "seq", None),
+        }
+        return failed, [], [], {"run": None, "view": None, "rounds": []}
+    with ledger_context as ledger:
         try:
             report = ledger.verify()
             verification: dict[str, Any] = {
@@ -189,6 +197,19 @@ def site_view(
         ]
         budgets = _budgets(workspace, ledger)
         training = _training(ledger)
+    return verification, recent, budgets, training
+
+
+def site_view(
+    workspace: Workspace,
+    *,
+    metrics_source: MetricsSource | None = None,
+    drift_monitor: DriftMonitor | None = None,
+) -> dict[str, Any]:
+    """Everything the page shows, as plain data (also served as JSON)."""
+    if drift_monitor is not None:
+        drift_monitor.check()  # saves fresh figures for drift_status to read
+    verification, recent, budgets, training = _ledger_view(workspace)
     live: Mapping[str, Any] = {}
     if metrics_source is not None:
         try:

@@ -32,7 +32,7 @@ import numpy as np
 from insitu._atomic import atomic_write_text
 from insitu.audit import events
 from insitu.drift._profile import OUTPUT, BinCounter, ReferenceProfile
-from insitu.drift._stats import FeatureDrift, population_stability_index, two_sample_p_value
+from insitu.drift._stats import FeatureDrift, ReferenceHistogram, ReferenceHistograms
 from insitu.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -80,13 +80,20 @@ class DriftThresholds:
             check_every=int(get("drift", "check_every")),
         )
 
-    def judge(self, feature: str, reference: np.ndarray, live: np.ndarray) -> FeatureDrift:
+    def judge(
+        self, feature: str, reference: np.ndarray | ReferenceHistogram, live: np.ndarray
+    ) -> FeatureDrift:
         """The figures of one histogram, and whether they flag it."""
-        rows = round(float(np.sum(live)))
-        psi = population_stability_index(reference, live)
-        p = two_sample_p_value(reference, live)
-        flagged = rows >= self.min_samples and psi >= self.psi_threshold and p < self.p_value
-        return FeatureDrift(feature, psi, p, rows, flagged)
+        if not isinstance(reference, ReferenceHistogram):
+            reference = ReferenceHistogram(reference)
+        total = float(np.sum(live))
+        return self.figure(feature, reference.psi(live), reference.p_value(live), total)
+
+    def figure(self, feature: str, psi: float, p_value: float, total: float) -> FeatureDrift:
+        """A histogram's figures (``total``: its live count), and whether they flag it."""
+        rows = round(total)
+        flagged = rows >= self.min_samples and psi >= self.psi_threshold and p_value < self.p_value
+        return FeatureDrift(feature, psi, p_value, rows, flagged)
 
 
 class _Stream:
@@ -95,7 +102,20 @@ class _Stream:
     def __init__(self, profile: ReferenceProfile) -> None:
         self.profile = profile
         self.counter = BinCounter(profile.layout, with_output=OUTPUT in profile.counts)
-        self.restored = {name: np.zeros(len(v)) for name, v in profile.counts.items()}
+        # Histograms in the profile's order, all laid end to end (as the counter's are).
+        self.names = list(profile.counts)
+        self.references = ReferenceHistograms([profile.counts[n] for n in self.names])
+        lengths = [len(profile.counts[n]) for n in self.names]
+        self._splits = np.cumsum(lengths)[:-1]
+        starts = np.cumsum([0, *self.counter.lengths[:-1]]).tolist()
+        counter = dict(zip(self.counter.names, starts, strict=True))
+        self._order = np.concatenate(
+            [
+                np.arange(counter[n], counter[n] + size)
+                for n, size in zip(self.names, lengths, strict=True)
+            ]
+        )
+        self.restored = np.zeros(sum(lengths))
         self.restored_rows = 0
         self.since_check = 0
         self.figures: list[FeatureDrift] = []
@@ -104,9 +124,23 @@ class _Stream:
     def rows(self) -> int:
         return self.restored_rows + self.counter.rows
 
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Resume the counts of a state file (ignored if its histograms are not these)."""
+        counts = saved["counts"]
+        if set(counts) != set(self.names):
+            return
+        restored = np.concatenate([np.asarray(counts[n], dtype=np.float64) for n in self.names])
+        if restored.shape == self.restored.shape:
+            self.restored = restored
+            self.restored_rows = int(saved["rows"])
+
+    def live(self) -> np.ndarray:
+        """All histograms' counts laid end to end, in the order of ``names``."""
+        live: np.ndarray = self.restored + self.counter.flat_histograms()[self._order]
+        return live
+
     def counts(self) -> dict[str, np.ndarray]:
-        live = self.counter.histograms()
-        return {name: self.restored[name] + live[name] for name in self.restored}
+        return dict(zip(self.names, np.split(self.live(), self._splits), strict=True))
 
 
 def _state_name(model: str, version: str) -> str:
@@ -144,12 +178,7 @@ class DriftMonitor:
         state_dir = self.state_dir
         path = state_dir / _state_name(model, version) if state_dir else None
         if path is not None and path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            if set(saved["counts"]) == set(stream.restored):
-                stream.restored = {
-                    k: np.asarray(v, dtype=np.float64) for k, v in saved["counts"].items()
-                }
-                stream.restored_rows = int(saved["rows"])
+            stream.restore(json.loads(path.read_text(encoding="utf-8")))
         with self._lock:
             self._streams[(model, version)] = stream
 
@@ -167,16 +196,22 @@ class DriftMonitor:
     def on_batch(
         self, model_name: str, version: str, inputs: np.ndarray, outputs: np.ndarray
     ) -> None:
-        """The runtime's observer callback: count this batch, then forget it."""
+        """The runtime's observer callback: count this batch, then forget it.
+
+        The batch is counted outside the lock (:meth:`BinCounter.count` keeps nothing);
+        only adding its counts to the stream's is done under it, once per batch.
+        """
         key = (model_name, version)
-        with self._lock:
-            stream = self._streams.get(key)
-            if stream is None:
+        stream = self._streams.get(key)
+        if stream is None:
+            with self._lock:
                 if key not in self._warned:
                     logger.warning("drift: %s %s is not registered; not monitored", *key)
                     self._warned.add(key)
-                return
-            rows = stream.counter.add(inputs, outputs)
+            return
+        counts, rows = stream.counter.count(inputs, outputs)
+        with self._lock:
+            stream.counter.merge(counts, rows)
             stream.since_check += rows
             due = stream.since_check >= self.thresholds.check_every
         if due:
@@ -190,9 +225,10 @@ class DriftMonitor:
             for key in keys:
                 stream = self._streams[key]
                 previous = {f.feature for f in stream.figures if f.flagged}
+                psi, p_value, total = stream.references.compare(stream.live())
                 stream.figures = [
-                    self.thresholds.judge(name, np.asarray(stream.profile.counts[name]), live)
-                    for name, live in stream.counts().items()
+                    self.thresholds.figure(name, float(a), float(b), float(c))
+                    for name, a, b, c in zip(stream.names, psi, p_value, total, strict=True)
                 ]
                 stream.since_check = 0
                 results += stream.figures

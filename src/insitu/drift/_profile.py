@@ -25,6 +25,7 @@ against the floating-point attack on naive Gaussian samplers): no seed reproduce
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -154,10 +155,40 @@ def _interval_labels(low: float, high: float, bins: int) -> list[str]:
 
 
 def _numeric_bins(values: np.ndarray, bins: int) -> np.ndarray:
-    # Encoded numeric values are in [0, 1]; 1.0 falls into the last bin.
+    # Encoded numeric values are in [0, 1]; 1.0 falls into the last bin. The definition
+    # of a numeric bin: BinCounter counts with edges derived from it (_edges_below).
     index: np.ndarray = np.floor(np.clip(values, 0.0, 1.0) * bins).astype(np.int64)
     result: np.ndarray = np.minimum(index, bins - 1)
     return result
+
+
+@functools.lru_cache(maxsize=64)
+def _edges_below(dtype: np.dtype[Any], bins: int) -> np.ndarray:
+    """Edges ``e`` such that ``x <= e[k-1]`` exactly when ``_numeric_bins(x) < k``.
+
+    For k = 1 .. bins-1 the largest ``dtype`` value whose bin is below k, then +inf
+    (every value but NaN is below it). :func:`_numeric_bins` is monotone in its input
+    (clip, a multiplication and floor, each correctly rounded in ``dtype``), so counting
+    values against these edges gives exactly its bins, rounding included, without
+    computing a bin per value. Found by stepping down, one representable value at a
+    time, from just above ``k / bins`` (two steps above: its bin is k, as the rounding
+    errors of the division and the multiplication are half a step each); a test checks
+    every dtype for every allowed number of bins.
+    """
+    kind = dtype.type
+    up, down = kind(np.inf), kind(-np.inf)
+    edges = []
+    for k in range(1, bins):
+        x = np.nextafter(np.nextafter(kind(k) / kind(bins), up), up)
+        while _numeric_bins(np.array([x], dtype=dtype), bins)[0] >= k:
+            x = np.nextafter(x, down)
+        edges.append(x)
+    return np.array([*edges, up], dtype=dtype)
+
+
+#: Rows counted at once: bounds the temporaries, and keeps the float32 column sums of
+#: indicators exact (integers below 2**24).
+_CHUNK = 1 << 16
 
 
 class BinCounter:
@@ -165,26 +196,71 @@ class BinCounter:
 
     ``add`` bins a batch and forgets it; :meth:`histograms` splits the flat counts into
     one histogram per feature (and the output). Only counts are ever held.
+
+    A batch is counted without a loop over rows and without a bin index per value:
+
+    * indicator columns (categorical features): one comparison ``> 0.5`` over the whole
+      batch, summed by column with one matrix-vector product (a vector of ones);
+    * numeric features: their columns sorted at once, then one ``searchsorted`` per
+      feature of the precomputed edges (:func:`_edges_below`), which gives how many
+      values fall below each edge, hence the bins; the binary output's score likewise;
+    * the class of a multi-class output: ``argmax`` and ``bincount``.
+
+    The flat vector holds, in order: the count of values above 0.5 of every encoded
+    column, then per numeric feature (and the score) the counts below each edge, then
+    the class counts. The counts are those of the definition (a bin per value with
+    :func:`_numeric_bins`, an indicator set when above 0.5); ``tests/drift`` checks them
+    against a per-row loop. :meth:`count` keeps nothing, so a caller can count a batch
+    outside its lock and :meth:`merge` the result under it.
     """
 
     def __init__(self, layout: ProfileLayout, *, with_output: bool) -> None:
         self.layout = layout
         self.with_output = with_output
-        self._numeric = [f for f in layout.features if f["kind"] == "numeric"]
-        self._numeric_cols = np.array([f["start"] for f in self._numeric], dtype=np.int64)
-        self._offsets = np.arange(len(self._numeric)) * layout.bins
-        self.numeric = np.zeros(len(self._numeric) * layout.bins, dtype=np.int64)
-        self.hot = np.zeros(layout.n_inputs, dtype=np.int64)
-        self.output = np.zeros(
-            layout.output_classes if layout.output_classes > 1 else layout.bins, dtype=np.int64
+        numeric = [f["start"] for f in layout.features if f["kind"] == "numeric"]
+        first = numeric[0] if numeric else 0
+        self._numeric: slice | list[int] = (
+            slice(first, first + len(numeric))
+            if numeric == list(range(first, first + len(numeric)))
+            else numeric
         )
+        self._n_numeric = len(numeric)
+        self._score = with_output and layout.output_classes == 1
+        self._classes = layout.output_classes if with_output and not self._score else 0
+        bins = layout.bins
+        below = layout.n_inputs  # where the counts below edges begin
+        stop = below + (len(numeric) + self._score) * bins
+        self._below = slice(below, stop)
+        self._class = slice(stop, stop + self._classes)
+        # The +inf edge of each: its count is the rows that are not NaN.
+        self._not_nan = slice(below + bins - 1, stop, bins)
+        self.counts = np.zeros(self._class.stop, dtype=np.float64)
         self.rows = 0
+        self._ones = np.ones(0, dtype=np.float32)
+        self._histogram_order()
 
     def add(self, inputs: np.ndarray, outputs: np.ndarray | None) -> int:
         """Count a batch (rows of encoded inputs); returns its number of rows.
 
         Raises:
-            SchemaError: ``inputs`` does not have the layout's number of columns.
+            SchemaError: ``inputs`` does not have the layout's number of columns, or a
+                numeric feature or the output is NaN (which has no bin).
+
+        """
+        counts, rows = self.count(inputs, outputs)
+        self.merge(counts, rows)
+        return rows
+
+    def merge(self, counts: np.ndarray, rows: int) -> None:
+        """Add the flat counts of a batch, as returned by :meth:`count`."""
+        self.counts += counts
+        self.rows += rows
+
+    def count(self, inputs: np.ndarray, outputs: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """The flat counts of a batch and its number of rows (the batch is not kept).
+
+        Raises:
+            SchemaError: as :meth:`add`.
 
         """
         inputs = np.asarray(inputs)
@@ -193,35 +269,118 @@ class BinCounter:
                 f"inputs of shape {inputs.shape} do not match the profile's "
                 f"{self.layout.n_inputs} encoded columns; encode them with the model's schema"
             )
-        if len(self._numeric):
-            index = _numeric_bins(inputs[:, self._numeric_cols], self.layout.bins)
-            self.numeric += np.bincount(
-                (index + self._offsets).ravel(), minlength=len(self.numeric)
+        if inputs.dtype.kind != "f":  # NumPy clips and compares integers in float64
+            inputs = inputs.astype(np.float64)
+        if outputs is not None and self.with_output:
+            outputs = np.asarray(outputs, dtype=np.float64)
+            outputs = outputs[:, None] if outputs.ndim == 1 else outputs
+        else:
+            outputs = None
+        rows = inputs.shape[0]
+        if rows <= _CHUNK:
+            counts = self._count(inputs, outputs) if rows else np.zeros_like(self.counts)
+        else:
+            counts = sum(
+                (
+                    self._count(
+                        inputs[i : i + _CHUNK], None if outputs is None else outputs[i : i + _CHUNK]
+                    )
+                    for i in range(0, rows, _CHUNK)
+                ),
+                np.zeros_like(self.counts),
             )
+        return counts, rows
+
+    def _count(self, inputs: np.ndarray, outputs: np.ndarray | None) -> np.ndarray:
+        rows = inputs.shape[0]
+        if len(self._ones) < rows:
+            self._ones = np.ones(rows, dtype=np.float32)
         # Categorical: indicator columns summed (the encoder sets exactly one per known
         # value); rows with none of a feature's indicators set are its "unknown" bin.
-        self.hot += np.count_nonzero(inputs > 0.5, axis=0)
-        if self.with_output and outputs is not None:
-            self.output += _output_counts(self.layout, np.asarray(outputs, dtype=np.float64))
-        self.rows += inputs.shape[0]
-        return int(inputs.shape[0])
+        parts: list[np.ndarray] = [self._ones[:rows] @ (inputs > 0.5)]
+        if self._n_numeric:
+            columns = np.ascontiguousarray(inputs[:, self._numeric].T)
+            columns.sort(axis=1)  # NaN sorts last
+            edges = _edges_below(inputs.dtype, self.layout.bins)
+            parts += [column.searchsorted(edges, side="right") for column in columns]
+        if outputs is not None and self._score:
+            # One logit per row: bin the score sigmoid(logit) in [0, 1].
+            logit = np.minimum(np.maximum(outputs[:, 0], -50.0), 50.0)  # np.clip, quicker
+            score = np.sort(1.0 / (1.0 + np.exp(-logit)))
+            parts.append(
+                score.searchsorted(_edges_below(score.dtype, self.layout.bins), side="right")
+            )
+        elif outputs is not None:
+            classes = np.bincount(outputs.argmax(axis=1), minlength=self._classes)
+            if len(classes) > self._classes:
+                raise SchemaError(
+                    f"outputs have {outputs.shape[1]} columns, the profile "
+                    f"{self._classes} classes; profile the model that produced them"
+                )
+            parts.append(classes)
+        not_nan = self._not_nan
+        if self._score and outputs is None:  # not given: its counts stay 0
+            parts.append(np.zeros(self.layout.bins))
+            not_nan = slice(not_nan.start, not_nan.stop - self.layout.bins, not_nan.step)
+        counts = np.concatenate(parts, dtype=np.float64)
+        if (counts[not_nan] != rows).any():
+            raise SchemaError(
+                "a numeric feature or the model output is NaN, which has no bin; "
+                "replace missing values before inference"
+            )
+        return counts
 
     def histograms(self) -> dict[str, np.ndarray]:
         """One count vector per histogram name (features, then the output if counted)."""
-        counts: dict[str, np.ndarray] = {}
+        flat = self.flat_histograms()
+        return dict(zip(self.names, np.split(flat, self._splits), strict=True))
+
+    def flat_histograms(self) -> np.ndarray:
+        """The histograms of :meth:`histograms` laid end to end, in the order of ``names``."""
         bins = self.layout.bins
-        numeric_index = 0
+        binned = np.diff(self.counts[self._below].reshape(-1, bins), axis=1, prepend=0.0)
+        known = self.counts[self._known]
+        unknown = (
+            np.maximum(self.rows - np.add.reduceat(known, self._known_starts), 0.0)
+            if len(known)
+            else known
+        )
+        result: np.ndarray = np.concatenate((self.counts, binned.ravel(), unknown))[self._order]
+        return result
+
+    def _histogram_order(self) -> None:
+        """Where each histogram's bins are taken from, for :meth:`flat_histograms`.
+
+        From its sources laid end to end: the flat counts, the numeric bins (differences
+        of the counts below edges, numeric features then the score), the unknown bin of
+        each categorical feature.
+        """
+        bins = self.layout.bins
+        binned = len(self.counts)
+        unknown = binned + (self._n_numeric + self._score) * bins
+        sources: list[range | list[int]] = []
+        known: list[int] = []
+        self._known_starts: list[int] = []
+        numeric = itertools.count(binned, bins)  # where each numeric feature's bins are
         for feature in self.layout.features:
             if feature["kind"] == "numeric":
-                start = numeric_index * bins
-                counts[feature["name"]] = self.numeric[start : start + bins].astype(np.float64)
-                numeric_index += 1
+                start = next(numeric)
+                sources.append(range(start, start + bins))
             else:
-                known = self.hot[feature["start"] : feature["stop"]].astype(np.float64)
-                counts[feature["name"]] = np.append(known, max(0.0, self.rows - known.sum()))
-        if self.with_output:
-            counts[OUTPUT] = self.output.astype(np.float64)
-        return counts
+                columns = range(feature["start"], feature["stop"])
+                self._known_starts.append(len(known))
+                sources.append([*columns, unknown + len(self._known_starts) - 1])
+                known += columns
+        if self._score:
+            start = next(numeric)
+            sources.append(range(start, start + bins))
+        elif self.with_output:
+            sources.append(range(self._class.start, self._class.stop))
+        self.names = self.layout.names[: len(sources)]
+        self.lengths = [len(s) for s in sources]
+        self._known = np.array(known, dtype=np.intp)
+        self._order = np.array([i for s in sources for i in s], dtype=np.intp)
+        self._splits = np.cumsum(self.lengths)[:-1]
 
 
 def bin_counts(
@@ -230,23 +389,13 @@ def bin_counts(
     """Counts per bin of every histogram for a batch (no value is kept, only counts).
 
     Raises:
-        SchemaError: ``inputs`` does not have the layout's number of columns.
+        SchemaError: ``inputs`` does not have the layout's number of columns, or a
+            numeric feature or the output is NaN.
 
     """
     counter = BinCounter(layout, with_output=outputs is not None)
     counter.add(inputs, outputs)
     return counter.histograms()
-
-
-def _output_counts(layout: ProfileLayout, outputs: np.ndarray) -> np.ndarray:
-    if outputs.ndim == 1:
-        outputs = outputs[:, None]
-    if layout.output_classes > 1:
-        index = outputs.argmax(axis=1)
-        return np.bincount(index, minlength=layout.output_classes)
-    # One logit per row: bin the score sigmoid(logit) in [0, 1].
-    score = 1.0 / (1.0 + np.exp(-np.clip(outputs[:, 0], -50, 50)))
-    return np.bincount(_numeric_bins(score, layout.bins), minlength=layout.bins)
 
 
 def noisy_release(

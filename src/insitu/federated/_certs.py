@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from insitu._atomic import atomic_write_bytes
+from insitu._atomic import atomic_write_bytes, refuse_symlink
 from insitu.errors import CertificateError, UsageError
 
 __all__ = [
@@ -166,6 +166,8 @@ def make_certs(
     certs = FederationCerts(directory)
     planned = [certs.ca, certs.ca_key, certs.server_cert, certs.server_key]
     planned += [p for s in sites for p in (certs.site_key(s), certs.site_public(s))]
+    for path in planned:
+        refuse_symlink(path)  # all at once: never half a set written before a refusal
     existing = [p for p in planned if p.exists()]
     if existing and not force:
         raise UsageError(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from insitu._atomic import atomic_write_text
+from insitu._atomic import atomic_write_text, open_no_follow
 from insitu.audit import events
 from insitu.data import DataSchema, FeatureEncoder
 from insitu.errors import (
@@ -293,7 +293,7 @@ def _start_superlink(
         "--port",
         str(port),
     ]
-    with (run_dir / "superlink.log").open("wb") as log:
+    with open_no_follow(run_dir / "superlink.log") as log:
         return subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
             command,
             stdout=log,

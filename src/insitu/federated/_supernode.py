@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from insitu._atomic import atomic_write_text
+from insitu._atomic import atomic_write_text, open_no_follow
 from insitu.audit import events
 from insitu.data import DataSchema, read_table
 from insitu.errors import (
@@ -250,7 +250,7 @@ def _start_supernode(
         "--max-retries",
         str(retries),
     ]
-    with log_path.open("wb") as log:
+    with open_no_follow(log_path) as log:
         return subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
             command,
             stdout=log,

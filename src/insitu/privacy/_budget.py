@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu._atomic import atomic_write_bytes
+from insitu._atomic import atomic_write_bytes, open_no_follow
 from insitu.audit import events
 from insitu.errors import BudgetEvidenceError, BudgetExceededError
 from insitu.privacy._accountant import (
@@ -381,7 +381,7 @@ class SubjectBudget:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self._store.mkdir(parents=True, exist_ok=True)
-        with (self._store / "budget.lock").open("a") as handle:
+        with open_no_follow(self._store / "budget.lock", append=True) as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield

@@ -110,8 +110,9 @@ class Evidence:
 
 
 def _is_workspace(path: Path) -> bool:
-    layout = Workspace.layout(path)
-    return layout.config_path.is_file() and layout.ledger_path.is_file()
+    # The config, not the ledger, makes a workspace: one whose ledger was deleted is
+    # reported as unverified, never left out of the report.
+    return Workspace.layout(path).config_path.is_file()
 
 
 def find_workspaces(paths: list[Path]) -> list[Path]:
@@ -156,7 +157,11 @@ def _read_ledger(home: Path) -> LedgerEvidence:
         ws = Workspace.open(home)
     except WorkspaceError as exc:
         raise UsageError(f"{home}: {exc}") from exc
-    with ws.ledger() as ledger:
+    try:
+        ledger = ws.ledger()
+    except LedgerIntegrityError as exc:  # missing, emptied or unreadable
+        return LedgerEvidence(home, ws.name, ws.node_id, "workspace", [], False, str(exc))
+    with ledger:
         entries = ledger.entries()
         try:
             report = ledger.verify()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import insitu
-from insitu._atomic import atomic_write_bytes, atomic_write_text
+from insitu._atomic import atomic_write_bytes, atomic_write_text, refuse_symlink
 from insitu.errors import ReportError, UnverifiedEvidenceError, UsageError
 from insitu.report import _plots
 from insitu.report._evidence import Evidence, collect_evidence
@@ -422,10 +422,12 @@ def write_report(
         UnverifiedEvidenceError: a ledger or an artefact failed verification and
             ``allow_unverified`` is false (nothing is written).
         ReportError: the PDF could not be printed.
+        OSError: ``ELOOP`` if ``out`` is a symbolic link (insitu never writes through one).
 
     """
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use html or pdf")
+    refuse_symlink(out)  # before the work; the write refuses a link planted meanwhile
     report = build_report(paths)
     if command:
         report.command = command

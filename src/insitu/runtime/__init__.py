@@ -2,7 +2,9 @@
 
 Sessions are created only through :func:`create_session`. :class:`ModelRuntime` serves a
 node's installed models (``insitu serve``, ``insitu predict``, ``insitu explain``);
-``docs/serving.md`` describes the guarantees and their limits.
+:class:`RecordSchema` encodes records by the data schema of a model's card and reads
+its outputs as labels and probabilities. ``docs/serving.md`` describes the guarantees
+and their limits.
 
 Layer 8: imports ``insitu.update``, ``insitu.bundle``, ``insitu.data`` and below;
 ``create_session`` is re-exported from the leaf ``insitu._ort``.
@@ -20,10 +22,12 @@ from insitu.runtime._explain import (
 from insitu.runtime._files import predict_file
 from insitu.runtime._guard import EgressGuard, egress_guard
 from insitu.runtime._inputs import InputSpec
+from insitu.runtime._records import Answers, RecordSchema
 from insitu.runtime._runtime import BatchObserver, LoadedModel, ModelRuntime
 from insitu.runtime._sources import BundleFile, InstalledModel, ModelSource
 
 __all__ = [
+    "Answers",
     "BatchObserver",
     "BundleFile",
     "EgressGuard",
@@ -34,6 +38,7 @@ __all__ = [
     "LoadedModel",
     "ModelRuntime",
     "ModelSource",
+    "RecordSchema",
     "create_session",
     "egress_guard",
     "global_importance",

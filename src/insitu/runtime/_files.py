@@ -7,9 +7,18 @@ temporary file is renamed over the output only when every chunk succeeded (fsync
 so a failure leaves no half-written output. Memory use is one chunk, whatever the size
 of the file.
 
-Columns: with a data schema, records are encoded by :class:`insitu.data.FeatureEncoder`
-(the same encoding as training); without one, the file must hold the model's input
-columns as numbers, in order (all columns, or those named in ``columns``).
+Columns: records are encoded by the data schema (:class:`~insitu.runtime.RecordSchema`:
+generalized, checked and encoded as in training; a value the schema does not allow stops
+the run, naming its row and column), the schema given (``schema``, which must be the one
+the model's card carries, if it carries one) or else the card's, when the file has its
+feature columns. Otherwise (or with ``columns``) the file holds the model's input columns
+as numbers, in order (all columns, or those named in ``columns``).
+
+The output keeps a row key to join back on: the identifier column the schema declares
+(the subject, or a pseudonymized column) when the file has it, else ``row`` (1, 2, ...);
+then the model's raw outputs; then, when a schema says what they mean, ``label`` and
+``probability`` (of that label; a binary model also ``probability_<positive>``), or
+``value`` for a regressor.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu._atomic import fsync_dir
-from insitu.errors import DataFormatError, InvalidInputError, MissingDependencyError
+from insitu.errors import DataFormatError, InvalidInputError, MissingDependencyError, SchemaError
+from insitu.runtime._records import RecordSchema
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,22 +80,118 @@ def _chunks(path: Path, rows: int) -> Iterator[pd.DataFrame]:
         raise DataFormatError(f"cannot read {path}: {exc}") from exc
 
 
-def _features(
-    frame: pd.DataFrame, schema: DataSchema | None, columns: Sequence[str] | None, encoder: Any
-) -> np.ndarray:
-    if encoder is not None:
-        missing = [c for c in encoder.schema.features if c not in frame.columns]
-        if missing:
-            raise InvalidInputError(f"the input has no column {missing[0]!r} that the schema names")
-        return np.asarray(encoder.encode(frame))
-    selected = frame[list(columns)] if columns else frame
-    try:
-        return selected.to_numpy(dtype=np.float64)
-    except (ValueError, TypeError) as exc:
-        raise InvalidInputError(
-            f"the input holds non-numeric values ({exc}); give the model's numeric input "
-            "columns, or --schema to encode raw records"
-        ) from exc
+class _Predictor:
+    """Predictions of consecutive chunks of one file, as output columns.
+
+    The first chunk decides how the file is read (:meth:`_plan`) and its row key.
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        model: str,
+        *,
+        schema: DataSchema | None,
+        columns: Sequence[str] | None,
+        source: str,
+    ) -> None:
+        self.runtime = runtime
+        self.model = model
+        self.loaded = runtime.get(model)
+        self.schema = schema
+        self.columns = columns
+        self.source = source
+        self.rows = 0
+        self.described: RecordSchema | None = None
+        self.records = False
+        self.key: str | None = None
+
+    def _plan(self, frame: pd.DataFrame) -> None:
+        """The record schema of this prediction, whether the file holds records, its key."""
+        carried = RecordSchema.for_model(self.loaded)
+        schema = self.schema
+        if schema is None:
+            self.described = carried
+            self.records = (
+                not self.columns
+                and carried is not None
+                and any(c in frame.columns for c in carried.features)
+            )
+        else:
+            if carried is not None and carried.schema.digest() != schema.digest():
+                raise SchemaError(
+                    f"the schema {schema.name!r} given is not the one {self.loaded.name} "
+                    f"{self.loaded.version} was trained with (its card carries "
+                    f"{carried.schema.name!r}, sha256 {carried.schema.digest()[:12]}...); "
+                    "leave out --schema to use the card's"
+                )
+            self.described, self.records = RecordSchema.of(schema), not self.columns
+        if self.described is not None:
+            self.key = self.described.key_column(frame.columns)
+
+    def _row_name(self, index: int) -> str:
+        return f"row {self.rows + index + 1}"
+
+    def _features(self, frame: pd.DataFrame) -> np.ndarray:
+        described = self.described
+        if described is not None and self.records:
+            missing = [c for c in described.features if c not in frame.columns]
+            if missing:
+                raise InvalidInputError(
+                    f"the input has no column {missing[0]!r} that the schema names"
+                )
+            arrays = {c: frame[c].to_numpy() for c in described.features}
+            return described.encode_columns(arrays, row_name=self._row_name)
+        selected = frame[list(self.columns)] if self.columns else frame
+        try:
+            features = selected.to_numpy(dtype=np.float64)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(
+                f"the input holds non-numeric values ({exc}); give the model's numeric input "
+                "columns, or --schema to encode raw records"
+            ) from exc
+        if described is not None:
+            described.check_encoded(features, row_name=self._row_name)
+        return features
+
+    def predict(self, frame: pd.DataFrame) -> dict[str, Any]:
+        """Output columns of ``frame``: row key, raw outputs, then label and probability."""
+        if self.rows == 0:
+            self._plan(frame)
+        count = len(frame)
+        try:
+            outputs = self.runtime.predict(self.model, self._features(frame))
+        except InvalidInputError as exc:
+            rows = f"rows {self.rows + 1}-{self.rows + count}: "
+            where = "" if str(exc).startswith("row ") else rows
+            raise InvalidInputError(f"{self.source}, {where}{exc}") from exc
+        key = self.key
+        first = self.rows + 1
+        table: dict[str, Any] = {
+            key or "row": frame[key].to_numpy() if key else np.arange(first, first + count)
+        }
+        for name, value in outputs.items():
+            flat = value.reshape(count, -1)
+            for j in range(flat.shape[1]):
+                table[f"{name}_{j}" if flat.shape[1] > 1 else name] = flat[:, j]
+        if self.described is not None and outputs:
+            table |= self.described.answers(next(iter(outputs.values()))).columns()
+        self.rows += count
+        return table
+
+
+def _append(table: pd.DataFrame, tmp: Path, writer: Any, *, parquet: bool, first: bool) -> Any:
+    """Append ``table`` to ``tmp``; returns the Parquet writer (``None`` for CSV)."""
+    if not parquet:
+        table.to_csv(tmp, mode="a", header=first, index=False)
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    writer = writer or pq.ParquetWriter(tmp, arrow.schema)
+    writer.write_table(arrow)
+    return writer
 
 
 def predict_file(
@@ -101,59 +207,32 @@ def predict_file(
 ) -> dict[str, Any]:
     """Predict every row of ``source`` into ``output`` (CSV or Parquet by suffix).
 
-    ``progress(rows_done)`` is called after each chunk. Returns rows and chunks.
+    ``progress(rows_done)`` is called after each chunk. Returns rows and chunks, the row
+    key column, and whether labels were written (``labelled``: a schema was known).
 
     Raises:
         DataFormatError: the input cannot be read.
         InvalidInputError: a chunk does not fit the model (no output is written).
+        SchemaError: ``schema`` is not the schema the model's card carries.
 
     """
     pd = _pandas()
     source, output = Path(source), Path(output)
-    loaded = runtime.get(model)
-    encoder = None
-    if schema is not None:
-        from insitu.data import FeatureEncoder
-
-        encoder = FeatureEncoder.for_schema(schema)
+    predictor = _Predictor(runtime, model, schema=schema, columns=columns, source=source.name)
     parquet = output.name.lower().endswith((".parquet", ".pq"))
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    rows = chunks = 0
+    chunks = 0
     writer: Any = None
     try:
         for frame in _chunks(source, chunk_rows):
-            try:
-                features = _features(frame, schema, columns, encoder)
-                outputs = runtime.predict(model, features)
-            except InvalidInputError as exc:
-                raise InvalidInputError(
-                    f"{source.name}, rows {rows + 1}-{rows + len(frame)}: {exc}"
-                ) from exc
-            table = pd.DataFrame(
-                {
-                    f"{name}_{j}" if value.ndim > 1 and value.shape[1] > 1 else name: (
-                        value.reshape(len(value), -1)[:, j]
-                    )
-                    for name, value in outputs.items()
-                    for j in range(value.reshape(len(value), -1).shape[1])
-                }
-            )
-            if parquet:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
-
-                arrow = pa.Table.from_pandas(table, preserve_index=False)
-                writer = writer or pq.ParquetWriter(tmp, arrow.schema)
-                writer.write_table(arrow)
-            else:
-                table.to_csv(tmp, mode="a", header=chunks == 0, index=False)
-            rows += len(table)
+            table = pd.DataFrame(predictor.predict(frame))
+            writer = _append(table, tmp, writer, parquet=parquet, first=chunks == 0)
             chunks += 1
             if progress is not None:
-                progress(rows)
+                progress(predictor.rows)
         if writer is not None:
             writer.close()
             writer = None
@@ -170,4 +249,11 @@ def predict_file(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    return {"model": model, "version": loaded.version, "rows": rows, "chunks": chunks}
+    return {
+        "model": model,
+        "version": predictor.loaded.version,
+        "rows": predictor.rows,
+        "chunks": chunks,
+        "key": predictor.key or "row",
+        "labelled": predictor.described is not None,
+    }

@@ -192,7 +192,11 @@ class ModelRuntime:
                 f"no model is installed in {workspace.home}; enroll with 'insitu update "
                 "enroll' and install one with 'insitu update'"
             )
-        source = InstalledModel(update_dir, device_key=workspace.encryption_key())
+        source = InstalledModel(
+            update_dir,
+            device_key=workspace.encryption_key(),
+            local_publisher=workspace.signing_public_key,
+        )
         owned = "ledger" not in options
         if owned:
             options["ledger"] = workspace.ledger()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from insitu.errors import InstallError, ModelNotFoundError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     # insitu.bundle loads sessions through insitu.runtime: imported where used.
@@ -46,10 +47,24 @@ class ModelSource(Protocol):
 class InstalledModel:
     """The model ``insitu update`` installed into a device's A/B slots."""
 
-    def __init__(self, update_dir: str | os.PathLike[str], *, device_key: X25519PrivateKey) -> None:
+    def __init__(
+        self,
+        update_dir: str | os.PathLike[str],
+        *,
+        device_key: X25519PrivateKey,
+        local_publisher: Ed25519PublicKey | None = None,
+    ) -> None:
+        """The model in ``update_dir``, decrypted with ``device_key``.
+
+        ``local_publisher`` is the device's own signing key, which signs the versions
+        ``insitu finetune`` installs here (trusted for local versions only, as by
+        ``insitu update``); without it a local version is refused.
+        """
         from insitu.update import UpdateClient
 
-        self._client = UpdateClient(Path(update_dir), device_key=device_key)
+        self._client = UpdateClient(
+            Path(update_dir), device_key=device_key, local_publisher=local_publisher
+        )
         self._name = self._client.config.model
 
     @property
@@ -68,10 +83,17 @@ class InstalledModel:
 
     def load(self, *, intra_op_threads: int | None, spinning: bool = True) -> tuple[Bundle, Any]:
         """See :class:`ModelSource`; the slot's bundle id is checked as well."""
+        from insitu.errors import BundleError
+
         try:
             return self._client.session(intra_op_threads=intra_op_threads, spinning=spinning)
         except InstallError as exc:
             raise ModelNotFoundError(f"model {self._name!r}: {exc}") from exc
+        except BundleError as exc:  # the slot's bytes were changed after install
+            raise ModelNotFoundError(
+                f"model {self._name!r}: the installed bundle does not verify ({exc}); run "
+                "'insitu update' to reinstall it, or 'insitu rollback'"
+            ) from exc
 
 
 class BundleFile:

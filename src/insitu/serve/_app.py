@@ -1,8 +1,9 @@
 """The localhost API (FastAPI): models, predictions, explanations, health and metrics.
 
-Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``)::
+Endpoints (OpenAPI at ``/docs``, ``/redoc`` and ``/openapi.json``; the pages' assets
+are served from this machine, :mod:`insitu.serve._docs`)::
 
-    GET  /healthz                        liveness, no token
+    GET  /healthz                        liveness, no token (says only "ok")
     GET  /metrics                        Prometheus text format          (token)
     GET  /v1/models                      models served and their cards   (token)
     POST /v1/models/{name}/predict       JSON, NPY or raw body           (token)
@@ -10,8 +11,9 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``)::
 
 Every error is JSON ``{"detail": "<problem>; <fix>"}`` with a 4xx status: 400 for a
 body that cannot be read, 401 for a missing or wrong token, 404 for an unknown model,
-413 for an oversize body, 415 for an unknown content type, 422 for inputs that do not
-fit the model card. A 5xx means a bug (or a model that fails on valid input).
+408 for a body that does not arrive in time, 413 for an oversize body (both close the
+connection), 415 for an unknown content type, 422 for inputs that do not fit the model
+card. A 5xx means a bug (or a model that fails on valid input).
 
 The predict path is written for speed: the body is read and decoded by hand (no
 Pydantic model for the rows: JSON and validation of thousands of floats would cost more
@@ -21,6 +23,7 @@ than the model), and the OpenAPI document describes it with ``openapi_extra``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -35,9 +38,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from insitu.errors import InferenceError, InvalidInputError, ModelNotFoundError, UsageError
-from insitu.runtime import Explainer, LoadedModel, ModelRuntime
+from insitu.runtime import Explainer, LoadedModel, ModelRuntime, RecordSchema
 from insitu.serve._batching import MicroBatcher
-from insitu.serve._codec import BodyError, decode_inputs, encode_npy
+from insitu.serve._codec import (
+    BODY_TIMEOUT,
+    MAX_BODY_BYTES,
+    BodyError,
+    decode_inputs,
+    encode_npy,
+    read_body,
+)
+from insitu.serve._docs import add_offline_docs
 from insitu.serve._metrics import ServeMetrics
 
 __all__ = ["Background", "BackgroundSource", "create_app"]
@@ -52,10 +63,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "The body cannot be read (malformed JSON, NPY or raw values)."},
     401: {"description": "Missing or wrong bearer token."},
     404: {"description": "No model of that name."},
-    413: {"description": "The body is larger than the server accepts."},
+    408: {"description": "The body did not arrive in time (the connection is closed)."},
+    413: {"description": "The body is over the server's limit (the connection is closed)."},
     415: {"description": "Unsupported content type."},
     422: {"description": "Inputs that do not fit the model card (shape, dtype, NaN/inf)."},
 }
+#: Records encoded on the event loop; more go to a thread (about 15 us per record).
+_INLINE_RECORDS = 256
 _INPUTS_SCHEMA = {
     "type": "object",
     "required": ["inputs"],
@@ -66,11 +80,34 @@ _INPUTS_SCHEMA = {
         }
     },
 }
+_RECORDS_SCHEMA = {
+    "type": "object",
+    "required": ["records"],
+    "properties": {
+        "records": {
+            "description": "Records by column name, with raw values as the model's data "
+            "schema declares them (numbers for numeric features, text for categorical "
+            "ones), encoded by the schema in the model's signed card. A missing column, a "
+            "value outside its declared range, an unknown category or a value of the wrong "
+            "type is refused (422), naming the column and the record. The answer adds "
+            "'predictions' (label, probability, probabilities by class, or value) and "
+            "'classes'.",
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": {"anyOf": [{"type": "number"}, {"type": "string"}]},
+            },
+        }
+    },
+}
+#: ``/predict`` takes encoded rows (``inputs``) or records by column name (``records``).
+_PREDICT_SCHEMA = {"oneOf": [_INPUTS_SCHEMA, _RECORDS_SCHEMA]}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": _INPUTS_SCHEMA},
+            "application/json": {"schema": _PREDICT_SCHEMA},
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -116,11 +153,13 @@ class _State:
         max_batch_rows: int,
         max_wait: float,
         max_body_bytes: int,
+        body_timeout: float,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
         self.backgrounds = backgrounds
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.batchers = {
             name: MicroBatcher(
                 runtime, name, metrics=metrics, max_batch_rows=max_batch_rows, max_wait=max_wait
@@ -147,16 +186,13 @@ class _State:
             runtime.close()
 
     async def body(self, request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise BodyError(413, f"the body is {length} bytes; the limit is {self.max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise BodyError(413, f"the body exceeds the limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        """The body of ``request``: 413 over the size limit, 408 when it comes too slowly."""
+        return await read_body(
+            request.stream(),
+            request.headers.get("content-length"),
+            max_bytes=self.max_body_bytes,
+            timeout=self.body_timeout,
+        )
 
     def explainer(self, model: LoadedModel) -> Explainer:
         key = (model.name, model.bundle_id)
@@ -246,14 +282,16 @@ def create_app(
     backgrounds: BackgroundSource | None = None,
     max_batch_rows: int = 256,
     max_wait: float = 0.001,
-    max_body_bytes: int = 16 << 20,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> FastAPI:
     """The API app for ``runtime``, guarded by the bearer ``token``.
 
     ``routers`` are included as given (the site dashboard's); they read
     ``app.state.metrics`` (a :class:`ServeMetrics`: ``snapshot()``) and
     ``app.state.runtime``. The app starts the runtime (egress guard, watcher) when it
-    starts and closes it when it stops.
+    starts and closes it when it stops. A body over ``max_body_bytes``, or not complete
+    ``body_timeout`` seconds after the first read, is refused (413, 408).
     """
     if len(token) < 16:
         raise UsageError("the API token is too short; use Workspace.api_token()")
@@ -265,6 +303,7 @@ def create_app(
         max_batch_rows=max_batch_rows,
         max_wait=max_wait,
         max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
     )
     runtime.on_swap(lambda model: metrics.set_version(model.name, model.version))
     app = FastAPI(
@@ -272,7 +311,10 @@ def create_app(
         version="1",
         description="Models run on this machine, in memory; nothing leaves it.",
         lifespan=state.lifespan,
+        docs_url=None,  # FastAPI's pages load their assets from CDNs: ours do not
+        redoc_url=None,
     )
+    add_offline_docs(app, title=app.title)
     app.state.runtime = runtime
     app.state.metrics = metrics
     app.state.insitu = state
@@ -290,7 +332,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BodyError)
     async def _body_error(request: Request, exc: BodyError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        response = _error(exc.status, str(exc))
+        if exc.unread:  # the rest of the body is never read: uvicorn must not drain it
+            response.headers["Connection"] = "close"
+        return response
 
     @app.exception_handler(InvalidInputError)
     async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
@@ -310,8 +355,8 @@ def _add_operations(app: FastAPI, state: _State, guard: _Token) -> None:
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, Any]:
-        """Liveness: the server answers (no token needed)."""
-        return {"status": "ok", "models": state.runtime.names}
+        """Liveness: the server answers (no token needed, so it says nothing more)."""
+        return {"status": "ok"}
 
     @app.get(
         "/metrics",
@@ -341,7 +386,13 @@ def _models_router(state: _State, guard: _Token) -> APIRouter:
         responses=_PREDICT_RESPONSES,
     )
     async def predict(name: str, request: Request) -> Response:
-        """Predict a batch of rows (checked against the model card; micro-batched)."""
+        """Predict a batch of rows (checked against the model card; micro-batched).
+
+        Encoded rows (``inputs``, NPY, raw), or ``records`` by column name that the data
+        schema in the model's signed card encodes. When the card carries a schema, the
+        JSON answer adds ``predictions`` (label and probabilities, or value) and
+        ``classes`` beside the raw ``outputs``.
+        """
         with state.observed(name, "predict", invalid=(InvalidInputError,)):
             guard.check_header(request)
             model, outputs = await _predict(state, name, request)
@@ -380,6 +431,9 @@ async def _predict(
     if batcher is None:
         raise _not_served(name)
     body = await state.body(request)
+    records = _records_of(body, request.headers.get("content-type", ""))
+    if records is not None:
+        return await _predict_records(state, name, records)
     inputs = decode_inputs(body, request.headers.get("content-type", ""), request.headers)
     runtime = state.runtime
     model = runtime.peek(name)
@@ -387,10 +441,67 @@ async def _predict(
         model = await run_in_threadpool(runtime.get, name)
     try:
         feeds = model.check(inputs, max_rows=runtime.max_rows)
+        described = RecordSchema.for_model(model)
+        if described is not None and len(feeds) == 1:  # raw values sent as encoded ones
+            described.check_encoded(next(iter(feeds.values())), row_name="inputs[{}]".format)
     except InvalidInputError:
         runtime.usage.add(name, model.version, requests=1, rows=0, errors=1)
         raise
     outputs = await batcher.submit(model, feeds)
+    runtime.usage.add(name, model.version, requests=1, rows=len(outputs[0]), errors=0)
+    return model, outputs
+
+
+def _records_of(body: bytes, content_type: str) -> list[Any] | None:
+    """The ``records`` of a JSON body; ``None`` for any other body (``decode_inputs``'s).
+
+    A body without the word ``"records"`` is never parsed here: encoded rows, the fast
+    path, are parsed once.
+    """
+    kind = content_type.split(";", 1)[0].strip().lower() or "application/json"
+    if kind != "application/json" or b'"records"' not in body:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # decode_inputs names the problem
+    if not isinstance(doc, dict) or "records" not in doc:
+        return None
+    if "inputs" in doc:
+        raise BodyError(
+            422, 'send "inputs" (encoded rows) or "records" (values by column name), not both'
+        )
+    records = doc["records"]
+    if not isinstance(records, list) or not records:
+        raise BodyError(
+            422, '"records" must be a non-empty array of objects {"column": value, ...}'
+        )
+    return records
+
+
+async def _predict_records(
+    state: _State, name: str, records: list[Any]
+) -> tuple[LoadedModel, list[np.ndarray]]:
+    """The outputs of model ``name`` for ``records``, encoded by its card's data schema."""
+    runtime = state.runtime
+    model = runtime.peek(name)
+    if model is None:
+        model = await run_in_threadpool(runtime.get, name)
+    try:
+        if len(records) > runtime.max_rows:
+            raise InvalidInputError(
+                f"{len(records)} records; send 1 to {runtime.max_rows} per request (split "
+                "larger inputs, or use 'insitu predict' for files)"
+            )
+        described = RecordSchema.require(model)
+        encode = functools.partial(described.encode, records, row_name="records[{}]".format)
+        # A few records encode faster than a thread hop; thousands would hold the loop.
+        rows = encode() if len(records) <= _INLINE_RECORDS else await run_in_threadpool(encode)
+        feeds = model.check(rows, max_rows=runtime.max_rows)
+    except InvalidInputError:
+        runtime.usage.add(name, model.version, requests=1, rows=0, errors=1)
+        raise
+    outputs = await state.batchers[name].submit(model, feeds)
     runtime.usage.add(name, model.version, requests=1, rows=len(outputs[0]), errors=0)
     return model, outputs
 
@@ -409,6 +520,10 @@ def _prediction(
             out: value.tolist() for out, value in zip(model.output_names, outputs, strict=False)
         },
     }
+    described = RecordSchema.for_model(model)
+    if described is not None and outputs:  # what the card's schema says the outputs mean
+        answers = described.answers(outputs[0])
+        doc |= answers.summary() | {"predictions": answers.to_json()}
     return Response(json.dumps(doc), media_type="application/json", headers=headers)
 
 

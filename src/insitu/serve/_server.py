@@ -129,6 +129,7 @@ def _site_extras(
     runtime.on_swap(register)
     runtime.add_observer(monitor.on_batch)
     metrics = app_options.setdefault("metrics", ServeMetrics())
+    metrics.registry.register(monitor)  # the drift gauges in /metrics
     return [dashboard_router(workspace, metrics.live_figures, drift_monitor=monitor)], monitor
 
 
@@ -162,6 +163,12 @@ class RunningServer:
 def _uvicorn_config(app: FastAPI, host: str, port: int, **tls: Any) -> Any:
     import uvicorn
 
+    from insitu.serve._codec import BODY_TIMEOUT
+    from insitu.serve._protocol import head_deadline_protocol
+
+    # A client has as long to send its request head as the app gives it for its body.
+    state = getattr(app.state, "insitu", None)
+    timeout = state.body_timeout if state is not None else BODY_TIMEOUT
     return uvicorn.Config(
         app,
         host=host,
@@ -171,6 +178,14 @@ def _uvicorn_config(app: FastAPI, host: str, port: int, **tls: Any) -> Any:
         access_log=False,
         lifespan="on",
         ws="none",  # no WebSocket endpoints: none of their code is loaded
+        # httptools or h11 as uvicorn picks, closing connections whose request head is
+        # late (uvicorn has no such timeout: slowloris); the body's deadline is the app's.
+        http=head_deadline_protocol(timeout),
+        timeout_keep_alive=5,  # idle between requests (uvicorn's default, made explicit)
+        # CPython's asyncio loop, never uvloop: uvloop's connect() and getaddrinfo() are
+        # libuv's and never pass through the socket module, so the egress guard's audit
+        # hook would not see code on the serving loop reach another host.
+        loop="asyncio",
         timeout_graceful_shutdown=5,
         **tls,
     )

@@ -2,7 +2,8 @@
 
 Publisher side: :class:`UpdateRepository` (any :class:`Storage`; on disk through
 :func:`init_directory_repository` / :func:`open_directory_repository`). Device side:
-:class:`UpdateClient` (``ngclient.Updater``, A/B slots, rollback).
+:class:`UpdateClient` (``ngclient.Updater``, A/B slots that are checked and repaired,
+rollback, a version floor set at enrollment).
 
 Layer 7: imports ``insitu.bundle``, ``insitu.workspace`` and ``insitu.audit``.
 """

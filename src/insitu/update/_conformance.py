@@ -7,13 +7,16 @@ uses, with the trust anchor the suite's ``init`` provides.
 
 * ``init``: copy the trusted root into the metadata directory; no network.
 * ``refresh``: the TUF client workflow for the top-level roles.
-* ``download``: refresh, then fetch one target into the target directory, verified by
-  length and hash, unless an up-to-date copy is already there (artifact caching).
+* ``download``: refresh, then fetch each ``--target-name`` (the option repeats), in the
+  order given and with one Updater, into the target directory, verified by length and
+  hash, unless an up-to-date copy is already there (artifact caching). The first target
+  the metadata does not list, or that fails to verify, stops the command (exit 1).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from tuf.ngclient import Updater
@@ -53,15 +56,29 @@ def tuf_refresh(metadata_dir: Path, metadata_url: str) -> None:
 
 
 def tuf_download(
-    metadata_dir: Path, metadata_url: str, target_name: str, target_url: str, target_dir: Path
-) -> Path:
-    """Download ``target_name`` into ``target_dir`` (cached copies are reused)."""
+    metadata_dir: Path,
+    metadata_url: str,
+    target_names: Sequence[str],
+    target_url: str,
+    target_dir: Path,
+) -> list[Path]:
+    """Download each of ``target_names``, in order, into ``target_dir`` (cached copies reused).
+
+    One Updater serves them all: one refresh, then each target looked up in the same
+    trusted metadata, as the protocol requires.
+    """
+    if not target_names:
+        raise RepositoryError("no target to download; give --target-name (repeatable)")
     target_dir.mkdir(parents=True, exist_ok=True)
     updater = _updater(metadata_dir, metadata_url, target_dir, target_url)
-    with tuf_refusals(f"download of {target_name}"):
+    with tuf_refusals("refresh"):
         updater.refresh()
-        info = updater.get_targetinfo(target_name)
-        if info is None:
-            raise RepositoryError(f"target {target_name} is not in the repository's metadata")
-        cached = updater.find_cached_target(info)
-        return Path(cached or updater.download_target(info))
+    paths: list[Path] = []
+    for name in target_names:
+        with tuf_refusals(f"download of {name}"):
+            info = updater.get_targetinfo(name)
+            if info is None:
+                raise RepositoryError(f"target {name} is not in the repository's metadata")
+            cached = updater.find_cached_target(info)
+            paths.append(Path(cached or updater.download_target(info)))
+    return paths

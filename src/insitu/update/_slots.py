@@ -16,7 +16,11 @@ Invariants:
   slot whose bytes no longer match it;
 * leftover temporary files of an interrupted install are removed when the store opens;
 * a version rolled back from is *held*: listed in ``state.json`` so that the next update
-  does not reinstall it; a newer version is installed as usual.
+  does not reinstall it; a newer version is installed as usual;
+* the one write to the active slot is :meth:`SlotStore.repair`, of a slot already found
+  damaged (so not loadable) with the verified bundle of the *same* version: the same
+  atomic write, so a crash leaves the damaged file or the repaired one, and the other
+  slot (the version to roll back to) is not touched.
 """
 
 from __future__ import annotations
@@ -141,6 +145,28 @@ class SlotStore:
         slots[target] = info.to_json()
         self._commit({"active": target, "slots": slots, "held": state.get("held", [])})
         return info
+
+    def repair(self, info: SlotInfo, data: bytes, *, bundle_id: str, now: str) -> SlotInfo:
+        """Rewrite ``info``'s slot with ``data``, a verified bundle of its own version.
+
+        The slot stays what it was (active or not); ``state.json`` records the new digest.
+        """
+        state = self._state()
+        if info.slot not in state.get("slots", {}):
+            raise InstallError(f"slot {info.slot} holds nothing to repair")
+        atomic_write_bytes(self.slot_path(info.slot), data)
+        repaired = SlotInfo(
+            slot=info.slot,
+            name=info.name,
+            version=info.version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            bundle_id=bundle_id,
+            installed=now,
+        )
+        slots = dict(state["slots"])
+        slots[info.slot] = repaired.to_json()
+        self._commit(state | {"slots": slots})
+        return repaired
 
     def held(self) -> list[str]:
         """Versions rolled back from, which updates do not reinstall."""

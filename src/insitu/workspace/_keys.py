@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from insitu._atomic import atomic_write_bytes
+from insitu._atomic import atomic_create_bytes, atomic_write_bytes
 from insitu._canonical import canonical_bytes
 from insitu._sealed import secret_key_id
 from insitu.errors import KeyFileError, PassphraseRequiredError, WrongPassphraseError
@@ -119,15 +119,7 @@ def create_secret(path: Path, passphrase: str | None) -> bool:
     """
     secret = secrets.token_bytes(32)
     data = _envelope("secret", secret_key_id(secret), secret, passphrase)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        atomic_write_bytes(tmp, data, mode=0o600)
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
+    return atomic_create_bytes(path, data, mode=0o600)
 
 
 def load_secret(path: Path, passphrase: str | None) -> bytes:

@@ -337,13 +337,22 @@ class Workspace(WorkspaceLayout):
     # -- ledger --------------------------------------------------------------------
 
     def ledger(self) -> Ledger:
-        """Open this node's ledger. The private key is loaded at the first write only."""
+        """Open this node's ledger. The private key is loaded at the first write only.
+
+        The ledger ``init`` wrote must be there: a missing or emptied one is refused,
+        never created anew, and its verification requires the ``workspace.init`` entry.
+
+        Raises:
+            MissingLedgerError: ``ledger.db`` is missing, empty, or holds no ledger.
+
+        """
         return Ledger(
             self.ledger_path,
             log_id=self.node_id,
             public_key=self.signing_public_key,
             signing_key=self.signing_key,
             head_interval=int(self.config.get("ledger", "head_interval")),
+            genesis=events.WORKSPACE_INIT.name,
         )
 
     # -- creation ------------------------------------------------------------------
