@@ -84,7 +84,8 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
         ├── ModelNotFoundError           no installed model of that name
         ├── InvalidInputError            an input that does not fit the model card's schema
         ├── EgressBlockedError           a network connection or lookup refused while serving
-        └── CannotListenError            the API cannot listen on its address (port in use)
+        ├── CannotListenError            the API cannot listen on its address (port in use)
+        └── IsolationError               the server cannot be put in a network namespace
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ __all__ = [
     "InsufficientDataError",
     "InvalidEventError",
     "InvalidInputError",
+    "IsolationError",
     "KAnonymityError",
     "KeyFileError",
     "KeyStoreError",
@@ -534,3 +536,11 @@ class EgressBlockedError(InferenceError, PermissionError):
 
 class CannotListenError(InferenceError):
     """The local API cannot listen on the address asked for (port in use, no permission)."""
+
+
+class IsolationError(InferenceError):
+    """``insitu serve --isolate`` cannot run the server in a network namespace of its own.
+
+    ``unshare`` is missing, the kernel refuses unprivileged user namespaces, or a process
+    claims isolation while it sees a network interface up.
+    """

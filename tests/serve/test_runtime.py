@@ -167,3 +167,18 @@ def test_predict_file_streams_csv_and_parquet(site: Site, tmp_path: Path) -> Non
     np.testing.assert_allclose(pd.read_parquet(tmp_path / "out.parquet")["y"], expected, rtol=1e-6)
     assert not (tmp_path / "bad-out.csv").exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_attack_symlinked_prediction_output(site: Site, tmp_path: Path) -> None:
+    pd.DataFrame(np.zeros((3, 8))).to_csv(tmp_path / "in.csv", index=False)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours")
+    (tmp_path / "out.csv").symlink_to(outside)
+    with (
+        ModelRuntime.for_workspace(site.workspace, guard=False) as runtime,
+        pytest.raises(OSError, match="symbolic link"),
+    ):
+        predict_file(runtime, "mlp", tmp_path / "in.csv", tmp_path / "out.csv")
+    assert outside.read_bytes() == b"not yours"
+    assert (tmp_path / "out.csv").is_symlink()
+    assert not list(tmp_path.glob(".out.csv.*"))  # no temporary file left

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -37,6 +37,18 @@ def serve(
     max_wait_ms: Annotated[
         float, typer.Option(min=0, help="Longest wait for a micro-batch to fill (ms).")
     ] = 1.0,
+    uds: Annotated[
+        Path | None,
+        typer.Option(help="Listen on this Unix socket instead of --host and --port."),
+    ] = None,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate",
+            help="Run in a network namespace of its own with no interface up (Linux); "
+            "listens on a Unix socket (--uds, default HOME/serve.sock).",
+        ),
+    ] = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -50,19 +62,29 @@ def serve(
       insitu serve
 
       insitu serve --port 9000 --max-wait-ms 2
+
+      insitu serve --isolate    # then: curl --unix-socket .insitu/serve.sock ...
     """
     from insitu.serve import check_bind
     from insitu.serve import serve as run_server
 
     ws = Workspace.open(home)
-    check_bind(host, expose=expose, certfile=tls_cert, keyfile=tls_key)
-    _check_port_free(host, port)
-    scheme = "https" if tls_cert else "http"
-    url, token_file = f"{scheme}://{host}:{port}", ws.keys_dir / "api-token"
+    if isolate:
+        uds = _isolated_socket(ws, uds, max_batch, max_wait_ms, json_output)
+    if uds is None:
+        check_bind(host, expose=expose, certfile=tls_cert, keyfile=tls_key)
+        _check_port_free(host, port)
+        scheme = "https" if tls_cert else "http"
+        url = f"{scheme}://{host}:{port}"
+    else:
+        _clear_stale_socket(uds)
+        url = f"unix:{uds}"
+    token_file = ws.keys_dir / "api-token"
 
     def started() -> None:
         if json_output:
             print_json({"serving": url, "docs": f"{url}/docs", "token_file": str(token_file)})
+            out.file.flush()
         else:
             err_console.print(
                 f"serving on {url} (docs at /docs, token in {token_file}); Ctrl+C stops"
@@ -76,9 +98,54 @@ def serve(
         certfile=tls_cert,
         keyfile=tls_key,
         on_started=started,
+        uds=uds,
         max_batch_rows=max_batch,
         max_wait=max_wait_ms / 1000,
     )
+
+
+def _isolated_socket(
+    ws: Workspace, uds: Path | None, max_batch: int, max_wait_ms: float, json_output: bool
+) -> Path:
+    """In the isolated process: its socket. Outside it: start it (this process ends)."""
+    from insitu.serve._isolate import ISOLATED_ENV, check_isolated
+
+    uds = (uds or ws.home / "serve.sock").absolute()
+    if os.environ.get(ISOLATED_ENV) != "1":
+        argv = ["serve", "--isolate", "--home", str(ws.home), "--uds", str(uds)]
+        argv += ["--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)]
+        _become_isolated([*argv, "--json"] if json_output else argv)
+    check_isolated()
+    return uds
+
+
+def _become_isolated(argv: list[str]) -> NoReturn:
+    """Replace this process with ``insitu argv`` in a new user and network namespace."""
+    from insitu.serve._isolate import isolated_environment, isolation_command
+
+    command = isolation_command(argv)
+    out.file.flush()
+    err_console.file.flush()
+    os.execve(command[0], command, isolated_environment())  # noqa: S606 -- fixed argv
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a server that is gone; refuse anything else there."""
+    import stat
+
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(f"--uds {path} exists and is not a socket; choose another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: a leftover
+            return
+    raise CannotListenError(f"a server already listens on {path}; stop it or choose another --uds")
 
 
 def _check_port_free(host: str, port: int) -> None:

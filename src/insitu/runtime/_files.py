@@ -23,16 +23,14 @@ then the model's raw outputs; then, when a schema says what they mean, ``label``
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from insitu._atomic import fsync_dir
+from insitu._atomic import atomic_writer
 from insitu.errors import DataFormatError, InvalidInputError, MissingDependencyError, SchemaError
 from insitu.runtime._records import RecordSchema
 
@@ -180,16 +178,18 @@ class _Predictor:
         return table
 
 
-def _append(table: pd.DataFrame, tmp: Path, writer: Any, *, parquet: bool, first: bool) -> Any:
-    """Append ``table`` to ``tmp``; returns the Parquet writer (``None`` for CSV)."""
+def _append(
+    table: pd.DataFrame, handle: BinaryIO, writer: Any, *, parquet: bool, first: bool
+) -> Any:
+    """Append ``table`` to the open ``handle``; returns the Parquet writer (``None`` for CSV)."""
     if not parquet:
-        table.to_csv(tmp, mode="a", header=first, index=False)
+        handle.write(table.to_csv(header=first, index=False).encode("utf-8"))
         return None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
-    writer = writer or pq.ParquetWriter(tmp, arrow.schema)
+    writer = writer or pq.ParquetWriter(handle, arrow.schema)
     writer.write_table(arrow)
     return writer
 
@@ -221,34 +221,23 @@ def predict_file(
     predictor = _Predictor(runtime, model, schema=schema, columns=columns, source=source.name)
     parquet = output.name.lower().endswith((".parquet", ".pq"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     chunks = 0
     writer: Any = None
-    try:
-        for frame in _chunks(source, chunk_rows):
-            table = pd.DataFrame(predictor.predict(frame))
-            writer = _append(table, tmp, writer, parquet=parquet, first=chunks == 0)
-            chunks += 1
-            if progress is not None:
-                progress(predictor.rows)
-        if writer is not None:
-            writer.close()
-            writer = None
-        if chunks == 0:
-            raise DataFormatError(f"{source} holds no rows")
-        with tmp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        tmp.replace(output)
-        fsync_dir(output.parent)
-    except BaseException:
-        if writer is not None:
-            with contextlib.suppress(Exception):
+    # An unpredictable temporary file beside the output, renamed over it only when every
+    # chunk succeeded; an output path that is a symbolic link is refused.
+    with atomic_writer(output) as handle:
+        try:
+            for frame in _chunks(source, chunk_rows):
+                table = pd.DataFrame(predictor.predict(frame))
+                writer = _append(table, handle, writer, parquet=parquet, first=chunks == 0)
+                chunks += 1
+                if progress is not None:
+                    progress(predictor.rows)
+            if chunks == 0:
+                raise DataFormatError(f"{source} holds no rows")
+        finally:
+            if writer is not None:
                 writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return {
         "model": model,
         "version": predictor.loaded.version,

@@ -265,18 +265,20 @@ def serve(
     keyfile: Path | None = None,
     routers: Sequence[APIRouter] = (),
     on_started: Callable[[], None] | None = None,
+    uds: Path | None = None,
     **app_options: Any,
 ) -> None:
     """Serve in the foreground until interrupted (``insitu serve``).
 
     ``on_started`` is called once the models are loaded and the socket is listening,
-    never before an error that stops the server from starting.
+    never before an error that stops the server from starting. With ``uds`` the API
+    listens on that Unix socket instead of ``host:port`` (``insitu serve --isolate``).
 
     Raises:
         CannotListenError: uvicorn could not bind ``host:port``.
 
     """
-    tls = check_bind(host, expose=expose, certfile=certfile, keyfile=keyfile)
+    tls = uds is None and check_bind(host, expose=expose, certfile=certfile, keyfile=keyfile)
     runtime = ModelRuntime.for_workspace(workspace)
     app_options.setdefault("backgrounds", site_background(workspace))
     extra, monitor = _site_extras(workspace, runtime, app_options)
@@ -284,14 +286,17 @@ def serve(
         runtime, token=workspace.api_token(), routers=[*extra, *routers], **app_options
     )
     options = {"ssl_certfile": str(certfile), "ssl_keyfile": str(keyfile)} if tls else {}
+    if uds is not None:
+        options = {"uds": str(uds)}
     server = _announcing_server(_uvicorn_config(app, host, port, **options), on_started)
     try:
         server.run()
     except SystemExit as exc:
         # uvicorn logs why it cannot bind, then exits the process: one error of ours.
+        where = f"unix:{uds}" if uds is not None else f"{host}:{port}"
         raise CannotListenError(
-            f"the server could not listen on {host}:{port} (the reason is above); choose "
-            "another --port, or stop what holds this one"
+            f"the server could not listen on {where} (the reason is above); choose "
+            "another --port (or --uds), or stop what holds this one"
         ) from exc
     finally:
         runtime.close()

@@ -49,7 +49,7 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from insitu._atomic import atomic_write_bytes
+from insitu._atomic import atomic_write_bytes, open_no_follow
 from insitu._canonical import canonical_bytes
 from insitu._clock import utc_now
 from insitu.audit import Ledger, events
@@ -448,7 +448,7 @@ class UpdateClient:
     def _exclusive(self) -> Iterator[None]:
         # python-tuf's Updater supports one instance per metadata directory, and two
         # installs must not race for the inactive slot: one process at a time.
-        with (self.directory / ".lock").open("a") as handle:
+        with open_no_follow(self.directory / ".lock", append=True) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
