@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -163,7 +164,10 @@ def _free_port() -> int:
         return port
 
 
-def _serve_and_predict(command: Sequence[str], home: Path) -> list[list[float]]:
+def _serve_and_predict(
+    command: Sequence[str], home: Path
+) -> tuple[list[list[float]], tuple[int, str]]:
+    """Predict one row over HTTP, then ask for an explanation: (outputs, explain answer)."""
     port = _free_port()
     proc = subprocess.Popen(
         [*command, "serve", "--port", str(port), "--json"],
@@ -188,7 +192,18 @@ def _serve_and_predict(command: Sequence[str], home: Path) -> list[list[float]]:
         with urllib.request.urlopen(request, timeout=30) as response:
             doc = json.loads(response.read())
         outputs: list[list[float]] = next(iter(doc["outputs"].values()))
-        return outputs
+        explain = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/triage/explain",
+            data=json.dumps({"inputs": [[0.5] * WIDTHS[0]]}).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(explain, timeout=30).close()
+            explained: tuple[int, str] = (200, "")
+        except urllib.error.HTTPError as refused:
+            with refused:
+                explained = (refused.code, json.loads(refused.read())["detail"])
+        return outputs, explained
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
@@ -216,7 +231,7 @@ def device_life(tmp: Path, command: Sequence[str]) -> dict[str, object]:
         device("bundle", "verify", str(first), "--publisher", publisher_key, "--json").stdout
     )
     started = time.perf_counter()
-    shown["outputs"] = _serve_and_predict(command, home)
+    shown["outputs"], shown["explain_http"] = _serve_and_predict(command, home)
     shown["serve_seconds"] = time.perf_counter() - started
     shown["drift"] = json.loads(device("drift", "status", "--json").stdout)
     shown["rollback"] = json.loads(device("rollback", "--json").stdout)
@@ -224,6 +239,7 @@ def device_life(tmp: Path, command: Sequence[str]) -> dict[str, object]:
     shown["info"] = json.loads(device("info", "--json").stdout)
     shown["federate"] = device("federate", "simulate", "x.csv", check=False)
     shown["predict_file"] = device("predict", "triage", "in.csv", "-o", "out.csv", check=False)
+    shown["explain_cli"] = device("explain", "triage", "in.csv", check=False)
     return shown
 
 
@@ -251,3 +267,12 @@ def check_device_life(shown: dict[str, object]) -> None:
     assert isinstance(predict, subprocess.CompletedProcess)
     assert predict.returncode == 1
     assert "insitu[data]" in predict.stderr
+    # No SHAP (nor pandas to read the site's records) on a device: a clear refusal.
+    status, detail = shown["explain_http"]  # type: ignore[misc]
+    assert status == 501
+    assert "pip install 'insitu[serve]'" in detail
+    explain = shown["explain_cli"]
+    assert isinstance(explain, subprocess.CompletedProcess)
+    assert explain.returncode == 1
+    assert len(explain.stderr.strip().splitlines()) == 1
+    assert "insitu explain needs" in explain.stderr

@@ -34,7 +34,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 import insitu
-from insitu.cli._lazy import LazyGroup
+from insitu.cli._lazy import LazyGroup, missing_dependency
 from insitu.cli._output import (
     err_console,
     json_printed,
@@ -161,7 +161,7 @@ def run(argv: list[str] | None = None) -> int:
         # --help, --version or typer.Exit: not failures.
         return int(exc.exit_code)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 -- each gets its exit code
-        failure = _show_failure(exc)
+        failure = _show_failure(missing_dependency(exc, args) or exc)
         if _json_wanted(exc, args) and not json_printed():
             print_json_error(failure.message, exit_code=failure.exit_code, error_type=failure.type)
         return failure.exit_code

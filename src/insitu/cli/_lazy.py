@@ -29,7 +29,7 @@ import typer.main
 
 from insitu.errors import MissingDependencyError
 
-__all__ = ["EXTRAS", "VERBS", "LazyGroup", "Verb"]
+__all__ = ["EXTRAS", "VERBS", "LazyGroup", "Verb", "missing_dependency"]
 
 
 @dataclass(frozen=True)
@@ -206,15 +206,31 @@ def _load(name: str, verb: Verb) -> click.Command:
     try:
         importlib.import_module(f"insitu.cli.{verb.module}")
     except ModuleNotFoundError as exc:
-        missing = (exc.name or "").partition(".")[0]
-        if not missing or missing == "insitu":
+        missing = missing_dependency(exc, [name])
+        if missing is None:
             raise
-        raise MissingDependencyError(
-            f"insitu {name} needs {missing}, which this install lacks; install the extra "
-            f"that brings it: pip install 'insitu[{EXTRAS.get(missing, 'all')}]'"
-        ) from exc
+        raise missing from exc
     from insitu.cli._app import app
 
     group: Any = typer.main.get_command(app)
     command: click.Command = group.commands[name]
     return command
+
+
+def missing_dependency(exc: BaseException, args: list[str]) -> MissingDependencyError | None:
+    """The one-line error for a package this install lacks, or ``None`` for anything else.
+
+    A verb's module loads its domain lazily, so a package can also be found missing deep
+    in a command (``insitu explain`` on a device reads a table with pandas).
+    """
+    if not isinstance(exc, ModuleNotFoundError):
+        return None
+    missing = (exc.name or "").partition(".")[0]
+    if not missing or missing == "insitu":
+        return None  # a missing module of insitu itself is a bug, not a missing extra
+    verb = next((arg for arg in args if arg in VERBS), None)
+    who = f"insitu {verb}" if verb else "this command"
+    return MissingDependencyError(
+        f"{who} needs {missing}, which this install lacks; install the extra that brings "
+        f"it: pip install 'insitu[{EXTRAS.get(missing, 'all')}]'"
+    )

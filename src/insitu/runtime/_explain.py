@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.errors import InvalidInputError, UsageError
+from insitu.errors import InvalidInputError, MissingDependencyError, UsageError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,7 +49,13 @@ def _shap() -> Any:
     with warnings.catch_warnings():
         # shap imports matplotlib pieces that emit a PendingDeprecationWarning.
         warnings.simplefilter("ignore")
-        import shap
+        try:
+            import shap
+        except ModuleNotFoundError as exc:  # a device install: no numba/llvmlite stack
+            raise MissingDependencyError(
+                "explanations need shap, which this install lacks; install the extra "
+                "that brings it: pip install 'insitu[serve]'"
+            ) from exc
     return shap
 
 

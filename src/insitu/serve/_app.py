@@ -37,7 +37,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from insitu.errors import InferenceError, InvalidInputError, ModelNotFoundError, UsageError
+from insitu.errors import (
+    InferenceError,
+    InvalidInputError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    UsageError,
+)
 from insitu.runtime import Explainer, LoadedModel, ModelRuntime, RecordSchema
 from insitu.serve._batching import MicroBatcher
 from insitu.serve._codec import (
@@ -348,6 +354,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelNotFoundError)
     async def _not_found(request: Request, exc: ModelNotFoundError) -> JSONResponse:
         return _error(404, str(exc))
+
+    @app.exception_handler(MissingDependencyError)
+    async def _not_installed(request: Request, exc: MissingDependencyError) -> JSONResponse:
+        # A device install serves predictions; explanations need the 'serve' extra.
+        return _error(501, str(exc))
 
 
 def _add_operations(app: FastAPI, state: _State, guard: _Token) -> None:

@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from insitu.errors import CannotListenError, InsituError, UsageError
+from insitu.errors import (
+    CannotListenError,
+    InsituError,
+    InvalidInputError,
+    MissingDependencyError,
+    UsageError,
+)
 from insitu.runtime import LoadedModel, ModelRuntime
 from insitu.serve._app import Background, create_app
 from insitu.serve._metrics import MetricsSnapshot, ServeMetrics
@@ -90,12 +96,19 @@ def site_background(workspace: Workspace) -> Any:
     """
 
     def find(name: str) -> Background | None:
-        from insitu.data import SiteDataset
+        try:
+            from insitu.data import SiteDataset
+        except ModuleNotFoundError as exc:  # a device install: no pandas to read a release
+            raise MissingDependencyError(
+                "explanations read this site's prepared records with pandas, which this "
+                "install lacks; install the extra that brings it: pip install 'insitu[serve]'"
+            ) from exc
 
         base = workspace.prepared_dir(name)
         releases = sorted(p.parent for p in base.glob("*/manifest.json")) if base.is_dir() else []
         if (base / "manifest.json").is_file():
             releases.insert(0, base)
+        empty: list[str] = []
         for directory in releases:
             try:
                 data = SiteDataset.open(workspace, directory).for_round(role="explanation")
@@ -105,6 +118,13 @@ def site_background(workspace: Workspace) -> Any:
             if data.rows:
                 picks = np.random.default_rng(0).permutation(data.rows)[:_BACKGROUND_ROWS]
                 return data.features[np.sort(picks)], data.feature_names
+            empty.append(str(directory))
+        if empty:
+            raise InvalidInputError(
+                f"no record of the prepared data of {name!r} ({', '.join(empty)}) may be used "
+                "for explanations: consent left 0 rows; record consent for the purpose "
+                "'explanation' ('insitu consent'), or prepare records whose subjects consented"
+            )
         return None
 
     return find
