@@ -8,7 +8,15 @@ small CNN (two convolutions on 1x28x28 images, 10 classes).
 * anchor 2, the plain endpoint a user would write: FastAPI + uvicorn, a Pydantic body
   of nested float lists, one ``session.run`` per request, the model in a file;
 * insitu serve: verified in-memory bundle, micro-batching, the binary body form
-  (``application/octet-stream`` + ``X-Insitu-Shape``), and also its JSON form.
+  (``application/octet-stream`` + ``X-Insitu-Shape``), and also its JSON form; for the
+  Adult MLP also records by column name (``{"records": [{...}]}``, one raw row of the
+  carried Adult table), which the server encodes by the data schema its signed card
+  carries (``drift_reference["schema"]``, a reference profile as ``insitu bundle``
+  makes it). The encoded forms send that record's encoding, so every form asks the same.
+
+Memory: ``VmRSS`` and ``VmHWM`` of each server process (from ``/proc/PID/status``) right
+after it accepts connections (model loaded, no request yet) and at the end of its run
+(``VmHWM``: the peak resident set over the whole run).
 
 Each server runs in its own process (one uvicorn worker); the client is an httpx
 ``AsyncClient`` bounded in concurrency (1 and 32), in requests and in time; ``wrk`` is
@@ -16,7 +24,7 @@ used instead when installed (Debian package ``wrk``): on 2 cores a Python client
 bottleneck. Every request carries one row. The machine is shared, so scenarios are
 interleaved and repeated (``--repeats``), and the median repetition is reported.
 Goals: at concurrency 32, >= 3x the plain endpoint's throughput; at concurrency 1, p50
-<= 1.2x the plain endpoint's.
+<= 1.2x the plain endpoint's; insitu serve's peak RSS with the Adult MLP <= 150 MB.
 
     .venv/bin/python benchmarks/serve_bench.py [--seconds 20] [--repeats 3] [--client wrk|httpx]
 
@@ -137,6 +145,49 @@ def _small_cnn() -> tuple[bytes, tuple[int, ...]]:
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, 10)
     return proto.SerializeToString(), (1, 28, 28)
+
+
+def _adult_record() -> dict[str, Any]:
+    """The first row of the carried Adult table as an integrator sends it: raw, no label."""
+    import csv
+    import gzip
+
+    from insitu.data import DataSchema
+    from insitu.datasets import builtin_data, builtin_schema
+
+    schema = DataSchema.load(builtin_schema("adult"))
+    with gzip.open(builtin_data("adult"), "rt", encoding="utf-8", newline="") as rows:
+        row = next(csv.DictReader(rows))
+    record: dict[str, Any] = {schema.subject: row[schema.subject]} if schema.subject else {}
+    for column in schema.features:
+        record[column] = int(row[column]) if column in schema.numeric else row[column]
+    return record
+
+
+def _schema_reference(schema_name: str) -> dict[str, Any]:
+    """A card's drift reference carrying the data schema, as ``insitu bundle`` stores it.
+
+    The histograms are a noisy release of a uniform sample: serving reads only the schema.
+    """
+    from insitu.data import DataSchema
+    from insitu.datasets import builtin_schema
+    from insitu.drift import ProfileLayout, combine_releases, noisy_release
+
+    schema = DataSchema.load(builtin_schema(schema_name))
+    layout = ProfileLayout.from_schema(schema)
+    sample = np.random.default_rng(0).random((64, layout.n_inputs)).astype(np.float32)
+    release, _ = noisy_release(layout, sample, None, epsilon=1.0, delta=1e-5)
+    return combine_releases(layout, [release], schema=schema.source).to_json()
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    """Resident set now (``VmRSS``) and its peak so far (``VmHWM``) of process ``pid``."""
+    found: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mb": found["VmRSS"], "peak_rss_mb": found["VmHWM"]}
 
 
 def _free_port() -> int:
@@ -260,8 +311,53 @@ def _bare(model: bytes, shape: tuple[int, ...], count: int) -> dict[str, Any]:
     }
 
 
+def _warm(
+    procs: dict[str, subprocess.Popen[str]],
+    requests: dict[str, tuple[str, bytes, dict[str, str]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Memory of each server as it starts, then after one request (the model loaded)."""
+    import httpx
+
+    memory = {which: {"started": _memory_mb(proc.pid)} for which, proc in procs.items()}
+    for which, (url, body, headers) in requests.items():
+        response = httpx.post(url, content=body, headers=headers, timeout=60)
+        if response.status_code != 200:
+            raise RuntimeError(f"{which}: {response.status_code} {response.text[:200]}")
+        memory[which]["loaded"] = _memory_mb(procs[which].pid)
+    return memory
+
+
+def _ratios(result: dict[str, Any]) -> dict[str, float]:
+    """insitu's figures over the plain endpoint's: throughput at c=32, p50 at c=1."""
+    plain, ours = result["plain"], result["insitu"]
+    ratios: dict[str, float] = {}
+    for form in ("binary", "json", "records"):
+        if f"c32_{form}" not in ours:
+            continue
+        ratios[f"c32_throughput_insitu_{form}_over_plain"] = round(
+            ours[f"c32_{form}"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
+        )
+        ratios[f"c1_p50_insitu_{form}_over_plain"] = round(
+            ours[f"c1_{form}"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
+        )
+    if "c32_records" in ours:  # what naming columns costs beside sending their encoding
+        for concurrency in (1, 32):
+            for form in ("json", "binary"):
+                ratios[f"c{concurrency}_throughput_records_over_{form}"] = round(
+                    ours[f"c{concurrency}_records"]["throughput_rps"]
+                    / ours[f"c{concurrency}_{form}"]["throughput_rps"],
+                    2,
+                )
+    return ratios
+
+
 def bench_model(
-    label: str, model: bytes, shape: tuple[int, ...], args: argparse.Namespace, work: Path
+    label: str,
+    model: bytes,
+    shape: tuple[int, ...],
+    schema_name: str | None,
+    args: argparse.Namespace,
+    work: Path,
 ) -> dict[str, Any]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -273,17 +369,30 @@ def bench_model(
     )
 
     from insitu.bundle import ModelCard, create_bundle, schema_of
+    from insitu.data import DataSchema
+    from insitu.datasets import builtin_schema
+    from insitu.runtime import RecordSchema
 
     publisher, device = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
     inputs, outputs = schema_of(model)
-    card = ModelCard(name=label, version="1.0.0", inputs=inputs, outputs=outputs)
+    reference = _schema_reference(schema_name) if schema_name else None
+    card = ModelCard(
+        name=label, version="1.0.0", inputs=inputs, outputs=outputs, drift_reference=reference
+    )
     bundle = work / f"{label}.insb"
     bundle.write_bytes(create_bundle(model, card, publisher, recipients=[device.public_key()]))
     plain_model = work / f"{label}.onnx"  # the plain endpoint loads a file, as users do
     plain_model.write_bytes(model)
     token = "bench-token-" + "x" * 24
     env = dict(os.environ)
-    x = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
+    record = _adult_record() if schema_name else None
+    if (
+        schema_name is not None and record is not None
+    ):  # the encoded forms send this record's encoding
+        records = RecordSchema.of(DataSchema.load(builtin_schema(schema_name)))
+        x = np.asarray(records.encode([record]), dtype=np.float32)
+    else:
+        x = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
     as_json = {"json": {"inputs": x.tolist()}}
     raw_headers = {
         "Content-Type": "application/octet-stream",
@@ -292,6 +401,7 @@ def bench_model(
     as_raw = {"content": x.tobytes(), "headers": raw_headers}
     result: dict[str, Any] = {
         "input_shape": list(shape),
+        "card_carries_schema": schema_name is not None,
         "bare_session_run": _bare(model, shape, args.bare_calls),
     }
     servers: dict[str, tuple[list[str], str]] = {}
@@ -342,9 +452,24 @@ def bench_model(
         ("insitu", "binary"): (insitu_url, x.tobytes(), raw_headers, as_raw, auth),
         ("insitu", "json"): (insitu_url, json_body, json_headers, as_json, auth),
     }
+    if record is not None:
+        as_records = {"json": {"records": [record]}}
+        records_body = json.dumps(as_records["json"]).encode()
+        scenarios["insitu", "records"] = (
+            insitu_url,
+            records_body,
+            json_headers,
+            as_records,
+            auth,
+        )
     try:
         _wait_ready(plain_base + "/docs", procs["plain"])
         _wait_ready(insitu_base + "/healthz", procs["insitu"])
+        first = {
+            "plain": (plain_base + "/predict", json_body, json_headers),
+            "insitu": (insitu_url, json_body, {**json_headers, **auth}),
+        }
+        memory = _warm(procs, first)
         # The machine is shared: scenarios are interleaved, repeated, and the median
         # repetition (by throughput) is reported, so that a burst of other work hits
         # every server alike.
@@ -374,32 +499,24 @@ def bench_model(
                 median = dict(ordered[len(ordered) // 2])
                 median["repeats_throughput_rps"] = [f["throughput_rps"] for f in repeats]
                 result.setdefault(which, {})[f"c{concurrency}_{form}"] = median
+        for which, proc in procs.items():
+            memory[which]["end"] = _memory_mb(proc.pid)
     finally:
         for proc in procs.values():
             if proc.stdin:
                 proc.stdin.close()
             proc.terminate()
             proc.wait(timeout=30)
-    plain, ours = result["plain"], result["insitu"]
-    result["ratios"] = {
-        "c32_throughput_insitu_binary_over_plain": round(
-            ours["c32_binary"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
-        ),
-        "c32_throughput_insitu_json_over_plain": round(
-            ours["c32_json"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
-        ),
-        "c1_p50_insitu_binary_over_plain": round(
-            ours["c1_binary"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
-        ),
-        "c1_p50_insitu_json_over_plain": round(
-            ours["c1_json"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
-        ),
-    }
-    ratios = result["ratios"]
+    result["memory_mb"] = memory
+    result["ratios"] = ratios = _ratios(result)
+    peak = memory["insitu"]["end"]["peak_rss_mb"]
+    ratios["peak_rss_insitu_over_plain"] = round(peak / memory["plain"]["end"]["peak_rss_mb"], 2)
     result["goals"] = {
         "c32_throughput_at_least_3x": ratios["c32_throughput_insitu_binary_over_plain"] >= 3,
         "c1_p50_at_most_1.2x": ratios["c1_p50_insitu_binary_over_plain"] <= 1.2,
     }
+    if schema_name:
+        result["goals"]["insitu_peak_rss_at_most_150mb"] = peak <= 150
     return result
 
 
@@ -440,16 +557,20 @@ def main() -> None:
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for label, build in (("adult-mlp", _adult_mlp), ("small-cnn", _small_cnn)):
+        models = (("adult-mlp", _adult_mlp, "adult"), ("small-cnn", _small_cnn, None))
+        for label, build, schema_name in models:
             if label not in args.models.split(","):
                 continue
             model, shape = build()
-            results["models"][label] = bench_model(label, model, shape, args, Path(tmp))
+            results["models"][label] = bench_model(
+                label, model, shape, schema_name, args, Path(tmp)
+            )
     results["machine"]["loadavg_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     for label, figures in results["models"].items():
         print(label, figures["ratios"], figures["goals"])
+        print(label, "memory (MB)", figures["memory_mb"])
 
 
 if __name__ == "__main__":

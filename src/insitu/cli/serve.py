@@ -108,7 +108,7 @@ def _isolated_socket(
     ws: Workspace, uds: Path | None, max_batch: int, max_wait_ms: float, json_output: bool
 ) -> Path:
     """In the isolated process: its socket. Outside it: start it (this process ends)."""
-    from insitu.serve._isolate import ISOLATED_ENV, check_isolated
+    from insitu.serve import ISOLATED_ENV, check_isolated
 
     uds = (uds or ws.home / "serve.sock").absolute()
     if os.environ.get(ISOLATED_ENV) != "1":
@@ -121,7 +121,7 @@ def _isolated_socket(
 
 def _become_isolated(argv: list[str]) -> NoReturn:
     """Replace this process with ``insitu argv`` in a new user and network namespace."""
-    from insitu.serve._isolate import isolated_environment, isolation_command
+    from insitu.serve import isolated_environment, isolation_command
 
     command = isolation_command(argv)
     out.file.flush()

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 from insitu.serve._app import Background, BackgroundSource, create_app
 from insitu.serve._batching import MicroBatcher
+from insitu.serve._isolate import (
+    ISOLATED_ENV,
+    check_isolated,
+    isolated_environment,
+    isolation_command,
+)
 from insitu.serve._metrics import MetricsSnapshot, ServeMetrics
 from insitu.serve._server import (
     DEFAULT_HOST,
@@ -25,6 +31,7 @@ from insitu.serve._server import (
 
 __all__ = [
     "DEFAULT_HOST",
+    "ISOLATED_ENV",
     "Background",
     "BackgroundSource",
     "MetricsSnapshot",
@@ -32,7 +39,10 @@ __all__ = [
     "RunningServer",
     "ServeMetrics",
     "check_bind",
+    "check_isolated",
     "create_app",
+    "isolated_environment",
+    "isolation_command",
     "running",
     "serve",
     "site_background",
