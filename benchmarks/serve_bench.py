@@ -13,10 +13,15 @@ small CNN (two convolutions on 1x28x28 images, 10 classes).
   carried Adult table), which the server encodes by the data schema its signed card
   carries (``drift_reference["schema"]``, a reference profile as ``insitu bundle``
   makes it). The encoded forms send that record's encoding, so every form asks the same.
+* for the Adult MLP, the ``insitu serve`` command itself on a device's workspace (keys
+  sealed with a passphrase, the model installed by an update from the tests' in-memory
+  TUF repository, the dashboard, the drift monitor and the ledger on): binary and
+  records. The in-process server above is the same application without the site's
+  extras.
 
-Memory: ``VmRSS`` and ``VmHWM`` of each server process (from ``/proc/PID/status``) right
-after it accepts connections (model loaded, no request yet) and at the end of its run
-(``VmHWM``: the peak resident set over the whole run).
+Memory: ``VmRSS`` and ``VmHWM`` (the peak resident set so far) of each server process,
+from ``/proc/PID/status``: once it accepts connections, after its first request (insitu
+loads a model on first use), and at the end of its run (after every scenario).
 
 Each server runs in its own process (one uvicorn worker); the client is an httpx
 ``AsyncClient`` bounded in concurrency (1 and 32), in requests and in time; ``wrk`` is
@@ -24,7 +29,8 @@ used instead when installed (Debian package ``wrk``): on 2 cores a Python client
 bottleneck. Every request carries one row. The machine is shared, so scenarios are
 interleaved and repeated (``--repeats``), and the median repetition is reported.
 Goals: at concurrency 32, >= 3x the plain endpoint's throughput; at concurrency 1, p50
-<= 1.2x the plain endpoint's; insitu serve's peak RSS with the Adult MLP <= 150 MB.
+<= 1.2x the plain endpoint's; insitu serve's peak RSS with the Adult MLP <= 150 MB
+(the in-process server and the command).
 
     .venv/bin/python benchmarks/serve_bench.py [--seconds 20] [--repeats 3] [--client wrk|httpx]
 
@@ -99,6 +105,10 @@ INSITU_SERVER = textwrap.dedent(
 )
 
 
+# The device's keys are sealed (scrypt), as insitu asks of any machine with real data.
+CLI_PASSPHRASE = "bench-passphrase"
+
+
 def _adult_mlp() -> tuple[bytes, tuple[int, ...]]:
     from insitu.data import DataSchema, FeatureEncoder
     from insitu.datasets import builtin_schema
@@ -142,6 +152,7 @@ def _small_cnn() -> tuple[bytes, tuple[int, ...]]:
             dynamo=True,
             external_data=False,
         )
+    assert program is not None  # dynamo=True always returns the program
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, 10)
     return proto.SerializeToString(), (1, 28, 28)
@@ -178,6 +189,40 @@ def _schema_reference(schema_name: str) -> dict[str, Any]:
     sample = np.random.default_rng(0).random((64, layout.n_inputs)).astype(np.float32)
     release, _ = noisy_release(layout, sample, None, epsilon=1.0, delta=1e-5)
     return combine_releases(layout, [release], schema=schema.source).to_json()
+
+
+def _cli_site(model: bytes, card: Any, work: Path) -> tuple[Path, str]:
+    """A workspace with ``model`` installed as a device installs it; its home and token.
+
+    Enrolled with the tests' in-memory TUF repository (no network), updated once: what
+    ``insitu serve`` then serves is a verified slot, with the dashboard, the drift monitor
+    and the ledger of a real site.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from insitu.bundle import create_bundle
+    from insitu.update import UpdateClient
+    from insitu.workspace import Workspace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' repository
+    from tests.update.repository_simulator import BASE_URL, RepositorySimulator
+
+    os.environ["INSITU_PASSPHRASE"] = CLI_PASSPHRASE  # the ledger signs with the site's key
+    home = work / f"site-{card.name}"
+    workspace, _ = Workspace.init(home, name="site")
+    publisher, publisher_enc = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
+    sim = RepositorySimulator([publisher.public_key()])
+    update = workspace.home / "update"
+    UpdateClient.enroll(update, root=sim.root_bytes, url=BASE_URL, model=card.name)
+    recipients = [workspace.encryption_public_key, publisher_enc.public_key()]
+    sim.repo.publish(
+        create_bundle(model, card, publisher, recipients=recipients), publisher_key=publisher_enc
+    )
+    with workspace.ledger() as ledger:
+        key = workspace.encryption_key()
+        UpdateClient(update, device_key=key, ledger=ledger, fetcher=sim).update()
+    return workspace.home, workspace.api_token()
 
 
 def _memory_mb(pid: int) -> dict[str, float]:
@@ -328,26 +373,31 @@ def _warm(
 
 
 def _ratios(result: dict[str, Any]) -> dict[str, float]:
-    """insitu's figures over the plain endpoint's: throughput at c=32, p50 at c=1."""
-    plain, ours = result["plain"], result["insitu"]
+    """insitu's figures over the plain endpoint's (throughput at c=32, p50 at c=1), and
+    records' throughput over the encoded forms'."""
+    plain = result["plain"]
     ratios: dict[str, float] = {}
-    for form in ("binary", "json", "records"):
-        if f"c32_{form}" not in ours:
+    for which in ("insitu", "cli"):
+        ours = result.get(which, {})
+        for form in ("binary", "json", "records"):
+            if f"c32_{form}" not in ours:
+                continue
+            ratios[f"c32_throughput_{which}_{form}_over_plain"] = round(
+                ours[f"c32_{form}"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
+            )
+            ratios[f"c1_p50_{which}_{form}_over_plain"] = round(
+                ours[f"c1_{form}"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
+            )
+        if "c32_records" not in ours:
             continue
-        ratios[f"c32_throughput_insitu_{form}_over_plain"] = round(
-            ours[f"c32_{form}"]["throughput_rps"] / plain["c32_json"]["throughput_rps"], 2
-        )
-        ratios[f"c1_p50_insitu_{form}_over_plain"] = round(
-            ours[f"c1_{form}"]["p50_ms"] / plain["c1_json"]["p50_ms"], 2
-        )
-    if "c32_records" in ours:  # what naming columns costs beside sending their encoding
-        for concurrency in (1, 32):
+        for concurrency in (1, 32):  # what naming columns costs beside their encoding
             for form in ("json", "binary"):
-                ratios[f"c{concurrency}_throughput_records_over_{form}"] = round(
-                    ours[f"c{concurrency}_records"]["throughput_rps"]
-                    / ours[f"c{concurrency}_{form}"]["throughput_rps"],
-                    2,
-                )
+                if f"c{concurrency}_{form}" in ours:
+                    ratios[f"c{concurrency}_throughput_{which}_records_over_{form}"] = round(
+                        ours[f"c{concurrency}_records"]["throughput_rps"]
+                        / ours[f"c{concurrency}_{form}"]["throughput_rps"],
+                        2,
+                    )
     return ratios
 
 
@@ -430,6 +480,16 @@ def bench_model(
         ],
         f"http://127.0.0.1:{insitu_port}",
     )
+    envs = dict.fromkeys(servers, env)
+    if schema_name is not None:  # and the CLI on a device's workspace
+        home, cli_token = _cli_site(model, card, work)
+        cli_port = _free_port()
+        insitu_cli = str(Path(sys.executable).with_name("insitu"))
+        servers["cli"] = (
+            [insitu_cli, "serve", "--home", str(home), "--port", str(cli_port)],
+            f"http://127.0.0.1:{cli_port}",
+        )
+        envs["cli"] = env | {"INSITU_PASSPHRASE": CLI_PASSPHRASE}  # to open the slot
     procs = {
         which: subprocess.Popen(
             command,
@@ -437,7 +497,7 @@ def bench_model(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=envs[which],
         )
         for which, (command, _) in servers.items()
     }
@@ -455,13 +515,11 @@ def bench_model(
     if record is not None:
         as_records = {"json": {"records": [record]}}
         records_body = json.dumps(as_records["json"]).encode()
-        scenarios["insitu", "records"] = (
-            insitu_url,
-            records_body,
-            json_headers,
-            as_records,
-            auth,
-        )
+        scenarios["insitu", "records"] = (insitu_url, records_body, json_headers, as_records, auth)
+        cli_auth = {"Authorization": f"Bearer {cli_token}"}
+        cli_url = f"{servers['cli'][1]}/v1/models/{label}/predict"
+        scenarios["cli", "binary"] = (cli_url, x.tobytes(), raw_headers, as_raw, cli_auth)
+        scenarios["cli", "records"] = (cli_url, records_body, json_headers, as_records, cli_auth)
     try:
         _wait_ready(plain_base + "/docs", procs["plain"])
         _wait_ready(insitu_base + "/healthz", procs["insitu"])
@@ -469,6 +527,9 @@ def bench_model(
             "plain": (plain_base + "/predict", json_body, json_headers),
             "insitu": (insitu_url, json_body, {**json_headers, **auth}),
         }
+        if "cli" in servers:
+            _wait_ready(servers["cli"][1] + "/healthz", procs["cli"])
+            first["cli"] = (cli_url, json_body, {**json_headers, **cli_auth})
         memory = _warm(procs, first)
         # The machine is shared: scenarios are interleaved, repeated, and the median
         # repetition (by throughput) is reported, so that a burst of other work hits
@@ -509,14 +570,17 @@ def bench_model(
             proc.wait(timeout=30)
     result["memory_mb"] = memory
     result["ratios"] = ratios = _ratios(result)
-    peak = memory["insitu"]["end"]["peak_rss_mb"]
-    ratios["peak_rss_insitu_over_plain"] = round(peak / memory["plain"]["end"]["peak_rss_mb"], 2)
+    peaks = {which: figures["end"]["peak_rss_mb"] for which, figures in memory.items()}
+    for which in ("insitu", "cli"):
+        if which in peaks:
+            ratios[f"peak_rss_{which}_over_plain"] = round(peaks[which] / peaks["plain"], 2)
     result["goals"] = {
         "c32_throughput_at_least_3x": ratios["c32_throughput_insitu_binary_over_plain"] >= 3,
         "c1_p50_at_most_1.2x": ratios["c1_p50_insitu_binary_over_plain"] <= 1.2,
     }
-    if schema_name:
-        result["goals"]["insitu_peak_rss_at_most_150mb"] = peak <= 150
+    if schema_name:  # the Adult MLP: the device's model
+        result["goals"]["insitu_peak_rss_at_most_150mb"] = peaks["insitu"] <= 150
+        result["goals"]["cli_peak_rss_at_most_150mb"] = peaks["cli"] <= 150
     return result
 
 
@@ -553,6 +617,7 @@ def main() -> None:
             "rows_per_request": 1,
             "client": args.client,
             "insitu": {"max_batch_rows": 256, "max_wait_ms": 1.0},
+            "cli": "insitu serve --home DEVICE (Adult MLP; keys sealed; site extras on)",
         },
         "models": {},
     }
