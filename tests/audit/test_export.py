@@ -134,3 +134,17 @@ def test_export_is_written_atomically(ledger, tmp_path, monkeypatch):
         export_ledger(ledger, target)
     assert target.read_text() == "previous export\n"
     assert [p.name for p in target.parent.iterdir()] == ["out.jsonl"]
+
+
+def test_attack_respelled_public_key_is_a_change(exported, tmp_path):
+    # "f" to "F" spells the same key, but it is a changed byte: found by the property test
+    # above (position 391, "F"), refused since.
+    data, key = exported
+    header, _, rest = data.partition(b"\n")
+    spelled = json.loads(header)["public_key"]
+    letter = next(i for i, c in enumerate(spelled) if c in "abcdef")
+    respelled = spelled[:letter] + spelled[letter].upper() + spelled[letter + 1 :]
+    path = tmp_path / "respelled.jsonl"
+    path.write_bytes(header.replace(spelled.encode(), respelled.encode()) + b"\n" + rest)
+    with pytest.raises(MalformedLedgerError, match="lower-case hex"):
+        verify_export(path, public_key=key)

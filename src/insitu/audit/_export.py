@@ -30,7 +30,7 @@ from insitu._atomic import atomic_writer
 from insitu._canonical import canonical_text, is_canonical
 from insitu.audit import events
 from insitu.audit._ledger import Ledger
-from insitu.audit._records import Entry, TreeHead, node_id_for
+from insitu.audit._records import Entry, TreeHead, _unhex, node_id_for
 from insitu.audit._verify import VerificationReport, verify_entries
 from insitu.errors import BadEntrySignatureError, MalformedLedgerError, TruncatedLedgerError
 
@@ -109,7 +109,9 @@ def verify_export(
     if set(header) != {"format", "head", "public_key"}:
         raise MalformedLedgerError("the export header has unexpected fields")
     try:
-        file_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(str(header["public_key"])))
+        # Lower-case hex only, as written: a byte changed to another spelling of the same
+        # key ("f" to "F") is a change to the file, and is refused like any other.
+        file_key = Ed25519PublicKey.from_public_bytes(_unhex(header["public_key"], 32))
     except ValueError as exc:
         raise MalformedLedgerError(f"the export's public key is malformed ({exc})") from exc
     key = public_key or file_key

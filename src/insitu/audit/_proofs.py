@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from insitu.audit._ledger import Ledger
 from insitu.audit._merkle import leaf_hash, verify_consistency, verify_inclusion
-from insitu.audit._records import Entry, TreeHead, node_id_for, verify_entry_signature
+from insitu.audit._records import (
+    Entry,
+    TreeHead,
+    _unhex,
+    node_id_for,
+    verify_entry_signature,
+)
 from insitu.errors import (
     BadEntrySignatureError,
     EntryHashMismatchError,
@@ -97,8 +103,8 @@ def check_proof(doc: Any, public_key: Ed25519PublicKey | None) -> CheckedProof:
     if not isinstance(doc, dict) or doc.get("format") not in {INCLUSION_FORMAT, CONSISTENCY_FORMAT}:
         raise MalformedLedgerError("not an insitu proof document (unknown format)")
     try:
-        doc_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(doc["public_key"]))
-        proof = [bytes.fromhex(p) for p in doc["proof"]]
+        doc_key = Ed25519PublicKey.from_public_bytes(_unhex(doc["public_key"], 32))
+        proof = [_unhex(p, 32) for p in doc["proof"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedLedgerError(f"malformed proof document ({exc})") from exc
     if public_key is not None and _raw(public_key) != _raw(doc_key):
