@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -59,3 +60,31 @@ def fine_tune(
             + rng.standard_normal(new[i].shape).astype(np.float32) * step * np.abs(new[i]).mean()
         ).astype(np.float32)
     return build(widths, new)
+
+
+def write_trained_pair(
+    publisher_home: str | Path, widths: list[int], first: Path, second: Path
+) -> None:
+    """Write a base model and its last-layer fine-tune, recording both trainings.
+
+    A card may claim an epsilon only for a model whose private training the publisher's
+    ledger records, so runs ``r1`` and ``r2`` (epsilon 3) are recorded for them.
+    """
+    import hashlib
+
+    from insitu.workspace import Workspace
+
+    base, weights = mlp(widths)
+    first.write_bytes(base)
+    second.write_bytes(fine_tune(widths, weights, last_layer_only=True))
+    with Workspace.open(publisher_home).ledger() as ledger:
+        for run_id, path in (("r1", first), ("r2", second)):
+            ledger.record(
+                "federation.completed",
+                run=run_id,
+                rounds=1,
+                onnx_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                epsilon_run=3.0,
+                delta=1e-5,
+                round_entries=[],
+            )

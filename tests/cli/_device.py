@@ -9,7 +9,6 @@ update, verify, serve, predict over HTTP, roll back and verify its ledger.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from insitu.cli import run
-from insitu.workspace import Workspace
-from tests.bundle._models import fine_tune, mlp
+from tests.bundle._models import write_trained_pair
 from tests.update._http import serving
 
 # What a device install lacks (the top-level import names).
@@ -138,20 +136,7 @@ def publisher(tmp: Path) -> Publisher:
     """A publisher workspace, its repository and two models whose training it records."""
     home = str(tmp / "publisher")
     assert run(["init", "--home", home]) == 0
-    base, weights = mlp(WIDTHS)
-    (tmp / "model.onnx").write_bytes(base)
-    (tmp / "model2.onnx").write_bytes(fine_tune(WIDTHS, weights, last_layer_only=True))
-    with Workspace.open(home).ledger() as ledger:
-        for run_id, name in (("r1", "model.onnx"), ("r2", "model2.onnx")):
-            ledger.record(
-                "federation.completed",
-                run=run_id,
-                rounds=1,
-                onnx_sha256=hashlib.sha256((tmp / name).read_bytes()).hexdigest(),
-                epsilon_run=3.0,
-                delta=1e-5,
-                round_entries=[],
-            )
+    write_trained_pair(home, WIDTHS, tmp / "model.onnx", tmp / "model2.onnx")
     repo = str(tmp / "repo")
     assert run(["repo", "init", repo, "--home", home]) == 0
     return Publisher(tmp, home, repo)

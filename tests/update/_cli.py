@@ -8,7 +8,6 @@ with :func:`tests.update._http.serving`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from insitu.cli import run
 from insitu.runtime import create_session
 from insitu.workspace import Workspace
-from tests.bundle._models import fine_tune, mlp
+from tests.bundle._models import write_trained_pair
 
 WIDTHS = [8, 16, 3]
 MODELS = {"1.0.0": "model1.onnx", "2.0.0": "model2.onnx"}
@@ -66,20 +65,7 @@ class Site:
         site = cls(root, capsys)
         for home in (site.publisher, site.device):
             assert invoke(capsys, "init", "--home", home)[0] == 0
-        base, weights = mlp(WIDTHS)
-        (root / MODELS["1.0.0"]).write_bytes(base)
-        (root / MODELS["2.0.0"]).write_bytes(fine_tune(WIDTHS, weights, last_layer_only=True))
-        with Workspace.open(site.publisher).ledger() as ledger:
-            for run_id, name in (("r1", MODELS["1.0.0"]), ("r2", MODELS["2.0.0"])):
-                ledger.record(
-                    "federation.completed",
-                    run=run_id,
-                    rounds=1,
-                    onnx_sha256=hashlib.sha256((root / name).read_bytes()).hexdigest(),
-                    epsilon_run=3.0,
-                    delta=1e-5,
-                    round_entries=[],
-                )
+        write_trained_pair(site.publisher, WIDTHS, root / MODELS["1.0.0"], root / MODELS["2.0.0"])
         invoke_json(capsys, "repo", "init", str(site.repo), "--home", site.publisher)
         return site
 
