@@ -3,8 +3,9 @@
 Flower's deployment engine starts a fresh ``flwr-clientapp`` process for every message a
 site receives; with SecAgg+ a round is five messages per site, and only one of them
 (training) and the evaluation need PyTorch. This module imports nothing but Flower and
-:mod:`insitu`'s root, so the key-agreement and unmasking stages do not pay for importing
-PyTorch. The work itself is in :mod:`insitu.federated._apps`.
+:mod:`insitu`'s root; the work itself is in :mod:`insitu.federated._apps`. The egress
+witness (outermost mod, every message) imports :mod:`insitu.federated`, whose names load
+on first use: the witness costs the ledger's modules (about 50 ms), not PyTorch.
 
 It lives outside :mod:`insitu.federated`, whose package import loads the simulation
 engine and PyTorch.
@@ -38,6 +39,18 @@ def _client_fn(context: Context) -> Any:
     return site_client(context)
 
 
+def _egress(msg: Message, context: Context, call_next: Any) -> Message:
+    """Spool what the reply carries out of the site, for the site's ledger (outermost).
+
+    The site's own process records the spooled entries (``federation.egress``): Flower
+    starts this process per message while the site's process watches the run.
+    """
+    from insitu.federated import deployed_egress_mod
+
+    result: Message = deployed_egress_mod(msg, context, call_next)
+    return result
+
+
 def _privacy_mods(msg: Message, context: Context, call_next: Any) -> Message:
     """The run's mods, chosen by its settings: SecAgg+ outside, site clipping inside."""
     config = json.loads(str(context.run_config["insitu"]))["config"]
@@ -55,4 +68,5 @@ def _privacy_mods(msg: Message, context: Context, call_next: Any) -> Message:
     return result
 
 
-client_app = ClientApp(client_fn=_client_fn, mods=[_privacy_mods])
+# The egress witness is outermost: it measures what leaves the site, after SecAgg+.
+client_app = ClientApp(client_fn=_client_fn, mods=[_egress, _privacy_mods])

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from insitu.datasets import builtin_schema
+
 ADULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "adult.csv"
 
 
@@ -34,3 +36,15 @@ def _collect_ray_leftovers() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
         gc.collect()
+
+
+@pytest.fixture
+def schema_file(tmp_path: Path) -> Path:
+    """The carried Adult schema, with a stated legal basis instead of per-record consent."""
+    text = builtin_schema("adult").read_text()
+    text = text.replace(
+        "required = true", 'required = false\nlegal_basis = "GDPR art. 6(1)(f), test"'
+    )
+    path = tmp_path / "adult.schema.toml"
+    path.write_text(text)
+    return path

@@ -24,11 +24,13 @@ import pytest
 
 from insitu.cli import run
 from insitu.data import read_table
-from insitu.datasets import builtin_data, builtin_schema
+from insitu.datasets import builtin_data
 from insitu.errors import CertificateError, ServerUnreachableError
 from insitu.federated import probe_server
 from insitu.federated._certs import check_server_pair, make_certs
 from insitu.workspace import Workspace
+
+from .test_attack_control_plane import attack_control_plane
 
 INSITU = str(Path(sys.executable).parent / "insitu")
 
@@ -45,18 +47,6 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     return lines[0]
-
-
-@pytest.fixture
-def schema_file(tmp_path: Path) -> Path:
-    """The carried Adult schema, with a stated legal basis instead of per-record consent."""
-    text = builtin_schema("adult").read_text()
-    text = text.replace(
-        "required = true", 'required = false\nlegal_basis = "GDPR art. 6(1)(f), test"'
-    )
-    path = tmp_path / "adult.schema.toml"
-    path.write_text(text)
-    return path
 
 
 # --------------------------------------------------------------------------- certificates
@@ -379,6 +369,47 @@ def _non_loopback_endpoints(pids: set[int]) -> set[str]:
     return bad
 
 
+def _gateway_up(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _operator_lists_runs(pids: set[int]) -> list[str]:
+    """The operator's side: the SuperLink's loopback port answers the Control API.
+
+    (The control experiment of the attack: the same client that the public port refuses
+    does work where the operator stands, so a refusal is not a broken client.)
+    """
+    from flwr.proto.control_pb2 import ListRunsRequest
+    from flwr.supercore.control import ControlHttpClient
+
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            cwd = Path(f"/proc/{pid}/cwd").readlink()
+        except OSError:
+            continue
+        if not any(a.endswith("flower-superlink") for a in argv[:2]) or "--port" not in argv:
+            continue
+        loopback = f"{argv[argv.index('--host') + 1]}:{argv[argv.index('--port') + 1]}"
+        client = ControlHttpClient.from_server_address(
+            server_address=loopback,
+            insecure=False,
+            root_certificates=(cwd / "loopback" / "ca.pem").read_bytes(),
+            interceptors=[],
+        )
+        try:
+            client.ListRuns(ListRunsRequest())
+        finally:
+            client.close()
+        return ["ListRuns"]
+    return []
+
+
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
@@ -459,10 +490,19 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
             )
         checked_env = False
         endpoints: set[str] = set()
+        attacks: dict[str, list[str]] = {}
         deadline = time.monotonic() + 600
         while server.poll() is None and time.monotonic() < deadline:
             flower = _descendants(os.getpid()) - {server.pid, *(p.pid for p in procs.values())}
             endpoints |= _non_loopback_endpoints(flower | {server.pid})
+            if not attacks and _gateway_up(address):
+                # While the run goes on: the operator's routes are closed on the public
+                # port to an outsider with ca.pem and to a registered site's key alike.
+                attacks["outsider"] = attack_control_plane(address, certs.ca, None)
+                attacks["site"] = attack_control_plane(
+                    address, certs.ca, certs.site_key("hospital-a")
+                )
+                attacks["operator"] = _operator_lists_runs(flower)
             for pid in flower:
                 try:
                     environ = _environ(pid)
@@ -484,6 +524,7 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
 
     assert checked_env
     assert not endpoints, endpoints
+    assert attacks == {"outsider": [], "site": [], "operator": ["ListRuns"]}, attacks
 
     # The server: two rounds with three sites, through SecAgg+ (one aggregate seen).
     result = json.loads(out)
@@ -494,9 +535,10 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
     # Sites evaluate only at the final round, under DP; each round says what it covers.
     first, last = result["rounds"]
     assert (first["accuracy"], first["sites_evaluated"]) == (None, 0)
-    # A final evaluation can still be lost to a site that stopped first (issue 15): the
-    # round then says how many sites its accuracy covers.
-    assert last["sites_evaluated"] == 0 or last["accuracy"] > 0.6
+    # No final evaluation is lost: sites keep their SuperNode up until the server says
+    # the run finished (issue 15: a site that stopped first lost its reply).
+    assert last["sites_evaluated"] == 3
+    assert last["accuracy"] > 0.6
     assert (Path(result["model_dir"]) / "model.onnx").exists()
     with Workspace.open(tmp_path / "server").ledger() as ledger:
         kinds = [e.type for e in ledger.entries() if e.type.startswith("federation.")]
@@ -504,7 +546,9 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
             "federation.sites_registered",
             "federation.started",
             "federation.round",
+            "federation.checkpointed",
             "federation.round",
+            "federation.checkpointed",
             "federation.completed",
         ]
         ledger.verify()

@@ -264,7 +264,7 @@ FEDERATION_STARTED = _event(
 )
 FEDERATION_ROUND = _event(
     "federation.round",
-    "a round ended: sites that contributed and failed, accuracy and what it covers",
+    "a round ended: sites that took part and were lost (why), accuracy and what it covers",
     {
         "run": STR,
         "round": INT,
@@ -274,8 +274,24 @@ FEDERATION_ROUND = _event(
         "accuracy": OPT_NUM,
         "central_accuracy": OPT_NUM,
         "epsilon_run_max": NUM,
+        # site name -> Flower node id; a lost site -> why (budget, error, dropout).
+        "participants": DICT,
+        "missing": DICT,
+        "evaluation_missing": DICT,
     },
     writer="insitu.federated._server_app.record_round",
+)
+FEDERATION_CHECKPOINTED = _event(
+    "federation.checkpointed",
+    "the global model after a round was kept to resume from (weights and file digests)",
+    {"run": STR, "round": INT, "model_sha256": STR, "checkpoint_sha256": STR},
+    writer="insitu.federated._server_app.record_checkpointed",
+)
+FEDERATION_RESUMED = _event(
+    "federation.resumed",
+    "a stopped run went on after its last checkpointed round (rounds after it run again)",
+    {"run": STR, "from_round": INT, "model_sha256": STR, "checkpoint_sha256": STR},
+    writer="insitu.federated._server_app.record_resumed",
 )
 FEDERATION_COMPLETED = _event(
     "federation.completed",
@@ -296,6 +312,7 @@ FEDERATION_FAILED = _event(
     "federation.failed",
     "a run stopped with no model: the round, each missing site and why",
     {"run": STR, "round": OPT_INT, "sites": DICT, "reason": STR},
+    {"checkpoint_round": INT},  # the last good round, kept to resume from
     writer="insitu.federated._server_app.record_failed",
 )
 FEDERATION_BASELINE = _event(
@@ -327,6 +344,7 @@ FEDERATION_SITE_ROUND = _event(
         "epsilon_run": NUM,
         "epsilon_spent_max": NUM,
     },
+    {"attempt": INT},  # 2, 3...: the round trained again here (its run was resumed)
     writer="insitu.federated._site_app",
 )
 FEDERATION_EGRESS = _event(
@@ -347,12 +365,14 @@ FEDERATION_EGRESS = _event(
         "envelope_bytes": INT,
         "unclassified_bytes": INT,
     },
+    {"spool": STR},  # a deployed site's spool file it was recorded from (recorded once)
     writer="insitu.federated._egress",
 )
 FEDERATION_SITES_REGISTERED = _event(
     "federation.sites_registered",
-    "a server registered the site keys it admits (fingerprints)",
+    "a server registered the site keys it admits (fingerprints, Flower node ids)",
     {"run": STR, "address": STR, "ca_sha256": STR, "sites": DICT},
+    {"node_ids": DICT, "control": STR},
     writer="insitu.federated._superlink",
 )
 FEDERATION_SITE_JOINED = _event(
@@ -372,6 +392,12 @@ FEDERATION_SITE_LEFT = _event(
     "federation.site_left",
     "a site's SuperNode stopped, after the runs it took part in",
     {"site": STR, "runs": LIST},
+    writer="insitu.federated._supernode",
+)
+FEDERATION_SITE_REFUSED = _event(
+    "federation.site_refused",
+    "the server would not activate a site's key (not registered, or in use): the reason",
+    {"site": STR, "server": STR, "key": STR, "reason": STR},
     writer="insitu.federated._supernode",
 )
 PROCESSING_DECLARED = _event(

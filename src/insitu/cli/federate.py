@@ -61,9 +61,25 @@ LearningRateOption = Annotated[float, typer.Option(help="Local SGD learning rate
 MinSitesOption = Annotated[
     int,
     typer.Option(
-        min=0, show_default=False, help="Sites needed for a round to count \\[default: all]."
+        min=0,
+        show_default=False,
+        help="Sites whose update a round needs to count (the quorum) \\[default: what "
+        "SecAgg+ needs to unmask: 60% of the sites, at least 2; with secure aggregation, "
+        "no lower is accepted].",
     ),
 ]
+
+
+def _lost(missing: dict[str, str]) -> str:
+    """The round's lost sites and why, or 0."""
+    return ", ".join(f"{site} ({why})" for site, why in sorted(missing.items())) or "0"
+
+
+def _site_accuracy(accuracy: float | None, evaluated: int, lost: int) -> str:
+    """The sites' accuracy and how many sites it covers; "-" when none was measured."""
+    if accuracy is None:
+        return f"- (0 of {evaluated + lost} sites)" if evaluated + lost else "-"
+    return f"{accuracy:.4f} ({evaluated} of {evaluated + lost} sites)"
 
 
 @federate_app.command("simulate")
@@ -161,7 +177,7 @@ def simulate_command(
     for column in (
         "round",
         "sites",
-        "failed",
+        "lost",
         "accuracy (sites)",
         "accuracy (held out)",
         "epsilon this run",
@@ -182,16 +198,15 @@ def simulate_command(
             progress.update(
                 task,
                 completed=record.round,
-                description=(
-                    f"round {record.round}: accuracy {record.central_accuracy or 0:.3f}, "
-                    f"epsilon {eps:.2f}"
-                ),
+                description=f"round {record.round}: {record.summary(sites)}",
             )
             table.add_row(
                 str(record.round),
                 str(record.sites_ok),
-                str(record.failures),
-                f"{record.accuracy:.4f}" if record.accuracy is not None else "-",
+                _lost(record.missing),
+                _site_accuracy(
+                    record.accuracy, record.sites_evaluated, len(record.evaluation_missing)
+                ),
                 f"{record.central_accuracy:.4f}" if record.central_accuracy is not None else "-",
                 f"{eps:.3f}",
             )
@@ -323,17 +338,30 @@ def server_command(
         float, typer.Option(min=1, help="Seconds to wait for the run to finish.")
     ] = 3600.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial model.")] = 0,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="RUN",
+            help="Go on with stopped run RUN from its last checkpoint, with its own "
+            "settings (the training options are not used).",
+        ),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Run a federation's server: a Flower SuperLink over TLS that admits registered sites.
 
-    Starts Flower's SuperLink with SuperNode authentication, registers the site keys,
-    runs one federated run (the same strategy, SecAgg+ and ledger records as
-    [bold]simulate[/]) and stops. The model goes to [bold]<home>/models/<run>/[/].
+    Starts Flower's SuperLink with SuperNode authentication on loopback, registers the
+    site keys, opens --address to the Fleet API only (sites cannot reach the Control or
+    ServerAppIo API), runs one federated run (the same strategy, SecAgg+ and ledger
+    records as [bold]simulate[/]), checkpointing after every round, and stops. The model
+    goes to [bold]<home>/models/<run>/[/]. After a crash, [bold]--resume RUN[/] goes on
+    from the last checkpoint.
 
     [dim]Example:[/]
       insitu federate server -s adult.schema.toml --certs fed-certs --sites 3 --rounds 5
+      insitu federate server -s adult.schema.toml --certs fed-certs --resume 20261207T1500Z-1a2b3c
     """
     config = FederationConfig(
         sites=sites,
@@ -365,22 +393,26 @@ def server_command(
         site_keys=site_key,
         address=address,
         timeout=timeout,
+        resume=resume,
         on_status=status,
     )
     if json_output:
         print_json(result.to_json())
         return
     table = Table(title=f"run {result.run_id}", title_justify="left")
-    for column in ("round", "sites", "failed", "accuracy (sites)", "epsilon (max site)"):
+    for column in ("round", "sites", "lost", "accuracy (sites)", "epsilon (max site)"):
         table.add_column(column)
     for record in result.rounds:
         eps = max(record["epsilon_by_site"].values(), default=0.0)
-        accuracy = record["accuracy"]
         table.add_row(
             str(record["round"]),
             str(record["sites_ok"]),
-            str(record["failures"]),
-            f"{accuracy:.4f}" if accuracy is not None else "-",
+            _lost(record.get("missing", {})),
+            _site_accuracy(
+                record["accuracy"],
+                int(record.get("sites_evaluated", 0)),
+                len(record.get("evaluation_missing", {})),
+            ),
             f"{eps:.3f}",
         )
     out.print(table)
@@ -421,8 +453,19 @@ def site_command(
         int, typer.Option(min=0, help="Connection retries, with exponential backoff.")
     ] = 5,
     once: Annotated[
-        bool, typer.Option("--once", help="Stop after taking part in one complete run.")
+        bool,
+        typer.Option(
+            "--once", help="Stop once the server has ended the first run this site took part in."
+        ),
     ] = False,
+    give_up_after: Annotated[
+        float,
+        typer.Option(
+            "--give-up-after",
+            min=1.0,
+            help="Seconds without an answer from the server before the site stops (exit 1).",
+        ),
+    ] = 60.0,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -431,7 +474,9 @@ def site_command(
     Checks the server and its certificate first, prepares [bold]--data[/] under the
     schema in this site's own workspace (pseudonymized with its key, sealed), then trains
     when the server asks, within this site's own privacy budget. Runs until interrupted,
-    or one run with [bold]--once[/].
+    or one run with [bold]--once[/]: the SuperNode stays up until the server says the run
+    ended, so its last reply is collected. Stopping this command (Ctrl-C, SIGTERM) stops
+    the SuperNode and every process it started.
 
     [dim]Example:[/]
       insitu federate site --home site-a --data a.csv -s adult.schema.toml \
@@ -454,6 +499,7 @@ def site_command(
         retries=retries,
         once=once,
         on_status=status,
+        give_up_after=give_up_after,
     )
     if json_output:
         print_json(result.to_json())

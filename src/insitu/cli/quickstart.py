@@ -70,11 +70,13 @@ def quickstart(
 
         def on_round(record: RoundRecord) -> None:
             eps = max(record.epsilon_by_site.values(), default=0.0)
+            accuracy = record.central_accuracy
+            shown = "-" if accuracy is None else f"{accuracy:.3f}"
             progress.update(
                 task,
                 advance=1,
-                description=f"round {record.round}/{rounds}: accuracy "
-                f"{record.central_accuracy or 0:.3f}, epsilon {eps:.2f}",
+                description=f"round {record.round}/{rounds}: accuracy {shown}, "
+                f"epsilon {eps:.2f}",
             )
 
         result = run_quickstart(settings, on_step=on_step, on_round=on_round)

@@ -4,6 +4,9 @@
 ``build_strategy`` inside ``RoundRecorder``, SecAgg+ through ``SecAggPlusWorkflow``; it
 records ``federation.started`` / ``federation.round`` / ``federation.completed`` (or
 ``federation.failed``) in the server's workspace and saves the model as simulation does.
+After every round it keeps ``checkpoint.npz`` in the run directory (and records
+``federation.checkpointed``); a run that stops keeps its last good round there, and a
+plan with ``resume`` (``RunPlan.resumed``) goes on from it (``federation.resumed``).
 :func:`site_client` is :class:`~insitu.federated.SiteClient`: the site enforces its own
 per-subject budget in its own ledger exactly as in simulation, and refuses a run whose
 schema digest differs from the one its data was prepared under.
@@ -27,6 +30,7 @@ from insitu.audit import events
 from insitu.errors import (
     FederationError,
 )
+from insitu.federated._checkpoint import CHECKPOINT_NAME, Checkpoint
 from insitu.federated._plan import RunPlan, SharedPlan, SiteSetup
 from insitu.federated._processes import (
     RUN_DIR_ENV,
@@ -35,8 +39,11 @@ from insitu.federated._server_app import (
     RoundRecord,
     RoundRecorder,
     build_strategy,
+    record_checkpointed,
     record_completed,
     record_failed,
+    record_resumed,
+    record_round,
     run_rounds,
 )
 from insitu.federated._site_app import SiteClient, SitePlan
@@ -68,11 +75,76 @@ def run_server_app(grid: Grid, context: Context) -> None:
             raise FederationError("the run submitted is not the run this server planned")
         _run_server(grid, context, plan)
     except BaseException as exc:
+        kept = _checkpoint_round(plan.run_dir / CHECKPOINT_NAME)
         if isinstance(exc, FederationError):
             with Workspace.open(plan.home).ledger() as ledger:
-                record_failed(ledger, run_id=plan.run_id, error=exc)
-        atomic_write_text(run_dir / "result.json", json.dumps({"error": str(exc)}) + "\n")
+                record_failed(ledger, run_id=plan.run_id, error=exc, checkpoint_round=kept)
+        result: dict[str, Any] = {"error": str(exc)}
+        if kept is not None:
+            result |= {"checkpoint": str(plan.run_dir / CHECKPOINT_NAME), "checkpoint_round": kept}
+        atomic_write_text(run_dir / "result.json", json.dumps(result) + "\n")
         raise
+
+
+def _checkpoint_round(path: Path) -> int | None:
+    """The round a run's checkpoint holds, if it has a readable one."""
+    if not path.exists():
+        return None
+    try:
+        return Checkpoint.read(path).round
+    except FederationError:
+        return None
+
+
+def _resume(ws: Workspace, plan: RunPlan) -> Checkpoint | None:
+    """The checkpoint a resumed plan names, checked; ``federation.resumed`` recorded.
+
+    The file must have the SHA-256 the plan names, be this run's under the same settings,
+    and, when the ledger recorded it (``federation.checkpointed``), be the one recorded.
+
+    Raises:
+        FederationError: any of these does not hold (one line naming the file).
+
+    """
+    if plan.resume is None:
+        return None
+    point = plan.resume
+    checkpoint = Checkpoint.read(point.checkpoint, sha256=point.checkpoint_sha256)
+    if (
+        checkpoint.run_id != plan.run_id
+        or checkpoint.round != point.from_round
+        or checkpoint.config != plan.config.to_json()
+    ):
+        raise FederationError(
+            f"the checkpoint {point.checkpoint} is not round {point.from_round} of run "
+            f"{plan.run_id} under its settings; refusing to resume from it"
+        )
+    with ws.ledger() as ledger:
+        recorded = [
+            e.payload["checkpoint_sha256"]
+            for e in ledger.entries(event_type="federation.checkpointed")
+            if e.payload.get("run") == plan.run_id and e.payload.get("round") == point.from_round
+        ]
+        if recorded and recorded[-1] != point.checkpoint_sha256:
+            raise FederationError(
+                f"the checkpoint {point.checkpoint} is not the one the ledger recorded for "
+                f"round {point.from_round} of run {plan.run_id}; refusing to resume from it"
+            )
+        record_resumed(ledger, checkpoint=checkpoint, sha256=point.checkpoint_sha256)
+    (plan.run_dir / "result.json").unlink(missing_ok=True)  # the stopped attempt's error
+    return checkpoint
+
+
+def _node_names(ws: Workspace, run_id: str) -> dict[str, str]:
+    """Flower node id -> site name, from the run's last ``federation.sites_registered``."""
+    with ws.ledger() as ledger:
+        entries = [
+            e.payload
+            for e in ledger.entries(event_type="federation.sites_registered")
+            if e.payload.get("run") == run_id
+        ]
+    ids = entries[-1].get("node_ids", {}) if entries else {}
+    return {str(node): str(site) for site, node in ids.items()}
 
 
 def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
@@ -81,40 +153,33 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
     n_features = plan.shared.n_features
     torch.manual_seed(config.seed)
     model = build_model(config.model, n_features, hidden=config.hidden)
-    initial = ndarrays_to_parameters(get_weights(model))
-    with ws.ledger() as ledger:
-        events.FEDERATION_STARTED.record(
-            ledger,
-            run=run_id,
-            dataset=plan.shared.dataset,
-            schema_sha256=plan.shared.schema_sha256,
-            site_names=list(plan.sites_registered),
-            engine="deployment",
-            **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
-        )
-    rounds: list[dict[str, Any]] = []
-
-    def record_round(record: RoundRecord) -> None:
-        epsilon_run = max(record.epsilon_by_site.values(), default=0.0)
+    resumed = _resume(ws, plan)
+    if resumed is None:
         with ws.ledger() as ledger:
-            events.FEDERATION_ROUND.record(
+            events.FEDERATION_STARTED.record(
                 ledger,
                 run=run_id,
-                round=record.round,
-                sites_ok=record.sites_ok,
-                failures=record.failures,
-                sites_evaluated=record.sites_evaluated,
-                accuracy=record.accuracy,
-                central_accuracy=None,
-                epsilon_run_max=epsilon_run,
+                dataset=plan.shared.dataset,
+                schema_sha256=plan.shared.schema_sha256,
+                site_names=list(plan.sites_registered),
+                engine="deployment",
+                **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
             )
+    initial = ndarrays_to_parameters(get_weights(model) if resumed is None else resumed.weights)
+    rounds: list[dict[str, Any]] = [] if resumed is None else list(resumed.history)
+
+    def on_round(record: RoundRecord) -> None:
+        with ws.ledger() as ledger:
+            record_round(ledger, run_id=run_id, record=record)
         rounds.append(record.to_json() | {"seen_by_strategy": record.seen_by_strategy})
-        accuracy = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
         atomic_write_text(
             run_dir / "progress.txt",
-            f"round {record.round}/{config.rounds}: {record.sites_ok} site(s), accuracy "
-            f"{accuracy}, epsilon this run {epsilon_run:.3f}\n",
+            f"round {record.round}/{config.rounds}: {record.summary(config.sites)}\n",
         )
+
+    def on_checkpoint(checkpoint: Checkpoint, sha256: str) -> None:
+        with ws.ledger() as ledger:
+            record_checkpointed(ledger, checkpoint=checkpoint, sha256=sha256)
 
     strategy = RoundRecorder(
         build_strategy(
@@ -124,7 +189,12 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
             site_noise_multiplier=plan.shared.site_noise_multiplier,
         ),
         config=config,
-        on_round=record_round,
+        on_round=on_round,
+        run_id=run_id,
+        checkpoint_dir=run_dir,
+        on_checkpoint=on_checkpoint,
+        resume_from=resumed,
+        node_names=_node_names(ws, run_id),
     )
     weights = run_rounds(grid, context, config, strategy)
     set_weights(model, weights)

@@ -44,9 +44,11 @@ from insitu.errors import CertificateError, UsageError
 
 __all__ = [
     "FederationCerts",
+    "LoopbackIdentity",
     "check_server_pair",
     "load_site_public_key",
     "make_certs",
+    "make_loopback_identity",
     "site_name_ok",
 ]
 
@@ -329,3 +331,64 @@ def load_site_public_key(path: Path) -> bytes:
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise CertificateError(f"{path} is not an EC public key; Flower needs a NIST EC key")
     return data
+
+
+@dataclass(frozen=True)
+class LoopbackIdentity:
+    """The TLS identity of the SuperLink behind the gateway: valid for 127.0.0.1 only."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_loopback_identity(directory: Path, *, days: int = 30) -> LoopbackIdentity:
+    """A throw-away CA and a certificate for ``127.0.0.1``, for one SuperLink's lifetime.
+
+    The SuperLink listens on loopback behind insitu's Fleet gateway; Flower's own
+    processes on the server (SuperExec, ServerApp) and the gateway dial it there. Its
+    identity is made anew at each start and never leaves ``directory`` (0700; key 0600):
+    the federation's CA, which sites trust, signs nothing for it.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    now = dt.datetime.now(dt.UTC)
+    not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
+    ca_key, key = ec.generate_private_key(_CURVE), ec.generate_private_key(_CURVE)
+    ca_name = _name("insitu loopback CA")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("insitu superlink (loopback)"))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(_san(["127.0.0.1"])), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    identity = LoopbackIdentity(
+        ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key"
+    )
+    # The CA's key is not kept: nothing more is ever signed with it.
+    atomic_write_bytes(identity.key, _pem_key(key), mode=_PRIVATE)
+    atomic_write_bytes(identity.cert, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(identity.ca, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return identity

@@ -1,4 +1,17 @@
-"""The settings of one federated run, validated before anything starts."""
+"""The settings of one federated run, validated before anything starts.
+
+The *quorum* of a run (:attr:`FederationConfig.required_sites`) is the number of sites
+whose update a round must aggregate to count. By default it is what SecAgg+ needs to
+unmask a round, computed by Flower's own rule (``SecAggPlusWorkflow``: the shares of
+each key, ``num_shares``, are every site up to 10 sites and about half beyond; the
+reconstruction threshold is ``max(round(0.6 * num_shares), 2)``) applied to the whole
+federation: ``max(round(0.6 * sites), 2)``, never more than the sites. Up to 10 sites
+this *is* SecAgg+'s threshold; beyond, it is stricter than each neighbourhood's. The same
+default holds without secure aggregation (a lost site costs nothing cryptographic there,
+but a round averaged over fewer than 60% of the federation would speak for too few).
+An explicit ``--min-sites`` below the threshold SecAgg+ can reconstruct with is refused
+when secure aggregation is on: such a round could never be unmasked.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +22,49 @@ from typing import Any, Literal
 
 from insitu.errors import UsageError
 
-__all__ = ["MAX_SITE_WEIGHT", "FederationConfig"]
+__all__ = [
+    "MAX_SITE_WEIGHT",
+    "SECAGG_RECONSTRUCTION",
+    "FederationConfig",
+    "default_quorum",
+    "secagg_num_shares",
+    "secagg_share_fraction",
+    "secagg_threshold",
+]
 
 #: Sites weigh 1 to this many in the weighted mean (weights fixed before a run).
 MAX_SITE_WEIGHT = 1000
+#: The share of a key's shares that reconstructs it (SecAgg+'s reconstruction threshold).
+SECAGG_RECONSTRUCTION = 0.6
+#: Up to this many sites, every site holds a share of every key; beyond, about half.
+SECAGG_ALL_SHARES_UP_TO = 10
+
+
+def secagg_share_fraction(sites: int) -> float:
+    """``num_shares`` as the run passes it to ``SecAggPlusWorkflow`` (a fraction)."""
+    return 1.0 if sites <= SECAGG_ALL_SHARES_UP_TO else 0.5
+
+
+def secagg_num_shares(sites: int) -> int:
+    """The shares of each key SecAgg+ makes for ``sites`` sites (Flower's rule)."""
+    shares = round(secagg_share_fraction(sites) * sites)
+    if shares < sites and shares % 2 == 0:
+        shares += 1
+    return sites if shares <= 2 else shares
+
+
+def secagg_threshold(sites: int) -> int:
+    """Shares that reconstruct a key: the fewest live neighbours SecAgg+ can unmask with.
+
+    Flower's rule for a fractional threshold: ``max(round(0.6 * num_shares), 2)``.
+    """
+    return max(round(SECAGG_RECONSTRUCTION * secagg_num_shares(sites)), 2)
+
+
+def default_quorum(sites: int) -> int:
+    """The default quorum: SecAgg+'s rule applied to the whole federation (see above)."""
+    return min(sites, max(round(SECAGG_RECONSTRUCTION * sites), 2))
+
 
 Privacy = Literal["record", "site", "none"]
 Robust = Literal["none", "trimmed-mean", "median"]
@@ -50,7 +102,8 @@ class FederationConfig:
     learning_rate: float = 2.0
     max_grad_norm: float = 1.0
     site_clip_norm: float = 1.0
-    min_sites: int = 0  # 0: all sites
+    #: The quorum: sites whose update a round must aggregate. 0: :func:`default_quorum`.
+    min_sites: int = 0
     test_fraction: float = 0.2
     seed: int = 0
     secagg_clipping_range: float = 64.0
@@ -106,6 +159,13 @@ class FederationConfig:
             raise UsageError(f"--accountant {self.accountant!r}: use pld or rdp")
         if not 0 <= self.min_sites <= self.sites:
             raise UsageError(f"--min-sites {self.min_sites} must be between 0 and --sites")
+        if self.secure_aggregation and 0 < self.min_sites < secagg_threshold(self.sites):
+            floor = secagg_threshold(self.sites)
+            raise UsageError(
+                f"--min-sites {self.min_sites}: SecAgg+ cannot unmask a round of "
+                f"{self.sites} sites with fewer than {floor} (its reconstruction threshold); "
+                f"use --min-sites {floor} or more, or --no-secure-aggregation"
+            )
         if not 0 < self.test_fraction < 0.9:
             raise UsageError("test fraction must be between 0 and 0.9")
         if self.model not in ("logistic", "mlp"):
@@ -113,8 +173,8 @@ class FederationConfig:
 
     @property
     def required_sites(self) -> int:
-        """Sites that must return an update for a round to count."""
-        return self.min_sites or self.sites
+        """Sites that must return an update for a round to count (the quorum)."""
+        return self.min_sites or default_quorum(self.sites)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON (recorded in the ledger with the run)."""

@@ -19,25 +19,46 @@ witness of its own boundary): run, round, message type, SecAgg+ stage, bytes in 
 out, bytes by kind, and every metric it sent with its value (``metrics_sent``: names
 and numbers, never arrays), so that what a site released can be read back, figure by
 figure. The compliance report (``insitu.report``) sums them per site.
+
+In simulation the mod records the entry itself (one process). A deployed site's mod
+runs in Flower's ``flwr-clientapp`` process, a fresh one per message, while the site's
+own process watches the run: the mod only *spools* its entry, one small JSON file per
+reply written atomically into ``federation/egress-spool/`` of the site's workspace
+(:func:`deployed_egress_mod`), and the site process, the one writer of these entries,
+records them (:class:`EgressSpool`): record, then delete, each entry carrying its spool
+file's name, so a crash between the two never records a reply twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from insitu._atomic import atomic_create_bytes
 from insitu.audit import events
+from insitu.errors import InvalidEventError
+from insitu.federated._plan import SharedPlan, SiteSetup
+from insitu.workspace import Workspace
 
 __all__ = [
     "EGRESS_EVENT",
     "KINDS",
     "EgressSite",
+    "EgressSpool",
     "classify_reply",
+    "deployed_egress_mod",
     "egress_mod",
     "metrics_sent",
+    "spool_dir",
+    "spool_entry",
 ]
 
 logger = logging.getLogger(__name__)
@@ -124,13 +145,17 @@ def classify_reply(message: Any) -> dict[str, int]:
     return kinds
 
 
-def egress_mod(site_of: Callable[[Any], EgressSite]) -> Callable[[Any, Any, Any], Any]:
-    """A client mod recording each reply in the site's ledger; put it first in ``mods``."""
+def egress_mod(
+    site_of: Callable[[Any], EgressSite], *, spool: bool = False
+) -> Callable[[Any, Any, Any], Any]:
+    """A client mod recording each reply in the site's ledger; put it first in ``mods``.
+
+    With ``spool`` it writes each entry to the site's egress spool instead, for the
+    site's own process to record (see the module docstring).
+    """
 
     def mod(message: Any, context: Any, call_next: Any) -> Any:
         from flwr.common.serde import message_to_proto
-
-        from insitu.workspace import Workspace
 
         # Read before the call: SecAgg+ consumes the stage from the incoming message.
         configs = (
@@ -142,19 +167,123 @@ def egress_mod(site_of: Callable[[Any], EgressSite]) -> Callable[[Any, Any, Any]
         kinds = classify_reply(reply)
         where = site_of(context)
         group = str(message.metadata.group_id)
-        with Workspace.open(where.home).ledger() as ledger:
-            events.FEDERATION_EGRESS.record(
-                ledger,
-                run=where.run_id,
-                site=where.site,
-                round=int(group) if group.isdigit() else None,
-                message=str(message.metadata.message_type),
-                stage=stage or None,
-                bytes_in=bytes_in,
-                bytes_out=kinds.pop("total"),
-                metrics_sent=metrics_sent(reply),
-                **{f"{kind}_bytes": value for kind, value in kinds.items()},
-            )
+        payload = {
+            "run": where.run_id,
+            "site": where.site,
+            "round": int(group) if group.isdigit() else None,
+            "message": str(message.metadata.message_type),
+            "stage": stage or None,
+            "bytes_in": bytes_in,
+            "bytes_out": kinds.pop("total"),
+            "metrics_sent": metrics_sent(reply),
+            **{f"{kind}_bytes": value for kind, value in kinds.items()},
+        }
+        if spool:
+            spool_entry(where.home, payload)
+        else:
+            with Workspace.open(where.home).ledger() as ledger:
+                events.FEDERATION_EGRESS.record(ledger, **payload)
         return reply
 
     return mod
+
+
+# --------------------------------------------------------------------------- the spool
+
+
+def spool_dir(home: Path) -> Path:
+    """Where a deployed site's ClientApps spool their egress entries."""
+    return Workspace.layout(home).federation_dir / "egress-spool"
+
+
+def spool_entry(home: Path, payload: dict[str, Any]) -> Path:
+    """Write one ``federation.egress`` payload into the site's spool, atomically.
+
+    The payload is checked first (a bad one raises here, in the ClientApp, before the
+    reply leaves). Names sort by time and never collide (nanoseconds, pid, random).
+
+    Raises:
+        InvalidEventError: the payload does not fit ``federation.egress``.
+
+    """
+    events.FEDERATION_EGRESS.check(payload)
+    directory = spool_dir(home)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}.json"
+    data = json.dumps(payload, sort_keys=True).encode("utf-8") + b"\n"
+    if not atomic_create_bytes(path, data, mode=0o600):
+        raise FileExistsError(path)
+    return path
+
+
+def _deployed_site(context: Any) -> EgressSite:
+    """The site and run of a deployed ClientApp's message (its node and run config)."""
+    home = Path(str(context.node_config["insitu-home"]))
+    run = SharedPlan.loads(str(context.run_config["insitu"]))
+    return EgressSite(home=home, run_id=run.run_id, site=SiteSetup.read(home).site)
+
+
+#: The egress mod of a deployed site's ClientApp (``insitu._flower_app``): it spools.
+deployed_egress_mod = egress_mod(_deployed_site, spool=True)
+
+
+class EgressSpool:
+    """The site process's side of the spool: each file recorded once, then deleted.
+
+    Each entry carries its file's name (``spool``); names already in the ledger (a
+    crash after recording, before deleting) are deleted without recording again. A
+    file that is not a ``federation.egress`` payload is renamed ``*.rejected`` and
+    logged, never recorded.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.directory = spool_dir(home)
+        self._recorded: set[str] | None = None
+
+    def pending(self) -> list[Path]:
+        """The spooled files not yet recorded and deleted, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            p
+            for p in self.directory.iterdir()
+            if p.suffix == ".json" and not p.name.startswith(".")
+        )
+
+    def ingest(self) -> list[str]:
+        """Record every pending file in the site's ledger; the runs they name."""
+        files = self.pending()
+        if not files:
+            return []
+        runs: list[str] = []
+        with Workspace.open(self.home).ledger() as ledger:
+            if self._recorded is None:
+                self._recorded = {
+                    str(e.payload["spool"])
+                    for e in ledger.entries(event_type=EGRESS_EVENT)
+                    if "spool" in e.payload
+                }
+            for path in files:
+                if path.name not in self._recorded:
+                    try:
+                        payload = json.loads(path.read_bytes())
+                        if not isinstance(payload, dict) or "spool" in payload:
+                            raise InvalidEventError("not a federation.egress payload")
+                        events.FEDERATION_EGRESS.record(ledger, **payload, spool=path.name)
+                    except (OSError, ValueError, InvalidEventError) as exc:
+                        _set_aside(path, exc)
+                        continue
+                    self._recorded.add(path.name)
+                    if payload["run"] not in runs:
+                        runs.append(payload["run"])
+                path.unlink(missing_ok=True)
+        return runs
+
+
+def _set_aside(path: Path, exc: Exception) -> None:
+    """Keep a spool file that is not an egress payload as ``*.rejected``, and say so."""
+    rejected = path.with_suffix(".rejected")
+    with contextlib.suppress(OSError):  # gone already: nothing to keep
+        path.replace(rejected)
+    logger.warning("egress spool file %s is not recorded (%s); kept as %s", path, exc, rejected)

@@ -6,12 +6,17 @@ directory; the SuperLink hands every site (in ``flwr-clientapp``) the :class:`Sh
 through Flower's run config. Both are plain JSON so that Flower can carry them; both are
 read back through ``from_json``, which names the field that is missing or wrong instead of
 failing later with a ``KeyError``. The shared plan never carries the server's paths.
+
+A run that stopped after a checkpointed round is resumed with the same plan plus a
+:class:`ResumePoint` (:meth:`RunPlan.resumed`): the round it goes on after and the
+checkpoint's path and SHA-256, which the ServerApp checks before using it. Sites receive
+the same shared plan: a resumed run is the same run.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ from insitu.errors import FederationError
 from insitu.federated._config import FederationConfig
 from insitu.workspace import Workspace
 
-__all__ = ["PLAN_VERSION", "RunPlan", "SharedPlan", "SiteSetup"]
+__all__ = ["PLAN_VERSION", "ResumePoint", "RunPlan", "SharedPlan", "SiteSetup"]
 
 #: Bumped when a field changes meaning; a process refuses a plan of another version.
 PLAN_VERSION = 1
@@ -103,6 +108,34 @@ class SharedPlan:
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """Where a resumed run goes on: after ``from_round``, from this checkpoint."""
+
+    #: The last completed (checkpointed) round: rounds ``from_round + 1`` to the end run.
+    from_round: int
+    checkpoint: Path
+    #: SHA-256 of the checkpoint file: the ServerApp refuses a file with other bytes.
+    checkpoint_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        """As in ``plan.json``."""
+        return {
+            "from_round": self.from_round,
+            "checkpoint": str(self.checkpoint),
+            "checkpoint_sha256": self.checkpoint_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResumePoint:
+        """Read it back; :class:`FederationError` names a bad field."""
+        return cls(
+            from_round=_field(data, "from_round", int),
+            checkpoint=Path(_field(data, "checkpoint", str)),
+            checkpoint_sha256=_field(data, "checkpoint_sha256", str),
+        )
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """The server's whole plan of one deployed run (``plan.json`` in the run directory)."""
 
@@ -113,6 +146,8 @@ class RunPlan:
     #: The schema document the run was planned under (kept beside the model).
     schema_source: dict[str, Any]
     sites_registered: tuple[str, ...]
+    #: Set when the run goes on from a checkpoint (:meth:`resumed`); ``None`` for a new run.
+    resume: ResumePoint | None = None
 
     @property
     def run_id(self) -> str:
@@ -132,11 +167,17 @@ class RunPlan:
             "feature_names": list(self.feature_names),
             "schema_source": self.schema_source,
             "sites_registered": list(self.sites_registered),
+            "resume": None if self.resume is None else self.resume.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunPlan:
         """Read ``plan.json`` back; :class:`FederationError` names a bad field."""
+        resume = data.get("resume")
+        if resume is not None and not isinstance(resume, dict):
+            raise FederationError(
+                f"the run plan's 'resume' is {type(resume).__name__}, expected dict"
+            )
         return cls(
             shared=SharedPlan.from_json(data),
             home=Path(_field(data, "home", str)),
@@ -144,7 +185,45 @@ class RunPlan:
             feature_names=tuple(_field(data, "feature_names", list)),
             schema_source=_field(data, "schema_source", dict),
             sites_registered=tuple(_field(data, "sites_registered", list)),
+            resume=None if resume is None else ResumePoint.from_json(resume),
         )
+
+    @classmethod
+    def resumed(cls, run_dir: Path) -> RunPlan:
+        """The plan that resumes the stopped run in ``run_dir`` from its checkpoint.
+
+        Reads ``run_dir/plan.json`` and ``run_dir/checkpoint.npz`` (checking that the
+        checkpoint is this run's, under the same settings, with the weights its manifest
+        names) and returns the plan with :attr:`resume` set to the checkpoint's round,
+        path and SHA-256. Writes nothing: the caller writes ``plan.json`` from it and
+        re-submits the run.
+
+        Raises:
+            FederationError: no plan or no checkpoint (the run stopped before its first
+                round completed: start a new run), a checkpoint of another run or other
+                settings, an altered checkpoint, or a run that already completed.
+
+        """
+        plan = cls.read(run_dir)
+        # Here, not at the top: the checkpoint's weights digest needs PyTorch, and this
+        # module is read by every ClientApp process (the egress witness).
+        from insitu.federated._checkpoint import CHECKPOINT_NAME, Checkpoint
+
+        path = plan.run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            raise FederationError(
+                f"run {plan.run_id} has no checkpoint ({path}): it stopped before a round "
+                "completed; start a new run"
+            )
+        _refuse_completed(plan)
+        checkpoint = Checkpoint.read(path)
+        if checkpoint.run_id != plan.run_id or checkpoint.config != plan.config.to_json():
+            raise FederationError(
+                f"the checkpoint {path} is not run {plan.run_id}'s under its plan's settings; "
+                "refusing to resume from it"
+            )
+        point = ResumePoint(checkpoint.round, path, Checkpoint.digest(path))
+        return replace(plan, resume=point)
 
     @classmethod
     def read(cls, run_dir: Path) -> RunPlan:
@@ -155,6 +234,19 @@ class RunPlan:
         except (OSError, json.JSONDecodeError) as exc:
             raise FederationError(f"cannot read the run plan {path}: {exc}") from exc
         return cls.from_json(data)
+
+
+def _refuse_completed(plan: RunPlan) -> None:
+    """A run whose ``result.json`` names a model completed: there is nothing to resume."""
+    try:
+        result = json.loads((plan.run_dir / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(result, dict) and "error" not in result:
+        raise FederationError(
+            f"run {plan.run_id} completed (its model is {result.get('model_dir', '?')}): "
+            "there is nothing to resume"
+        )
 
 
 def _config(data: dict[str, Any]) -> FederationConfig:

@@ -2,12 +2,15 @@
 
 Shared by the server side (``_superlink``) and the site side (``_supernode``): every child
 process gets :data:`insitu._privacy_env.NO_TELEMETRY_ENV` forced into its environment,
-listens on loopback unless told otherwise, and is stopped with SIGTERM, then SIGKILL.
+listens on loopback unless told otherwise, runs in a session of its own and is stopped as
+a group with SIGTERM, then SIGKILL. A process started with :func:`spawn` also dies with
+the insitu process that started it, even one killed with SIGKILL (:func:`die_with_parent`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import logging
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
+from insitu._atomic import open_no_follow
 from insitu._privacy_env import NO_TELEMETRY_ENV
 from insitu.errors import (
     FederationError,
@@ -32,11 +36,14 @@ __all__ = [
     "PYPROJECT",
     "RUN_DIR_ENV",
     "child_env",
+    "die_with_parent",
     "flower_bin",
     "free_port",
     "key_fingerprint",
     "log_tail",
+    "signal_group",
     "sigterm_unwinds",
+    "spawn",
     "split_address",
     "stop",
     "unwinds_on_sigterm",
@@ -112,6 +119,70 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+#: ``prctl(2)`` option: the signal a process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get ``sig`` when this process dies.
+
+    Linux's ``PR_SET_PDEATHSIG``: a site's insitu process killed with SIGKILL (which no
+    ``finally`` survives) takes its SuperNode with it, and the SuperNode's own children
+    follow (Flower starts ``flower-superexec`` and each ``flwr-clientapp`` with
+    ``--parent-pid``: they exit when their parent is gone). A child whose parent died
+    before the call is signalled at once.
+
+    Elsewhere ``None`` (macOS has no such call; kqueue's ``NOTE_EXIT`` would need a
+    watcher process): SIGTERM and SIGINT still stop the whole group (:func:`stop`), but
+    a SIGKILL of the insitu process leaves its SuperNode to be stopped by hand.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    # Resolved here, in the parent: the child calls it between fork and exec, where
+    # loading a library is not safe.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl: act as if it just did
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def spawn(
+    command: list[str], *, log_path: Path, env: dict[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start a Flower process that dies with this one; stop it with :func:`stop`.
+
+    Its output goes to ``log_path``; it runs in a session of its own (its group: it and
+    its descendants), with :func:`die_with_parent`.
+    """
+    with open_no_follow(log_path) as log:
+        return subprocess.Popen(  # noqa: S603 -- our own executables, fixed arguments
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 -- no threads of ours run at a start
+        )
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to every process of group ``pgid``; False when none is left."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def stop(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
     """Stop a Flower process insitu started, and the processes it started.
 
@@ -119,12 +190,10 @@ def stop(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
     group holds exactly it and its descendants (SuperExec, ServerApp or ClientApps):
     SIGTERM to the group, then SIGKILL to whatever is left after ``grace`` seconds.
     """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+    signal_group(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    signal_group(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(5)
 

@@ -20,18 +20,27 @@ Invariant (honest outcomes): a run either completes every round with at least th
 required sites and records ``federation.completed`` with its model, or records
 ``federation.failed`` naming the round, the sites and the reason, writes no model and
 raises. A run that trained nothing never looks like a success.
+
+Ray is closed and quiet (:func:`_closed_ray`): each run's cluster lives in a private
+directory removed after the run, refuses any process without this process's token, and
+dials nothing but the loopback address (docs/federated.md, "Ray, closed and quiet").
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import math
 import os
+import secrets
+import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +98,12 @@ logger = logging.getLogger(__name__)
 MAX_WORKABLE_NOISE = 10.0
 #: Share of the file the coordinator holds out for the central (simulation-only) accuracy.
 CENTRAL_FRACTION = 0.2
+#: Ray's accelerators besides GPUs, declared absent: detecting a TPU (any ``/dev/vfio``
+#: device counts) makes Ray ask Google's metadata server what it is.
+_NO_ACCELERATORS = {"TPU": 0.0, "NPU": 0.0, "HPU": 0.0, "neuron_cores": 0.0, "RBLN": 0.0}
+#: Variables that would hand the run to another Ray: the address of a running cluster
+#: (Flower would join it instead of starting the run's own) and a token file.
+_FOREIGN_RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")
 
 
 @dataclass(frozen=True)
@@ -344,20 +359,25 @@ def _run_flower(
     flwr_logger.setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=config.sites,
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {
-                    "num_cpus": 2,
-                    "include_dashboard": False,
-                    "log_to_driver": False,
-                    "object_store_memory": 256 * 1024 * 1024,
+        with _closed_ray() as temp_dir:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=config.sites,
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {
+                        "num_cpus": 2,
+                        "num_gpus": 0,
+                        # Flower's type says scalars; it hands init_args to ray.init as is.
+                        "resources": dict(_NO_ACCELERATORS),  # type: ignore[dict-item]
+                        "include_dashboard": False,
+                        "log_to_driver": False,
+                        "object_store_memory": 256 * 1024 * 1024,
+                        "_temp_dir": str(temp_dir),
+                    },
                 },
-            },
-        )
+            )
     finally:
         flwr_logger.setLevel(previous_level)
     if "error" in outcome:
@@ -369,6 +389,80 @@ def _run_flower(
         raise FederationError("the federated run ended without a model (see the log above)")
     weights: list[np.ndarray] = outcome["weights"]
     return weights
+
+
+@functools.cache
+def _ray_token() -> str:
+    """One Ray token per process: Ray's driver keeps the first token it reads."""
+    return secrets.token_hex(32)
+
+
+@contextmanager
+def _closed_ray() -> Iterator[Path]:
+    """Ray's environment for one run; yields its temporary directory, removed afterwards.
+
+    * The directory is private (0700, new for each run): other users cannot read the
+      session's address, sockets or logs; nothing is left under ``/tmp/ray``.
+    * The cluster refuses a process without the token (``RAY_AUTH_MODE=token``, forced
+      when insitu is imported): the token is only in this process's environment and its
+      children's, never on a command line or in a file.
+    * ``HOME`` is a private directory holding an empty ``ray_bootstrap_config.yaml``:
+      without that file Ray's dashboard process (started even without a dashboard, for
+      usage statistics) asks the AWS, Azure and GCP metadata servers which cloud it runs
+      in, whatever ``RAY_USAGE_STATS_ENABLED`` says.
+    * ``FLWR_HOME`` is private too: Flower keeps no id of this machine in ``~/.flwr/source``.
+    """
+    import ray
+
+    private = Path(tempfile.mkdtemp(prefix="insitu-ray-"))
+    home = private / "home"
+    env = {
+        "RAY_AUTH_TOKEN": _ray_token(),
+        "RAY_TMPDIR": str(private / "ray"),
+        "HOME": str(home),
+        "FLWR_HOME": str(private / "flwr"),
+    }
+    saved = {name: os.environ.get(name) for name in (*env, *_FOREIGN_RAY_ENV)}
+    try:
+        home.mkdir()
+        (home / "ray_bootstrap_config.yaml").write_text("{}\n", encoding="utf-8")
+        for name in _FOREIGN_RAY_ENV:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        yield private / "ray"
+    finally:
+        if ray.is_initialized():  # Flower shuts Ray down, unless it failed on the way
+            ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _remove_private(private)
+
+
+def _check_ray_closed() -> None:
+    """Refuse a run whose Ray would start without a token (ray imported before insitu)."""
+    from ray._raylet import (  # type: ignore[attr-defined]  # ray reads the mode once, here
+        AuthenticationMode,
+        get_authentication_mode,
+    )
+
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        raise UsageError(
+            "ray was imported before insitu, so the simulation's cluster would accept any "
+            "local process: import insitu before ray"
+        )
+
+
+def _remove_private(private: Path) -> None:
+    """Remove a run's Ray directory; Ray's processes may still be closing their logs."""
+    for _ in range(20):
+        shutil.rmtree(private, ignore_errors=True)
+        if not private.exists():
+            return
+        time.sleep(0.25)
+    logger.warning("could not remove Ray's directory %s of this run: remove it by hand", private)
 
 
 def _site_summaries(plans: list[SitePlan], run_id: str) -> list[SiteSummary]:
@@ -434,13 +528,15 @@ def simulate(
     Raises:
         DataFormatError: the data file is missing, unreadable or empty.
         SchemaError: the schema file is invalid, or the data does not fit the schema.
-        UsageError: bad settings or a data set that cannot be split as asked.
+        UsageError: bad settings or a data set that cannot be split as asked; or ``ray``
+            was imported before insitu (its cluster would run without a token).
         InsufficientDataError: a site too small for the requested epsilon.
         RoundFailedError: a round without enough sites (recorded as ``federation.failed``).
         FederationError: the run could not complete otherwise (also recorded).
 
     """
     started = time.perf_counter()
+    _check_ray_closed()
     frame, source = _read_data(data)
     if schema is not None and not isinstance(schema, DataSchema):
         schema = DataSchema.load(Path(schema))
@@ -666,16 +762,8 @@ def _strategy(
 
 
 def _round_payload(record: RoundRecord) -> dict[str, Any]:
-    """``federation.round``: what the round's figures cover, and this run's epsilon."""
-    return {
-        "round": record.round,
-        "sites_ok": record.sites_ok,
-        "failures": record.failures,
-        "sites_evaluated": record.sites_evaluated,
-        "accuracy": record.accuracy,
-        "central_accuracy": record.central_accuracy,
-        "epsilon_run_max": max(record.epsilon_by_site.values(), default=0.0),
-    }
+    """``federation.round``: who took part and was lost, what the figures cover, epsilon."""
+    return record.ledger_payload()
 
 
 def _record_started(

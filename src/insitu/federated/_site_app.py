@@ -25,6 +25,10 @@ exact figures (nothing is claimed).
 The DP-SGD noise multiplier, sample rate and steps of a run are fixed by the site on the
 run's first round (for the run's epsilon over its planned rounds) and kept in its
 workspace: every round of the run is the same event, whatever the later exclusions.
+
+A round the site trains again (its run was resumed from a checkpoint of an earlier
+round) is charged again, like any use of the records: the run's epsilon at the site
+then exceeds its target, and ``federation.site_round`` says which attempt it was.
 """
 
 from __future__ import annotations
@@ -175,6 +179,21 @@ def evaluation_noise(config: FederationConfig) -> float:
     )
 
 
+def _attempt(ledger: Any, run_id: str, round_number: int) -> dict[str, int]:
+    """``{"attempt": n}`` when this site trained this round of the run before (n - 1 times).
+
+    A resumed run trains again the rounds after its last checkpoint; each time is charged
+    to the subjects again (a new ``privacy.spent``) and recorded as a new entry, never
+    skipped nor written over: the attempt number says which time this is.
+    """
+    earlier = sum(
+        1
+        for e in ledger.entries(event_type=events.FEDERATION_SITE_ROUND.name)
+        if e.payload.get("run") == run_id and e.payload.get("round") == round_number
+    )
+    return {"attempt": earlier + 1} if earlier else {}
+
+
 class SiteClient(NumPyClient):
     """One site in one run."""
 
@@ -297,6 +316,7 @@ class SiteClient(NumPyClient):
         with ws.ledger() as ledger:
             events.FEDERATION_SITE_ROUND.record(
                 ledger,
+                **_attempt(ledger, plan.run_id, round_number),
                 run=plan.run_id,
                 round=round_number,
                 rows=data.rows,

@@ -2,10 +2,13 @@
 
 :func:`serve` checks the server certificate against the CA and the address sites dial,
 starts the SuperLink with ``--enable-supernode-auth`` (only keys registered through its
-Control API may join), registers the federation's site keys, submits one run (a Flower
-App Bundle whose only code imports ``insitu._flower_app``; its dependency list is empty
-and runtime dependency installation is off, so the run uses this environment), waits for
-it and stops the SuperLink. The run's plan crosses to the ServerApp's process as a typed
+Control API may join) on a private loopback port, registers the federation's site keys,
+opens the public port through the Fleet gateway (:mod:`insitu.federated._gateway`:
+Fleet operations only, so no site can reach the Control or ServerAppIo API), submits
+one run (a Flower App Bundle whose only code imports ``insitu._flower_app``; its
+dependency list is empty and runtime dependency installation is off, so the run uses
+this environment), waits for it, tells the sites it ended, and stops the SuperLink. The
+run's plan crosses to the ServerApp's process as a typed
 :class:`~insitu.federated._plan.RunPlan` in ``plan.json``.
 """
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from insitu._atomic import atomic_write_text, open_no_follow
+from insitu._atomic import atomic_write_text
 from insitu.audit import events
 from insitu.data import DataSchema, FeatureEncoder
 from insitu.errors import (
@@ -33,8 +36,15 @@ from insitu.errors import (
     SchemaError,
     UsageError,
 )
-from insitu.federated._certs import FederationCerts, check_server_pair, load_site_public_key
+from insitu.federated._certs import (
+    FederationCerts,
+    LoopbackIdentity,
+    check_server_pair,
+    load_site_public_key,
+    make_loopback_identity,
+)
 from insitu.federated._config import FederationConfig
+from insitu.federated._gateway import FleetGateway, RunStates
 from insitu.federated._plan import RunPlan, SharedPlan
 from insitu.federated._processes import (
     APP_MODULE,
@@ -43,8 +53,10 @@ from insitu.federated._processes import (
     RUN_DIR_ENV,
     child_env,
     flower_bin,
+    free_port,
     key_fingerprint,
     log_tail,
+    spawn,
     split_address,
     stop,
     unwinds_on_sigterm,
@@ -122,52 +134,76 @@ def serve(
     site_keys: list[Path] | None = None,
     address: str = DEFAULT_ADDRESS,
     timeout: float = 3600.0,
+    resume: str | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> DeployResult:
     """Run the SuperLink and one federated run to the end; see the module docstring.
 
     ``config.sites`` is the number of sites that must connect; every key in
-    ``site_keys`` (default: ``<certs>/sites/*.pub``) is registered.
+    ``site_keys`` (default: ``<certs>/sites/*.pub``) is registered. With ``resume``, the
+    stopped run of that id goes on from its last checkpoint, with its own settings
+    (``config`` is not used): the SuperLink's database in the run's directory still
+    knows the sites' node ids, so their SuperNodes, retrying, carry on.
 
     Raises:
         CertificateError: a server certificate that does not match its key, the CA or the
-            address; a site key that is not an EC public key.
-        FederationError: the SuperLink does not start, or the run fails.
+            address; a site key that is not an EC public key; a resumed run's site
+            whose key is no longer given.
+        UsageError: ``resume`` names no deployed run of this workspace.
+        FederationError: the SuperLink does not start, the run fails, or a resumed run
+            has no checkpoint to go on from.
 
     """
     started = time.perf_counter()
     host, port = split_address(address)
     files = FederationCerts(certs.absolute())
-    registered = _check_certs_and_keys(files, site_keys, host=host, sites=config.sites)
-    plan = _plan_run(ws, config, schema, registered)
+    if resume is None:
+        registered = _check_certs_and_keys(files, site_keys, host=host, sites=config.sites)
+        plan = _plan_run(ws, config, schema, registered)
+    else:
+        plan = _resumed_plan(ws, resume, schema)
+        config = plan.config
+        registered = _check_certs_and_keys(files, site_keys, host=host, sites=config.sites)
+        _check_sites_kept(plan, registered)
     _check_bindable(host, port, address=address)
 
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     app_dir = _write_app(ws.flower_app_dir.absolute())
     atomic_write_text(plan.run_dir / "plan.json", json.dumps(plan.to_json(), indent=2) + "\n")
-    with ws.ledger() as ledger:
-        events.FEDERATION_SITES_REGISTERED.record(
-            ledger,
-            run=plan.run_id,
-            address=address,
-            ca_sha256=hashlib.sha256(files.ca.read_bytes()).hexdigest(),
-            sites={name: key_fingerprint(key) for name, key in sorted(registered.items())},
-        )
-
-    process = _start_superlink(
-        files, host=host, port=port, plan=plan, flwr_home=ws.flower_home.absolute()
-    )
+    identity = make_loopback_identity(plan.run_dir / "loopback")
+    loopback = f"127.0.0.1:{free_port()}"
+    process = _start_superlink(identity, loopback=loopback, plan=plan, flwr_home=ws.flower_home)
+    states = RunStates()
+    states.set(plan.run_id, "running")  # before the gateway opens: never a 404 for it
     try:
-        _drive_run(
-            process,
-            plan,
-            registered,
-            app_dir=app_dir,
-            address=address,
-            ca=files.ca,
-            timeout=timeout,
-            on_status=on_status,
-        )
+        control = _wait_for_control(process, loopback, identity.ca, plan.run_dir / "superlink.log")
+        try:
+            if resume is not None:
+                _stop_previous_flower_run(control, plan.run_dir)
+            node_ids = _register(control, registered)
+            _record_registration(ws, plan, files, registered, node_ids, address=address)
+            gateway = FleetGateway(
+                host=host,
+                port=port,
+                certfile=files.server_cert,
+                keyfile=files.server_key,
+                upstream=f"https://{loopback}",
+                upstream_ca=identity.ca,
+                states=states,
+            )
+            with gateway:
+                _drive_run(
+                    control,
+                    process,
+                    plan,
+                    states,
+                    app_dir=app_dir,
+                    address=address,
+                    timeout=timeout,
+                    on_status=on_status,
+                )
+        finally:
+            control.close()
     finally:
         stop(process)
     result = _read_result(plan)
@@ -245,6 +281,56 @@ def _plan_run(
     )
 
 
+def _resumed_plan(ws: Workspace, run_id: str, schema: DataSchema) -> RunPlan:
+    """The plan that resumes the stopped run ``run_id`` of this workspace.
+
+    Raises:
+        UsageError: no deployed run of that id here.
+        SchemaError: ``schema`` is not the one the run was planned under.
+        FederationError: the run has no checkpoint, or completed (``RunPlan.resumed``).
+
+    """
+    run_dir = ws.deployed_run_dir(run_id).absolute()
+    if not (run_dir / "plan.json").is_file():
+        raise UsageError(
+            f"no deployed run {run_id!r} in {ws.home}; give the id 'insitu federate server' "
+            "printed (the folders of federation/runs/)"
+        )
+    plan = RunPlan.resumed(run_dir)
+    if schema.digest() != plan.shared.schema_sha256:
+        raise SchemaError(
+            f"run {run_id} was planned under schema {plan.shared.schema_sha256[:12]}, not "
+            f"{schema.digest()[:12]}; give the schema the run started with"
+        )
+    log = run_dir / "superlink.log"
+    if log.exists():  # the stopped SuperLink's account of what happened, kept
+        log.replace(run_dir / "superlink.stopped.log")
+    return plan
+
+
+def _check_sites_kept(plan: RunPlan, registered: dict[str, bytes]) -> None:
+    """A resumed run admits the sites it started with; their keys must still be given."""
+    missing = sorted(set(plan.sites_registered) - set(registered))
+    if missing:
+        raise CertificateError(
+            f"run {plan.run_id} started with site(s) {', '.join(missing)}, whose key is not "
+            "given now; give the same site keys (--site-key or <certs>/sites/)"
+        )
+
+
+def _stop_previous_flower_run(client: Any, run_dir: Path) -> None:
+    """Stop the Flower run a crashed server left in the SuperLink's database, if any."""
+    from flwr.proto.control_pb2 import StopRunRequest
+
+    marker = run_dir / "flower-run"
+    if not marker.is_file():
+        return
+    try:
+        client.StopRun(StopRunRequest(run_id=int(marker.read_text())))
+    except Exception as exc:  # noqa: BLE001 -- finished already, or never persisted
+        logger.info("the previous Flower run was not stopped: %s", exc)
+
+
 def _check_bindable(host: str, port: int, *, address: str) -> None:
     """Refuse an address this machine cannot listen on, before anything is written."""
     with contextlib.closing(socket.socket()) as sock:
@@ -271,58 +357,86 @@ def _write_app(app_dir: Path) -> Path:
 
 
 def _start_superlink(
-    files: FederationCerts, *, host: str, port: int, plan: RunPlan, flwr_home: Path
+    identity: LoopbackIdentity, *, loopback: str, plan: RunPlan, flwr_home: Path
 ) -> subprocess.Popen[bytes]:
-    """The SuperLink process, over TLS, admitting only registered site keys.
+    """The SuperLink process on a private loopback port, admitting only registered keys.
 
-    It runs in the run directory and logs to its ``superlink.log``.
+    Its TLS identity is for ``127.0.0.1`` only; sites reach it through the gateway. It
+    runs in the run directory and logs to its ``superlink.log``.
     """
+    host, port = split_address(loopback)
     run_dir = plan.run_dir
     command = [
         flower_bin("flower-superlink"),
         "--ssl-ca-certfile",
-        str(files.ca),
+        str(identity.ca),
         "--ssl-certfile",
-        str(files.server_cert),
+        str(identity.cert),
         "--ssl-keyfile",
-        str(files.server_key),
+        str(identity.key),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
+        # On disk, so that a restarted server (--resume) finds the sites' node ids and
+        # their SuperNodes, still retrying, carry on.
+        "--database",
+        str(run_dir / "superlink.db"),
         "--host",
         host,
         "--port",
         str(port),
     ]
-    with open_no_follow(run_dir / "superlink.log") as log:
-        return subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env(flwr_home) | {RUN_DIR_ENV: str(run_dir)},
-            cwd=run_dir,
-            start_new_session=True,
+    return spawn(
+        command,
+        log_path=run_dir / "superlink.log",
+        env=child_env(flwr_home.absolute()) | {RUN_DIR_ENV: str(run_dir)},
+        cwd=run_dir,
+    )
+
+
+def _record_registration(
+    ws: Workspace,
+    plan: RunPlan,
+    files: FederationCerts,
+    registered: dict[str, bytes],
+    node_ids: dict[str, int],
+    *,
+    address: str,
+) -> None:
+    """Record which keys the server admits, and the node id Flower gave each."""
+    with ws.ledger() as ledger:
+        events.FEDERATION_SITES_REGISTERED.record(
+            ledger,
+            run=plan.run_id,
+            address=address,
+            ca_sha256=hashlib.sha256(files.ca.read_bytes()).hexdigest(),
+            sites={name: key_fingerprint(key) for name, key in sorted(registered.items())},
+            node_ids={name: node_ids[name] for name in sorted(node_ids)},
+            control="loopback only; the public port serves the Fleet API",
         )
 
 
+#: How long the gateway stays up after a run ends, for sites to learn it ended.
+LINGER_SECONDS = 10.0
+
+
 def _drive_run(
+    client: Any,
     process: subprocess.Popen[bytes],
     plan: RunPlan,
-    registered: dict[str, bytes],
+    states: RunStates,
     *,
     app_dir: Path,
     address: str,
-    ca: Path,
     timeout: float,
     on_status: Callable[[str], None] | None,
 ) -> None:
-    """Register the site keys with the SuperLink, submit the run and wait for its end."""
+    """Submit the run, wait for its end, and tell the sites how it ended."""
     log_path = plan.run_dir / "superlink.log"
     if on_status:
-        on_status(f"SuperLink starting on https://{address}")
-    client = _wait_for_control(process, address, ca, log_path)
+        on_status(f"SuperLink on https://{address} (Fleet API only)")
     try:
-        _register(client, registered)
         flower_run = _start_run(client, app_dir, plan.shared)
+        atomic_write_text(plan.run_dir / "flower-run", f"{flower_run}\n")
         if on_status:
             on_status(f"run {plan.run_id}: waiting for {plan.config.sites} site(s)")
         _wait_for_run(
@@ -334,8 +448,13 @@ def _drive_run(
             log_path=log_path,
             on_status=on_status,
         )
-    finally:
-        client.close()
+        finished = "error" not in json.loads((plan.run_dir / "result.json").read_text())
+    except FederationError:
+        states.set(plan.run_id, "failed")
+        states.wait_told(plan.run_id, plan.config.sites, timeout=LINGER_SECONDS)
+        raise
+    states.set(plan.run_id, "finished" if finished else "failed")
+    states.wait_told(plan.run_id, plan.config.sites, timeout=LINGER_SECONDS)
 
 
 def _read_result(plan: RunPlan) -> dict[str, Any]:
@@ -371,21 +490,35 @@ def _wait_for_control(
     raise FederationError(f"the SuperLink did not answer on {address} within 60 s; see {log_path}")
 
 
-def _register(client: Any, keys: dict[str, bytes]) -> None:
+def _register(client: Any, keys: dict[str, bytes]) -> dict[str, int]:
+    """Register each site's key with the SuperLink; the node id Flower gave each.
+
+    A key the SuperLink's database holds already (a resumed run) keeps its node id.
+    """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+    known = {
+        bytes(node.public_key): int(node.node_id)
+        for node in client.ListNodes(ListNodesRequest()).nodes_info
+        if not node.unregistered_at
+    }
+    node_ids: dict[str, int] = {}
     for name, openssh in sorted(keys.items()):
         public = serialization.load_ssh_public_key(openssh)
         if not isinstance(public, ec.EllipticCurvePublicKey):  # checked on load; for mypy
             raise CertificateError(f"site {name}: not an EC public key")
-        response = client.RegisterNode(
-            RegisterNodeRequest(public_key=public_key_to_bytes(public), name=name)
-        )
+        raw = public_key_to_bytes(public)
+        if raw in known:
+            node_ids[name] = known[raw]
+            continue
+        response = client.RegisterNode(RegisterNodeRequest(public_key=raw, name=name))
         if not response.node_id:
             raise FederationError(f"the SuperLink did not register site {name}")
+        node_ids[name] = int(response.node_id)
+    return node_ids
 
 
 def _start_run(client: Any, app_dir: Path, plan: SharedPlan) -> int:

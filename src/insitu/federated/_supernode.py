@@ -1,31 +1,44 @@
 """A site of a deployed federation: checks, its prepared data, and its SuperNode process.
 
-:func:`join` checks that the server answers and presents a certificate signed by the
+:func:`join` checks that no other site process of this machine uses the same key towards
+the same server, that the server answers and presents a certificate signed by the
 federation's CA (retrying with exponential backoff), prepares the site's own file under
 the schema into its own workspace (sealed, pseudonymized with the site's key), and starts
-a SuperNode that authenticates with the site's key. An unreachable server or a
-certificate that does not match fails before anything is written to the site's
-workspace; an unregistered key is found when the SuperNode tries to activate, recorded in
-the site's ledger, and the command exits 1.
+a SuperNode that authenticates with the site's key. An unreachable server, a certificate
+that does not match or a key in use fails before anything is written to the site's
+workspace.
+
+While the SuperNode runs, the site process is the one writer of the site's ledger for
+what the ClientApps spool (``federation.egress``, see :mod:`._egress`), and it watches the
+server (:mod:`._status`): it keeps the SuperNode up until the server ends the run the site
+took part in (stopping earlier could lose its last reply, issue 15), and gives up with a
+clear error when the server stops answering. A key the server will not activate (not
+registered, or in use by an active node) is read from the SuperNode's log, recorded as
+``federation.site_refused``, and the command exits 1. The SuperNode dies with the site
+process, even one killed with SIGKILL (:func:`~._processes.die_with_parent`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
-import socket
-import ssl
+import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from insitu._atomic import atomic_write_text, open_no_follow
+from insitu._atomic import atomic_write_text
 from insitu.audit import events
 from insitu.data import DataSchema, read_table
 from insitu.errors import (
@@ -35,6 +48,7 @@ from insitu.errors import (
     SiteRefusedError,
     UsageError,
 )
+from insitu.federated._egress import EgressSpool
 from insitu.federated._plan import SiteSetup
 from insitu.federated._processes import (
     child_env,
@@ -42,11 +56,13 @@ from insitu.federated._processes import (
     free_port,
     key_fingerprint,
     log_tail,
+    spawn,
     split_address,
     stop,
     unwinds_on_sigterm,
 )
 from insitu.federated._site_app import prepare_site_data
+from insitu.federated._status import ENDED, NoAnswerError, ServerWatch, check_tls, tls_context
 from insitu.workspace import Workspace
 
 __all__ = ["JoinResult", "join", "probe_server"]
@@ -73,29 +89,16 @@ def probe_server(
         ServerUnreachableError: no TLS connection after ``retries`` retries.
 
     """
-    host, port = split_address(address)
-    try:
-        context = ssl.create_default_context(cafile=str(ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise CertificateError(
-            f"cannot load the federation CA {ca}: {exc}; give the ca.pem the server operator sent"
-        ) from exc
+    split_address(address)  # a malformed address is a usage error, not retried
+    context = tls_context(ca)
     delay, last = first_delay, ""
     for attempt in range(retries + 1):
         try:
-            with (
-                socket.create_connection((host, port), timeout=5) as raw,
-                context.wrap_socket(raw, server_hostname=host),
-            ):
-                return
-        except ssl.SSLCertVerificationError as exc:
-            raise CertificateError(
-                f"the server at {address} presented a certificate that {ca} does not "
-                f"verify ({exc.verify_message}); get the federation's ca.pem from the "
-                "server operator, or check the address"
-            ) from exc
-        except (OSError, ssl.SSLError) as exc:
-            last = exc.strerror or str(exc) or type(exc).__name__
+            check_tls(address, ca, context)
+        except NoAnswerError as exc:
+            last = str(exc)
+        else:
+            return
         if attempt < retries:
             logger.info("server %s: %s; retrying in %.1f s", address, last, delay)
             sleep(delay)
@@ -139,58 +142,153 @@ def join(
     once: bool = False,
     test_fraction: float = 0.2,
     on_status: Callable[[str], None] | None = None,
+    poll_interval: float = 2.0,
+    give_up_after: float = 60.0,
 ) -> JoinResult:
     """Take part in federated runs as one site; see the module docstring.
 
-    Returns when the SuperNode stops: after the first completed run with ``once``, or
-    when interrupted.
+    Returns when the SuperNode stops: with ``once``, once the server has ended the first
+    run this site took part in; otherwise when interrupted or when the SuperNode stops
+    by itself. The server is polled every ``poll_interval`` seconds; after
+    ``give_up_after`` seconds without an answer the site stops.
 
     Raises:
-        ServerUnreachableError: the server does not answer (after retries).
+        ServerUnreachableError: the server does not answer (after retries), or stopped
+            answering for ``give_up_after`` seconds.
         CertificateError: the server's certificate does not verify against ``ca``, or
             ``key`` is not a site key.
-        SiteRefusedError: the server does not know this site's key.
+        SiteRefusedError: the server would not activate this site's key (not
+            registered, or in use by an active node), or another site process of this
+            machine uses it.
+        FederationError: with ``once``, the run this site took part in failed; or the
+            server does not know the run.
 
     """
     # Checks first: nothing is written when the server, CA or key is wrong.
     if not data.is_file():
         raise UsageError(f"--data {data}: no such file")
     site_key = _load_site_key(key)
-    probe_server(server, ca, retries=retries)
-    frame = read_table(data)
-    schema.check_columns(frame.columns, source=data.name)
-    site = name or key.stem
-    ws, created = _prepare_site(
-        ws_home, frame, schema, site=site, source=data.name, test_fraction=test_fraction
-    )
-    with ws.ledger() as ledger:
-        events.FEDERATION_SITE_JOINED.record(
-            ledger,
-            site=site,
-            server=server,
-            ca_sha256=hashlib.sha256(ca.read_bytes()).hexdigest(),
-            key=key_fingerprint(site_key),
-            dataset=schema.name,
-            workspace_created=created,
+    fingerprint = key_fingerprint(site_key)
+    watch = ServerWatch(server, ca, interval=poll_interval, give_up_after=give_up_after)
+    with _one_site_per_key(fingerprint, server, key):
+        probe_server(server, ca, retries=retries)
+        frame = read_table(data)
+        schema.check_columns(frame.columns, source=data.name)
+        site = name or key.stem
+        ws, created = _prepare_site(
+            ws_home, frame, schema, site=site, source=data.name, test_fraction=test_fraction
         )
-    log_path = ws.supernode_log_path.absolute()
-    if on_status:
-        on_status(f"{site}: SuperNode connecting to https://{server}")
-    runs: tuple[str, ...] = ()
-    process = _start_supernode(
-        ws, server=server, ca=ca, key=key, retries=retries, log_path=log_path
-    )
-    try:
-        runs = _serve_runs(process, ws.runs_done_dir.absolute(), log_path=log_path, once=once)
-    finally:
-        stop(process)
         with ws.ledger() as ledger:
-            events.FEDERATION_SITE_LEFT.record(ledger, site=site, runs=list(runs))
-    if not runs and process.returncode not in (0, -signal.SIGTERM):
-        raise _supernode_failure(
-            process.returncode, log_path, server=server, key=key, site_key=site_key
+            events.FEDERATION_SITE_JOINED.record(
+                ledger,
+                site=site,
+                server=server,
+                ca_sha256=hashlib.sha256(ca.read_bytes()).hexdigest(),
+                key=fingerprint,
+                dataset=schema.name,
+                workspace_created=created,
+            )
+        node = _Node(ws=ws, site=site, server=server, ca=ca, key=key, fingerprint=fingerprint)
+        return _take_part(node, watch, retries=retries, once=once, on_status=on_status)
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A joined site: its workspace, name, server, CA and key."""
+
+    ws: Workspace
+    site: str
+    server: str
+    ca: Path
+    key: Path
+    fingerprint: str
+
+
+@dataclass
+class _Served:
+    """What the site saw while its SuperNode ran (filled in as it goes)."""
+
+    #: Runs this site finished its part of (the ClientApp's markers).
+    done: tuple[str, ...] = ()
+    #: Runs this site took part in (from its egress spool and markers), first seen first.
+    taken: list[str] = field(default_factory=list)
+    #: The server's last word on the latest of them.
+    state: str | None = None
+
+    def note(self, runs: Iterable[str]) -> None:
+        """Add runs not seen before, in their order."""
+        for run in runs:
+            if run not in self.taken:
+                self.taken.append(run)
+
+
+def _take_part(
+    node: _Node,
+    watch: ServerWatch,
+    *,
+    retries: int,
+    once: bool,
+    on_status: Callable[[str], None] | None,
+) -> JoinResult:
+    """Run the SuperNode until it stops or the server ends the run; stop it; record."""
+    ws, log_path = node.ws, node.ws.supernode_log_path.absolute()
+
+    def say(text: str) -> None:
+        if on_status:
+            on_status(f"{node.site}: {text}")
+
+    spool = EgressSpool(ws.home.absolute())
+    spool.ingest()  # what an earlier site process left unrecorded (it crashed)
+    say(f"SuperNode connecting to https://{node.server}")
+    process = _start_supernode(
+        ws, server=node.server, ca=node.ca, key=node.key, retries=retries, log_path=log_path
+    )
+    served, refused, alone = _Served(), False, False
+    try:
+        _serve_runs(process, ws.runs_done_dir.absolute(), watch, spool, served, once=once, say=say)
+    finally:
+        alone = process.poll() is not None  # it stopped before the site stopped it
+        stop(process)
+        spool.ingest()
+        refused = alone and not served.done and _activation_refused(log_path)
+        with ws.ledger() as ledger:
+            if refused:
+                events.FEDERATION_SITE_REFUSED.record(
+                    ledger,
+                    site=node.site,
+                    server=node.server,
+                    key=node.fingerprint,
+                    reason=_REFUSED,
+                )
+            else:
+                events.FEDERATION_SITE_LEFT.record(ledger, site=node.site, runs=list(served.done))
+    if refused:
+        raise SiteRefusedError(
+            f"the server at {node.server} refused this site: its key {node.fingerprint} "
+            f"({node.key}) is not registered there, or is in use by an active node (another "
+            "'insitu federate site' with the same key, maybe on another machine); ask the "
+            f"operator to register {node.key.stem}.pub, or stop the other site"
         )
-    return JoinResult(site=site, home=ws.home.absolute(), runs=runs, supernode_log=log_path)
+    if alone and not served.done and process.returncode not in (0, -signal.SIGTERM):
+        tail = log_tail(log_path)
+        raise FederationError(
+            f"the SuperNode stopped with code {process.returncode}; see {log_path}: "
+            f"{tail.splitlines()[-1] if tail else 'no output'}"
+        )
+    if once and served.state == "failed":
+        raise FederationError(
+            f"run {served.taken[-1]} failed at the server at {node.server} (its ledger says "
+            "why: federation.failed); this site's part is in its own ledger"
+        )
+    return JoinResult(
+        site=node.site, home=ws.home.absolute(), runs=served.done, supernode_log=log_path
+    )
+
+
+#: Why a refusal is recorded: Flower answers alike for both causes (see _activation_refused).
+_REFUSED = (
+    "the server would not activate the site's key: not registered, or in use by an active node"
+)
 
 
 def _prepare_site(
@@ -232,7 +330,11 @@ def _prepare_site(
 def _start_supernode(
     ws: Workspace, *, server: str, ca: Path, key: Path, retries: int, log_path: Path
 ) -> subprocess.Popen[bytes]:
-    """Flower's SuperNode for this site, authenticating with the site's key."""
+    """Flower's SuperNode for this site, authenticating with the site's key.
+
+    In a session of its own (stopped as a group with its SuperExec and ClientApps), and
+    dying with this process (:func:`~._processes.spawn`).
+    """
     command = [
         flower_bin("flower-supernode"),
         "--superlink",
@@ -250,74 +352,124 @@ def _start_supernode(
         "--max-retries",
         str(retries),
     ]
-    with open_no_follow(log_path) as log:
-        return subprocess.Popen(  # noqa: S603 -- our own executable, fixed arguments
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=child_env(ws.flower_home.absolute()),
-            cwd=ws.federation_dir.absolute(),
-            start_new_session=True,
-        )
-
-
-def _serve_runs(
-    process: subprocess.Popen[bytes], done_dir: Path, *, log_path: Path, once: bool
-) -> tuple[str, ...]:
-    """Wait while the SuperNode takes part in runs; the runs completed meanwhile."""
-    before = set(done_dir.iterdir()) if done_dir.exists() else set()
-    runs: tuple[str, ...] = ()
-    while process.poll() is None:
-        if done_dir.exists():
-            # A marker is written atomically (a dot-named temporary file, then a
-            # rename): only the renamed files are runs.
-            done = {p for p in done_dir.iterdir() if not p.name.startswith(".")}
-            runs = tuple(sorted(p.name for p in done - before))
-            if runs and once:
-                _wait_for_last_reply(process, log_path, sent_before=_sent(log_path))
-                break
-        time.sleep(0.5)
-    return runs
-
-
-def _supernode_failure(
-    code: int | None, log_path: Path, *, server: str, key: Path, site_key: bytes
-) -> FederationError:
-    """The error for a SuperNode that stopped before completing any run."""
-    tail = log_tail(log_path)
-    if "2004" in tail or "Failed to activate SuperNode" in tail:
-        return SiteRefusedError(
-            f"the server at {server} refused this site: its key {key_fingerprint(site_key)}"
-            f" ({key}) is not registered; ask the operator to register {key.stem}.pub"
-        )
-    return FederationError(
-        f"the SuperNode stopped with code {code}; see {log_path}: "
-        f"{tail.splitlines()[-1] if tail else 'no output'}"
+    return spawn(
+        command,
+        log_path=log_path,
+        env=child_env(ws.flower_home.absolute()),
+        cwd=ws.federation_dir.absolute(),
     )
 
 
-def _sent(log_path: Path) -> int:
-    """How many replies the SuperNode has sent (its log says "Sent successfully")."""
-    try:
-        return log_path.read_text(errors="replace").count("Sent successfully")
-    except OSError:
-        return 0
+def _done_runs(done_dir: Path) -> set[str]:
+    """The runs marked done (a marker is written atomically: dot-named files are not yet)."""
+    if not done_dir.exists():
+        return set()
+    return {p.name for p in done_dir.iterdir() if not p.name.startswith(".")}
 
 
-def _wait_for_last_reply(
-    process: subprocess.Popen[bytes], log_path: Path, *, sent_before: int, limit: float = 60.0
+def _serve_runs(
+    process: subprocess.Popen[bytes],
+    done_dir: Path,
+    watch: ServerWatch,
+    spool: EgressSpool,
+    served: _Served,
+    *,
+    once: bool,
+    say: Callable[[str], None],
 ) -> None:
-    """Let the SuperNode send the last round's evaluation before it is stopped.
+    """Watch the SuperNode and the server; return when the SuperNode stops.
 
-    The ClientApp marks the run done inside its last evaluation, before Flower sends
-    the reply; stopping the SuperNode at once would drop it (the round would count the
-    site as failed).
+    With ``once``, also return when the server has ended the run this site took part in.
+
+    Each turn records what the ClientApps spooled, reads the run markers, asks the
+    server about the latest run (or only whether it answers, before any run), then
+    waits (``watch.pause``: the poll interval, or a backoff step).
     """
-    deadline = time.monotonic() + limit
-    while process.poll() is None and time.monotonic() < deadline:
-        if _sent(log_path) > sent_before:
+    before = _done_runs(done_dir)
+    while process.poll() is None:
+        served.note(spool.ingest())
+        done = tuple(sorted(_done_runs(done_dir) - before))
+        for run in done:
+            if run not in served.done:
+                say(f"run {run}: this site's part is done; waiting for the server to end it")
+        served.done = done
+        served.note(done)
+        current = served.taken[-1] if served.taken else None
+        served.state = watch.poll(current)
+        if once and current is not None and served.state in ENDED:
+            say(f"run {current}: {served.state} at the server")
             return
-        time.sleep(0.2)
+        watch.pause()
+
+
+def _activation_refused(log_path: Path) -> bool:
+    """Whether the SuperLink refused to activate the SuperNode's key (Flower's code 2004).
+
+    Flower 1.41 answers alike for a key it never registered and for one an active node
+    already uses ("[code: 2004] Failed to activate SuperNode."): its log cannot tell the
+    two apart, so the message names both (a second site process of this machine with
+    the same key is caught before, by :func:`_one_site_per_key`).
+    """
+    tail = log_tail(log_path)
+    return "[code: 2004]" in tail or "Failed to activate SuperNode" in tail
+
+
+def _lock_dir() -> Path | None:
+    """The private directory of this user's site locks; None if there is none to trust."""
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    directory = base / f"insitu-{os.getuid()}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    except OSError:
+        return None
+    private = stat.S_ISDIR(info.st_mode) and not info.st_mode & 0o077
+    return directory if private and info.st_uid == os.getuid() else None
+
+
+@contextlib.contextmanager
+def _one_site_per_key(fingerprint: str, server: str, key: Path) -> Iterator[None]:
+    """Hold this machine's lock on (key, server) while the site runs.
+
+    The server refuses to activate a key an active node already uses, in the words it
+    uses for an unregistered key; the likely cause, a second ``insitu federate site``
+    with the same key, is found here before anything starts. The lock is ``flock``'s:
+    released by the kernel however the holder ends. Without a private directory to keep
+    it in, the check is skipped.
+
+    Raises:
+        SiteRefusedError: another process of this machine holds the lock.
+
+    """
+    directory = _lock_dir()
+    digest = hashlib.sha256(f"{fingerprint}\n{server}".encode()).hexdigest()[:32]
+    try:
+        if directory is None:
+            raise OSError(errno.EACCES, "no private directory")
+        fd = os.open(
+            directory / f"site-{digest}.lock",
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError as exc:
+        logger.info("not checking for another site with this key: %s", exc.strerror)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SiteRefusedError(
+                f"this site's key {fingerprint} ({key}) is already in use by an active "
+                f"node: another 'insitu federate site' (pid {holder}) runs with it towards "
+                f"{server}; stop that one, or give this site its own key"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _load_site_key(path: Path) -> bytes:

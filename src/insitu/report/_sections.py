@@ -40,6 +40,10 @@ def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
     started = _last(_for_run(coord.of_type("federation.started"), run))
     completed = _last(_for_run(coord.of_type("federation.completed"), run))
     rounds = _for_run(coord.of_type("federation.round"), run)
+    if completed and completed.payload.get("round_entries"):
+        # The rounds the model came from: a resumed run records a re-trained round twice.
+        linked = set(completed.payload["round_entries"])
+        rounds = [e for e in rounds if e.seq in linked]
     config = dict(started.payload) if started else {}
     return {
         "run": run,
