@@ -75,8 +75,7 @@ def quickstart(
             progress.update(
                 task,
                 advance=1,
-                description=f"round {record.round}/{rounds}: accuracy {shown}, "
-                f"epsilon {eps:.2f}",
+                description=f"round {record.round}/{rounds}: accuracy {shown}, epsilon {eps:.2f}",
             )
 
         result = run_quickstart(settings, on_step=on_step, on_round=on_round)
