@@ -165,6 +165,7 @@ EXPECTED = {
         "FederationConfig",
         "JoinResult",
         "RoundRecord",
+        "deployed_egress_mod",
         "join",
         "make_certs",
         "min_rows_for",

@@ -162,23 +162,56 @@ def serve(
         plan = _plan_run(ws, config, schema, registered)
     else:
         plan = _resumed_plan(ws, resume, schema)
-        config = plan.config
-        registered = _check_certs_and_keys(files, site_keys, host=host, sites=config.sites)
+        registered = _check_certs_and_keys(files, site_keys, host=host, sites=plan.config.sites)
         _check_sites_kept(plan, registered)
     _check_bindable(host, port, address=address)
-
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     app_dir = _write_app(ws.flower_app_dir.absolute())
     atomic_write_text(plan.run_dir / "plan.json", json.dumps(plan.to_json(), indent=2) + "\n")
+    _run_on_superlink(
+        ws,
+        plan,
+        files,
+        registered,
+        app_dir=app_dir,
+        address=address,
+        timeout=timeout,
+        on_status=on_status,
+    )
+    result = _read_result(plan)
+    return DeployResult(
+        run_id=plan.run_id,
+        config=plan.config,
+        sites_registered=list(plan.sites_registered),
+        rounds=result["rounds"],
+        model_dir=Path(result["model_dir"]),
+        model_sha256=result["model_sha256"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _run_on_superlink(
+    ws: Workspace,
+    plan: RunPlan,
+    files: FederationCerts,
+    registered: dict[str, bytes],
+    *,
+    app_dir: Path,
+    address: str,
+    timeout: float,
+    on_status: Callable[[str], None] | None,
+) -> None:
+    """Start the SuperLink on loopback, register the sites, open the gateway, run, stop."""
     identity = make_loopback_identity(plan.run_dir / "loopback")
     loopback = f"127.0.0.1:{free_port()}"
     process = _start_superlink(identity, loopback=loopback, plan=plan, flwr_home=ws.flower_home)
     states = RunStates()
     states.set(plan.run_id, "running")  # before the gateway opens: never a 404 for it
+    host, port = split_address(address)
     try:
         control = _wait_for_control(process, loopback, identity.ca, plan.run_dir / "superlink.log")
         try:
-            if resume is not None:
+            if plan.resume is not None:
                 _stop_previous_flower_run(control, plan.run_dir)
             node_ids = _register(control, registered)
             _record_registration(ws, plan, files, registered, node_ids, address=address)
@@ -206,16 +239,6 @@ def serve(
             control.close()
     finally:
         stop(process)
-    result = _read_result(plan)
-    return DeployResult(
-        run_id=plan.run_id,
-        config=config,
-        sites_registered=list(plan.sites_registered),
-        rounds=result["rounds"],
-        model_dir=Path(result["model_dir"]),
-        model_sha256=result["model_sha256"],
-        seconds=time.perf_counter() - started,
-    )
 
 
 def _check_certs_and_keys(
