@@ -99,8 +99,8 @@ def test_a_site_whose_key_the_server_never_registered_is_refused(tmp_path, schem
     read_table(builtin_data("adult")).head(3000).to_csv(data, index=False)
     with pytest.raises(
         SiteRefusedError,
-        match=rf"the server at {address} refused this site: its key .* is not registered; "
-        r"ask the operator to register rogue\.pub",
+        match=rf"the server at {address} refused this site: its key .* is not registered "
+        r"there, or is in use by an active node .*; ask the operator to register rogue\.pub",
     ):
         join(
             tmp_path / "rogue",

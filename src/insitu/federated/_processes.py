@@ -160,11 +160,14 @@ def spawn(
     """Start a Flower process that dies with this one; stop it with :func:`stop`.
 
     Its output goes to ``log_path``; it runs in a session of its own (its group: it and
-    its descendants), with :func:`die_with_parent`.
+    its descendants) under :mod:`insitu.federated._guard`, which gets
+    :func:`die_with_parent`'s signal and then ends the whole group (Flower's own
+    children included, which no death signal of ours reaches).
     """
+    guarded = [sys.executable, "-m", "insitu.federated._guard", *command]
     with open_no_follow(log_path) as log:
         return subprocess.Popen(  # noqa: S603 -- our own executables, fixed arguments
-            command,
+            guarded,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
