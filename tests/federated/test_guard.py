@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 #: Starts, through ``spawn``, a child that starts a grandchild which never looks at its
-#: parent; prints both pids, then waits to be killed.
+#: parent and leaves the group for a session of its own (as Flower's SuperExec does);
+#: prints both pids, then waits to be killed.
 STARTER = textwrap.dedent(
     """
     import json, sys, time
@@ -27,7 +28,7 @@ STARTER = textwrap.dedent(
 
     child = [sys.executable, "-c",
              "import subprocess, sys, time;"
-             "g = subprocess.Popen(['sleep', '300']);"
+             "g = subprocess.Popen(['sleep', '300'], start_new_session=True);"
              "print(g.pid, flush=True); time.sleep(300)"]
     process = spawn(child, log_path=Path(sys.argv[1]), env=dict(__import__('os').environ),
                     cwd=Path(sys.argv[1]).parent)

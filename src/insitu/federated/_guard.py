@@ -30,25 +30,24 @@ __all__ = ["GRACE", "main"]
 
 #: Seconds the command gets to stop after SIGTERM before the group is killed.
 GRACE = 5.0
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _end_group(child: subprocess.Popen[bytes] | None, signum: int) -> None:
-    """SIGTERM to the group, ``GRACE`` seconds for ``child``, SIGKILL to what is left.
+    """SIGTERM to every descendant, ``GRACE`` seconds for ``child``, SIGKILL to the rest.
 
-    The guard then ends by ``signum`` itself, so its caller sees how it was stopped (or by
-    SIGKILL with the group, when the command did not stop within ``GRACE``).
+    The guard then ends by ``signum`` itself, so its caller sees how it was stopped.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.killpg(0, signal.SIGTERM)
+    _signal_all(_descendants(), signal.SIGTERM)
     deadline = time.monotonic() + GRACE
-    ended = child is not None and _reaped(child.pid)
-    while child is not None and not ended and time.monotonic() < deadline:
+    ended = child is None or _reaped(child.pid)
+    while not ended and time.monotonic() < deadline:
         time.sleep(0.05)
-        ended = _reaped(child.pid)
-    if not ended:
-        os.killpg(0, signal.SIGKILL)  # the guard too: nothing of the group survives
-    _kill_rest()
+        ended = child is None or _reaped(child.pid)
+    _signal_all(_descendants(), signal.SIGKILL)
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -66,12 +65,47 @@ def _reaped(pid: int) -> bool:
     return done == pid
 
 
-def _kill_rest() -> None:
-    for pid in _rest_of_group():
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except OSError:
             continue
+
+
+def _descendants() -> list[int]:
+    """Every process below the guard (Linux: from /proc; elsewhere none are found).
+
+    Flower's SuperExec starts a session of its own (its ServerApps leave the guard's
+    group), so the guard follows parents, not groups; as a child subreaper it inherits
+    every orphan below it, so a process whose parent died is still found.
+    """
+    try:
+        entries = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in entries:
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def _become_subreaper() -> None:
+    """Orphans below the guard become its children, not init's (Linux 3.4+)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def main(argv: list[str]) -> int:
@@ -84,34 +118,19 @@ def main(argv: list[str]) -> int:
     def stop(signum: int, frame: FrameType | None) -> None:
         _end_group(started[0] if started else None, signum)
 
+    _become_subreaper()
     # Before the command starts: a stop that comes first still ends the group.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     started.append(subprocess.Popen(argv))  # noqa: S603 -- the caller's command, as given
     code = started[0].wait()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _kill_rest()  # the command ended by itself: what it started must not outlive it
+    # The command ended by itself: what it started must not outlive it.
+    _signal_all(_descendants(), signal.SIGKILL)
     if code < 0:  # ended by a signal: end the same way, so the caller sees what it was
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code
-
-
-def _rest_of_group() -> list[int]:
-    """The other processes of this group (Linux: from /proc; elsewhere none are found)."""
-    try:
-        pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    except OSError:
-        return []
-    group, own = os.getpgrp(), os.getpid()
-    rest = []
-    for pid in pids:
-        try:
-            if pid != own and os.getpgid(pid) == group:
-                rest.append(pid)
-        except OSError:
-            continue
-    return rest
 
 
 if __name__ == "__main__":
