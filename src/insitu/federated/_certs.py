@@ -131,6 +131,70 @@ def _san(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
+def _ca_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    name: x509.Name,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A self-signed CA that signs certificates only (no intermediate below it)."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA384())
+    )
+
+
+def _server_certificate(
+    key: ec.EllipticCurvePrivateKey,
+    name: x509.Name,
+    *,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    hosts: list[str],
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A TLS server certificate for ``hosts``, signed by the CA."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(_san(hosts)), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
 def make_certs(
     directory: Path,
     *,
@@ -179,50 +243,17 @@ def make_certs(
 
     now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
-    ca_key = ec.generate_private_key(_CURVE)
+    ca_key, server_key = ec.generate_private_key(_CURVE), ec.generate_private_key(_CURVE)
     ca_name = _name("insitu federation CA")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    server_key = ec.generate_private_key(_CURVE)
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("insitu superlink"))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(_san(all_hosts)), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA384())
+    ca_cert = _ca_certificate(ca_key, ca_name, not_before, not_after)
+    server_cert = _server_certificate(
+        server_key,
+        _name("insitu superlink"),
+        ca_key=ca_key,
+        ca_name=ca_name,
+        hosts=all_hosts,
+        not_before=not_before,
+        not_after=not_after,
     )
     site_keys = {s: ec.generate_private_key(_CURVE) for s in sites}
 
@@ -356,33 +387,15 @@ def make_loopback_identity(directory: Path, *, days: int = 30) -> LoopbackIdenti
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
     ca_key, key = ec.generate_private_key(_CURVE), ec.generate_private_key(_CURVE)
     ca_name = _name("insitu loopback CA")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("insitu superlink (loopback)"))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(_san(["127.0.0.1"])), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA384())
+    ca_cert = _ca_certificate(ca_key, ca_name, not_before, not_after)
+    cert = _server_certificate(
+        key,
+        _name("insitu superlink (loopback)"),
+        ca_key=ca_key,
+        ca_name=ca_name,
+        hosts=["127.0.0.1"],
+        not_before=not_before,
+        not_after=not_after,
     )
     identity = LoopbackIdentity(
         ca=directory / "ca.pem", cert=directory / "server.pem", key=directory / "server.key"
