@@ -241,3 +241,22 @@ def test_a_server_killed_after_round_2_resumes_and_charges_each_round_honestly(
     for home in ("server", *SITES):
         assert _audit_verify(tmp_path / home) == 0, capsys.readouterr()
     assert Path(result["model_dir"]).exists()
+
+
+def test_resuming_a_run_this_workspace_never_had_is_one_line_and_starts_nothing(
+    tmp_path: Path, schema_file: Path, capsys
+) -> None:
+    certs = make_certs(tmp_path / "certs", sites=list(SITES))
+    Workspace.init(tmp_path / "server", name="server")
+    code = run(
+        [
+            *("federate", "server", "--home", str(tmp_path / "server"), "-s", str(schema_file)),
+            *("--certs", str(certs.directory), "--address", f"127.0.0.1:{free_port()}"),
+            *("--resume", "20990101T000000Z-abcdef"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no deployed run '20990101T000000Z-abcdef'" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "server" / "federation" / "runs").exists()
