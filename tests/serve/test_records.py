@@ -533,3 +533,65 @@ def test_predict_file_refuses_a_schema_other_than_the_cards(
             tmp_path / "out.csv",
             schema=tumour_schema(positive=None),
         )
+
+
+# -- explanations of records ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explaining(
+    tmp_path_factory: pytest.TempPathFactory, binary_model: bytes
+) -> Iterator[httpx.Client]:
+    site = schema_site(tmp_path_factory.mktemp("explain") / "site", binary_model)
+    rng = np.random.default_rng(3)
+    background = [
+        RECORD
+        | {
+            "mean_area": float(rng.uniform(100, 2000)),
+            "mean_radius": float(rng.uniform(6, 29)),
+            "age": int(rng.integers(20, 90)),
+            "sex": str(rng.choice(["F", "M"])),
+            "site": str(rng.choice(["A", "B", "C"])),
+        }
+        for _ in range(24)
+    ]
+    encoded = FeatureEncoder.for_schema(SCHEMA).encode(pd.DataFrame(background))
+    with (
+        running(site.workspace, dashboard=False, backgrounds={"mlp": (encoded, None)}) as srv,
+        httpx.Client(base_url=srv.url, headers=srv.headers, timeout=60) as http,
+    ):
+        yield http
+
+
+def test_a_record_is_explained_as_its_encoding_is_with_shares_per_column(
+    explaining: httpx.Client,
+) -> None:
+    records = [RECORD, RECORD | {"mean_area": 1500.0, "sex": "M", "site": "C", "age": 80}]
+    by_hand = FeatureEncoder.for_schema(SCHEMA).encode(pd.DataFrame(records))
+    answered = explaining.post("/v1/models/mlp/explain", json={"records": records})
+    encoded = explaining.post("/v1/models/mlp/explain", json={"inputs": by_hand.tolist()})
+    assert answered.status_code == encoded.status_code == 200, answered.text
+    doc = answered.json()
+    np.testing.assert_allclose(doc["attributions"], encoded.json()["attributions"], atol=1e-9)
+    assert list(doc["by_column"]) == list(SCHEMA.features)
+    shares = np.array([doc["by_column"][c] for c in SCHEMA.features]).T  # rows x columns
+    # A column's encoded inputs add up to its share; the shares to the output (efficiency).
+    np.testing.assert_allclose(shares.sum(axis=1), np.sum(doc["attributions"], axis=1))
+    np.testing.assert_allclose(shares.sum(axis=1) + doc["base_value"], doc["outputs"], atol=1e-4)
+    assert "by_column" not in encoded.json()  # encoded rows have no columns to sum by
+
+
+def test_a_record_outside_the_schema_is_not_explained(explaining: httpx.Client) -> None:
+    refused = explaining.post(
+        "/v1/models/mlp/explain", json={"records": [RECORD | {"mean_area": 4000.0}]}
+    )
+    assert refused.status_code == 422
+    assert "records[0]: column 'mean_area' = 4000 is outside" in refused.text
+    too_many = explaining.post("/v1/models/mlp/explain", json={"records": [RECORD] * 17})
+    assert too_many.status_code == 422
+    assert "explanations take 1 to 16 per request" in too_many.text
+
+
+def test_attributions_of_another_width_than_the_schema_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match=r"3 attributions per row for 11 encoded inputs"):
+        RecordSchema.of(SCHEMA).by_column(np.zeros((1, 3)))

@@ -225,3 +225,20 @@ def test_attack_damaged_slot_through_the_command_line(tmp_path, capsys, damage):
         assert code == 1
         (line,) = err.strip().splitlines()
         assert "cannot roll back: the previous slot a (triage 1.0.0)" in line
+
+
+def test_rollback_from_a_damaged_active_slot_serves_the_sound_previous_version(
+    sim, device, keys, models, ledger
+):
+    # The repository may be out of reach when the active slot is found damaged: rolling
+    # back to the sound previous version is the operator's way to keep serving.
+    v1, _ = _v2_installed(sim, device, keys, models)
+    _flip(device.slots.slot_path("b"))
+    result = device.rollback()
+    assert (result["active"], result["was"], result["slot"]) == ("1.0.0", "1.1.0", "a")
+    assert device.slots.slot_path("a").read_bytes() == v1
+    assert device.status()["active"]["damage"] is None
+    assert _serves(device, models.v1)
+    assert ledger.entries(event_type="update.rolled_back")[-1].payload["from_version"] == "1.1.0"
+    # The damaged version is held: the next update does not reinstall it over the rollback.
+    assert device.slots.held() == ["1.1.0"]

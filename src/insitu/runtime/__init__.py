@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from insitu._ort import create_session
 from insitu.runtime._explain import (
+    MAX_EXPLAIN_ROWS,
     Explainer,
     Explanation,
     global_importance,
@@ -27,6 +28,7 @@ from insitu.runtime._runtime import BatchObserver, LoadedModel, ModelRuntime
 from insitu.runtime._sources import BundleFile, InstalledModel, ModelSource
 
 __all__ = [
+    "MAX_EXPLAIN_ROWS",
     "Answers",
     "BatchObserver",
     "BundleFile",

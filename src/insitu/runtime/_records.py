@@ -155,6 +155,43 @@ class RecordSchema:
         candidates = [self.schema.subject, *self.schema.pseudonymize]
         return next((c for c in candidates if c is not None and c in present), None)
 
+    @functools.cached_property
+    def input_columns(self) -> tuple[str, ...]:
+        """The record column behind each model input, in the encoder's order.
+
+        A numeric feature is one input; a binned one is one input per bin after its
+        scaled value; a categorical one is one indicator per declared category.
+        """
+        owners = list(self.schema.numeric)
+        for column in self.schema.numeric:
+            if column in self.schema.bins:
+                owners += [column] * (len(self.schema.bins[column]) + 1)
+        for column in self.schema.categorical:
+            owners += [column] * len(self.encoder.categories[column])
+        return tuple(owners)
+
+    def by_column(self, attributions: np.ndarray) -> dict[str, list[float]]:
+        """Attributions per model input (rows x inputs) summed per record column.
+
+        Additive attributions (SHAP's) of a column's inputs add up to the column's share
+        of the output: what a person reading a record by column name asks for.
+
+        Raises:
+            InvalidInputError: ``attributions`` has another width than the encoding.
+
+        """
+        values = np.asarray(attributions, dtype=np.float64)
+        owners = self.input_columns
+        if values.ndim != 2 or values.shape[1] != len(owners):
+            raise InvalidInputError(
+                f"{values.shape[-1]} attributions per row for {len(owners)} encoded inputs; "
+                "the model and its card's schema disagree (publish the model again)"
+            )
+        summed: dict[str, np.ndarray] = {}
+        for j, column in enumerate(owners):
+            summed[column] = summed.get(column, 0.0) + values[:, j]
+        return {column: [float(v) for v in summed[column]] for column in self.features}
+
     def encode(
         self, records: Sequence[Mapping[str, Any]], *, row_name: RowName = _row
     ) -> np.ndarray:

@@ -44,7 +44,7 @@ from insitu.errors import (
     ModelNotFoundError,
     UsageError,
 )
-from insitu.runtime import Explainer, LoadedModel, ModelRuntime, RecordSchema
+from insitu.runtime import MAX_EXPLAIN_ROWS, Explainer, LoadedModel, ModelRuntime, RecordSchema
 from insitu.serve._batching import MicroBatcher
 from insitu.serve._codec import (
     BODY_TIMEOUT,
@@ -122,7 +122,7 @@ _PREDICT_BODY = {
 _EXPLAIN_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": _INPUTS_SCHEMA}},
+        "content": {"application/json": {"schema": _PREDICT_SCHEMA}},
     }
 }
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -546,9 +546,24 @@ async def _explain(state: _State, name: str, request: Request) -> dict[str, Any]
     body = await state.body(request)
     content_type = request.headers.get("content-type", "") or "application/json"
     if not content_type.lower().startswith("application/json"):
-        raise BodyError(415, 'explanations take a JSON body {"inputs": [[...]]}')
-    inputs = decode_inputs(body, content_type, request.headers)
+        raise BodyError(
+            415, 'explanations take a JSON body {"inputs": [[...]]} or {"records": [{...}]}'
+        )
+    records = _records_of(body, content_type)
     model = await run_in_threadpool(runtime.get, name)
+    described = RecordSchema.require(model) if records is not None else None
+    if described is not None and records is not None:
+        if len(records) > MAX_EXPLAIN_ROWS:
+            raise InvalidInputError(
+                f"{len(records)} records; explanations take 1 to {MAX_EXPLAIN_ROWS} per request"
+            )
+        encode = functools.partial(described.encode, records, row_name="records[{}]".format)
+        inputs: Any = await run_in_threadpool(encode)
+    else:
+        inputs = decode_inputs(body, content_type, request.headers)
     explainer = await run_in_threadpool(state.explainer, model)
     explanation = await run_in_threadpool(explainer.explain, inputs)
-    return {"model": name, "version": model.version, **explanation.to_json()}
+    doc = {"model": name, "version": model.version, **explanation.to_json()}
+    if described is not None:  # the shares of the record's own columns, summed
+        doc["by_column"] = described.by_column(explanation.values)
+    return doc
