@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from insitu.drift import DriftMonitor, population_stability_index, two_sample_p_value
-from insitu.drift._stats import PSI_FLOOR, ReferenceHistograms
+from insitu.drift._stats import PSI_FLOOR, ReferenceHistograms, chi_square_tail
 from insitu.errors import UsageError
 from insitu.workspace import Workspace
 
@@ -36,8 +39,7 @@ def psi_as_first_written(reference: np.ndarray, live: np.ndarray) -> float:
 
 
 def p_value_as_first_written(reference: np.ndarray, live: np.ndarray) -> float:
-    from scipy.special import chdtrc
-
+    # The tail was SciPy's chdtrc; chi_square_tail is held to it below.
     ref = np.clip(np.asarray(reference, dtype=np.float64), 0.0, None)
     cur = np.clip(np.asarray(live, dtype=np.float64), 0.0, None)
     keep = (ref + cur) > 0
@@ -47,7 +49,7 @@ def p_value_as_first_written(reference: np.ndarray, live: np.ndarray) -> float:
     total = table.sum()
     expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / total
     statistic = float(np.sum((table - expected) ** 2 / expected))
-    p = float(chdtrc(table.shape[1] - 1, statistic))
+    p = chi_square_tail(table.shape[1] - 1, statistic)
     return 1.0 if math.isnan(p) else p
 
 
@@ -151,3 +153,44 @@ def test_drift_gauges_render_from_a_registry_like_the_servers(adult: AdultSetup)
     text = generate_latest(registry).decode()
     assert 'insitu_drift_rows{model="adult-income",version="1.0.0"} 1200.0' in text
     assert 'insitu_drift_psi{feature="age",model="adult-income",version="1.0.0"}' in text
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.integers(1, 300),
+    st.one_of(
+        st.floats(0, 50),
+        st.floats(0, 5_000),
+        st.floats(0, 1e7),
+        st.just(0.0),
+    ),
+)
+def test_the_chi_square_tail_is_scipys(dof: int, statistic: float) -> None:
+    from scipy.special import chdtrc
+
+    expected = float(chdtrc(dof, statistic))
+    got = chi_square_tail(dof, statistic)
+    # Relative where SciPy's own figure is a normal number; far tails underflow alike.
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_the_chi_square_tail_at_its_edges() -> None:
+    assert chi_square_tail(3, 0.0) == 1.0
+    assert chi_square_tail(3, float("inf")) == 0.0
+    assert math.isnan(chi_square_tail(3, float("nan")))
+    assert chi_square_tail(1, 3.841458820694124) == pytest.approx(0.05, rel=1e-12)
+    assert chi_square_tail(2, 5.991464547107979) == pytest.approx(0.05, rel=1e-12)
+
+
+def test_drift_is_checked_without_scipy(tmp_path: Path) -> None:
+    # A device install has no SciPy: the monitor's check must not import it.
+    code = (
+        "import sys, numpy as np\n"
+        "sys.modules['scipy'] = None\n"
+        "from insitu.drift import two_sample_p_value\n"
+        "from insitu.drift._stats import ReferenceHistograms\n"
+        "p = two_sample_p_value(np.array([50.0, 30, 20]), np.array([10.0, 30, 60]))\n"
+        "_, q, _ = ReferenceHistograms([[50.0, 30, 20]]).compare(np.array([10.0, 30, 60]))\n"
+        "assert 0 < p < 1e-6 and q[0] == p, (p, q)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

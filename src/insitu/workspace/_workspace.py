@@ -12,18 +12,24 @@ overwritten: ``init`` on a workspace opens it and says so.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_public_key,
+)
 
 import insitu
 from insitu._atomic import atomic_write_text, fsync_dir
@@ -38,6 +44,7 @@ from insitu.errors import (
 )
 from insitu.workspace._config import Config, load_config, save_config
 from insitu.workspace._keys import (
+    create_private_key,
     create_secret,
     load_private_key,
     load_secret,
@@ -213,6 +220,9 @@ class Workspace(WorkspaceLayout):
         │   ├── signing.pub.pem           its public half
         │   ├── encryption.key            X25519 private key bundles are sent to, 0600
         │   ├── encryption.pub.pem        its public half
+        │   ├── model-signing.key         ECDSA P-256 key of OpenSSF model signatures,
+        │   │                               0600, made at the first bundle (ADR 0105)
+        │   ├── model-signing.pub.pem     its public half (shipped in every bundle)
         │   ├── api-token                 bearer token of the localhost API, 0600
         │   ├── pseudonym.key             site secret: HMAC key of pseudonymization, 0600
         │   └── data.key                  site secret: AES-256-GCM key of caches, 0600
@@ -241,6 +251,12 @@ class Workspace(WorkspaceLayout):
     """
 
     config: Config
+    # The signing key once unlocked through this object (scrypt costs 0.1 s and 32 MiB
+    # each time: a server's runtime, drift monitor and usage ledgers wrote with a key
+    # unlocked three times). It lives as long as the object, as a ledger's key does.
+    _unlocked: dict[str, Ed25519PrivateKey] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     # -- paths (the rest are WorkspaceLayout's) ------------------------------------
 
@@ -289,13 +305,21 @@ class Workspace(WorkspaceLayout):
             raise KeyFileError(f"public key {path} is corrupt ({exc})") from exc
 
     def signing_key(self, passphrase: str | None = None) -> Ed25519PrivateKey:
-        """The Ed25519 private key (passphrase from ``INSITU_PASSPHRASE`` by default)."""
+        """The Ed25519 private key (passphrase from ``INSITU_PASSPHRASE`` by default).
+
+        Unlocked once per :class:`Workspace` object when the passphrase comes from the
+        environment; a passphrase given here is checked again each time.
+        """
+        if passphrase is None and "signing" in self._unlocked:
+            return self._unlocked["signing"]
         key = load_private_key(
             self.keys_dir / "signing.key", "ed25519", passphrase or passphrase_from_env()
         )
         assert isinstance(key, Ed25519PrivateKey)
         if node_id_for(key.public_key()) != self.node_id:
             raise KeyFileError("keys/signing.key does not match keys/signing.pub.pem")
+        if passphrase is None:
+            self._unlocked["signing"] = key
         return key
 
     def encryption_key(self, passphrase: str | None = None) -> X25519PrivateKey:
@@ -313,6 +337,45 @@ class Workspace(WorkspaceLayout):
         if not path.exists() and create_secret(path, passphrase):
             logger.info("created site secret %s", path)
         return load_secret(path, passphrase)
+
+    def model_signing_key(self, passphrase: str | None = None) -> ec.EllipticCurvePrivateKey:
+        """The ECDSA P-256 key of the OpenSSF model signatures of bundles (ADR 0105).
+
+        Created on first use, sealed like the other keys. When its public half is first
+        written, ``workspace.model_signing_key`` records it and its fingerprint (SHA-256 of
+        the PEM, the key hint ``model_signing`` puts in a signature) in the ledger.
+        """
+        path = self.keys_dir / "model-signing.key"
+        passphrase = passphrase or passphrase_from_env()
+        if not path.exists() and create_private_key(
+            path, ec.generate_private_key(ec.SECP256R1()), passphrase
+        ):
+            logger.info("created the model-signing key %s", path)
+        key = load_private_key(path, "ecdsa-p256", passphrase)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        public = self.keys_dir / "model-signing.pub.pem"
+        if not public.exists():
+            pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+            with self.ledger() as ledger:
+                events.WORKSPACE_MODEL_SIGNING_KEY.record(
+                    ledger,
+                    node=self.node_id,
+                    algorithm="ecdsa-p256-sha256",
+                    fingerprint=hashlib.sha256(pem).hexdigest(),
+                    public_key=pem.decode("ascii"),
+                )
+            save_public_key(public, key.public_key())
+        return key
+
+    def model_signing_public_pem(self) -> bytes:
+        """The PEM of the model-signing public key (the key is made first if need be)."""
+        path = self.keys_dir / "model-signing.pub.pem"
+        if not path.exists():
+            self.model_signing_key()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read {path} ({exc.strerror or exc})") from exc
 
     def api_token(self) -> str:
         """The bearer token of this node's localhost API."""
