@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "insitu"
 #: Bottom to top. A module of a layer may import modules of lower layers only. Root-level
 #: private modules are leaves every package may use; ``errors`` is the exception tree.
 LAYERS: list[set[str]] = [
-    {"errors", "_atomic", "_canonical", "_clock", "_home", "_pii", "_privacy_env"},
+    {"errors", "_atomic", "_canonical", "_clock", "_home", "_pii", "_privacy_env", "_signer"},
     {"_ort", "_sealed", "datasets"},
     {"audit"},
     {"workspace"},

@@ -17,7 +17,11 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── KeyFileError                 a key file is missing, corrupt or of the wrong kind
     │   ├── PassphraseRequiredError      keys are encrypted and INSITU_PASSPHRASE is unset
     │   ├── WrongPassphraseError         the passphrase does not open the keys
-    │   └── SealedFileError              an encrypted cache that does not open (wrong key, altered)
+    │   ├── SealedFileError              an encrypted cache that does not open (wrong key, altered)
+    │   └── TokenError                   a PKCS#11 token that cannot be used for a key
+    │       ├── TokenModuleError         the PKCS#11 module is missing or does not load
+    │       ├── TokenKeyNotFoundError    no token of that label, or no key of that label in it
+    │       └── WrongPinError            the token refused the PIN
     ├── DataError
     │   ├── SchemaError                  a data schema that is invalid or does not fit the data
     │   ├── DataFormatError              a data file that cannot be read, or bad values in it
@@ -153,6 +157,9 @@ __all__ = [
     "SiteRefusedError",
     "TamperedBundleError",
     "TargetMismatchError",
+    "TokenError",
+    "TokenKeyNotFoundError",
+    "TokenModuleError",
     "TooFewRecordsError",
     "TruncatedLedgerError",
     "UnderstatedPrivacyError",
@@ -171,6 +178,7 @@ __all__ = [
     "WorkspaceNotWritableError",
     "WrongDeviceKeyError",
     "WrongPassphraseError",
+    "WrongPinError",
 ]
 
 
@@ -230,6 +238,22 @@ class WrongPassphraseError(KeyStoreError):
 
 class SealedFileError(KeyStoreError):
     """An encrypted local file that does not open: another site's key, altered, or foreign."""
+
+
+class TokenError(KeyStoreError):
+    """A PKCS#11 token (HSM, smart card, TPM) cannot be used for the node's key."""
+
+
+class TokenModuleError(TokenError):
+    """The PKCS#11 module (the token's library) is missing or does not load."""
+
+
+class TokenKeyNotFoundError(TokenError):
+    """No token carries the label given, or the token holds no key of that label."""
+
+
+class WrongPinError(TokenError):
+    """The token refused the PIN (or locked it after wrong attempts)."""
 
 
 class DataError(InsituError):

@@ -40,6 +40,12 @@ NOT_ON_A_DEVICE = (
     "scipy",
     "matplotlib",
     "skl2onnx",
+    # The sign extra (ML-BOM, OpenSSF model signatures) is the publisher's: a device
+    # verifies bundles with insitu's own code and reads their BOM as JSON.
+    "cyclonedx",
+    "model_signing",
+    "sigstore",
+    "OpenSSL",
 )
 
 BLOCKER = f"""

@@ -551,6 +551,9 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
             "federation.checkpointed",
             "federation.completed",
         ]
+        (groups,) = ledger.entries(event_type="evaluation.groups")
+        assert groups.payload["sites"] == ["hospital-a", "hospital-b", "hospital-c"]
+        assert groups.payload["attributes"] == ["sex", "race"]
         ledger.verify()
 
     # Each registered site: its own ledger, its own budget charged twice.
@@ -560,7 +563,9 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
         assert json.loads(site_out)["runs"] == [result["run_id"]]
         with Workspace.open(tmp_path / name).ledger() as ledger:
             spent = [e.payload["mechanism"] for e in ledger.entries(event_type="privacy.spent")]
-            assert spent == ["dp-sgd", "dp-sgd", "evaluation"]
+            # The final evaluation, and its counts per group of persons (the schema's
+            # [groups]), each a release of its own.
+            assert spent == ["dp-sgd", "dp-sgd", "evaluation", "evaluation-groups"]
             assert len(ledger.entries(event_type="federation.site_round")) == 2
             assert len(ledger.entries(event_type="federation.site_joined")) == 1
             assert len(ledger.entries(event_type="federation.site_left")) == 1

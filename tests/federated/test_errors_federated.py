@@ -34,8 +34,9 @@ INSITU = str(Path(sys.executable).parent / "insitu")
 
 
 def test_sites_too_small_for_the_epsilon_are_refused_before_anything_runs(workspace, adult):
-    # Ten small clinics sharing 2,000 records, asking for epsilon 0.5 over five rounds.
-    config = FederationConfig(sites=10, rounds=5, epsilon=0.5)
+    # Ten small clinics sharing 2,000 records, asking for epsilon 0.5 over five rounds at
+    # batch 256 (the batch chosen from a site's size makes such sites trainable).
+    config = FederationConfig(sites=10, rounds=5, epsilon=0.5, batch_size=256)
     assert 2000 * (1 - config.test_fraction) / config.sites < min_rows_for(config)
     with pytest.raises(
         InsufficientDataError,

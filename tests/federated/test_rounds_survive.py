@@ -11,6 +11,7 @@ lost in round 2 on Flower's own engine.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,7 +39,8 @@ from insitu.cli import run
 from insitu.data import DataSchema, FeatureEncoder, read_table
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.errors import FederationError, RoundFailedError, UsageError
-from insitu.federated import FederationConfig, run_server_app, simulate
+from insitu.federated import FederationConfig as _FederationConfig
+from insitu.federated import run_server_app, simulate
 from insitu.federated._checkpoint import CHECKPOINT_NAME, Checkpoint
 from insitu.federated._config import default_quorum, secagg_threshold
 from insitu.federated._plan import RunPlan, SharedPlan
@@ -53,6 +55,10 @@ from insitu.federated._server_app import (
 from insitu.federated._site_app import SiteClient, SitePlan, prepare_site_data
 from insitu.training import build_model, get_weights
 from insitu.workspace import Workspace
+
+# Rounds, quorums and checkpoints are checked against plain averaging (the aggregate is
+# the mean of the answers); the server optimizer's step is tested in test_defaults.py.
+FederationConfig = functools.partial(_FederationConfig, server_optimizer="fedavg")
 
 # --------------------------------------------------------------------------- helpers
 

@@ -34,11 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from insitu._canonical import canonical_text
 from insitu._clock import utc_now
 from insitu._pii import find_personal_data
+from insitu._signer import Ed25519Signer
 from insitu.audit import _merkle
 from insitu.audit._records import (
     GENESIS_PREV,
@@ -101,7 +102,7 @@ CREATE TRIGGER IF NOT EXISTS heads_no_delete BEFORE DELETE ON heads
 
 _ENTRY_COLUMNS = "seq, time, node, type, payload, prev, hash, sig"
 
-KeyProvider = Callable[[], Ed25519PrivateKey]
+KeyProvider = Callable[[], Ed25519Signer]
 
 
 class Ledger:
@@ -135,7 +136,7 @@ class Ledger:
         *,
         log_id: str,
         public_key: Ed25519PublicKey,
-        signing_key: Ed25519PrivateKey | KeyProvider | None = None,
+        signing_key: Ed25519Signer | KeyProvider | None = None,
         head_interval: int = 256,
         genesis: str | None = None,
     ) -> None:
@@ -261,7 +262,7 @@ class Ledger:
                 f"{SCHEMA_VERSION}; upgrade insitu"
             )
 
-    def _key(self) -> Ed25519PrivateKey:
+    def _key(self) -> Ed25519Signer:
         if self._signing_key is None:
             raise LedgerError(
                 "this ledger was opened read-only (no signing key); open it through "
@@ -339,7 +340,7 @@ class Ledger:
         return entries
 
     def _sign_entry(
-        self, key: Ed25519PrivateKey, seq: int, event_type: str, payload_json: str, prev: bytes
+        self, key: Ed25519Signer, seq: int, event_type: str, payload_json: str, prev: bytes
     ) -> Entry:
         now = utc_now()
         digest = entry_hash(

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from insitu._canonical import canonical_bytes
 from insitu._clock import utc_now
+from insitu._signer import Ed25519Signer
 from insitu.errors import BadHeadSignatureError, MalformedLedgerError
 
 __all__ = ["GENESIS_PREV", "Entry", "TreeHead", "entry_hash", "node_id_for"]
@@ -178,7 +179,7 @@ class TreeHead:
         return _HEAD_PREFIX + canonical_bytes(body)
 
     @classmethod
-    def sign(cls, key: Ed25519PrivateKey, *, log: str, size: int, root: bytes) -> TreeHead:
+    def sign(cls, key: Ed25519Signer, *, log: str, size: int, root: bytes) -> TreeHead:
         """Make and sign a head at the current time."""
         unsigned = cls(log=log, size=size, root=root, time=utc_now(), sig=b"")
         return cls(

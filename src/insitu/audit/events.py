@@ -113,8 +113,16 @@ def _event(
 
 WORKSPACE_INIT = _event(
     "workspace.init",
-    "a node's workspace was created: its id, name, version, whether keys are encrypted",
+    "a node's workspace was created: its id, name, version, whether keys are encrypted, "
+    "where its signing key lives (file, or a PKCS#11 token and the key's URI)",
     {"node": STR, "name": STR, "insitu_version": STR, "keys_encrypted": BOOL},
+    {"signing_key_store": STR, "signing_key_uri": STR},
+    writer="insitu.workspace._workspace",
+)
+WORKSPACE_MODEL_SIGNING_KEY = _event(
+    "workspace.model_signing_key",
+    "a node made its ECDSA P-256 key of OpenSSF model signatures: the public key, its SHA-256",
+    {"node": STR, "algorithm": STR, "fingerprint": STR, "public_key": STR},
     writer="insitu.workspace._workspace",
 )
 DATA_PREPARED = _event(
@@ -135,6 +143,10 @@ DATA_PREPARED = _event(
         "forced_below_k": BOOL,
         "sealed": BOOL,
     },
+    # The SHA-256 of the sealed release (when sealed): what a run names in its rounds.
+    # out_of_range: numeric feature -> released values outside its declared range (the
+    # encoder clips them; a count, never a value).
+    {"release_sha256": STR, "out_of_range": DICT},
     writer="insitu.data._site",
 )
 DATA_CONSENT_APPLIED = _event(
@@ -326,7 +338,27 @@ FEDERATION_BASELINE = _event(
         "train_rows": INT,
         "test_rows": INT,
     },
-    writer="insitu.quickstart",
+    writer="insitu.quickstart, insitu.federated._simulate",
+)
+EVALUATION_GROUPS = _event(
+    "evaluation.groups",
+    "the final model per group of persons: sites' noisy confusion counts per sensitive value",
+    {
+        "run": STR,
+        "round": INT,
+        "privacy": STR,
+        "attributes": LIST,
+        # attribute -> value -> {tp, fp, tn, fn}: sums over ``sites`` of noisy counts.
+        "groups": DICT,
+        "sites": LIST,
+        "sites_missing": LIST,
+        "noise_std": NUM,  # per cell and site (0: exact counts)
+        "epsilon": OPT_NUM,
+        "delta": OPT_NUM,
+        "min_size": INT,
+        "max_gap": NUM,
+    },
+    writer="insitu.federated._groups.record_groups",
 )
 FEDERATION_SITE_ROUND = _event(
     "federation.site_round",
@@ -344,7 +376,14 @@ FEDERATION_SITE_ROUND = _event(
         "epsilon_run": NUM,
         "epsilon_spent_max": NUM,
     },
-    {"attempt": INT},  # 2, 3...: the round trained again here (its run was resumed)
+    {
+        "attempt": INT,  # 2, 3...: the round trained again here (its run was resumed)
+        # The sealed releases (training, held-out) the run uses: data.prepared's digests.
+        "releases": LIST,
+        # Numeric feature -> the site's training records outside its declared range
+        # (the encoder clips them); present when there are any.
+        "out_of_range": DICT,
+    },
     writer="insitu.federated._site_app",
 )
 FEDERATION_EGRESS = _event(
@@ -402,18 +441,18 @@ FEDERATION_SITE_REFUSED = _event(
 )
 PROCESSING_DECLARED = _event(
     "processing.declared",
-    "the controller declared the processing (GDPR Art. 30 items)",
+    "the controller declared the processing (GDPR Art. 30 items; null: not declared)",
     {
-        "controller": STR,
+        "controller": OPT_STR,
         "purposes": LIST,
-        "data_subjects": STR,
-        "legal_basis": STR,
-        "recipients": STR,
-        "transfers": STR,
-        "retention": STR,
+        "data_subjects": OPT_STR,
+        "legal_basis": OPT_STR,
+        "recipients": OPT_STR,
+        "transfers": OPT_STR,
+        "retention": OPT_STR,
     },
     {"sites": INT, "schema_sha256": STR},
-    writer="insitu.quickstart",
+    writer="insitu.report.declare_processing",
 )
 QUICKSTART_STEP = _event(
     "quickstart.step",
@@ -491,6 +530,8 @@ BUNDLE_CREATED = _event(
         "recipients": INT,
         "epsilon": OPT_NUM,
     },
+    # The ML-BOM's digest and the fingerprint of the OpenSSF model-signing key.
+    {"bom_sha256": STR, "oms_key": STR, "run": STR},  # run: the run the model came from
     writer="insitu.bundle._publish",
 )
 REPO_INITIALIZED = _event(

@@ -8,18 +8,24 @@ Layout (``.insb``)::
     payload                       the model, sealed with _stream (or plain, with a warning)
 
 ``signed`` holds the manifest: bundle id, name, version, creation time, the model card,
-the SHA-256 digest and length of each file (``model.onnx`` and ``card.json``), the
-payload's own length and digest, the encryption parameters with the data key wrapped
-for each recipient, and the publisher's public key. Each signature is Ed25519 over
+the SHA-256 digest and length of each file (``model.onnx``, ``card.json`` and, in
+bundles made by ``insitu bundle create``, ``bom.json``), the payload's own length and
+digest, the encryption parameters with the data key wrapped for each recipient, and the
+publisher's public key. Each signature is Ed25519 over
 ``b"insitu-bundle/1\n" + canonical_bytes(signed)`` (the prefix separates this signature
 domain from the ledger's, which uses the same key).
 
-Why not OpenSSF ``model-signing`` (an in-toto statement over file digests): the signed
-statement would have to sit beside a directory of files, and insitu must also sign the
-encryption envelope (who may open the bundle) and ship one file that a TUF target can
-name; its 1.1.1 release also imports pyOpenSSL without declaring it. ADR 0102 has the
-comparison. The header is small canonical JSON, so any Ed25519 implementation can check
-it.
+Two optional members (both absent from bundles made before them, which keep their
+bytes): ``bom``, the CycloneDX 1.6 ML-BOM whose canonical bytes are ``bom.json``
+(:mod:`insitu.bundle._bom`), and ``oms``, an OpenSSF model signature over the plain
+files with the publisher's model-signing key (:mod:`insitu.bundle._oms`).
+
+Why insitu's own signature rather than OpenSSF ``model-signing`` alone (an in-toto
+statement over file digests): that statement covers a directory of plain files, and
+insitu must also sign the encryption envelope (who may open the bundle) and ship one file
+that a TUF target can name. ADR 0102 has the comparison. The header is small canonical
+JSON, so any Ed25519 implementation can check it; the OMS signature inside it lets
+``model_signing verify`` check an exported model (ADR 0105).
 
 Parsing (:meth:`Bundle.parse`) checks the structure and the type of every field that
 code reads; trusting a bundle is :mod:`insitu.bundle._verify`'s job.
@@ -33,21 +39,23 @@ import logging
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from insitu._canonical import canonical_bytes, is_canonical
 from insitu._clock import utc_now
+from insitu._signer import Ed25519Signer
 from insitu.bundle import _stream
 from insitu.bundle._card import ModelCard
 from insitu.errors import MalformedBundleError
 
 __all__ = [
+    "BOM_FILE",
     "BUNDLE_MAGIC",
     "ENCRYPTION_SCHEME",
     "SIGNATURE_DOMAIN",
@@ -63,6 +71,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BUNDLE_MAGIC = b"INSITUB\x01"
+BOM_FILE = "bom.json"
 ENCRYPTION_SCHEME = "aes-256-gcm-stream+x25519-hkdf-sha256"
 SIGNATURE_DOMAIN = b"insitu-bundle/1\n"
 _MAX_HEADER = 16 << 20
@@ -109,6 +118,15 @@ def _check_fields(signed: dict[str, Any], signatures: Any) -> None:
             for key in ("keyid", "ephemeral", "wrapped"):
                 need(need(entry, dict, "recipient").get(key), str, f"recipient {key}")
     need(need(signed.get("publisher"), dict, "publisher").get("keyid"), str, "publisher.keyid")
+    if "bom" in signed:
+        need(signed["bom"], dict, "bom")
+        entry = need(files.get(BOM_FILE), dict, f"files.{BOM_FILE}")
+        need(entry.get("sha256"), str, f"files.{BOM_FILE}.sha256")
+    if "oms" in signed:
+        oms = need(signed["oms"], dict, "oms")
+        need(oms.get("signature"), dict, "oms.signature")
+        for key in ("format", "public_key", "keyid"):
+            need(oms.get(key), str, f"oms.{key}")
     for sig in need(signatures, list, "signatures"):
         need(need(sig, dict, "signature").get("keyid"), str, "signature keyid")
         need(sig.get("sig"), str, "signature")
@@ -186,6 +204,18 @@ class Bundle:
         return [r["keyid"] for r in enc.get("recipients", [])]
 
     @property
+    def bom(self) -> dict[str, Any] | None:
+        """The CycloneDX ML-BOM (``None`` in older bundles; trust it only once verified)."""
+        bom = self.signed.get("bom")
+        return dict(bom) if bom is not None else None
+
+    @property
+    def oms(self) -> dict[str, Any] | None:
+        """The OpenSSF model signature and its public key (``None`` in older bundles)."""
+        oms = self.signed.get("oms")
+        return dict(oms) if oms is not None else None
+
+    @property
     def publisher_keyid(self) -> str:
         """Key id of the publisher key named in the header (claimed, not yet verified)."""
         return str(self.signed["publisher"]["keyid"])
@@ -206,6 +236,8 @@ class Bundle:
             },
             "publisher": self.publisher_keyid,
             "card": self.signed["card"],
+            "bom": BOM_FILE in self.signed["files"] and "bom" in self.signed,
+            "oms_key": (self.oms or {}).get("keyid"),
         }
 
 
@@ -230,18 +262,25 @@ def assemble(signed: dict[str, Any], signatures: list[dict[str, str]]) -> bytes:
 def create_bundle(
     model: bytes,
     card: ModelCard,
-    signing_key: Ed25519PrivateKey,
+    signing_key: Ed25519Signer,
     *,
     recipients: Iterable[X25519PublicKey] = (),
     segment_size: int = _stream.DEFAULT_SEGMENT_SIZE,
     created: str | None = None,
+    bom: Mapping[str, Any] | None = None,
+    oms_signer: Callable[[dict[str, bytes]], dict[str, Any]] | None = None,
 ) -> bytes:
     """Build a signed bundle of ``model`` and ``card``, encrypted for ``recipients``.
 
     With no recipients the payload is stored in the clear, which is logged as a warning:
     anyone who gets the file gets the model (and what it memorized of its training data).
+    ``bom`` (a CycloneDX document) is carried as ``bom.json``; ``oms_signer`` is given
+    the plain files (name -> bytes) and returns the header's ``oms`` member.
     """
     recipients = list(recipients)
+    plain = {"model.onnx": bytes(model), "card.json": card.to_bytes()}
+    if bom is not None:
+        plain[BOM_FILE] = canonical_bytes(bom)
     signed: dict[str, Any] = {
         "_type": "insitu-bundle",
         "format": 1,
@@ -251,11 +290,8 @@ def create_bundle(
         "created": created or utc_now(),
         "card": card.to_json(),
         "files": {
-            "model.onnx": {"length": len(model), "sha256": hashlib.sha256(model).hexdigest()},
-            "card.json": {
-                "length": len(card.to_bytes()),
-                "sha256": hashlib.sha256(card.to_bytes()).hexdigest(),
-            },
+            name: {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in plain.items()
         },
         "publisher": {
             "keyid": publisher_key_id(signing_key.public_key()),
@@ -263,6 +299,10 @@ def create_bundle(
         },
         "payload": {"encryption": None},
     }
+    if bom is not None:
+        signed["bom"] = dict(bom)
+    if oms_signer is not None:
+        signed["oms"] = oms_signer(plain)
     payload: bytes | bytearray
     if recipients:
         data_key = secrets.token_bytes(_stream.KEY_SIZE)

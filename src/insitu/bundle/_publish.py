@@ -1,10 +1,16 @@
-"""Bundling a model from a workspace: card, provenance, signature, encryption, ledger.
+"""Bundling a model from a workspace: card, provenance, ML-BOM, signatures, encryption.
 
-The one code path behind ``insitu bundle create`` and the quickstart: the model card's
-input/output schema is read from the ONNX graph, its provenance from the workspace's
-ledger (``_provenance``), the bundle is signed with the workspace key and encrypted for
-the recipients plus the publisher's own encryption key (so that the repository can
-compute deltas), and ``bundle.created`` is recorded.
+The one code path behind ``insitu bundle create``, the quickstart and a device's
+fine-tune: the model card's input/output schema is read from the ONNX graph, its
+provenance from the workspace's ledger (``_provenance``), the CycloneDX ML-BOM from the
+card and the ledger's audits (``_bom``); the plain files get an OpenSSF model signature
+with the workspace's model-signing key (``_oms``), the bundle is signed with the
+workspace key and encrypted for the recipients plus the publisher's own encryption key
+(so that the repository can compute deltas), and ``bundle.created`` is recorded.
+
+The BOM and the OMS signature need the ``sign`` extra (cyclonedx-python-lib,
+model-signing): without it, creating a bundle fails with one line naming the extra, before
+anything is written (ADR 0105).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from insitu.audit import events
+from insitu.bundle._bom import build_bom, ledger_figures, require_sign_extra
 from insitu.bundle._card import ModelCard, schema_of
-from insitu.bundle._format import Bundle, create_bundle
+from insitu.bundle._format import BOM_FILE, Bundle, create_bundle
+from insitu.bundle._oms import sign_files
 from insitu.bundle._provenance import provenance_for
 from insitu.errors import UsageError
 
@@ -48,6 +56,7 @@ def bundle_model(
 
     Raises:
         UsageError: no recipients while encrypting, or epsilon without delta.
+        MissingDependencyError: the ``sign`` extra is not installed.
 
     """
     recipients = list(recipients)
@@ -58,11 +67,13 @@ def bundle_model(
         )
     if (epsilon is None) != (delta is None):
         raise UsageError("give epsilon and delta together (or neither)")
+    require_sign_extra()
     inputs, outputs = schema_of(model)
+    model_sha256 = hashlib.sha256(model).hexdigest()
     with workspace.ledger() as ledger:
         provenance = provenance_for(
             ledger,
-            model_sha256=hashlib.sha256(model).hexdigest(),
+            model_sha256=model_sha256,
             node=workspace.node_id,
             data_schema_sha256=data_schema_sha256,
             stated_epsilon=epsilon,
@@ -83,9 +94,20 @@ def bundle_model(
         republishes=republishes,
         drift_reference=drift_reference,
     )
+    with workspace.ledger() as ledger:
+        figures = ledger_figures(ledger, card, model_sha256)
+    bom = build_bom(card, model, figures, publisher=f"insitu node {workspace.node_id}")
+    oms_key = workspace.model_signing_key()
     if recipients:
         recipients.append(workspace.encryption_public_key)
-    blob = create_bundle(model, card, workspace.signing_key(), recipients=recipients)
+    blob = create_bundle(
+        model,
+        card,
+        workspace.signing_key(),
+        recipients=recipients,
+        bom=bom,
+        oms_signer=lambda files: sign_files(files, oms_key, name=f"{name}-{version}"),
+    )
     bundle = Bundle.parse(blob)
     payload: dict[str, Any] = {
         "model": card.name,
@@ -95,7 +117,11 @@ def bundle_model(
         "encrypted": bundle.encrypted,
         "recipients": len(bundle.recipients),
         "epsilon": epsilon,
+        "bom_sha256": bundle.signed["files"][BOM_FILE]["sha256"],
+        "oms_key": str(bundle.signed["oms"]["keyid"]),
     }
+    if provenance.get("run"):
+        payload["run"] = str(provenance["run"])  # the run behind the model: a report's link
     with workspace.ledger() as ledger:
         events.BUNDLE_CREATED.record(ledger, **payload)
     return blob, bundle

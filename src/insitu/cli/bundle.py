@@ -1,4 +1,9 @@
-"""``insitu bundle``: create, inspect and verify signed, encrypted model bundles."""
+"""``insitu bundle``: create, inspect and verify signed, encrypted model bundles.
+
+Also: ``bom`` (the CycloneDX ML-BOM a verified bundle carries), ``export`` (its plain
+files and OpenSSF model signature, for ``model_signing verify``) and ``oms-key`` (this
+publisher's model-signing public key).
+"""
 
 from __future__ import annotations
 
@@ -233,6 +238,13 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         )
     if card.get("republishes"):
         table.add_row("republishes", card["republishes"])
+    if summary.get("bom"):
+        table.add_row("ML-BOM", "CycloneDX 1.6 (insitu bundle bom)")
+    if summary.get("oms_key"):
+        table.add_row(
+            "OpenSSF signature",
+            f"key sha256 {summary['oms_key'][:16]}... (insitu bundle export)",
+        )
     if "verified" in summary:
         table.add_row("verified", summary["verified"])
     out.print(table)
@@ -311,3 +323,142 @@ def verify(
         print_json(summary)
     else:
         _print_summary(summary, f"[green]verified[/] {path}")
+
+
+PublisherOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        help=(
+            "Trusted publisher key (PEM) \\[default: this workspace's key and, on a "
+            "device, the publisher keys it enrolled with]."
+        )
+    ),
+]
+
+
+def _trusted(publisher: list[Path] | None, home: Path | None) -> list[Ed25519PublicKey]:
+    if publisher:
+        return [_public_key(p, Ed25519PublicKey) for p in publisher]
+    ws = Workspace.open(home)
+    return [ws.signing_public_key, *_enrolled_publishers(ws)]
+
+
+def _print_bom(bom: dict[str, Any], path: Path) -> None:
+    model = bom["metadata"]["component"]
+    table = Table(title=f"[green]verified[/] ML-BOM of {path}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("format", f"CycloneDX {bom['specVersion']}, {bom['serialNumber']}")
+    table.add_row("model", f"{model['name']} {model['version']} ({model['type']})")
+    for digest in model.get("hashes", []):
+        table.add_row(digest["alg"], digest["content"])
+    analysis = model.get("modelCard", {}).get("quantitativeAnalysis", {})
+    for metric in analysis.get("performanceMetrics", []):
+        table.add_row(metric["type"], f"{metric['value']} ({metric.get('slice', '')})")
+    for component in bom.get("components", []):
+        table.add_row(component["type"], f"{component['name']} {component.get('version', '')}")
+    out.print(table)
+
+
+@bundle_app.command("bom")
+def bom(
+    path: Annotated[Path, typer.Argument(help="A bundle file.", show_default=False)],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write the BOM (bom.json) to this file.")
+    ] = None,
+    publisher: PublisherOption = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show the CycloneDX 1.6 ML-BOM of a bundle, after verifying the bundle.
+
+    The BOM lists the model (digests, model card with the measured figures), the data set
+    (its schema digest, no data) and the packages the runtime loads. It is signed with
+    the bundle; no extra package is needed to read it.
+
+    [dim]Examples:[/]
+      insitu bundle bom model-1.0.0.insb --out model-1.0.0.cdx.json
+      insitu bundle bom model-1.0.0.insb --publisher publisher.pub.pem --json
+    """
+    from insitu.bundle import Bundle, BundleVerifier, verified_bom
+
+    bundle = Bundle.parse(_read(path, "bundle"))
+    document, raw = verified_bom(bundle, BundleVerifier(_trusted(publisher, home)))
+    if out_path is not None:
+        atomic_write_bytes(out_path, raw)
+    if json_output:
+        print_json(document)
+    elif out_path is not None:
+        out.print(f"[green]wrote[/] {out_path} (CycloneDX {document['specVersion']} ML-BOM)")
+    else:
+        _print_bom(document, path)
+
+
+@bundle_app.command("export")
+def export(
+    path: Annotated[Path, typer.Argument(help="A bundle file.", show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="New directory for the plain files.", show_default=False),
+    ],
+    publisher: PublisherOption = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    r"""Verify and decrypt a bundle; write its plain files and OpenSSF model signature.
+
+    The directory holds model.onnx, card.json, bom.json, model.sig (an OpenSSF model
+    signature: a Sigstore bundle with a DSSE envelope over an in-toto statement of the
+    files' digests) and oms.pub.pem (the publisher's model-signing key), so that the
+    model_signing package's own command checks it. The model is written decrypted (mode
+    0600 in a 0700 directory): this workspace must be one of the bundle's recipients.
+
+    [dim]Example:[/]
+      insitu bundle export model-1.0.0.insb --out model-1.0.0
+      model_signing verify key --signature model-1.0.0/model.sig \
+          --public_key model-1.0.0/oms.pub.pem model-1.0.0
+    """
+    from insitu.bundle import Bundle, BundleVerifier, export_bundle
+
+    bundle = Bundle.parse(_read(path, "bundle"))
+    verifier = BundleVerifier(_trusted(publisher, home))
+    ws = Workspace.open(home)
+    device_key = ws.encryption_key() if bundle.encrypted else None
+    summary = export_bundle(bundle, verifier, device_key, out_dir)
+    if json_output:
+        print_json(summary)
+        return
+    out.print(
+        f"[green]exported[/] {bundle.name} {bundle.version} to {out_dir} "
+        f"({', '.join(summary['files'])}); check it with:"
+    )
+    out.print(summary["verify"], soft_wrap=True, highlight=False)
+
+
+@bundle_app.command("oms-key")
+def oms_key(
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Write the PEM to this file.")
+    ] = None,
+    home: HomeOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Show this publisher's OpenSSF model-signing public key (ECDSA P-256, PEM).
+
+    Made at the first bundle (or here) and recorded in the ledger with its fingerprint
+    (workspace.model_signing_key); give it to whoever checks exported models with
+    'model_signing verify key'.
+
+    [dim]Example:[/] insitu bundle oms-key --out publisher-oms.pub.pem
+    """
+    ws = Workspace.open(home)
+    pem = ws.model_signing_public_pem()
+    if out_path is not None:
+        atomic_write_bytes(out_path, pem)
+    fingerprint = hashlib.sha256(pem).hexdigest()
+    if json_output:
+        print_json({"public_key": pem.decode("ascii"), "fingerprint": fingerprint})
+    elif out_path is not None:
+        out.print(f"[green]wrote[/] {out_path} (sha256 of the PEM {fingerprint})")
+    else:
+        out.print(pem.decode("ascii").rstrip(), highlight=False)

@@ -10,7 +10,16 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
-from insitu.data import DataSchema, SiteDataset, inspect_table, read_table
+from insitu.data import (
+    ArraySchema,
+    ArrayTable,
+    SiteDataset,
+    array_table,
+    inspect_table,
+    load_schema,
+    out_of_range_warnings,
+    read_table,
+)
 from insitu.workspace import Workspace
 
 __all__ = ["data_app"]
@@ -27,7 +36,12 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data", rich_help_panel="Data")
 
 FileArgument = Annotated[
-    Path, typer.Argument(help="A CSV, gzipped CSV or Parquet file.", exists=True, dir_okay=False)
+    Path,
+    typer.Argument(
+        help="A CSV, gzipped CSV or Parquet file; or array data under an array schema: an "
+        ".npz, or a folder of images with one subfolder per class.",
+        exists=True,
+    ),
 ]
 SchemaOption = Annotated[
     Path,
@@ -43,7 +57,10 @@ def inspect(file: FileArgument, schema: SchemaOption, json_output: JsonOption = 
 
     [dim]Example:[/] insitu data inspect patients.csv --schema patients.schema.toml
     """
-    parsed = DataSchema.load(schema)
+    parsed = load_schema(schema)
+    if isinstance(parsed, ArraySchema):
+        _inspect_arrays(file, parsed, json_output=json_output)
+        return
     report = inspect_table(read_table(file), parsed, source=file.name)
     doc: dict[str, Any] = {
         "rows": report.rows,
@@ -55,6 +72,7 @@ def inspect(file: FileArgument, schema: SchemaOption, json_output: JsonOption = 
         "dropped": report.dropped,
         "undeclared_excluded": report.undeclared,
         "identifier_like_columns": {c: f.kinds for c, f in report.findings.items()},
+        "outside_declared_range": report.out_of_range,
         "warnings": report.warnings,
     }
     if json_output:
@@ -74,6 +92,54 @@ def inspect(file: FileArgument, schema: SchemaOption, json_output: JsonOption = 
     table.add_row("undeclared: excluded", ", ".join(report.undeclared) or "-")
     out.print(table)
     for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+
+def _array_warnings(arrays: ArrayTable) -> list[str]:
+    """What the user should fix about array data: undeclared arrays, values out of range."""
+    warnings = []
+    if arrays.undeclared:
+        warnings.append(
+            f"{arrays.source}: arrays not in the schema are left out (never read): "
+            + ", ".join(arrays.undeclared)
+        )
+    if arrays.outside_range:
+        low, high = arrays.arrays.value_range
+        warnings.append(
+            f"{arrays.source}: {arrays.outside_range} values lie outside the declared range "
+            f"[{low:g}, {high:g}] and are clipped to it: widen arrays.value_range or correct "
+            "the data"
+        )
+    return warnings
+
+
+def _inspect_arrays(file: Path, schema: ArraySchema, *, json_output: bool) -> None:
+    arrays = array_table(file, schema)
+    doc: dict[str, Any] = {
+        "records": len(arrays.frame),
+        "kind": schema.kind,
+        "shape": list(schema.shape),
+        "value_range": list(schema.value_range),
+        "label": schema.label,
+        "classes": list(schema.label_names),
+        "subject": schema.subject,
+        "undeclared_excluded": arrays.undeclared,
+        "values_outside_range": arrays.outside_range,
+        "warnings": _array_warnings(arrays),
+    }
+    if json_output:
+        print_json(doc)
+        return
+    table = Table(title=f"{file.name}: {doc['records']} records", title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("records", f"{schema.kind}, shape {tuple(schema.shape)} each")
+    table.add_row("value range", f"[{schema.value_range[0]:g}, {schema.value_range[1]:g}]")
+    table.add_row("label", f"{schema.label}: {', '.join(schema.label_names)}")
+    table.add_row("subject (pseudonymized)", schema.subject or "-")
+    table.add_row("undeclared: excluded", ", ".join(arrays.undeclared) or "-")
+    out.print(table)
+    for warning in doc["warnings"]:
         err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
 
 
@@ -106,9 +172,25 @@ def prepare_command(
       insitu data prepare patients.csv -s patients.schema.toml -o prepared/ --k 5 --suppress
     """
     ws = Workspace.open(home)
-    dataset = SiteDataset.from_file(
-        ws, file, DataSchema.load(schema), k=k, suppress=suppress, force=force, out=out_dir
-    )
+    parsed = load_schema(schema)
+    if isinstance(parsed, ArraySchema):  # the declared arrays, as a table of their values
+        arrays = array_table(file, parsed)
+        for warning in _array_warnings(arrays):
+            err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        dataset = SiteDataset.from_frame(
+            ws,
+            arrays.frame,
+            arrays.schema,
+            source=file.name,
+            k=k,
+            suppress=suppress,
+            force=force,
+            out=out_dir,
+        )
+    else:
+        dataset = SiteDataset.from_file(
+            ws, file, parsed, k=k, suppress=suppress, force=force, out=out_dir
+        )
     report = dataset.prepared.report
     if json_output:
         print_json(report.to_json() | {"out": str(out_dir)})
@@ -124,3 +206,5 @@ def prepare_command(
     )
     if report.forced_below_k:
         err_console.print(f"[yellow]warning:[/] released below k={kanon['k_requested']} (forced)")
+    for warning in out_of_range_warnings(report.out_of_range, dataset.schema, report.rows_out):
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)

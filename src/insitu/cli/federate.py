@@ -11,7 +11,7 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
-from insitu.data import DataSchema
+from insitu.data import DataSchema, load_schema
 from insitu.federated import (
     DEFAULT_ADDRESS,
     FederationConfig,
@@ -52,12 +52,40 @@ SecAggOption = Annotated[
 RobustOption = Annotated[
     str, typer.Option(help="none, trimmed-mean or median (needs --no-secure-aggregation).")
 ]
-ModelOption = Annotated[str, typer.Option(help="logistic or mlp.")]
+ModelOption = Annotated[
+    str, typer.Option(help="logistic, mlp, or cnn (a small GroupNorm CNN: array data).")
+]
 LocalEpochsOption = Annotated[int, typer.Option(min=1, help="Local epochs per round.")]
 BatchSizeOption = Annotated[
-    int, typer.Option(min=1, help="Expected batch size (Poisson sampling under DP).")
+    int,
+    typer.Option(
+        min=0,
+        help="Expected batch size (Poisson sampling under DP); 0: from each site's size "
+        "(1/4 of its records as a power of two, 8 to 256).",
+    ),
 ]
-LearningRateOption = Annotated[float, typer.Option(help="Local SGD learning rate.")]
+LearningRateOption = Annotated[
+    float,
+    typer.Option(
+        min=0.0,
+        help="Local SGD learning rate; 0: by the server optimizer (2.0 FedAvg, 1.0 Adam/Yogi).",
+    ),
+]
+ServerOptimizerOption = Annotated[
+    str,
+    typer.Option(
+        help="auto (FedAdam; FedAvg for --model cnn), fedadam, fedyogi or fedavg: the "
+        "server's step on the aggregated update (post-processing, no privacy cost)."
+    ),
+]
+CenterOption = Annotated[
+    bool,
+    typer.Option(
+        "--center-inputs/--no-center-inputs",
+        help="Train on inputs centred on their declared ranges (the saved model takes the "
+        "schema's encoding as it is).",
+    ),
+]
 MinSitesOption = Annotated[
     int,
     typer.Option(
@@ -87,7 +115,10 @@ def simulate_command(
     data: Annotated[
         Path,
         typer.Option(
-            "--data", help="CSV or Parquet file to split into sites.", exists=True, dir_okay=False
+            "--data",
+            help="CSV or Parquet file to split into sites; or array data: an .npz of records "
+            "and labels, or a folder of images with one subfolder per class.",
+            exists=True,
         ),
     ],
     schema: Annotated[
@@ -116,8 +147,10 @@ def simulate_command(
     robust: RobustOption = "none",
     model: ModelOption = "logistic",
     local_epochs: LocalEpochsOption = 1,
-    batch_size: BatchSizeOption = 256,
-    learning_rate: LearningRateOption = 2.0,
+    batch_size: BatchSizeOption = 0,
+    learning_rate: LearningRateOption = 0.0,
+    server_optimizer: ServerOptimizerOption = "auto",
+    center_inputs: CenterOption = True,
     min_sites: MinSitesOption = 0,
     consent: Annotated[
         Path | None,
@@ -152,6 +185,7 @@ def simulate_command(
     [dim]Examples:[/]
       insitu federate simulate --data adult.csv --label income --sites 5 --rounds 10 --epsilon 1
       insitu federate simulate --data adult.csv -s adult.schema.toml --partition dirichlet:0.5
+      insitu federate simulate --data digits.npz -s digits.schema.toml --model cnn --sites 3
     """
     config = FederationConfig(
         sites=sites,
@@ -166,13 +200,15 @@ def simulate_command(
         local_epochs=local_epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        server_optimizer=server_optimizer,  # type: ignore[arg-type]
+        center_inputs=center_inputs,
         min_sites=min_sites,
         seed=seed,
         evaluation_epsilon=evaluation_epsilon,
         inference_epsilon=inference_epsilon,
     )
     ws = Workspace.open(home)
-    parsed = DataSchema.load(schema) if schema else None
+    parsed = load_schema(schema) if schema else None
     table = Table(title="federated rounds", title_justify="left")
     for column in (
         "round",
@@ -232,11 +268,19 @@ def simulate_command(
             f"the most any subject has spent here so far"
             + (left if site.excluded_over_budget else "")
         )
+    out.print(f"defaults: {config.rules()}")
+    out.print(f"kept: {result.kept_because}")
     out.print(
         f"model: {result.model_dir} (model.onnx, model.pt, record.json); held-out accuracy "
         f"{result.central_accuracy:.4f}; {result.seconds:.1f} s"
         + ("" if config.privacy == "none" else "; DP noise is secret: not reproducible")
     )
+    if result.baseline_accuracy is not None:
+        out.print(
+            f"baseline: non-private central logistic regression on the pooled records "
+            f"{result.baseline_accuracy:.4f} on the same held-out rows (simulation only); "
+            f"gap {100 * (result.baseline_accuracy - (result.central_accuracy or 0.0)):.1f} points"
+        )
 
 
 @federate_app.command("certs")
@@ -331,8 +375,10 @@ def server_command(
     robust: RobustOption = "none",
     model: ModelOption = "logistic",
     local_epochs: LocalEpochsOption = 1,
-    batch_size: BatchSizeOption = 256,
-    learning_rate: LearningRateOption = 2.0,
+    batch_size: BatchSizeOption = 0,
+    learning_rate: LearningRateOption = 0.0,
+    server_optimizer: ServerOptimizerOption = "auto",
+    center_inputs: CenterOption = True,
     min_sites: MinSitesOption = 0,
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for the run to finish.")
@@ -375,6 +421,8 @@ def server_command(
         local_epochs=local_epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        server_optimizer=server_optimizer,  # type: ignore[arg-type]
+        center_inputs=center_inputs,
         min_sites=min_sites,
         seed=seed,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -10,13 +11,14 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, out, print_json
-from insitu.workspace import Workspace, resolve_home
+from insitu.workspace import Workspace, pin_from_env, resolve_home
 
 __all__ = ["info", "init"]
 
 
 def _keys_encrypted(ws: Workspace) -> bool:
-    doc = json.loads((ws.keys_dir / "signing.key").read_text(encoding="utf-8"))
+    # encryption.key: every workspace has it (the signing key may live in a token).
+    doc = json.loads((ws.keys_dir / "encryption.key").read_text(encoding="utf-8"))
     return bool(doc.get("protection") != "none")
 
 
@@ -30,6 +32,7 @@ def describe(ws: Workspace) -> dict[str, Any]:
         "node_id": ws.node_id,
         "name": ws.name,
         "keys_encrypted": _keys_encrypted(ws),
+        "signing_key": ws.signing_key_uri or "file",
         "ledger": {
             "path": str(ws.ledger_path.absolute()),
             "entries": size,
@@ -49,6 +52,8 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "private keys",
         "encrypted (scrypt)" if summary["keys_encrypted"] else "[yellow]not encrypted[/]",
     )
+    signing = summary["signing_key"]
+    table.add_row("signing key", "keys/signing.key" if signing == "file" else f"in token {signing}")
     table.add_row("ledger entries", str(summary["ledger"]["entries"]))
     head = summary["ledger"]["latest_head"]
     table.add_row(
@@ -67,18 +72,37 @@ def init(
             help="A name for this node (a site, a device). [default: the parent directory's name]"
         ),
     ] = None,
+    key_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Generate the signing key in a PKCS#11 token: 'pkcs11:token=NAME;object=LABEL' "
+            "(RFC 7512). The PIN comes from INSITU_PKCS11_PIN, or is asked for.",
+        ),
+    ] = None,
+    pkcs11_module: Annotated[
+        str | None,
+        typer.Option(help="The token's PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so)."),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a workspace: config, this node's keys, and its audit ledger.
 
     Keys are encrypted with the passphrase in [bold]INSITU_PASSPHRASE[/] when it is set.
+    With [bold]--key-uri[/], the signing key is generated in a PKCS#11 token (an HSM, a
+    smart card, SoftHSM2, a TPM through tpm2-pkcs11) and never leaves it.
     Running it again on an existing workspace changes nothing and says so.
 
     [dim]Examples:[/]
       insitu init
       INSITU_PASSPHRASE=... insitu init --home /srv/insitu --name ward-7
+      insitu init --key-uri 'pkcs11:token=t;object=ward-7' --pkcs11-module libsofthsm2.so
     """
-    ws, created = Workspace.init(home, name=name)
+    pin = pin_from_env()
+    if key_uri and not pin and sys.stdin.isatty():
+        pin = typer.prompt("PIN of the token", hide_input=True)
+    ws, created = Workspace.init(
+        home, name=name, key_uri=key_uri, pkcs11_module=pkcs11_module, pin=pin
+    )
     summary = describe(ws) | {"created": created}
     if json_output:
         print_json(summary)

@@ -21,6 +21,14 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from insitu.data._arrays import (
+        ArraySchema,
+        ArrayTable,
+        array_table,
+        is_array_data,
+        load_schema,
+        read_arrays,
+    )
     from insitu.data._consent import ConsentChange, ConsentRegistry, Status
     from insitu.data._detect import ColumnFinding, scan_column, scan_frame
     from insitu.data._encode import FeatureEncoder
@@ -34,7 +42,10 @@ if TYPE_CHECKING:
         PrepareReport,
         inspect_table,
         load_prepared,
+        out_of_range,
+        out_of_range_warnings,
         prepare,
+        release_sha256,
         subject_keys,
         subject_tokens,
         token_uniform,
@@ -46,6 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SUBJECT_COLUMN",
+    "ArraySchema",
+    "ArrayTable",
     "ColumnFinding",
     "ConsentChange",
     "ConsentRegistry",
@@ -60,11 +73,18 @@ __all__ = [
     "SiteDataset",
     "Status",
     "TrainingData",
+    "array_table",
     "infer_schema",
     "inspect_table",
+    "is_array_data",
     "load_prepared",
+    "load_schema",
+    "out_of_range",
+    "out_of_range_warnings",
     "prepare",
+    "read_arrays",
     "read_table",
+    "release_sha256",
     "scan_column",
     "scan_frame",
     "subject_keys",
@@ -75,6 +95,12 @@ __all__ = [
 
 # Where each public name lives, so that importing the package costs nothing.
 _HOMES: dict[str, str] = {
+    "ArraySchema": "_arrays",
+    "ArrayTable": "_arrays",
+    "array_table": "_arrays",
+    "is_array_data": "_arrays",
+    "load_schema": "_arrays",
+    "read_arrays": "_arrays",
     "ColumnFinding": "_detect",
     "ConsentChange": "_consent",
     "ConsentRegistry": "_consent",
@@ -93,8 +119,11 @@ _HOMES: dict[str, str] = {
     "infer_schema": "_infer",
     "inspect_table": "_prepare",
     "load_prepared": "_prepare",
+    "out_of_range": "_prepare",
+    "out_of_range_warnings": "_prepare",
     "prepare": "_prepare",
     "read_table": "_io",
+    "release_sha256": "_prepare",
     "scan_column": "_detect",
     "scan_frame": "_detect",
     "subject_keys": "_prepare",

@@ -9,8 +9,12 @@ identifiers planted among thirty thousand ordinary values is still found.
 Precision rules (a false alarm drops a useful feature from an inferred schema):
 
 * a *continuous* column (every value a number, at least one of them not a whole number)
-  is a measurement: it is never taken for card numbers nor for "unique to its row",
-  although continuous measurements are unique per row by nature;
+  is a measurement: it is never "unique to its row" (continuous measurements are unique
+  per row by nature), and its fractional values are never taken for card numbers (the
+  digits of a float such as ``0.35484779567118791`` pass the Luhn check one time in ten).
+  Its *whole* values of 13 digits or more are still scanned as whole numbers: card
+  numbers planted among measurements (``4539148803436467`` in a column of floats, which
+  a CSV reader turns into one float column) are found;
 * a column of whole numbers (possibly stored as floats) is scanned as whole numbers
   (``4111111111111111``, never ``4111111111111111.0``), and is "unique to its row" only
   when almost every value is distinct *and* it looks like a key: its name ends in an id
@@ -43,6 +47,9 @@ _BIRTH_NAME = re.compile(r"(birth|dob|born)", re.IGNORECASE)
 _ID_NAME = re.compile(r"(?:^|[_\W])(?:id|key|mrn|ssn|nr|no|num|number)$", re.IGNORECASE)
 _CAMEL_ID = re.compile(r"[a-z](?:Id|ID)$")
 
+#: The smallest card number (13 digits): smaller whole values in a measurement column are
+#: not scanned.
+_CARD_MIN = 1e12
 #: A column is "unique to its row" when this share of its values is distinct.
 UNIQUE_SHARE = 0.9
 #: ... and it has at least this many values (a tiny table is unique by chance).
@@ -98,8 +105,8 @@ def scan_column(name: str, values: pd.Series, *, max_values: int = 50_000) -> Co
     if numeric and len(numbers):
         as_float = numbers.to_numpy(dtype=np.float64)
         whole = bool(np.isfinite(as_float).all() and (as_float == np.floor(as_float)).all())
-        if not whole:  # continuous measurements: neither card numbers nor identifiers
-            return ColumnFinding(name, {}, distinct=int(non_null.nunique()), rows=len(non_null))
+        if not whole:  # continuous measurements: only their long whole values are scanned
+            return _scan_continuous(name, as_float, max_values=max_values)
     if whole and pd.api.types.is_float_dtype(non_null.dtype):
         texts = pd.Series([f"{v:.0f}" for v in numbers.to_numpy(dtype=np.float64)])
     else:
@@ -119,6 +126,18 @@ def scan_column(name: str, values: pd.Series, *, max_values: int = 50_000) -> Co
     if unique and (not numeric or _looks_like_key(name, numbers, len(distinct))):
         kinds["value unique to its row"] = len(distinct)
     return ColumnFinding(name, dict(kinds), distinct=len(distinct), rows=len(non_null))
+
+
+def _scan_continuous(name: str, numbers: np.ndarray, *, max_values: int) -> ColumnFinding:
+    """A measurement column: card numbers among its whole values of 13 digits or more."""
+    finite = numbers[np.isfinite(numbers)]
+    long_whole = finite[(finite == np.floor(finite)) & (np.abs(finite) >= _CARD_MIN)]
+    kinds: Counter[str] = Counter()
+    for value in np.unique(long_whole)[:max_values]:
+        kind = find_personal_data(f"{value:.0f}")
+        if kind:
+            kinds[kind] += 1
+    return ColumnFinding(name, dict(kinds), distinct=len(np.unique(finite)), rows=len(numbers))
 
 
 def scan_frame(frame: pd.DataFrame) -> dict[str, ColumnFinding]:

@@ -23,6 +23,7 @@ written beside it is ``manifest.json``, which holds counts and column names, no 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -49,7 +50,10 @@ __all__ = [
     "PreparedData",
     "inspect_table",
     "load_prepared",
+    "out_of_range",
+    "out_of_range_warnings",
     "prepare",
+    "release_sha256",
     "subject_keys",
     "subject_tokens",
     "token_uniform",
@@ -144,6 +148,40 @@ class InspectReport:
     undeclared: list[str]
     findings: dict[str, ColumnFinding]
     warnings: list[str]
+    #: Numeric feature -> values outside its declared range (the encoder clips them).
+    out_of_range: dict[str, int] = field(default_factory=dict)
+
+
+def out_of_range(frame: pd.DataFrame, schema: DataSchema) -> dict[str, int]:
+    """Numeric features with values outside their declared range -> how many.
+
+    The encoder clips such values to the range (a model never sees a value beyond it);
+    this count is how a user learns that a declared range is too narrow, at ``inspect``,
+    ``prepare`` (``data.prepared``) and training (``federation.site_round``). Columns
+    with none are left out; non-numbers are not counted here (``prepare`` refuses them).
+    """
+    counts: dict[str, int] = {}
+    for column, (low, high) in schema.ranges.items():
+        if column not in schema.numeric or column not in frame.columns:
+            continue
+        values = pd.to_numeric(frame[column], errors="coerce")
+        outside = int(((values < low) | (values > high)).sum())
+        if outside:
+            counts[column] = outside
+    return counts
+
+
+def out_of_range_warnings(counts: dict[str, int], schema: DataSchema, rows: int) -> list[str]:
+    """One line per column of :func:`out_of_range`, naming the range and the fix."""
+    lines = []
+    for column, count in counts.items():
+        low, high = schema.ranges[column]
+        lines.append(
+            f"column {column!r}: {count} of {rows} values ({100 * count / max(rows, 1):.1f}%) lie "
+            f"outside its declared range [{low:g}, {high:g}] and are clipped to it: widen "
+            f"features.ranges.{column} or correct the data"
+        )
+    return lines
 
 
 def inspect_table(frame: pd.DataFrame, schema: DataSchema, *, source: str) -> InspectReport:
@@ -160,6 +198,8 @@ def inspect_table(frame: pd.DataFrame, schema: DataSchema, *, source: str) -> In
                 f"column {column!r} is declared {role} but holds {finding.describe()}: "
                 "declare it an identifier (drop or pseudonymize) or clean it"
             )
+    outside = out_of_range(frame, schema)
+    warnings += out_of_range_warnings(outside, schema, len(frame))
     return InspectReport(
         rows=len(frame),
         features=list(schema.features),
@@ -171,6 +211,7 @@ def inspect_table(frame: pd.DataFrame, schema: DataSchema, *, source: str) -> In
         undeclared=[c for c in frame.columns if c not in schema.declared],
         findings={c: f for c, f in findings.items() if f.suspicious},
         warnings=warnings,
+        out_of_range=outside,
     )
 
 
@@ -190,6 +231,8 @@ class PrepareReport:
     k_anonymity: dict[str, Any]
     rows_suppressed: int
     forced_below_k: bool
+    #: Numeric feature -> released values outside its declared range (clipped when encoded).
+    out_of_range: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON (the manifest's body)."""
@@ -296,6 +339,7 @@ def prepare(
         k_anonymity=_kanon_json(after, before),
         rows_suppressed=suppressed,
         forced_below_k=force and not after.satisfied,
+        out_of_range=out_of_range(out, schema),
     )
     return PreparedData(frame=out.reset_index(drop=True), schema=schema, report=report)
 
@@ -330,6 +374,19 @@ def write_prepared(directory: Path, prepared: PreparedData, data_key: bytes) -> 
     }
     atomic_write_text(directory / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return directory / MANIFEST_NAME
+
+
+def release_sha256(directory: Path) -> str | None:
+    """The SHA-256 of the sealed release in ``directory``, or None when it holds none.
+
+    Sealed under a fresh nonce, so two preparations of the same records differ: the
+    digest names one release. ``data.prepared`` records it, and a run's rounds name the
+    releases they used by it, so a report counts the records of that run's releases only.
+    """
+    try:
+        return hashlib.sha256((directory / SEALED_NAME).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def load_prepared(directory: Path, data_key: bytes) -> PreparedData:

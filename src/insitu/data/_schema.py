@@ -43,6 +43,11 @@ One schema per data set, in TOML (documented in ``docs/data-protection.md``)::
     [privacy]
     k = 5                             # refuse a release whose smallest class is below k
 
+    [groups]                          # performance per group of persons (AI Act Annex IV 3)
+    sensitive = ["sex", "race"]       # categorical features with declared categories
+    min_size = 100                    # a smaller group is reported as suppressed (default 100)
+    max_gap = 0.05                    # a gap in accuracy beyond it is flagged (default 0.05)
+
 Invariants a valid :class:`DataSchema` holds (checked in :meth:`DataSchema.from_dict`,
 each violation an error naming the column):
 
@@ -52,7 +57,10 @@ each violation an error naming the column):
 * every direct identifier, and the subject column, is dropped or pseudonymized and is
   never a feature;
 * every quasi-identifier has a declared fate (a feature, kept, generalized or dropped);
-* generalization rules are well formed and apply to kept or feature columns.
+* generalization rules are well formed and apply to kept or feature columns;
+* every sensitive attribute (``groups.sensitive``) is a categorical feature whose
+  categories are declared: its groups are then public, the same at every site, and a
+  count per group can be released without revealing which values occur.
 
 Columns of the data that the schema does not declare never reach a model or a prepared
 release: minimization by construction. :meth:`DataSchema.check_columns` refuses a schema
@@ -76,7 +84,7 @@ from insitu.errors import SchemaError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["DataSchema"]
+__all__ = ["GROUP_MAX_GAP", "GROUP_MIN_SIZE", "DataSchema"]
 
 _SECTIONS: dict[str, set[str]] = {
     "dataset": {"name", "label", "positive", "subject"},
@@ -85,7 +93,13 @@ _SECTIONS: dict[str, set[str]] = {
     "treatment": {"drop", "pseudonymize", "generalize", "keep"},
     "consent": {"required", "purpose", "legal_basis"},
     "privacy": {"k"},
+    "groups": {"sensitive", "min_size", "max_gap"},
 }
+
+#: Defaults of ``[groups]``: the smallest group reported as figures (its noisy count of
+#: subjects), and the gap in accuracy between two groups beyond which it is flagged.
+GROUP_MIN_SIZE = 100
+GROUP_MAX_GAP = 0.05
 
 
 def _str_list(doc: dict[str, Any], section: str, key: str) -> list[str]:
@@ -123,6 +137,10 @@ class DataSchema:
     source: dict[str, Any] = field(repr=False, compare=False)
     transforms: dict[str, str] = field(default_factory=dict)
     bins: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: Sensitive attributes: performance is measured per group of each (``[groups]``).
+    sensitive: tuple[str, ...] = ()
+    group_min_size: int = GROUP_MIN_SIZE
+    group_max_gap: float = GROUP_MAX_GAP
 
     # -- loading -------------------------------------------------------------------
 
@@ -169,6 +187,7 @@ class DataSchema:
         bins = _bins(doc, columns.numeric)
         required, purpose, legal_basis = _consent(doc, subject=dataset.subject)
         k = _k(doc)
+        sensitive, min_size, max_gap = _groups(doc, columns.categorical, categories)
         return cls(
             name=dataset.name,
             label=dataset.label,
@@ -191,6 +210,9 @@ class DataSchema:
             source=doc,
             transforms=transforms,
             bins=bins,
+            sensitive=sensitive,
+            group_min_size=min_size,
+            group_max_gap=max_gap,
         )
 
     @classmethod
@@ -502,6 +524,31 @@ def _consent(doc: dict[str, Any], *, subject: str | None) -> tuple[bool, str, st
             "(e.g. 'GDPR art. 9(2)(j), research')"
         )
     return required, purpose, legal_basis
+
+
+def _groups(
+    doc: dict[str, Any], categorical: list[str], categories: dict[str, tuple[str, ...]]
+) -> tuple[tuple[str, ...], int, float]:
+    """``[groups]``: (sensitive attributes, minimum group size, gap threshold)."""
+    sensitive = _str_list(doc, "groups", "sensitive")
+    for column in sensitive:
+        if column not in categorical or column not in categories:
+            raise SchemaError(
+                f"groups.sensitive names {column!r}, which is not a categorical feature with "
+                f"declared categories: declare it in features.categorical and "
+                f"features.categories.{column}"
+            )
+    groups = doc.get("groups", {})
+    min_size = groups.get("min_size", GROUP_MIN_SIZE)
+    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 1:
+        raise SchemaError("groups.min_size must be a whole number of at least 1 (e.g. 100)")
+    max_gap = groups.get("max_gap", GROUP_MAX_GAP)
+    ok = isinstance(max_gap, int | float) and not isinstance(max_gap, bool)
+    if not ok or not 0 < max_gap <= 1:
+        raise SchemaError(
+            "groups.max_gap must be a number above 0 and at most 1 (a gap in accuracy, e.g. 0.05)"
+        )
+    return tuple(sensitive), min_size, float(max_gap)
 
 
 def _k(doc: dict[str, Any]) -> int:

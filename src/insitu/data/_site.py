@@ -31,6 +31,7 @@ from insitu.data._prepare import (
     PreparedData,
     load_prepared,
     prepare,
+    release_sha256,
     subject_keys,
     write_prepared,
 )
@@ -135,8 +136,11 @@ class SiteDataset:
             suppress=suppress,
             force=force,
         )
+        release: dict[str, str] = {}
         if out is not None:
             write_prepared(out, prepared, workspace.secret("data"))
+            digest = release_sha256(out)
+            release = {"release_sha256": digest} if digest else {}
         report = prepared.report
         with workspace.ledger() as ledger:
             events.DATA_PREPARED.record(
@@ -154,6 +158,8 @@ class SiteDataset:
                 rows_suppressed=report.rows_suppressed,
                 forced_below_k=report.forced_below_k,
                 sealed=out is not None,
+                out_of_range=report.out_of_range,
+                **release,
             )
         return cls(workspace, prepared)
 

@@ -3,7 +3,9 @@
 :func:`run_server_app` is the legacy-path ServerApp of simulation (ADR 0008):
 ``build_strategy`` inside ``RoundRecorder``, SecAgg+ through ``SecAggPlusWorkflow``; it
 records ``federation.started`` / ``federation.round`` / ``federation.completed`` (or
-``federation.failed``) in the server's workspace and saves the model as simulation does.
+``federation.failed``) in the server's workspace and saves the model as simulation does,
+with the sites' counts per group of persons (``evaluation.groups``, when the schema
+declares sensitive attributes: ``insitu.federated._groups``).
 After every round it keeps ``checkpoint.npz`` in the run directory (and records
 ``federation.checkpointed``); a run that stops keeps its last good round there, and a
 plan with ``resume`` (``RunPlan.resumed``) goes on from it (``federation.resumed``).
@@ -27,10 +29,13 @@ from flwr.server import Grid
 
 from insitu._atomic import atomic_write_text
 from insitu.audit import events
+from insitu.data import DataSchema
 from insitu.errors import (
     FederationError,
 )
 from insitu.federated._checkpoint import CHECKPOINT_NAME, Checkpoint
+from insitu.federated._defaults import fold_centering, uses_centering
+from insitu.federated._groups import record_groups
 from insitu.federated._plan import RunPlan, SharedPlan, SiteSetup
 from insitu.federated._processes import (
     RUN_DIR_ENV,
@@ -163,6 +168,7 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
                 schema_sha256=plan.shared.schema_sha256,
                 site_names=list(plan.sites_registered),
                 engine="deployment",
+                defaults=config.rules(),
                 **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
             )
     initial = ndarrays_to_parameters(get_weights(model) if resumed is None else resumed.weights)
@@ -197,13 +203,26 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
         node_names=_node_names(ws, run_id),
     )
     weights = run_rounds(grid, context, config, strategy)
+    if uses_centering(config, model):  # sites trained on centred inputs: fold it in
+        weights = fold_centering(weights)
     set_weights(model, weights)
     model_dir = _save_deployed_model(ws, run_id=run_id, model=model, plan=plan)
     digest = weights_digest(weights)
     epsilon_run = max(
         (max(r["epsilon_by_site"].values(), default=0.0) for r in rounds), default=0.0
     )
+    final = strategy.records.get(config.rounds)
     with ws.ledger() as ledger:
+        if plan.schema_source.get("groups"):  # sensitive attributes declared
+            record_groups(
+                ledger,
+                run_id=run_id,
+                round_number=config.rounds,
+                schema=DataSchema.from_dict(plan.schema_source),
+                config=config,
+                sums=final.groups if final else None,
+                sites_evaluated=final.evaluated if final else (),
+            )
         record_completed(
             ledger,
             run_id=run_id,

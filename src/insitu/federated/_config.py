@@ -11,6 +11,15 @@ default holds without secure aggregation (a lost site costs nothing cryptographi
 but a round averaged over fewer than 60% of the federation would speak for too few).
 An explicit ``--min-sites`` below the threshold SecAgg+ can reconstruct with is refused
 when secure aggregation is on: such a round could never be unmasked.
+
+Defaults that need no tuning (docs/federated.md, "Defaults that need no tuning"): the
+local batch size is chosen from each site's number of records when not given
+(:meth:`FederationConfig.batch_for`: about a quarter of the site's records, a power of
+two from 8 to 256), the local learning rate from the server optimizer
+(:meth:`FederationConfig.local_learning_rate`), the inputs are centred on the middle of
+their declared ranges while training (:attr:`FederationConfig.center_inputs`), and the
+server applies Adam to the aggregated update (``server_optimizer``; post-processing of
+what the sites released: no privacy cost).
 """
 
 from __future__ import annotations
@@ -69,7 +78,17 @@ def default_quorum(sites: int) -> int:
 Privacy = Literal["record", "site", "none"]
 Robust = Literal["none", "trimmed-mean", "median"]
 Accountant = Literal["pld", "rdp"]
-ModelFamily = Literal["logistic", "mlp"]
+ServerOptimizer = Literal["fedavg", "fedadam", "fedyogi", "auto"]
+
+#: Bounds of the batch size chosen from a site's size (:meth:`FederationConfig.batch_for`).
+AUTO_BATCH_MIN, AUTO_BATCH_MAX = 8, 256
+#: The chosen batch is about this share of a site's records (4 steps an epoch at least).
+AUTO_BATCH_SHARE = 1 / 4
+#: The local learning rate when none is given, by server optimizer: plain averaging
+#: takes the sites' steps as they are (2.0: the rate insitu used before), an adaptive
+#: server optimizer rescales them (measured on breast cancer, make_classification, Adult).
+AUTO_LEARNING_RATE = {"fedavg": 2.0, "fedadam": 1.0, "fedyogi": 1.0}
+ModelFamily = Literal["logistic", "mlp", "cnn"]
 _PARTITION = re.compile(r"^(iid|by:[A-Za-z0-9_.\-]+|dirichlet:\d+(\.\d+)?)$")
 
 
@@ -98,8 +117,22 @@ class FederationConfig:
     model: ModelFamily = "logistic"
     hidden: int = 32
     local_epochs: int = 1
-    batch_size: int = 256
-    learning_rate: float = 2.0
+    #: Expected local batch; 0: chosen from each site's size (:meth:`batch_for`).
+    batch_size: int = 0
+    #: Local SGD learning rate; 0: by the server optimizer (:meth:`local_learning_rate`).
+    learning_rate: float = 0.0
+    #: What the server does with the aggregated update: ``fedavg`` (take it), ``fedadam``
+    #: or ``fedyogi`` (Reddi et al. 2021: an adaptive step, computed from the released
+    #: aggregate only, so post-processing at no privacy cost).
+    #: ``auto``: FedAdam, except FedAvg for the CNN (on digits FedAdam at eta 1.0 diverged:
+    #: 0.14 held-out accuracy, against 0.96 with FedAvg).
+    server_optimizer: ServerOptimizer = "auto"
+    #: The server optimizer's step size (eta) and its adaptivity (tau).
+    server_learning_rate: float = 1.0
+    server_tau: float = 0.1
+    #: Train on inputs centred on the middle of their declared ranges ([-1, 1] instead of
+    #: [0, 1]); the saved model is folded back to take the schema's encoding as it is.
+    center_inputs: bool = True
     max_grad_norm: float = 1.0
     site_clip_norm: float = 1.0
     #: The quorum: sites whose update a round must aggregate. 0: :func:`default_quorum`.
@@ -116,6 +149,9 @@ class FederationConfig:
     accountant: Accountant = "pld"
 
     def __post_init__(self) -> None:  # noqa: PLR0912 -- one check per setting
+        if self.server_optimizer == "auto":
+            chosen = "fedavg" if self.model == "cnn" else "fedadam"
+            object.__setattr__(self, "server_optimizer", chosen)
         if not 1 <= self.sites <= 1000:
             raise UsageError(f"--sites {self.sites}: use 1 to 1000 sites")
         if not 1 <= self.rounds <= 10_000:
@@ -168,8 +204,55 @@ class FederationConfig:
             )
         if not 0 < self.test_fraction < 0.9:
             raise UsageError("test fraction must be between 0 and 0.9")
-        if self.model not in ("logistic", "mlp"):
-            raise UsageError(f"--model {self.model!r}: use logistic or mlp")
+        if self.server_optimizer not in AUTO_LEARNING_RATE:
+            raise UsageError(
+                f"--server-optimizer {self.server_optimizer!r}: use auto, fedavg, fedadam or "
+                "fedyogi"
+            )
+        if self.batch_size < 0 or self.learning_rate < 0 or not self.server_learning_rate > 0:
+            raise UsageError(
+                "--batch-size and --learning-rate must be positive (0: chosen by insitu), "
+                "--server-learning-rate above 0"
+            )
+        if self.model not in ("logistic", "mlp", "cnn"):
+            raise UsageError(f"--model {self.model!r}: use logistic, mlp or cnn (array data)")
+
+    def batch_for(self, rows: int) -> int:
+        """The expected local batch at a site of ``rows`` records.
+
+        ``batch_size`` when given; else about a quarter of the records, rounded to a power
+        of two, from 8 to 256 (120 records: 32; 10,000: 256). A site's size is already
+        part of its privacy event (the sample rate is the batch over the records, fixed
+        on the run's first round); the batch adds no other use of the data.
+        """
+        if self.batch_size:
+            return self.batch_size
+        target = max(rows, 1) * AUTO_BATCH_SHARE
+        power = 2 ** round(math.log2(max(target, 1.0)))
+        return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, power)))
+
+    def local_learning_rate(self) -> float:
+        """``learning_rate`` when given, else the rate of the run's server optimizer."""
+        return self.learning_rate or AUTO_LEARNING_RATE[self.server_optimizer]
+
+    def rules(self) -> str:
+        """The rules the run's defaults follow, in one line (``federation.started``)."""
+        batch = (
+            f"batch {self.batch_size}"
+            if self.batch_size
+            else f"batch: 1/4 of a site's records as a power of two, {AUTO_BATCH_MIN} to "
+            f"{AUTO_BATCH_MAX}"
+        )
+        server = (
+            "server: FedAvg"
+            if self.server_optimizer == "fedavg"
+            else f"server: {self.server_optimizer} (eta {self.server_learning_rate:g}, "
+            f"tau {self.server_tau:g}; post-processing, no privacy cost)"
+        )
+        centred = "inputs centred on their declared ranges" if self.center_inputs else ""
+        return "; ".join(
+            p for p in (batch, f"local lr {self.local_learning_rate():g}", server, centred) if p
+        )
 
     @property
     def required_sites(self) -> int:

@@ -10,7 +10,10 @@ Flower 1.41 runs only through ``LegacyContext``):
   (Flower's ``fixedclipping_mod``) and weigh 1 each, the aggregator adds secret Gaussian
   noise to the *unweighted* mean, scaled to the number of sites it actually averaged;
 * with secure aggregation, run through ``SecAggPlusWorkflow``: the strategy receives
-  only the unmasked *sum* (every result carries the same aggregate parameters).
+  only the unmasked *sum* (every result carries the same aggregate parameters);
+* outermost, the server optimizer (FedAdam by default, ``--server-optimizer``): a step
+  from the current model along the aggregate, post-processing at no privacy cost
+  (:mod:`insitu.federated._defaults`), in simulation and deployment alike.
 
 :class:`RoundRecorder` wraps whatever strategy is chosen: it numbers rounds in the
 configuration sent to sites, asks for site evaluation only where it is private (the
@@ -66,6 +69,8 @@ from insitu.federated._config import (
     secagg_share_fraction,
     secagg_threshold,
 )
+from insitu.federated._defaults import wrap as wrap_server_optimizer
+from insitu.federated._groups import GroupSums, sum_groups
 from insitu.privacy import SecureRandom
 from insitu.training import weights_digest
 
@@ -136,6 +141,10 @@ class RoundRecord:
     loss: float | None = None
     central_accuracy: float | None = None
     central_loss: float | None = None
+    #: The sites' counts per group of persons, summed (final evaluation; not checkpointed).
+    groups: GroupSums | None = None
+    #: Sites whose evaluation the round received.
+    evaluated: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The round as JSON (results, records, checkpoints)."""
@@ -346,7 +355,8 @@ def build_strategy(
         strategy = SiteLevelDP(
             strategy, noise_multiplier=site_noise_multiplier, clipping_norm=config.site_clip_norm
         )
-    return strategy
+    # Outermost: FedAdam/FedYogi post-process the (noised) aggregate (insitu.federated._defaults).
+    return wrap_server_optimizer(strategy, config, initial)
 
 
 def secagg_settings(config: FederationConfig) -> dict[str, Any]:
@@ -638,6 +648,11 @@ class RoundRecorder(Strategy):
         )
         if results and count > 0:
             record.accuracy = min(1.0, max(0.0, correct / count))
+        record.evaluated = list(answered)
+        record.groups = sum_groups(
+            (self._site_of_node.get(str(p.cid), _node(str(p.cid))), res.metrics or {})
+            for p, res in results
+        )
         if self.config.privacy == "none" and results:
             loss, _ = self.inner.aggregate_evaluate(server_round, results, failures)
             record.loss = loss

@@ -52,6 +52,7 @@ import torch
 from insitu._atomic import atomic_write_bytes, atomic_write_text
 from insitu.audit import events
 from insitu.data import (
+    ArraySchema,
     ConsentRegistry,
     DataSchema,
     FeatureEncoder,
@@ -65,8 +66,17 @@ from insitu.data import (
     token_uniform,
 )
 from insitu.errors import FederationError, InsufficientDataError, SchemaError, UsageError
+from insitu.federated._arrays import ArrayRun, array_inputs, save_array_model
 from insitu.federated._config import MAX_SITE_WEIGHT, FederationConfig
+from insitu.federated._defaults import (
+    RoundKeeper,
+    centered,
+    central_baseline,
+    fold_centering,
+    uses_centering,
+)
 from insitu.federated._egress import EgressSite, egress_mod
+from insitu.federated._groups import record_groups
 from insitu.federated._partition import partition
 from insitu.federated._server_app import (
     RoundRecord,
@@ -141,6 +151,12 @@ class FederatedResult:
     #: One line per thing the user should know and fix (e.g. a column dropped as an
     #: identifier when the schema was inferred).
     warnings: list[str] = field(default_factory=list)
+    #: A non-private logistic regression on the pooled records, on the same held-out rows
+    #: (simulation only; ``None`` when it cannot be computed, e.g. more than two classes).
+    baseline_accuracy: float | None = None
+    #: The round whose model was kept, and why (:class:`~insitu.federated._defaults.RoundKeeper`).
+    kept_round: int | None = None
+    kept_because: str = ""
 
     @property
     def epsilon_run(self) -> float:
@@ -160,6 +176,9 @@ class FederatedResult:
             "epsilon_run": self.epsilon_run,
             "sites": [s.to_json() for s in self.sites],
             "warnings": self.warnings,
+            "baseline_accuracy": self.baseline_accuracy,
+            "kept_round": self.kept_round,
+            "kept_because": self.kept_because,
             "rounds": [r.to_json() for r in self.rounds],
         }
 
@@ -173,7 +192,7 @@ def min_rows_for(config: FederationConfig) -> int:
     def noise(rows: int) -> float:
         event = planned_event(
             rows=rows,
-            batch_size=config.batch_size,
+            batch_size=config.batch_for(rows),
             epochs=config.local_epochs,
             noise_multiplier=1.0,
         )
@@ -187,7 +206,7 @@ def min_rows_for(config: FederationConfig) -> int:
         except UsageError:
             return math.inf
 
-    low, high = config.batch_size, config.batch_size
+    low = high = config.batch_for(1)
     while noise(high) > MAX_WORKABLE_NOISE:
         low, high = high, high * 2
         if high > 10**9:
@@ -241,7 +260,7 @@ def _split(
                 raise InsufficientDataError(
                     f"site-{index:02d} would hold about {train_rows} training records; epsilon "
                     f"{config.epsilon} over {config.rounds} rounds needs at least {needed} per "
-                    f"site (at batch {config.batch_size}); use fewer sites or rounds, or a "
+                    f"site (at batch {config.batch_for(needed)}); use fewer sites or rounds, or a "
                     "larger epsilon"
                 )
     return _Split(frame[central].reset_index(drop=True), pool, parts)
@@ -495,7 +514,7 @@ def simulate(
     data: str | os.PathLike[str] | pd.DataFrame,
     config: FederationConfig,
     *,
-    schema: DataSchema | str | os.PathLike[str] | None = None,
+    schema: DataSchema | ArraySchema | str | os.PathLike[str] | None = None,
     label: str | None = None,
     consent: str | os.PathLike[str] | Sequence[tuple[str, str, str]] | None = None,
     site_epsilon_budget: float | None = None,
@@ -509,10 +528,11 @@ def simulate(
     Args:
         coordinator: the workspace the run is recorded in (sites live under it).
         data: the whole table: a file's path (CSV, CSV.gz, TSV or Parquet; a ``str`` or
-            a path object) or a frame.
+            a path object) or a frame; or array data: an ``.npz`` or a folder of images
+            (``insitu.data.ArraySchema``; see ``insitu.federated._arrays``).
         config: the run's settings.
-        schema: the data schema, or its TOML file's path; without it, one is inferred
-            from ``label``.
+        schema: the data schema (a table's or an array schema), or its TOML file's
+            path; without it, one is inferred from ``label``.
         label: the label column when no schema is given.
         consent: the path of a consent CSV (subject,purpose,status) every site imports, or
             the same rows in memory (subject ids are pseudonymized by each site before
@@ -521,7 +541,9 @@ def simulate(
             keep theirs).
         on_round: called after each round (progress display).
         model_fn: builds the model from the number of input features (any
-            ``torch.nn.Module`` with one logit output); default: ``config.model``.
+            ``torch.nn.Module`` with one logit output, or one per class); default:
+            ``config.model``. For array data its module receives records of the
+            declared shape, scaled to [0, 1]; DP-SGD refuses one Opacus rejects.
         faults: site index -> fault (tests of dropouts and poisoning).
         strategy_spy: receives the strategy before the run (tests).
 
@@ -537,7 +559,9 @@ def simulate(
     """
     started = time.perf_counter()
     _check_ray_closed()
-    frame, source = _read_data(data)
+    # Images or signals are read as the table every later step takes (None: a table).
+    schema, model_fn, arrays = array_inputs(data, schema, config, label=label, model_fn=model_fn)
+    frame, source = _read_data(data, arrays)
     if schema is not None and not isinstance(schema, DataSchema):
         schema = DataSchema.load(Path(schema))
     if isinstance(consent, str | os.PathLike):
@@ -551,7 +575,7 @@ def simulate(
         _site_workspace(coordinator, index, site_epsilon_budget)
         for index in range(1, config.sites + 1)
     ]
-    warnings: list[str] = []
+    warnings: list[str] = arrays.warnings if arrays is not None else []
     if schema is None:
         inferred = _infer_schema(
             coordinator, sites, split, config, label=label, source=source, run_id=run_id
@@ -562,6 +586,7 @@ def simulate(
         split.central, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="central", k=1
     ).frame
     central_x, central_y = encoder.encode(central), encoder.labels(central)
+    (select_x, select_y), (central_x, central_y) = _halves(central_x, central_y)
     n_features = len(encoder.names)
     plans = _make_sites(
         sites,
@@ -576,10 +601,8 @@ def simulate(
         faults=faults or {},
     )
 
-    def new_model() -> torch.nn.Module:
-        if model_fn is not None:
-            return model_fn(n_features)
-        return build_model(config.model, n_features, hidden=config.hidden)
+    plain_model, new_model, centring = _model_builders(config, model_fn, n_features)
+    keeper = RoundKeeper(rows=len(select_y))
 
     torch.manual_seed(config.seed)  # the initial model is public: every site receives it
     strategy = _strategy(
@@ -591,6 +614,7 @@ def simulate(
         central_x=central_x,
         central_y=central_y,
         on_round=on_round,
+        keep=lambda r, w: keeper.observe(r, w, _accuracy(new_model(), w, select_x, select_y)),
     )
     _record_started(coordinator, run_id, schema, plans, config)
     if strategy_spy is not None:
@@ -602,11 +626,20 @@ def simulate(
             record_failed(ledger, run_id=run_id, error=exc)
         raise
     rounds = [strategy.records[r] for r in sorted(strategy.records)]
-    model = new_model()
-    set_weights(model, weights)
+    weights = _kept_weights(keeper, weights, centring=centring)
+    model = _loaded(plain_model(), weights)
     _, central_accuracy = evaluate(model, central_x, central_y)
+    baseline = _baseline(
+        coordinator, run_id, split, schema, encoder, (central_x, central_y), central_accuracy
+    )
     model_dir = _save_model(
-        coordinator, run_id=run_id, model=model, encoder=encoder, schema=schema, sample=central_x
+        coordinator,
+        run_id=run_id,
+        model=model,
+        encoder=encoder,
+        schema=schema,
+        sample=central_x,
+        arrays=arrays,
     )
     result = FederatedResult(
         run_id=run_id,
@@ -619,9 +652,22 @@ def simulate(
         seconds=time.perf_counter() - started,
         sites=_site_summaries(plans, run_id),
         warnings=warnings,
+        baseline_accuracy=baseline,
+        kept_round=keeper.round or config.rounds,
+        kept_because=keeper.reason(config.rounds),
     )
     atomic_write_text(model_dir / "record.json", json.dumps(result.to_json(), indent=2) + "\n")
+    final = strategy.records.get(config.rounds)
     with coordinator.ledger() as ledger:
+        record_groups(
+            ledger,
+            run_id=run_id,
+            round_number=config.rounds,
+            schema=schema,
+            config=config,
+            sums=final.groups if final else None,
+            sites_evaluated=final.evaluated if final else (),
+        )
         record_completed(
             ledger,
             run_id=run_id,
@@ -635,8 +681,94 @@ def simulate(
     return result
 
 
-def _read_data(data: str | os.PathLike[str] | pd.DataFrame) -> tuple[pd.DataFrame, str]:
+def _model_builders(
+    config: FederationConfig, model_fn: ModelFn | None, n_features: int
+) -> tuple[Callable[[], torch.nn.Module], Callable[[], torch.nn.Module], bool]:
+    """The model as saved, the model as sites train it, and whether they differ by centring."""
+
+    def plain_model() -> torch.nn.Module:
+        if model_fn is not None:
+            return model_fn(n_features)
+        return build_model(config.model, n_features, hidden=config.hidden)
+
+    centring = model_fn is None and uses_centering(config, plain_model())
+
+    def new_model() -> torch.nn.Module:
+        return centered(plain_model()) if centring else plain_model()
+
+    return plain_model, new_model, centring
+
+
+def _kept_weights(
+    keeper: RoundKeeper, last: list[np.ndarray], *, centring: bool
+) -> list[np.ndarray]:
+    """The kept round's weights (the last round's if none was kept), as the saved model's."""
+    weights = keeper.weights if keeper.weights is not None else last
+    return fold_centering(weights) if centring else weights
+
+
+def _halves(
+    x: np.ndarray, y: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The central rows in two: one half chooses the round to keep, the other measures it."""
+    choose = np.arange(len(y)) % 2 == 1
+    return (x[choose], y[choose]), (x[~choose], y[~choose])
+
+
+def _accuracy(
+    model: torch.nn.Module, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray
+) -> float:
+    return evaluate(_loaded(model, weights), x, y)[1] if len(y) else 0.0
+
+
+def _loaded(model: torch.nn.Module, weights: list[np.ndarray]) -> torch.nn.Module:
+    set_weights(model, weights)
+    return model
+
+
+def _baseline(  # noqa: PLR0917 -- one call site, in order
+    coordinator: Workspace,
+    run_id: str,
+    split: _Split,
+    schema: DataSchema,
+    encoder: FeatureEncoder,
+    test: tuple[np.ndarray, np.ndarray],
+    private_accuracy: float,
+) -> float | None:
+    """A non-private central logistic regression on every site's records.
+
+    Recorded as ``federation.baseline`` (simulation only: the coordinator holds the file).
+    """
+    test_x, test_y = test
+    if len(np.unique(test_y)) > 2 or len(encoder.names) == 0:
+        return None
+    pool = prepare(
+        split.pool, schema, Pseudonymizer(coordinator.secret("pseudonym")), source="pool", k=1
+    ).frame
+    train_x, train_y = encoder.encode(pool), encoder.labels(pool)
+    if len(np.unique(train_y)) > 2:
+        return None
+    accuracy = central_baseline(train_x, train_y, test_x, test_y)
+    with coordinator.ledger() as ledger:
+        events.FEDERATION_BASELINE.record(
+            ledger,
+            run=run_id,
+            method="centralized logistic regression (L-BFGS, L2 1e-4), no DP, on the pooled "
+            "records of every site",
+            baseline_accuracy=round(accuracy, 4),
+            private_accuracy=round(private_accuracy, 4),
+            train_rows=len(train_y),
+            test_rows=len(test_y),
+        )
+    return accuracy
+
+
+def _read_data(
+    data: str | os.PathLike[str] | pd.DataFrame, arrays: ArrayRun | None = None
+) -> tuple[pd.DataFrame, str]:
     """The table, and the source name its sites record (the file's name, or ``data``)."""
+    if arrays is not None:
+        return arrays.table.frame, arrays.table.source
     if isinstance(data, pd.DataFrame):
         return data, "data"
     path = Path(data)
@@ -729,6 +861,7 @@ def _strategy(
     central_x: np.ndarray,
     central_y: np.ndarray,
     on_round: Callable[[RoundRecord], None] | None,
+    keep: Callable[[int, list[np.ndarray]], None] | None = None,
 ) -> RoundRecorder:
     from flwr.common import ndarrays_to_parameters
 
@@ -740,6 +873,8 @@ def _strategy(
         model = new_model()
         set_weights(model, weights)
         loss, accuracy = evaluate(model, central_x, central_y)
+        if keep is not None and server_round > 0:
+            keep(server_round, weights)
         return loss, {"accuracy": accuracy}
 
     def record_round(record: RoundRecord) -> None:
@@ -781,6 +916,7 @@ def _record_started(
             schema_sha256=schema.digest(),
             site_names=[p.site for p in plans],
             reproducible=config.privacy == "none",
+            defaults=config.rules(),
             **{k: v for k, v in config.to_json().items() if k != "secagg_clipping_range"},
         )
 
@@ -793,8 +929,11 @@ def _save_model(
     encoder: FeatureEncoder,
     schema: DataSchema,
     sample: np.ndarray,
+    arrays: ArrayRun | None = None,
 ) -> Path:
     """Write the PyTorch state, the ONNX export (parity-checked) and the feature names."""
+    if arrays is not None:  # the graph takes raw records of the declared shape
+        return save_array_model(coordinator, run_id=run_id, model=model, run=arrays, sample=sample)
     model_dir = coordinator.model_dir(run_id)
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

@@ -20,7 +20,9 @@ counts of records stay in the site's own ledger. Evaluation sends, for ``record`
 privacy and at the final round only, noisy counts of correct predictions and of
 subjects (each subject counting once, by the share of their records predicted right),
 charged to the held-out subjects; for ``site`` privacy nothing; without privacy, the
-exact figures (nothing is claimed).
+exact figures (nothing is claimed). When the schema declares sensitive attributes, the
+final evaluation also sends the confusion counts per group of persons, released and
+charged likewise as a release of its own (``insitu.federated._groups``).
 
 The DP-SGD noise multiplier, sample rate and steps of a run are fixed by the site on the
 run's first round (for the run's epsilon over its planned rounds) and kept in its
@@ -48,9 +50,11 @@ from flwr.client import NumPyClient
 
 from insitu._atomic import atomic_write_text
 from insitu.audit import events
-from insitu.data import DataSchema, SiteDataset, TrainingData
+from insitu.data import DataSchema, SiteDataset, TrainingData, out_of_range, release_sha256
 from insitu.errors import BudgetExceededError, FederationError
 from insitu.federated._config import FederationConfig
+from insitu.federated._defaults import centered, uses_centering
+from insitu.federated._groups import release_groups
 from insitu.privacy import (
     PrivacyEvent,
     SecureRandom,
@@ -208,6 +212,8 @@ class SiteClient(NumPyClient):
             if self.plan.model_fn is not None
             else build_model(cfg.model, self.plan.n_features, hidden=cfg.hidden)
         )
+        if self.plan.model_fn is None and uses_centering(cfg, model):
+            model = centered(model)  # trained on inputs centred on their declared ranges
         set_weights(model, parameters)
         return model
 
@@ -224,7 +230,10 @@ class SiteClient(NumPyClient):
             event = PrivacyEvent(kept["noise_multiplier"], kept["sample_rate"], kept["steps"])
             return RunEvents(event, int(kept["rows_planned"]))
         one_round = planned_event(
-            rows=rows, batch_size=cfg.batch_size, epochs=cfg.local_epochs, noise_multiplier=1.0
+            rows=rows,
+            batch_size=cfg.batch_for(rows),
+            epochs=cfg.local_epochs,
+            noise_multiplier=1.0,
         )
         # What the run already cost these records (a schema inferred from them) counts
         # towards the run's epsilon: the training gets the rest.
@@ -292,7 +301,10 @@ class SiteClient(NumPyClient):
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         cfg, plan = self.plan.config, self.plan
         ws = Workspace.open(plan.home)
-        data = SiteDataset.open(ws, plan.train_dir).for_round(round_number=round_number)
+        dataset = SiteDataset.open(ws, plan.train_dir)
+        data = dataset.for_round(round_number=round_number)
+        # Values the encoder clips to the declared ranges: counted in the site's own record.
+        outside = out_of_range(dataset.prepared.frame, dataset.schema)
         model = self._model(parameters)
         event = self._round_event(ws, max(data.subjects, 1))
         epsilon_run = epsilon_spent = 0.0
@@ -306,8 +318,8 @@ class SiteClient(NumPyClient):
             data.labels,
             groups=data.groups,
             epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
+            batch_size=cfg.batch_for(data.rows),
+            learning_rate=cfg.local_learning_rate(),
             event=event if cfg.privacy == "record" else None,
             max_grad_norm=cfg.max_grad_norm,
             seed=cfg.seed * 1000 + round_number,
@@ -328,10 +340,22 @@ class SiteClient(NumPyClient):
                 privacy=cfg.privacy,
                 epsilon_run=round(epsilon_run, 6),
                 epsilon_spent_max=round(epsilon_spent, 6),
+                **self._releases(),
+                **({"out_of_range": outside} if outside else {}),
             )
         weights = self._inject_fault(round_number, parameters, weights)
         weight = 1 if cfg.privacy == "site" else plan.weight
         return weights, weight, {"site": plan.site, "epsilon_run": round(epsilon_run, 6)}
+
+    def _releases(self) -> dict[str, list[str]]:
+        """``{"releases": [...]}``: the digests of the sealed releases this run uses.
+
+        They name the ``data.prepared`` entries of the training and held-out records, so
+        a report counts this run's records, not every preparation the site ever made.
+        """
+        found = [release_sha256(d) for d in (self.plan.train_dir, self.plan.test_dir)]
+        digests = [d for d in found if d is not None]
+        return {"releases": digests} if digests else {}
 
     def _inject_fault(
         self, round_number: int, start: list[np.ndarray], weights: list[np.ndarray]
@@ -353,12 +377,14 @@ class SiteClient(NumPyClient):
         cfg, plan = self.plan.config, self.plan
         round_number = int(config.get("round", 0))
         ws = Workspace.open(plan.home)
-        data = SiteDataset.open(ws, plan.test_dir).for_round(
-            role="evaluation", round_number=round_number
-        )
+        held_out = SiteDataset.open(ws, plan.test_dir)
+        data = held_out.for_round(role="evaluation", round_number=round_number)
         if cfg.privacy == "none":
-            loss, accuracy = evaluate(self._model(parameters), data.features, data.labels)
-            return loss, data.rows, {"correct": accuracy * data.rows, "count": data.rows}
+            model = self._model(parameters)
+            loss, accuracy = evaluate(model, data.features, data.labels)
+            by_group = self._groups(ws, held_out.schema, data, model, round_number)
+            exact = {"correct": accuracy * data.rows, "count": data.rows}
+            return loss, data.rows, {**exact, **by_group}
         if cfg.privacy == "site":
             raise SiteRoundError(plan.site, "error", "site-level privacy releases no evaluation")
         sigma = evaluation_noise(cfg)
@@ -377,10 +403,34 @@ class SiteClient(NumPyClient):
         data = data.admitted(charge.admission.admitted)
         # Per subject: the share of their records predicted right (in [0, 1]) and 1, so
         # that one subject moves each count by at most 1, however many records they have.
-        right = correct_per_row(self._model(parameters), data.features, data.labels)
+        model = self._model(parameters)
+        right = correct_per_row(model, data.features, data.labels)
         groups = data.groups
         per_subject = np.bincount(groups, weights=right) / np.maximum(np.bincount(groups), 1)
         noise = SecureRandom().normal((2,), std=sigma * EVALUATION_SENSITIVITY)
         correct = float(per_subject.sum()) + float(noise[0])
         count = float(len(per_subject)) + float(noise[1])
-        return 0.0, plan.weight, {"correct": correct, "count": count}
+        by_group = self._groups(ws, held_out.schema, data, model, round_number)
+        return 0.0, plan.weight, {"correct": correct, "count": count, **by_group}
+
+    def _groups(
+        self,
+        ws: Workspace,
+        schema: DataSchema,
+        data: TrainingData,
+        model: torch.nn.Module,
+        round_number: int,
+    ) -> dict[str, float]:
+        """Counts per group of persons at the run's final round (``insitu.federated._groups``)."""
+        if round_number != self.plan.config.rounds:
+            return {}
+        return release_groups(
+            ws,
+            data,
+            model,
+            schema,
+            self.plan.config,
+            run=self.plan.run_id,
+            round_number=round_number,
+            dataset=self.plan.dataset,
+        )

@@ -159,6 +159,8 @@ def _workspace_source(path: Path) -> SourceModel:
     record_path = path / "record.json"
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     config = record.get("config", record)
+    if "input" in features:  # images or signals: the model takes raw records
+        return _array_source(path, features["input"], config, record)
     names: list[str] = list(features["features"])
     schema = DataSchema.from_dict(features["schema"])
     # The categories the model was trained on are in its feature names ("col=value").
@@ -200,6 +202,46 @@ def _workspace_source(path: Path) -> SourceModel:
         from insitu.training import get_weights, weights_digest
 
         source.weights_sha256 = weights_digest(get_weights(module))
+    return source
+
+
+def _array_source(
+    path: Path, spec: dict[str, Any], config: dict[str, Any], record: dict[str, Any]
+) -> SourceModel:
+    """A workspace model of array records (``features.json`` has ``input``).
+
+    Its data is given as ``.npz`` of raw records (``x`` of the input's shape, ``y``).
+    A model insitu cannot rebuild (a user's own module) is optimized from its ONNX file.
+    """
+    import math
+
+    import torch
+
+    from insitu.training import ArrayModelFn, ScaledInput, build_model, get_weights, weights_digest
+
+    shape = tuple(int(n) for n in spec["shape"])
+    classes = len(spec["label_names"])
+    family = str(config.get("model", ""))
+    onnx_bytes = (path / "model.onnx").read_bytes()
+    if family not in ("cnn", "logistic", "mlp") or not (path / "model.pt").is_file():
+        source = _from_onnx(onnx_bytes, name=path.name, kind="workspace")
+    else:
+        module = (
+            ArrayModelFn(shape, classes)(math.prod(shape))
+            if family == "cnn"
+            else build_model(
+                family, math.prod(shape), hidden=int(config.get("hidden", 32)), n_classes=classes
+            )
+        )
+        module.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+        low, high = (float(v) for v in spec["value_range"])
+        served = ScaledInput(module.eval(), low, high).eval()
+        source = torch_source(served, np.zeros((2, *shape), np.float32), name=path.name)
+        source.kind = "workspace"
+        source.weights_sha256 = weights_digest(get_weights(module))
+    source.model_dir = path
+    source.run_id = str(record.get("run_id", path.name))
+    source.file_onnx_sha256 = hashlib.sha256(onnx_bytes).hexdigest()
     return source
 
 

@@ -267,22 +267,25 @@ def declare_processing(coordinator: Workspace, schema: DataSchema, sites: int) -
     What no ledger can measure (who the controller is, the subjects, retention) is a
     declaration; the report shows it as declared, beside what the system recorded.
     """
-    with coordinator.ledger() as ledger:
-        events.PROCESSING_DECLARED.record(
-            ledger,
-            controller="insitu quickstart (demonstration; replace with the controller's name)",
-            purposes=[
+    from insitu.report import declare_processing as record_declaration
+
+    record_declaration(
+        coordinator,
+        {
+            "controller": "insitu quickstart (demonstration; replace with the controller's name)",
+            "purposes": [
                 f"{schema.consent_purpose}: a model predicting {schema.label} "
                 f"({schema.name}) trained where the data lives",
                 "evaluation of the model on each site's held-out records",
             ],
-            data_subjects="adults in the 1994 US census extract (UCI Adult)",
-            legal_basis=schema.legal_basis or "consent of each data subject (per record)",
-            recipients="none outside the sites: only DP-noised, securely aggregated model "
+            "data_subjects": "adults in the 1994 US census extract (UCI Adult)",
+            "legal_basis": schema.legal_basis or "consent of each data subject (per record)",
+            "recipients": "none outside the sites: only DP-noised, securely aggregated model "
             "updates reach the coordinator",
-            transfers="none (every site and the coordinator on this machine)",
-            retention="prepared records sealed at each site until the site deletes its "
+            "transfers": "none (every site and the coordinator on this machine)",
+            "retention": "prepared records sealed at each site until the site deletes its "
             "workspace; models and ledgers for the life of the system",
-            sites=sites,
-            schema_sha256=schema.digest(),
-        )
+        },
+        sites=sites,
+        schema_sha256=schema.digest(),
+    )

@@ -27,7 +27,14 @@ from insitu.audit import Entry
 from insitu.errors import LedgerIntegrityError, UsageError, WorkspaceError
 from insitu.workspace import Workspace
 
-__all__ = ["ArtefactCheck", "Evidence", "LedgerEvidence", "collect_evidence", "find_workspaces"]
+__all__ = [
+    "ArtefactCheck",
+    "Evidence",
+    "LedgerEvidence",
+    "collect_evidence",
+    "entry_ref",
+    "find_workspaces",
+]
 
 
 @dataclass
@@ -261,3 +268,13 @@ def collect_evidence(paths: list[Path]) -> Evidence:
     for le in evidence.ledgers:
         _check_artefacts(evidence, le)
     return evidence
+
+
+def entry_ref(le: LedgerEvidence, entries: list[Entry]) -> str:
+    """Where a figure came from: ``site-01 #12 privacy.spent`` or a range of entries."""
+    if not entries:
+        return f"{le.name}: no entry"
+    seqs = [e.seq for e in entries]
+    if len(seqs) == 1:
+        return f"{le.name} #{seqs[0]} {entries[0].type}"
+    return f"{le.name} #{min(seqs)}-#{max(seqs)} {entries[0].type} ({len(seqs)})"

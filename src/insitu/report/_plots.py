@@ -74,30 +74,51 @@ def accuracy_plot(rounds: list[dict[str, Any]], baseline: float | None) -> str |
         return _svg(fig)
 
 
-def epsilon_plot(by_round: dict[int, dict[str, float]], target: float | None) -> str | None:
-    """Epsilon spent by each site after each round, against the run's target."""
-    if not by_round:
+def epsilon_plot(by_site: dict[str, list[dict[str, Any]]], target: float | None) -> str | None:
+    """Each site's epsilon of this run after each round, beside the most spent in total.
+
+    Solid: what this run cost (from 0, against the run's target); dashed, in the same
+    colour: the most any subject of the site has spent, earlier uses included (where the
+    site's budget bites). Round 0 is before training.
+    """
+    if not by_site:
         return None
-    sites = sorted({s for values in by_round.values() for s in values})
+    from matplotlib.lines import Line2D
+
     with _figure() as (fig, ax):
-        xs = sorted(by_round)
-        for index, site in enumerate(sites):
+        rounds: set[int] = set()
+        for index, site in enumerate(sorted(by_site)):
+            points = by_site[site]
+            xs = [int(p["round"]) for p in points]
+            rounds.update(xs)
+            color = _COLORS[index % len(_COLORS)]
+            ax.plot(xs, [p["epsilon"] for p in points], marker="o", markersize=3, color=color)
             ax.plot(
-                [0, *xs],
-                [0.0, *(by_round[x].get(site, math.nan) for x in xs)],
-                marker="o",
-                markersize=3,
-                label=site,
-                color=_COLORS[index % len(_COLORS)],
-                alpha=0.85,
+                xs,
+                [p["epsilon_total"] for p in points],
+                linestyle="--",
+                linewidth=1,
+                color=color,
+                alpha=0.7,
             )
+        handles = [
+            Line2D([], [], color=_COLORS[i % len(_COLORS)], label=site)
+            for i, site in enumerate(sorted(by_site))
+        ]
+        handles += [
+            Line2D([], [], color="#333333", marker="o", markersize=3, label="this run"),
+            Line2D([], [], color="#333333", linestyle="--", linewidth=1, label="most spent, total"),
+        ]
         if target is not None:
-            ax.axhline(target, linestyle="--", color="#555555", label=f"target {target:g}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("epsilon spent (RDP, cumulative)")
-        ax.set_xticks([0, *xs])
+            ax.axhline(target, linestyle=":", color="#555555")
+            handles.append(
+                Line2D([], [], color="#555555", linestyle=":", label=f"run target {target:g}")
+            )
+        ax.set_xlabel("round (0: before training)")
+        ax.set_ylabel("epsilon")
+        ax.set_xticks(sorted(rounds))
         ax.set_ylim(bottom=0)
-        ax.legend(loc="lower right", frameon=False, ncol=2)
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         return _svg(fig)
 
 

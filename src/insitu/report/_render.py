@@ -21,6 +21,7 @@ from insitu._atomic import atomic_write_bytes, atomic_write_text, refuse_symlink
 from insitu.errors import ReportError, UnverifiedEvidenceError, UsageError
 from insitu.report import _plots
 from insitu.report._evidence import Evidence, collect_evidence
+from insitu.report._groups import annex_text
 from insitu.report._sections import build_sections
 
 __all__ = ["Report", "build_report", "render_html", "render_pdf", "write_report"]
@@ -44,6 +45,7 @@ class Report:
             "verified": self.evidence.verified,
             "problems": self.evidence.problems,
             "run": self.sections["run"],
+            "status": self.sections["status"]["state"],
             "ledgers": [
                 {
                     "name": le.name,
@@ -82,6 +84,7 @@ def _summary(evidence: Evidence, s: dict[str, Any]) -> dict[str, Any]:
     optimize = s["steps"].get("optimize", {})
     serve = s["steps"].get("serve", {})
     opt = optimize.get("figures", {}) if optimize.get("status") == "ok" else {}
+    opt_from = "model.optimized" if "from" in optimize else "quickstart.step optimize"
     srv = serve.get("figures", {}) if serve.get("status") == "ok" else {}
     baseline = s["baseline"] or {}
     private = baseline.get("private_accuracy", s["training"]["central_accuracy"])
@@ -122,9 +125,9 @@ def _summary(evidence: Evidence, s: dict[str, Any]) -> dict[str, Any]:
         + (" (FLAGGED)" if o.get("flagged") else "")
     )
     sizes = (
-        f"{opt.get('model_bytes_before', 0):,} / {opt.get('model_bytes_after', 0):,} bytes"
+        f"{opt.get('model_bytes_before') or 0:,} / {opt.get('model_bytes_after') or 0:,} bytes"
         if opt
-        else None
+        else (optimize.get("summary") if optimize else None)
     )
     summary["rows"] = [
         ("accuracy, federated with DP (sites' held-out records)", pct(private),
@@ -140,12 +143,30 @@ def _summary(evidence: Evidence, s: dict[str, Any]) -> dict[str, Any]:
          "privacy.audit"),
         ("raw-data bytes that crossed a site boundary", None if raw is None else f"{raw:,}",
          "each site's federation.egress"),
-        ("model size before / after optimization", sizes, "quickstart.step optimize"),
+        ("model size before / after optimization", sizes, opt_from),
         ("p50 latency", None if p50 is None else f"{float(p50):.2f} ms",
          "quickstart.step serve/optimize"),
         ("ledgers verified", f"{verified} of {len(evidence.ledgers)}", "insitu audit verify"),
     ]  # fmt: skip
+    if not s["status"]["completed"]:
+        _headline_nothing(summary)
     return summary
+
+
+def _headline_nothing(summary: dict[str, Any]) -> None:
+    """A run without a model headlines no figure of one: no accuracy, epsilon or attack.
+
+    What crossed the sites' boundaries and whether the ledgers verified still hold (and
+    each site's spending stays in the privacy section: the run did cost it).
+    """
+    for key in (
+        "private_accuracy", "baseline_accuracy", "epsilon_max", "attack_auc",
+        "model_bytes_before", "model_bytes_after", "p50_ms",
+    ):  # fmt: skip
+        summary[key] = None
+    summary["epsilon_by_site"] = {}
+    keep = ("raw-data bytes", "ledgers verified")
+    summary["rows"] = [row for row in summary["rows"] if row[0].startswith(keep)]
 
 
 def _measures(s: dict[str, Any]) -> list[str]:
@@ -222,12 +243,12 @@ def _annex(s: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str | 
         "identifiers pseudonymized, consent per record; each site prepared and sealed its own "
         "records"
     )
-    limits = (
+    baseline = (
         None
         if summary["baseline_accuracy"] is None
-        else f"non-private baseline {summary['baseline_accuracy']:.4f}; accuracy per group of "
-        "persons is not measured"
+        else f"non-private baseline {summary['baseline_accuracy']:.4f}"
     )
+    limits = "; ".join(t for t in (baseline, annex_text(s.get("groups"))) if t)
     security = (
         "signed and encrypted bundles, TUF updates, signed hash-chained ledgers, SecAgg+, "
         "egress measured at every site"
@@ -249,22 +270,25 @@ def _annex(s: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, str | 
         ("2(g) validation and testing; metrics", accuracy, "section 6"),
         ("2(g) robustness metrics (privacy attacks)", audit, "section 5"),
         ("2(h) cybersecurity measures", security, "sections 2, 4, 8"),
-        ("3 capabilities and limitations in performance", limits, "section 6"),
+        ("3 capabilities and limitations in performance", limits, "section 6, per group"),
         ("5 risk management system (Art. 9)", None, ""),
         ("6 changes through the lifecycle", changes, "section 8"),
         ("9 post-market monitoring", None, ""),
     ]  # fmt: skip
 
 
-def build_report(paths: list[Path]) -> Report:
+def build_report(paths: list[Path], *, run: str | None = None) -> Report:
     """Collect and verify the evidence at ``paths`` and build every section from it.
 
+    ``run``: the federated run to report on (default: the latest completed one).
+
     Raises:
-        UsageError: a path without a workspace, or no completed federated run.
+        UsageError: a path without a workspace, an unknown ``run`` (the line names the
+            runs there are), or no completed run when none is named.
 
     """
     evidence = collect_evidence(paths)
-    s = build_sections(evidence)
+    s = build_sections(evidence, run)
     summary = _summary(evidence, s)
     c = s["training"]["config"]
     audit = s["audit"]
@@ -332,7 +356,7 @@ def render_html(report: Report) -> str:
         measures=_measures(s),
         annex=_annex(s, report.summary),
         flows_total=_flows_total(s["flows"]),
-        records_total=sum(f["records_held"] for f in s["flows"]),
+        records_total=_records_total(s["flows"]),
         total_entries=sum(len(le.entries) for le in report.evidence.ledgers),
         meta={
             "title": title,
@@ -345,6 +369,12 @@ def render_html(report: Report) -> str:
         when=when,
         bytes=size,
     )
+
+
+def _records_total(flows: list[dict[str, Any]]) -> int | None:
+    """The records the run's releases held at all sites; None when no site names them."""
+    held = [f["records_held"] for f in flows if f["records_held"] is not None]
+    return sum(held) if held else None
 
 
 def find_chromium() -> Path:
@@ -414,11 +444,14 @@ def write_report(
     fmt: str = "html",
     allow_unverified: bool = False,
     command: str | None = None,
+    run: str | None = None,
 ) -> Report:
     """Build the report from the workspaces at ``paths`` and write it to ``out``.
 
+    ``run``: the federated run to report on (default: the latest completed one).
+
     Raises:
-        UsageError: an unknown format, or paths without a federated run.
+        UsageError: an unknown format, paths without a federated run, an unknown ``run``.
         UnverifiedEvidenceError: a ledger or an artefact failed verification and
             ``allow_unverified`` is false (nothing is written).
         ReportError: the PDF could not be printed.
@@ -428,7 +461,7 @@ def write_report(
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use html or pdf")
     refuse_symlink(out)  # before the work; the write refuses a link planted meanwhile
-    report = build_report(paths)
+    report = build_report(paths, run=run)
     if command:
         report.command = command
     if not report.evidence.verified and not allow_unverified:

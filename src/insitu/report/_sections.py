@@ -8,11 +8,15 @@ check it with ``insitu audit log``. Nothing here reads data files or recomputes 
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 from insitu.audit import Entry
+from insitu.report._declare import ITEMS
 from insitu.report._evidence import Evidence, LedgerEvidence
+from insitu.report._evidence import entry_ref as _ref
+from insitu.report._groups import group_section
+from insitu.report._linked import models, optimization
+from insitu.report._runs import choose_run, run_state, runs_of
 
 __all__ = ["build_sections"]
 
@@ -25,15 +29,6 @@ def _for_run(entries: list[Entry], run: str) -> list[Entry]:
 
 def _last(entries: list[Entry]) -> Entry | None:
     return entries[-1] if entries else None
-
-
-def _ref(le: LedgerEvidence, entries: list[Entry]) -> str:
-    if not entries:
-        return f"{le.name}: no entry"
-    seqs = [e.seq for e in entries]
-    if len(seqs) == 1:
-        return f"{le.name} #{seqs[0]} {entries[0].type}"
-    return f"{le.name} #{min(seqs)}-#{max(seqs)} {entries[0].type} ({len(seqs)})"
 
 
 def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
@@ -74,17 +69,31 @@ def _training(coord: LedgerEvidence, run: str) -> dict[str, Any]:
 
 
 def _site_privacy(site: LedgerEvidence, run: str) -> dict[str, Any]:
-    """The run's epsilon at the site, beside the most any of its subjects spent so far."""
+    """The run's epsilon at the site, beside the most any of its subjects spent so far.
+
+    "So far" ends with the run: a later run's spending is not this run's. The epsilon of
+    the run is the most any subject spent in it (a held-out subject, charged only for
+    the evaluation, spent less than a training one).
+    """
     spent = site.of_type("privacy.spent")
     mine = _for_run(spent, run)
     training = [e for e in mine if e.payload.get("mechanism") in ("dp-sgd", "dp-fedavg")]
     refused = _for_run(site.of_type("privacy.budget_refused"), run)
-    last = _last(mine)
-    total = max((float(e.payload.get("epsilon_max_after", 0.0)) for e in spent), default=None)
+    charges = sorted(mine + refused, key=lambda e: e.seq)
+    last = _last(charges)
+    end = last.seq if last else None
+    total = max(
+        (
+            float(e.payload.get("epsilon_max_after", 0.0))
+            for e in spent
+            if end is not None and e.seq <= end
+        ),
+        default=None,
+    )
     return {
         "site": site.name,
         "verified": site.verified,
-        "epsilon_run": last.payload.get("epsilon_run") if last else None,
+        "epsilon_run": max((float(e.payload["epsilon_run"]) for e in mine), default=None),
         "epsilon_total": total,
         "budget": last.payload.get("budget_epsilon") if last else None,
         "delta": last.payload.get("delta") if last else None,
@@ -98,16 +107,57 @@ def _site_privacy(site: LedgerEvidence, run: str) -> dict[str, Any]:
             (int(e.payload.get("excluded_over_budget", 0)) for e in training), default=0
         ),
         "refusals": len(refused),
-        "by_round": [
-            {
-                "round": e.payload.get("round"),
-                "epsilon": e.payload.get("epsilon_run"),
-                "epsilon_total": e.payload.get("epsilon_max_after"),
-            }
-            for e in training
-        ],
+        "by_round": _epsilon_by_round(spent, mine),
         "sources": [_ref(site, mine)],
     }
+
+
+def _epsilon_by_round(spent: list[Entry], mine: list[Entry]) -> list[dict[str, Any]]:
+    """After each round of the run: its epsilon so far, and the most spent in total so far.
+
+    Round 0 is before training: what the run cost before its first round (a schema
+    inferred from the records), beside what the site's subjects had spent before it.
+    """
+    if not mine:
+        return []
+    first = mine[0].seq
+    before = max(
+        (float(e.payload.get("epsilon_max_after", 0.0)) for e in spent if e.seq < first),
+        default=0.0,
+    )
+    points: dict[int, dict[str, Any]] = {0: {"round": 0, "epsilon": 0.0, "epsilon_total": before}}
+    run_eps, total = 0.0, before
+    mine_seqs = {e.seq for e in mine}
+    for e in spent:
+        if e.seq < first or e.seq > mine[-1].seq:
+            continue
+        total = max(total, float(e.payload.get("epsilon_max_after", 0.0)))
+        if e.seq in mine_seqs:
+            run_eps = max(run_eps, float(e.payload.get("epsilon_run", 0.0)))
+            number = int(e.payload.get("round") or 0)
+            points[number] = {"round": number, "epsilon": run_eps, "epsilon_total": total}
+    return [points[r] for r in sorted(points)]
+
+
+def _releases(site: LedgerEvidence, run: str) -> list[Entry] | None:
+    """The ``data.prepared`` entries of the releases the run's rounds name at this site.
+
+    None when no round of the run at this site names its releases (it trained no round,
+    or its ledger predates the link): then nothing says which records the run held.
+    """
+    named = {
+        str(d)
+        for e in _for_run(site.of_type("federation.site_round"), run)
+        for d in e.payload.get("releases", [])
+    }
+    if not named:
+        return None
+    latest: dict[str, Entry] = {}
+    for entry in site.of_type("data.prepared"):
+        digest = entry.payload.get("release_sha256")
+        if digest in named:
+            latest[str(digest)] = entry
+    return sorted(latest.values(), key=lambda e: e.seq)
 
 
 def _site_flow(site: LedgerEvidence, run: str) -> dict[str, Any]:
@@ -115,16 +165,19 @@ def _site_flow(site: LedgerEvidence, run: str) -> dict[str, Any]:
     kinds = ("model_update", "protocol", "metrics", "envelope", "unclassified")
     sums = {k: sum(int(e.payload.get(f"{k}_bytes", 0)) for e in egress) for k in kinds}
     updates = [e for e in egress if int(e.payload.get("model_update_bytes", 0)) > 0]
-    prepared = site.of_type("data.prepared")
+    prepared = _releases(site, run)
     training = [
         e for e in _for_run(site.of_type("federation.site_round"), run) if e.payload.get("rows")
     ]
+    # The consent check each round of this run made: the last before the round's entry.
     consent = [
-        e
-        for e in site.of_type("data.consent_applied")
-        if e.payload.get("role") == "training"
-        and e.payload.get("round") in {t.payload.get("round") for t in training}
-    ]
+        c
+        for t in training[-1:]
+        for c in site.of_type("data.consent_applied")[::-1]
+        if c.seq < t.seq
+        and c.payload.get("role") == "training"
+        and c.payload.get("round") == t.payload.get("round")
+    ][:1]
     return {
         "site": site.name,
         "recorded": bool(egress),
@@ -135,19 +188,23 @@ def _site_flow(site: LedgerEvidence, run: str) -> dict[str, Any]:
         **{f"{k}_bytes": v for k, v in sums.items()},
         # Raw records leave only as unclassified bytes (see insitu.federated._egress).
         "raw_record_bytes": sums["unclassified"] if egress else None,
-        "records_held": sum(int(e.payload.get("rows_out", 0)) for e in prepared),
+        # The rows of the releases this run used (training and held-out), not every
+        # preparation the site ever made.
+        "records_held": None
+        if prepared is None
+        else sum(int(e.payload.get("rows_out", 0)) for e in prepared),
         "rows_trained_last_round": training[-1].payload.get("rows") if training else None,
         "excluded_without_consent": consent[-1].payload.get("excluded_without_consent")
         if consent
         else None,
-        "sources": [_ref(site, egress), _ref(site, prepared)],
+        "sources": [_ref(site, egress), _ref(site, prepared or [])],
     }
 
 
-def _data_governance(sites: list[LedgerEvidence]) -> list[dict[str, Any]]:
+def _data_governance(sites: list[LedgerEvidence], run: str) -> list[dict[str, Any]]:
     rows = []
     for site in sites:
-        prepared = site.of_type("data.prepared")
+        prepared = _releases(site, run) or []
         withdrawals = [
             e for e in site.of_type("consent.changed") if e.payload.get("status") == "withdrawn"
         ]
@@ -164,6 +221,7 @@ def _data_governance(sites: list[LedgerEvidence]) -> list[dict[str, Any]]:
                         "pseudonymized": e.payload.get("pseudonymized"),
                         "sealed": e.payload.get("sealed"),
                         "schema_sha256": e.payload.get("schema_sha256"),
+                        "release_sha256": e.payload.get("release_sha256"),
                     }
                     for e in prepared
                 ],
@@ -203,60 +261,6 @@ def _one_run_audit(coord: LedgerEvidence, run: str) -> dict[str, Any] | None:
     return dict(entry.payload) | {"sources": [_ref(coord, [entry])]}
 
 
-def _models(coord: LedgerEvidence, sites: list[LedgerEvidence]) -> dict[str, Any]:
-    created = coord.of_type("bundle.created")
-    published = {e.payload.get("bundle_sha256"): e for e in coord.of_type("repo.published")}
-    versions = []
-    for entry in created:
-        p = entry.payload
-        digest = p.get("bundle_sha256")
-        installs = []
-        for site in sites:
-            for e in site.of_type("update.installed"):
-                if e.payload.get("bundle_sha256") == digest:
-                    installs.append({"site": site.name, "time": e.time, "slot": e.payload["slot"]})
-        versions.append(
-            {
-                "model": p.get("model"),
-                "version": p.get("version"),
-                "time": entry.time,
-                "bundle_id": p.get("bundle_id"),
-                "bundle_sha256": digest,
-                "encrypted": p.get("encrypted"),
-                "recipients": p.get("recipients"),
-                "epsilon": p.get("epsilon"),
-                "signer": coord.node_id,
-                "published": digest in published,
-                "targets_version": published[digest].payload.get("targets_version")
-                if digest in published
-                else None,
-                "installs": installs,
-            }
-        )
-    history = []
-    for site in sites:
-        for e in site.of_type("update."):
-            history.append(
-                {
-                    "site": site.name,
-                    "time": e.time,
-                    "event": e.type.split(".", 1)[1],
-                    "detail": ", ".join(
-                        f"{k} {v}"
-                        for k, v in e.payload.items()
-                        if k in {"version", "kind", "target", "previous", "slot", "reason"}
-                        and v is not None
-                    ),
-                }
-            )
-    history.sort(key=lambda h: h["time"])
-    return {
-        "versions": versions,
-        "history": history,
-        "sources": [_ref(coord, created)] + [_ref(s, s.of_type("update.")) for s in sites],
-    }
-
-
 def _steps(coord: LedgerEvidence, run: str) -> dict[str, dict[str, Any]]:
     steps: dict[str, dict[str, Any]] = {}
     for e in _for_run(coord.of_type("quickstart.step"), run):
@@ -264,57 +268,53 @@ def _steps(coord: LedgerEvidence, run: str) -> dict[str, dict[str, Any]]:
     return steps
 
 
-def build_sections(evidence: Evidence) -> dict[str, Any]:
-    """Every section's data, for the latest federated run of the first coordinator.
+def _declared(coord: LedgerEvidence) -> dict[str, Any]:
+    """The latest declaration of processing; an item nobody declared is None."""
+    entry = _last(coord.of_type("processing.declared"))
+    payload: dict[str, Any] = dict(entry.payload) if entry else {}
+    items = {k: payload.get(k) or ([] if k == "purposes" else None) for k in ITEMS}
+    return items | {"seq": entry.seq if entry else None}
+
+
+def build_sections(evidence: Evidence, run: str | None = None) -> dict[str, Any]:
+    """Every section's data, for ``run`` (default: the latest completed run).
 
     Raises:
-        UsageError: no workspace ran a federation (nothing to report on).
+        UsageError: no workspace ran a federation, ``run`` is not one of the
+            coordinator's (the line names its runs), or none completed and no run was named.
 
     """
-    from insitu.errors import UsageError
-
-    coords = [c for c in evidence.coordinators if c.of_type("federation.completed")]
-    if not coords:
-        raise UsageError(
-            "none of these workspaces completed a federated run: give the coordinator's "
-            "workspace (or the quickstart's --out directory)"
-        )
-    coord = coords[0]
-    run = str(coord.of_type("federation.completed")[-1].payload["run"])
+    coord, run = choose_run(evidence, run)
     training = _training(coord, run)
     site_names = set(training["config"].get("site_names") or [])
     sites = [s for s in evidence.sites if not site_names or s.name in site_names]
+    # Sites and devices: whoever installed or fine-tuned a bundle of this run.
+    devices = [le for le in evidence.ledgers if le.role != "coordinator"]
+    steps = _steps(coord, run)
+    optimized = optimization(evidence, coord, run, training["onnx_sha256"])
+    if "optimize" not in steps and optimized is not None:
+        steps["optimize"] = optimized  # insitu optimize run on its own
     schema = evidence.artefact(f"schema:{run}")
     privacy = [_site_privacy(s, run) for s in sites]
     flows = [_site_flow(s, run) for s in sites]
-    declared = _last(coord.of_type("processing.declared"))
     baseline = _last(_for_run(coord.of_type("federation.baseline"), run))
-    by_round: dict[int, dict[str, float]] = defaultdict(dict)
-    for p in privacy:
-        for point in p["by_round"]:
-            by_round[int(point["round"] or 0)][p["site"]] = point["epsilon"]
     return {
         "run": run,
+        "status": run_state(coord, run, devices),
         "coordinator": {"name": coord.name, "node_id": coord.node_id, "verified": coord.verified},
         "training": training,
         "schema": schema,
         "privacy": privacy,
         "flows": flows,
-        "governance": _data_governance(sites),
+        "governance": _data_governance(sites, run),
         "audit": _audit(evidence, coord, run),
         "one_run_audit": _one_run_audit(coord, run),
-        "models": _models(coord, sites),
-        "steps": _steps(coord, run),
-        "declared": dict(declared.payload) | {"seq": declared.seq} if declared else None,
+        "groups": group_section(coord, run),
+        "models": models(coord, devices, run),
+        "steps": steps,
+        "declared": _declared(coord),
         "baseline": dict(baseline.payload) | {"seq": baseline.seq} if baseline else None,
-        "epsilon_by_round": {r: by_round[r] for r in sorted(by_round)},
-        "runs": [
-            {
-                "run": e.payload.get("run"),
-                "time": e.time,
-                "central_accuracy": e.payload.get("central_accuracy"),
-                "rounds": e.payload.get("rounds"),
-            }
-            for e in coord.of_type("federation.completed")
-        ],
+        # Per site: this run's epsilon after each round, beside the most spent in total.
+        "epsilon_by_round": {p["site"]: p["by_round"] for p in privacy if p["by_round"]},
+        "runs": runs_of(coord, devices),
     }

@@ -23,6 +23,7 @@ from insitu.runtime._explain import (
 from insitu.runtime._files import predict_file
 from insitu.runtime._guard import EgressGuard, egress_guard
 from insitu.runtime._inputs import InputSpec
+from insitu.runtime._occlusion import occlusion_map
 from insitu.runtime._records import Answers, RecordSchema
 from insitu.runtime._runtime import BatchObserver, LoadedModel, ModelRuntime
 from insitu.runtime._sources import BundleFile, InstalledModel, ModelSource
@@ -44,6 +45,7 @@ __all__ = [
     "create_session",
     "egress_guard",
     "global_importance",
+    "occlusion_map",
     "plot_global_importance",
     "predict_file",
 ]

@@ -10,6 +10,13 @@ Layer 6 (beside ``insitu.bundle``, which it never imports): imports ``insitu.pri
 
 from __future__ import annotations
 
+from insitu.training._cnn import (
+    ArrayModelFn,
+    ScaledInput,
+    build_cnn,
+    check_dp_compatible,
+    export_array_onnx,
+)
 from insitu.training._dpsgd import (
     LocalResult,
     correct_per_row,
@@ -32,13 +39,18 @@ from insitu.training._models import (
 
 __all__ = [
     "PARITY_TOLERANCE",
+    "ArrayModelFn",
     "LocalResult",
     "ModelFn",
     "Parity",
+    "ScaledInput",
+    "build_cnn",
     "build_model",
+    "check_dp_compatible",
     "check_parity",
     "correct_per_row",
     "evaluate",
+    "export_array_onnx",
     "export_onnx",
     "get_weights",
     "onnx_parity",

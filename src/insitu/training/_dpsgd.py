@@ -209,6 +209,9 @@ def _train_private(
 ) -> LocalResult:
     from opacus import GradSampleModule
 
+    from insitu.training._cnn import check_dp_compatible
+
+    check_dp_compatible(model)  # a layer Opacus rejects is named before any step
     x, y = torch.from_numpy(features), torch.from_numpy(labels)
     units = _Units(groups)
     losses: list[float] = []

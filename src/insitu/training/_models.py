@@ -41,6 +41,13 @@ def build_model(family: str, n_features: int, *, hidden: int = 32, n_classes: in
         return nn.Sequential(nn.Linear(n_features, outputs))
     if family == "mlp":
         return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+    if family == "cnn":
+        from insitu.errors import UsageError
+
+        raise UsageError(
+            "--model cnn takes array data (an .npz or a folder of images) in 'insitu federate "
+            "simulate'; a deployed federation trains the tabular families only for now"
+        )
     raise ValueError(f"unknown model family {family!r}")
 
 
@@ -67,10 +74,11 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     )
 
 
-def export_onnx(model: nn.Module, n_features: int) -> bytes:
+def export_onnx(model: nn.Module, n_features: int | tuple[int, ...]) -> bytes:
     """Export to ONNX (torch's dynamo exporter) with a dynamic batch axis.
 
-    The graph takes ``features`` (float32, [batch, n_features]) and returns ``logits``.
+    The graph takes ``features`` (float32, [batch, n_features], or [batch, *shape] for a
+    shape such as an image's (C, H, W)) and returns ``logits``.
     """
     import contextlib
     import io
@@ -78,7 +86,7 @@ def export_onnx(model: nn.Module, n_features: int) -> bytes:
     import warnings
 
     model = model.eval()
-    example = torch.zeros(2, n_features)
+    example = torch.zeros(2, *((n_features,) if isinstance(n_features, int) else n_features))
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         # The exporter narrates each pass on stdout and warns about libraries

@@ -14,6 +14,7 @@ from insitu.workspace._keys import (
     passphrase_from_env,
     save_private_key,
 )
+from insitu.workspace._pkcs11 import PIN_ENV, pin_from_env
 from insitu.workspace._workspace import (
     DEFAULT_HOME,
     HOME_ENV,
@@ -27,12 +28,14 @@ __all__ = [
     "DEFAULT_HOME",
     "HOME_ENV",
     "PASSPHRASE_ENV",
+    "PIN_ENV",
     "Config",
     "PreparedPart",
     "Workspace",
     "WorkspaceLayout",
     "load_private_key",
     "passphrase_from_env",
+    "pin_from_env",
     "resolve_home",
     "save_private_key",
 ]

@@ -34,6 +34,12 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
         "host": (str, "127.0.0.1"),
         "port": (int, 8765),
     },
+    # Where the node's signing key lives: "" for keys/signing.key, or an RFC 7512
+    # PKCS#11 URI of a key in a token (insitu init --key-uri) and the token's library.
+    "keys": {
+        "signing": (str, ""),
+        "pkcs11_module": (str, ""),
+    },
     # The site's privacy budget, per data set, across every training on it.
     "privacy": {
         "epsilon_budget": (float, 10.0),

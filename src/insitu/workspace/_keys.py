@@ -1,5 +1,10 @@
 """Node keys on disk: Ed25519 signing, X25519 for receiving bundles, and site secrets.
 
+A publisher also holds an ECDSA P-256 key (kind ``ecdsa-p256``) that signs the OpenSSF
+model signature of its bundles: ``model_signing``'s key signer accepts only NIST curves
+(ADR 0105). Its file holds the private scalar (32 bytes) and, as ``public``, the
+compressed point.
+
 The site secrets are 256-bit symmetric keys that never leave the site: ``pseudonym``
 (HMAC key of pseudonymization: the same person maps to the same token at this site and
 to an unrelated token anywhere else) and ``data`` (AES-256-GCM key of local caches).
@@ -8,7 +13,8 @@ that reveals nothing of the key).
 
 Private key file format ``insitu-key/1`` (JSON, mode 0600)::
 
-    {"format": "insitu-key/1", "kind": "ed25519" | "x25519" | "secret", "public": "<hex>",
+    {"format": "insitu-key/1", "kind": "ed25519" | "x25519" | "ecdsa-p256" | "secret",
+     "public": "<hex>",
      "protection": "none" | "scrypt+aes-256-gcm",
      "kdf": {"n": 32768, "r": 8, "p": 1, "salt": "<hex>"},   # when protected
      "nonce": "<hex>", "secret": "<hex>"}
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -51,6 +58,7 @@ __all__ = [
     "KEY_FORMAT",
     "PASSPHRASE_ENV",
     "KeyKind",
+    "create_private_key",
     "create_secret",
     "load_private_key",
     "load_secret",
@@ -66,8 +74,9 @@ PASSPHRASE_ENV = "INSITU_PASSPHRASE"  # noqa: S105 -- a variable name, not a sec
 PROTECTED = "scrypt+aes-256-gcm"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 
-KeyKind = Literal["ed25519", "x25519", "secret"]
-PrivateKey = Ed25519PrivateKey | X25519PrivateKey
+KeyKind = Literal["ed25519", "x25519", "ecdsa-p256", "secret"]
+PrivateKey = Ed25519PrivateKey | X25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = Ed25519PublicKey | X25519PublicKey | ec.EllipticCurvePublicKey
 
 
 def passphrase_from_env() -> str | None:
@@ -76,11 +85,23 @@ def passphrase_from_env() -> str | None:
 
 
 def _kind_of(key: PrivateKey) -> KeyKind:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise TypeError(f"only P-256 elliptic-curve keys are kept, not {key.curve.name}")
+        return "ecdsa-p256"
     return "ed25519" if isinstance(key, Ed25519PrivateKey) else "x25519"
 
 
 def _public_raw(key: PrivateKey) -> bytes:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _secret_of(key: PrivateKey) -> bytes:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.private_numbers().private_value.to_bytes(32, "big")
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
 def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -106,9 +127,18 @@ def _envelope(kind: KeyKind, public: bytes, secret: bytes, passphrase: str | Non
 
 def save_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> None:
     """Write ``key`` to ``path`` (mode 0600), encrypted when a passphrase is given."""
-    secret = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    data = _envelope(_kind_of(key), _public_raw(key), secret, passphrase)
+    data = _envelope(_kind_of(key), _public_raw(key), _secret_of(key), passphrase)
     atomic_write_bytes(path, data, mode=0o600)
+
+
+def create_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> bool:
+    """Write ``key`` to ``path`` unless a key file is there; True if this call wrote it.
+
+    Never overwrites (as :func:`create_secret`): of two processes creating the same key,
+    the loser keeps the winner's.
+    """
+    data = _envelope(_kind_of(key), _public_raw(key), _secret_of(key), passphrase)
+    return atomic_create_bytes(path, data, mode=0o600)
 
 
 def create_secret(path: Path, passphrase: str | None) -> bool:
@@ -130,7 +160,7 @@ def load_secret(path: Path, passphrase: str | None) -> bytes:
     return secret
 
 
-def save_public_key(path: Path, key: Ed25519PublicKey | X25519PublicKey) -> None:
+def save_public_key(path: Path, key: PublicKey) -> None:
     """Write a public key as PEM (SubjectPublicKeyInfo)."""
     atomic_write_bytes(path, key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
 
@@ -198,11 +228,13 @@ def load_private_key(path: Path, kind: KeyKind, passphrase: str | None) -> Priva
     """
     secret, public = _open(path, kind, passphrase)
     try:
-        key: PrivateKey = (
-            Ed25519PrivateKey.from_private_bytes(secret)
-            if kind == "ed25519"
-            else X25519PrivateKey.from_private_bytes(secret)
-        )
+        key: PrivateKey
+        if kind == "ecdsa-p256":
+            key = ec.derive_private_key(int.from_bytes(secret, "big"), ec.SECP256R1())
+        elif kind == "ed25519":
+            key = Ed25519PrivateKey.from_private_bytes(secret)
+        else:
+            key = X25519PrivateKey.from_private_bytes(secret)
     except ValueError as exc:
         raise KeyFileError(
             f"key file {path} is corrupt ({exc}); restore it from your backup"

@@ -35,6 +35,7 @@ import insitu
 from insitu._atomic import atomic_write_text, fsync_dir
 from insitu._clock import utc_now
 from insitu._home import HOME_ENV
+from insitu._signer import Ed25519Signer
 from insitu.audit import Ledger, events, node_id_for
 from insitu.errors import (
     KeyFileError,
@@ -51,6 +52,12 @@ from insitu.workspace._keys import (
     passphrase_from_env,
     save_private_key,
     save_public_key,
+)
+from insitu.workspace._pkcs11 import (
+    TokenKeyUri,
+    generate_token_key,
+    open_token_key,
+    pin_from_env,
 )
 
 __all__ = [
@@ -254,7 +261,7 @@ class Workspace(WorkspaceLayout):
     # The signing key once unlocked through this object (scrypt costs 0.1 s and 32 MiB
     # each time: a server's runtime, drift monitor and usage ledgers wrote with a key
     # unlocked three times). It lives as long as the object, as a ledger's key does.
-    _unlocked: dict[str, Ed25519PrivateKey] = field(
+    _unlocked: dict[str, Ed25519Signer] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -304,20 +311,37 @@ class Workspace(WorkspaceLayout):
         except ValueError as exc:
             raise KeyFileError(f"public key {path} is corrupt ({exc})") from exc
 
-    def signing_key(self, passphrase: str | None = None) -> Ed25519PrivateKey:
-        """The Ed25519 private key (passphrase from ``INSITU_PASSPHRASE`` by default).
+    @property
+    def signing_key_uri(self) -> str | None:
+        """The PKCS#11 URI of the signing key when it lives in a token, else ``None``."""
+        uri = str(self.config.get("keys", "signing"))
+        return uri or None
 
-        Unlocked once per :class:`Workspace` object when the passphrase comes from the
-        environment; a passphrase given here is checked again each time.
+    def signing_key(self, passphrase: str | None = None) -> Ed25519Signer:
+        """The Ed25519 signing key (passphrase from ``INSITU_PASSPHRASE`` by default).
+
+        A key in a token (``keys.signing`` is a PKCS#11 URI) is opened there with the PIN
+        in ``INSITU_PKCS11_PIN``; it signs inside the token. Unlocked once per
+        :class:`Workspace` object when the secret comes from the environment; a
+        passphrase given here is checked again each time.
         """
         if passphrase is None and "signing" in self._unlocked:
             return self._unlocked["signing"]
-        key = load_private_key(
-            self.keys_dir / "signing.key", "ed25519", passphrase or passphrase_from_env()
-        )
-        assert isinstance(key, Ed25519PrivateKey)
+        key: Ed25519Signer
+        if self.signing_key_uri is not None:
+            uri = TokenKeyUri.parse(
+                self.signing_key_uri, module=str(self.config.get("keys", "pkcs11_module")) or None
+            )
+            key = open_token_key(uri, pin_from_env())
+            where = str(uri)
+        else:
+            loaded = load_private_key(
+                self.keys_dir / "signing.key", "ed25519", passphrase or passphrase_from_env()
+            )
+            assert isinstance(loaded, Ed25519PrivateKey)
+            key, where = loaded, "keys/signing.key"
         if node_id_for(key.public_key()) != self.node_id:
-            raise KeyFileError("keys/signing.key does not match keys/signing.pub.pem")
+            raise KeyFileError(f"{where} does not match keys/signing.pub.pem")
         if passphrase is None:
             self._unlocked["signing"] = key
         return key
@@ -445,8 +469,15 @@ class Workspace(WorkspaceLayout):
         *,
         name: str | None = None,
         passphrase: str | None = None,
+        key_uri: str | None = None,
+        pkcs11_module: str | None = None,
+        pin: str | None = None,
     ) -> tuple[Workspace, bool]:
         """Create a workspace, or open the existing one. Returns it and whether it is new.
+
+        ``key_uri`` (``pkcs11:token=NAME;object=LABEL``) puts the signing key in that
+        PKCS#11 token, generated there (``pin``, default ``INSITU_PKCS11_PIN``);
+        ``pkcs11_module`` is the token's library.
 
         The passphrase (default: ``INSITU_PASSPHRASE``) encrypts the private keys; without
         one they are stored in the clear (0600) and a warning is logged.
@@ -457,7 +488,13 @@ class Workspace(WorkspaceLayout):
 
         """
         path = resolve_home(home)
+        token = TokenKeyUri.parse(key_uri, module=pkcs11_module) if key_uri else None
         if cls.layout(path).config_path.exists():
+            if token is not None:
+                raise WorkspaceError(
+                    f"{path} is already a workspace with its keys; --key-uri applies to a new "
+                    "one (choose another --home)"
+                )
             return cls.open(path), False
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise WorkspaceError(
@@ -484,7 +521,11 @@ class Workspace(WorkspaceLayout):
             ) from exc
         try:
             _populate(
-                staging, name=name or path.absolute().parent.name or "node", passphrase=passphrase
+                staging,
+                name=name or path.absolute().parent.name or "node",
+                passphrase=passphrase,
+                token=token,
+                pin=pin,
             )
             if path.exists():
                 path.rmdir()  # empty, checked above
@@ -504,14 +545,47 @@ class Workspace(WorkspaceLayout):
         return cls.open(path), True
 
 
-def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
-    """Write a complete workspace into the (temporary) directory ``root``."""
+def _populate(
+    root: Path,
+    *,
+    name: str,
+    passphrase: str | None,
+    token: TokenKeyUri | None,
+    pin: str | None = None,
+) -> None:
+    """Write a complete workspace into the (temporary) directory ``root``.
+
+    With ``token``, the signing key is generated in that PKCS#11 token (PIN from
+    ``INSITU_PKCS11_PIN``) and only its public half and URI are written here; if the
+    rest fails, the key is destroyed in the token again.
+    """
+    keys = Workspace.layout(root).keys_dir
+    keys.mkdir(mode=0o700)
+    if token is None:
+        signing = Ed25519PrivateKey.generate()
+        save_private_key(keys / "signing.key", signing, passphrase)
+        _populate_rest(root, name=name, passphrase=passphrase, signing=signing, token=None)
+        return
+    in_token = generate_token_key(token, pin or pin_from_env())
+    try:
+        _populate_rest(root, name=name, passphrase=passphrase, signing=in_token, token=token)
+    except BaseException:
+        in_token.destroy()  # a half-made workspace must not leave its key in the token
+        raise
+
+
+def _populate_rest(
+    root: Path,
+    *,
+    name: str,
+    passphrase: str | None,
+    signing: Ed25519Signer,
+    token: TokenKeyUri | None,
+) -> None:
+    """The public keys, the other keys, the configuration and the ledger's first entry."""
     layout = Workspace.layout(root)
     keys = layout.keys_dir
-    keys.mkdir(mode=0o700)
-    signing = Ed25519PrivateKey.generate()
     encryption = X25519PrivateKey.generate()
-    save_private_key(keys / "signing.key", signing, passphrase)
     save_public_key(keys / "signing.pub.pem", signing.public_key())
     save_private_key(keys / "encryption.key", encryption, passphrase)
     save_public_key(keys / "encryption.pub.pem", encryption.public_key())
@@ -519,14 +593,14 @@ def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
     create_secret(keys / "pseudonym.key", passphrase)
     create_secret(keys / "data.key", passphrase)
     node_id = node_id_for(signing.public_key())
-    config = Config(
-        {
-            "node": {"id": node_id, "name": name, "created": utc_now()},
-            "ledger": {"head_interval": 256},
-            "server": {"host": "127.0.0.1", "port": 8765},
-        }
-    )
-    save_config(layout.config_path, config)
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"id": node_id, "name": name, "created": utc_now()},
+        "ledger": {"head_interval": 256},
+        "server": {"host": "127.0.0.1", "port": 8765},
+    }
+    if token is not None:
+        sections["keys"] = {"signing": str(token), "pkcs11_module": token.module or ""}
+    save_config(layout.config_path, Config(sections))
     with Ledger(
         layout.ledger_path, log_id=node_id, public_key=signing.public_key(), signing_key=signing
     ) as ledger:
@@ -536,6 +610,8 @@ def _populate(root: Path, *, name: str, passphrase: str | None) -> None:
             name=name,
             insitu_version=insitu.__version__,
             keys_encrypted=bool(passphrase),
+            signing_key_store="file" if token is None else "pkcs11",
+            **({} if token is None else {"signing_key_uri": str(token)}),
         )
         ledger.sign_head()
     # Closing the last connection checkpoints the WAL into ledger.db and removes it, so
