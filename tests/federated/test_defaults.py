@@ -51,7 +51,7 @@ def test_the_rules_are_said_in_one_line():
 
 
 def test_an_unknown_server_optimizer_is_refused():
-    with pytest.raises(UsageError, match="--server-optimizer 'sgd': use fedavg, fedadam"):
+    with pytest.raises(UsageError, match="--server-optimizer 'sgd': use auto, fedavg, fedadam"):
         FederationConfig(server_optimizer="sgd")  # type: ignore[arg-type]
 
 
@@ -148,3 +148,10 @@ def test_the_central_baseline_fits_a_separable_problem():
     x = rng.random((400, 3)).astype(np.float32)
     y = (x[:, 0] > 0.5).astype(np.int64)
     assert central_baseline(x[:300], y[:300], x[300:], y[300:]) > 0.95
+
+
+def test_auto_is_fedadam_for_tables_and_fedavg_for_the_cnn():
+    # On digits the CNN diverged under FedAdam at eta 1.0 (0.14 held out against 0.96).
+    assert FederationConfig().server_optimizer == "fedadam"
+    assert FederationConfig(model="cnn").server_optimizer == "fedavg"
+    assert FederationConfig(model="cnn", server_optimizer="fedyogi").server_optimizer == "fedyogi"

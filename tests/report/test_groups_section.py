@@ -110,3 +110,23 @@ def test_the_quickstart_report_shows_performance_per_group_of_persons(quickstart
     assert item is not None
     assert "accuracy per group of persons (95% intervals, DP noise included): sex:" in item[1]
     assert "not measured" not in item[1]
+
+
+def test_figures_of_another_round_than_the_kept_model_say_so(workspace):
+    with workspace.ledger() as ledger:
+        events.FEDERATION_COMPLETED.record(
+            ledger,
+            run="r1",
+            rounds=2,
+            central_accuracy=0.8,
+            model_sha256="a" * 64,
+            onnx_sha256="b" * 64,
+            epsilon_run=1.0,
+            delta=1e-5,
+            round_entries=[],
+            kept_round=1,
+            kept_because="round 1 beat round 2 by more than two standard errors",
+        )
+    section = group_section(_evidence(workspace), "r1")
+    assert section["kept_round"] == 1
+    assert group_section(_evidence(workspace, run="r2"), "r2")["kept_round"] is None

@@ -318,6 +318,8 @@ FEDERATION_COMPLETED = _event(
         "delta": OPT_NUM,
         "round_entries": LIST,
     },
+    # The round whose model was kept, when it is not the last (simulate's RoundKeeper).
+    {"kept_round": INT, "kept_because": STR},
     writer="insitu.federated._server_app.record_completed",
 )
 FEDERATION_FAILED = _event(

@@ -822,8 +822,12 @@ def record_completed(
     onnx: bytes,
     epsilon_run: float | None,
     delta: float | None,
+    kept_round: int | None = None,
+    kept_because: str = "",
 ) -> None:
     """Record ``federation.completed``: the model's digests, this run's privacy, its rounds.
+
+    ``kept_round`` (with why) when the model is an earlier round's than the last.
 
     ``epsilon_run`` is the most any site spent on one record in *this* run (``None``
     without privacy): what a model card built from this run must state at least.
@@ -845,6 +849,11 @@ def record_completed(
         epsilon_run=epsilon_run,
         delta=delta,
         round_entries=[last[r] for r in sorted(last)],
+        **(
+            {"kept_round": kept_round, "kept_because": kept_because}
+            if kept_round is not None and kept_round != rounds
+            else {}
+        ),
     )
 
 

@@ -677,6 +677,8 @@ def simulate(
             onnx=(model_dir / "model.onnx").read_bytes(),
             epsilon_run=result.epsilon_run if config.privacy != "none" else None,
             delta=config.delta if config.privacy != "none" else None,
+            kept_round=result.kept_round,
+            kept_because=result.kept_because,
         )
     return result
 

@@ -117,6 +117,8 @@ def group_section(coord: LedgerEvidence, run: str) -> dict[str, Any] | None:
         return None
     entry = entries[-1]
     p = entry.payload
+    completed = [e for e in coord.of_type("federation.completed") if e.payload.get("run") == run]
+    kept = completed[-1].payload.get("kept_round") if completed else None
     sites = list(p.get("sites", []))
     var = len(sites) * float(p.get("noise_std", 0.0)) ** 2
     min_size, max_gap = int(p.get("min_size", 1)), float(p.get("max_gap", 1.0))
@@ -138,6 +140,8 @@ def group_section(coord: LedgerEvidence, run: str) -> dict[str, Any] | None:
         "measured": bool(sites),
         "privacy": p.get("privacy"),
         "round": p.get("round"),
+        # The run kept an earlier round's model: these figures are of another model.
+        "kept_round": kept if kept is not None and kept != p.get("round") else None,
         "sites": sites,
         "sites_missing": list(p.get("sites_missing", [])),
         "noise_std": float(p.get("noise_std", 0.0)),
