@@ -295,9 +295,9 @@ def _read_image_folder(path: Path, schema: ArraySchema | None) -> dict[str, np.n
     """Images of ``path/<class>/*.png``: ``x`` (N, C, H, W) uint8 and ``y`` (class names)."""
     try:
         from PIL import Image
-    except ImportError as exc:  # pragma: no cover - Pillow comes with the audit extra
+    except ImportError as exc:  # pragma: no cover - Pillow comes with the data extra
         raise MissingDependencyError(
-            "reading a folder of images needs Pillow: pip install 'insitu[audit]', or "
+            "reading a folder of images needs Pillow: pip install 'insitu[data]', or "
             "give the images as an .npz"
         ) from exc
     mode = "L" if schema is None or schema.channels == 1 else "RGB"
