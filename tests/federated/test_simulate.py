@@ -123,8 +123,16 @@ def test_a_round_with_one_of_five_sites_crashing_mid_round_completes(workspace, 
 
 def test_a_poisoned_update_does_not_move_the_robust_aggregate(workspace, adult):
     # Plain averaging after the robust mean: FedAdam's bounded step would hide the poison.
+    # Inputs not centred: folding the centring into the saved model moves it into the
+    # bias (|b| ~ 12), where the median and the mean of five sites part by more than the
+    # bound below though both models are sound (a fresh-clone CI run: 13.3 against 12.1).
     def weights(**settings):
-        config = {"sites": 5, "server_optimizer": "fedavg", **settings.pop("config", {})}
+        config = {
+            "sites": 5,
+            "server_optimizer": "fedavg",
+            "center_inputs": False,
+            **settings.pop("config", {}),
+        }
         result = run_with_schema(workspace, adult, config=config, **settings)
         return np.concatenate([w.ravel() for w in result.weights]), result.central_accuracy
 
