@@ -535,7 +535,11 @@ def _plan(ws: Workspace, config: FederationConfig) -> RunPlan:
         home=ws.home.absolute(),
         run_dir=ws.deployed_run_dir(run_id).absolute(),
         feature_names=("a", "b", "c"),
-        schema_source={},
+        schema_source={  # as a real plan carries one: the server reads it after the run
+            "dataset": {"name": "toy", "label": "y"},
+            "features": {"numeric": ["a", "b", "c"]},
+            "consent": {"required": False, "legal_basis": "test"},
+        },
         sites_registered=("site-01", "site-02", "site-03"),
     )
     plan.run_dir.mkdir(parents=True)

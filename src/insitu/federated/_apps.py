@@ -213,16 +213,15 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
     )
     final = strategy.records.get(config.rounds)
     with ws.ledger() as ledger:
-        if plan.schema_source.get("groups"):  # sensitive attributes declared
-            record_groups(
-                ledger,
-                run_id=run_id,
-                round_number=config.rounds,
-                schema=DataSchema.from_dict(plan.schema_source),
-                config=config,
-                sums=final.groups if final else None,
-                sites_evaluated=final.evaluated if final else (),
-            )
+        record_groups(
+            ledger,
+            run_id=run_id,
+            round_number=config.rounds,
+            schema=DataSchema.from_dict(plan.schema_source),
+            config=config,
+            sums=final.groups if final else None,
+            sites_evaluated=final.evaluated if final else (),
+        )
         record_completed(
             ledger,
             run_id=run_id,
