@@ -41,7 +41,6 @@ import hashlib
 import logging
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from insitu._canonical import canonical_bytes
-from insitu.data._schema import DataSchema
+from insitu.data._schema import DataSchema, read_schema_toml
 from insitu.errors import DataFormatError, MissingDependencyError, SchemaError
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ class ArraySchema:
 
         """
         path = Path(path)
-        doc = _read_toml(path)
+        doc = read_schema_toml(path)
         try:
             return cls.from_dict(doc)
         except SchemaError as exc:
@@ -196,17 +195,6 @@ class ArraySchema:
         }
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SchemaError(f"schema file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SchemaError(f"cannot read schema {path} ({exc})") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise SchemaError(f"schema {path} is not valid TOML ({exc})") from exc
-
-
 def _shape(value: Any, kind: str) -> tuple[int, ...]:
     axes = KINDS[kind]
     example = "[1, 8, 8] (C, H, W)" if kind == "images" else "[1, 187] (C, L)"
@@ -240,7 +228,7 @@ def _label_names(value: Any) -> tuple[str, ...]:
 
 def load_schema(path: Path | str) -> DataSchema | ArraySchema:
     """A schema file of either kind: an array schema has ``dataset.kind``, a table's not."""
-    doc = _read_toml(Path(path))
+    doc = read_schema_toml(Path(path))
     if "kind" in doc.get("dataset", {}) or "arrays" in doc:
         return ArraySchema.load(path)
     return DataSchema.load(path)

@@ -112,6 +112,23 @@ def _str_list(doc: dict[str, Any], section: str, key: str) -> list[str]:
     return list(value)
 
 
+def read_schema_toml(path: Path) -> dict[str, Any]:
+    """The TOML document of a schema file (tables' and arrays' alike).
+
+    Raises:
+        SchemaError: missing, unreadable, or not TOML.
+
+    """
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SchemaError(f"schema file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"cannot read schema {path} ({exc})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SchemaError(f"schema {path} is not valid TOML ({exc})") from exc
+
+
 @dataclass(frozen=True)
 class DataSchema:
     """A validated data schema; see the module docstring."""
@@ -153,14 +170,7 @@ class DataSchema:
 
         """
         path = Path(path)
-        try:
-            doc = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SchemaError(f"schema file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SchemaError(f"cannot read schema {path} ({exc})") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise SchemaError(f"schema {path} is not valid TOML ({exc})") from exc
+        doc = read_schema_toml(path)
         try:
             return cls.from_dict(doc)
         except SchemaError as exc:
