@@ -116,8 +116,23 @@ WORKSPACE_INIT = _event(
     "a node's workspace was created: its id, name, version, whether keys are encrypted, "
     "where its signing key lives (file, or a PKCS#11 token and the key's URI)",
     {"node": STR, "name": STR, "insitu_version": STR, "keys_encrypted": BOOL},
-    {"signing_key_store": STR, "signing_key_uri": STR},
+    {
+        "signing_key_store": STR,
+        "signing_key_uri": STR,
+        "signing_algorithm": STR,
+        "decryption_key_store": STR,
+        "decryption_key_uri": STR,
+        "decryption_algorithm": STR,
+    },
     writer="insitu.workspace._workspace",
+)
+WORKSPACE_KEYS_MIGRATED = _event(
+    "workspace.keys_migrated",
+    "a node's private keys moved from files into a PKCS#11 token: which keys, the token "
+    "URIs and algorithms; the key files were destroyed",
+    {"node": STR, "keys": LIST, "store": STR},
+    {"uris": DICT, "algorithms": DICT},
+    writer="insitu.workspace._migrate",
 )
 WORKSPACE_MODEL_SIGNING_KEY = _event(
     "workspace.model_signing_key",
@@ -440,6 +455,15 @@ FEDERATION_SITE_REFUSED = _event(
     "the server would not activate a site's key (not registered, or in use): the reason",
     {"site": STR, "server": STR, "key": STR, "reason": STR},
     writer="insitu.federated._supernode",
+)
+ATTESTATION_CHECKED = _event(
+    "attestation.checked",
+    "a verifier checked a site's or device's TPM 2.0 quote over a fresh nonce against its "
+    "allow-list of measured states: who, which PCRs, the decision, and for a refusal the "
+    "PCR that differed",
+    {"subject": STR, "kind": STR, "decision": STR, "pcrs": LIST},
+    {"reason": STR, "pcr": INT, "measurement": STR, "ak_fingerprint": STR, "run": STR},
+    writer="insitu.attestation._verify",
 )
 PROCESSING_DECLARED = _event(
     "processing.declared",
