@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,11 @@ import pytest
 
 from insitu.audit import Ledger
 from insitu.workspace import Workspace
+
+# pytest-xdist starts its workers with COLUMNS set to the controller's width (80 without a
+# terminal); the CLI takes a set COLUMNS as a terminal's width and wraps its tables there.
+# The tests read the CLI's output as a pipe gives it, as they do without workers.
+os.environ.pop("COLUMNS", None)
 
 # freezegun reads every attribute of every loaded module when it starts; insitu.data loads
 # its names on first use (PEP 562), so that read would import pandas under the fake

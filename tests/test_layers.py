@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"_ort", "_sealed", "datasets"},
     {"audit"},
     {"workspace"},
-    {"privacy"},
+    {"privacy", "attestation"},
     {"data"},
     {"training", "bundle"},
     {"update"},

@@ -41,6 +41,14 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     │   ├── InputShapeMismatchError      data whose shape is not the model's input shape
     │   ├── UnsupportedOperatorError     an operator the exporter or ONNX Runtime cannot run
     │   └── ConstraintsNotMetError       no candidate meets the constraints (report written)
+    ├── AttestationError                 a TPM quote that cannot be made or checked
+    │   ├── TpmError                     the TPM or tpm2-tools cannot be used (missing, no answer)
+    │   ├── AllowListError               an allow-list of measured states that cannot be read
+    │   └── AttestationRefusedError      a verifier refused a site's or device's quote
+    │       ├── UnknownAttestationKeyError  no attestation key enrolled for that subject
+    │       ├── QuoteSignatureError      a quote not signed by the enrolled key, or altered
+    │       ├── StaleQuoteError          a quote not over the verifier's fresh nonce (replayed)
+    │       └── MeasurementMismatchError a PCR value that no allowed measured state has
     ├── FederationError                  a federated run that cannot start or complete
     │   ├── RoundFailedError             a round aggregated fewer sites than required
     │   ├── CertificateError             a TLS certificate or key missing, invalid or mismatched
@@ -87,6 +95,7 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     └── InferenceError                   a model that cannot be loaded or run as asked
         ├── ModelNotFoundError           no installed model of that name
         ├── InvalidInputError            an input that does not fit the model card's schema
+        │   └── UnreadableImageError     an uploaded image that cannot be decoded, or too large
         ├── EgressBlockedError           a network connection or lookup refused while serving
         ├── CannotListenError            the API cannot listen on its address (port in use)
         └── IsolationError               the server cannot be put in a network namespace
@@ -95,6 +104,9 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
 from __future__ import annotations
 
 __all__ = [
+    "AllowListError",
+    "AttestationError",
+    "AttestationRefusedError",
     "AuditError",
     "BadEntrySignatureError",
     "BadHeadSignatureError",
@@ -132,6 +144,7 @@ __all__ = [
     "LedgerIntegrityError",
     "MalformedBundleError",
     "MalformedLedgerError",
+    "MeasurementMismatchError",
     "MissingDependencyError",
     "MissingLedgerError",
     "MixAndMatchError",
@@ -145,6 +158,7 @@ __all__ = [
     "PersonalDataError",
     "PrivacyError",
     "ProofError",
+    "QuoteSignatureError",
     "ReportError",
     "RepositoryError",
     "RepositoryUnavailableError",
@@ -155,14 +169,18 @@ __all__ = [
     "SealedFileError",
     "ServerUnreachableError",
     "SiteRefusedError",
+    "StaleQuoteError",
     "TamperedBundleError",
     "TargetMismatchError",
     "TokenError",
     "TokenKeyNotFoundError",
     "TokenModuleError",
     "TooFewRecordsError",
+    "TpmError",
     "TruncatedLedgerError",
     "UnderstatedPrivacyError",
+    "UnknownAttestationKeyError",
+    "UnreadableImageError",
     "UnsignedBundleError",
     "UnsignedMetadataError",
     "UnsupportedOperatorError",
@@ -338,6 +356,42 @@ class UnsupportedOperatorError(OptimizationError):
 
 class ConstraintsNotMetError(OptimizationError):
     """No candidate meets the constraints; the report and the table are produced first."""
+
+
+class AttestationError(InsituError):
+    """A TPM quote that cannot be made or checked (see :mod:`insitu.attestation`)."""
+
+
+class TpmError(AttestationError):
+    """The TPM or tpm2-tools cannot be used: not installed, no TCTI, no answer, a tool failed."""
+
+
+class AllowListError(AttestationError):
+    """An allow-list of measured states that is missing, not TOML, or malformed."""
+
+
+class AttestationRefusedError(AttestationError):
+    """A verifier refused a site's or device's quote; the message names why (and the PCR)."""
+
+
+class UnknownAttestationKeyError(AttestationRefusedError):
+    """No attestation key is enrolled for the subject that presented the quote."""
+
+
+class QuoteSignatureError(AttestationRefusedError):
+    """A quote whose signature does not verify against the enrolled AK, or that is altered."""
+
+
+class StaleQuoteError(AttestationRefusedError):
+    """A quote that is not over the verifier's fresh nonce: replayed, expired or foreign."""
+
+
+class MeasurementMismatchError(AttestationRefusedError):
+    """A quoted PCR whose value no allowed measured state has (``.pcr`` names it)."""
+
+    def __init__(self, message: str, *, pcr: int | None = None) -> None:
+        super().__init__(message)
+        self.pcr = pcr
 
 
 class FederationError(InsituError):
@@ -548,6 +602,18 @@ class ModelNotFoundError(InferenceError):
 
 class InvalidInputError(InferenceError):
     """An input that does not fit the model card's schema: shape, dtype, NaN/inf, size."""
+
+
+class UnreadableImageError(InvalidInputError):
+    """An uploaded image that cannot be decoded (not PNG or JPEG, truncated, corrupt).
+
+    ``too_large``: refused from its header for claiming too many pixels (a decompression
+    bomb), before anything was decoded.
+    """
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 class EgressBlockedError(InferenceError, PermissionError):

@@ -10,6 +10,7 @@ non-private baseline, and that it said which round it kept and which rules it fo
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -72,7 +73,17 @@ def _breast_cancer():
 def test_defaults_reach_the_floor_on_breast_cancer_and_say_what_they_did(tmp_path):
     frame, schema = _breast_cancer()
     ws, _ = Workspace.init(tmp_path / "coordinator")
+    environment = dict(os.environ)
     result = simulate(ws, frame, FederationConfig(sites=3, rounds=5, privacy="none"), schema=schema)
+    # Ray's driver writes PYTHONPATH (its thirdparty_files and this venv) and more into
+    # the process's environment: a process the caller starts afterwards (a device venv's
+    # Python, in the test that found it) imported torch from here. It is put back, as
+    # are the run's private HOME and Ray's token (libraries' import-time settings, such as
+    # Ray's RAY_CLIENT_MODE, may stay).
+    changed = {
+        k for k in set(os.environ) | set(environment) if os.environ.get(k) != environment.get(k)
+    }
+    assert not {k for k in changed if k.startswith("PYTHON") or k in ("HOME", "RAY_AUTH_TOKEN")}
     assert result.central_accuracy is not None
     assert result.central_accuracy >= FLOOR
     assert result.baseline_accuracy is not None

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from insitu._signer import ED25519, P256, algorithm_of
+from insitu.audit import export_ledger, verify_export
 from insitu.bundle import Bundle, BundleVerifier, ModelCard, create_bundle, schema_of
 from insitu.cli import run
 from insitu.errors import (
@@ -313,3 +315,49 @@ def test_the_token_signs_as_the_workspace_identity(token: str, tmp_path: Path) -
     key = ws.signing_key()
     assert isinstance(key.public_key(), Ed25519PublicKey)
     key.public_key().verify(key.sign(b"hello"), b"hello")
+
+
+def test_a_p256_key_in_softhsm_signs_the_ledger_bundles_and_exports(
+    token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "site"
+    args = ["init", "--home", str(home), "--key-uri", uri_of(token), "--pkcs11-module", MODULE]
+    assert run([*args, "--key-algorithm", "p256"]) == 0, capsys.readouterr().err
+    assert f"in token {uri_of(token)} ({P256})" in capsys.readouterr().out
+    ws = Workspace.open(home)
+    assert algorithm_of(ws.signing_public_key) == P256
+    with ws.ledger() as ledger:
+        for i in range(5):
+            ledger.record("test.event", i=i)
+        (init,) = ledger.entries(event_type="workspace.init")
+        export_ledger(ledger, tmp_path / "export.jsonl")
+    assert init.payload["signing_algorithm"] == P256
+    assert init.sig.startswith(b"ecdsa-p256-sha256:")
+    exported = verify_export(tmp_path / "export.jsonl", public_key=ws.signing_public_key)
+    assert exported.node_id == ws.node_id
+
+    model, _ = mlp([8, 4, 2])
+    inputs, outputs = schema_of(model)
+    card = ModelCard(name="m", version="1.0.0", inputs=inputs, outputs=outputs)
+    blob = create_bundle(model, card, ws.signing_key())
+    BundleVerifier([ws.signing_public_key]).verify(Bundle.parse(blob))
+    assert run(["audit", "verify", "--home", str(home)]) == 0
+    assert [p for p in _private_markers(ws.home) if "encryption.key" not in p] == []
+
+
+def test_softhsm_gives_ed25519_unless_told_and_records_it(token: str, tmp_path: Path) -> None:
+    ws = _workspace_in_token(tmp_path / "site", token)
+    with ws.ledger() as ledger:
+        (init,) = ledger.entries(event_type="workspace.init")
+    assert init.payload["signing_algorithm"] == ED25519
+    assert len(init.sig) == 64  # a bare Ed25519 signature, as before P-256 came
+
+
+def test_a_key_algorithm_needs_a_token_and_a_known_name(token: str, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="give --key-uri too"):
+        Workspace.init(tmp_path / "a", key_algorithm="p256")
+    with pytest.raises(UsageError, match="'rsa' is not one insitu signs with; use ed25519 or p256"):
+        Workspace.init(
+            tmp_path / "a", key_uri=uri_of(token), pkcs11_module=MODULE, key_algorithm="rsa"
+        )
+    assert not (tmp_path / "a").exists()

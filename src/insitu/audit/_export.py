@@ -2,7 +2,7 @@ r"""Ledger exports: a JSON-lines file that anyone can verify on another machine.
 
 Format (``insitu-ledger-export/1``), every line canonical JSON followed by ``\\n``::
 
-    {"format": "insitu-ledger-export/1", "head": {...signed head...}, "public_key": "<hex>"}
+    {"format": "insitu-ledger-export/1", "head": {...signed head...}, "public_key": "<key>"}
     {"hash": ..., "node": ..., "payload": ..., "prev": ..., "seq": 1, "sig": ..., ...}
     ...
 
@@ -23,14 +23,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from insitu._atomic import atomic_writer
 from insitu._canonical import canonical_text, is_canonical
+from insitu._signer import SigningPublicKey, public_key_from_text, public_key_text
 from insitu.audit import events
 from insitu.audit._ledger import Ledger
-from insitu.audit._records import Entry, TreeHead, _unhex, node_id_for
+from insitu.audit._records import Entry, TreeHead, node_id_for
 from insitu.audit._verify import VerificationReport, verify_entries
 from insitu.errors import BadEntrySignatureError, MalformedLedgerError, TruncatedLedgerError
 
@@ -63,8 +61,8 @@ def export_ledger(ledger: Ledger, path: str | os.PathLike[str]) -> TreeHead:
     path = Path(path)
     with atomic_writer(path) as handle:
         head = ledger.sign_head()
-        raw_key = ledger.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-        header = {"format": EXPORT_FORMAT, "head": head.to_json(), "public_key": raw_key.hex()}
+        key_text = public_key_text(ledger.public_key)
+        header = {"format": EXPORT_FORMAT, "head": head.to_json(), "public_key": key_text}
         handle.write(canonical_text(header).encode("ascii") + b"\n")
         for entry in ledger.entries():
             if entry.seq > head.size:
@@ -76,7 +74,7 @@ def export_ledger(ledger: Ledger, path: str | os.PathLike[str]) -> TreeHead:
 def verify_export(
     path: Path,
     *,
-    public_key: Ed25519PublicKey | None = None,
+    public_key: SigningPublicKey | None = None,
     trusted_head: TreeHead | None = None,
     first_type: str | None = events.WORKSPACE_INIT.name,
 ) -> ExportVerification:
@@ -111,11 +109,11 @@ def verify_export(
     try:
         # Lower-case hex only, as written: a byte changed to another spelling of the same
         # key ("f" to "F") is a change to the file, and is refused like any other.
-        file_key = Ed25519PublicKey.from_public_bytes(_unhex(header["public_key"], 32))
+        file_key = public_key_from_text(header["public_key"])
     except ValueError as exc:
         raise MalformedLedgerError(f"the export's public key is malformed ({exc})") from exc
     key = public_key or file_key
-    if public_key is not None and _raw(public_key) != _raw(file_key):
+    if public_key is not None and public_key_text(public_key) != public_key_text(file_key):
         raise BadEntrySignatureError(
             "the export is signed with a different key than the one pinned: "
             "it was re-signed, or you pinned the wrong node's key"
@@ -137,12 +135,8 @@ def verify_export(
         first_type=first_type,
     )
     return ExportVerification(
-        node_id=node, public_key_hex=_raw(key).hex(), head=head, report=report
+        node_id=node, public_key_hex=public_key_text(key), head=head, report=report
     )
-
-
-def _raw(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _parse_line(line: bytes, number: int) -> object:

@@ -5,8 +5,8 @@ version="1.2.0")``) and every report reads from here. The properties that make i
 evidence rather than a log file:
 
 * **Append-only, hash-chained, signed.** Each entry carries the previous entry's hash
-  and this node's Ed25519 signature (encodings in ``_records``); SQLite triggers refuse
-  UPDATE and DELETE so honest code cannot rewrite history by mistake, and
+  and this node's signature (Ed25519 or ECDSA P-256; encodings in ``_records``); SQLite
+  triggers refuse UPDATE and DELETE so honest code cannot rewrite history by mistake, and
   :meth:`Ledger.verify` finds it when dishonest code does.
 * **Signed tree heads.** The RFC 6962 Merkle tree over all entries is updated in the
   same transaction as each append (a frontier of O(log n) hashes in table ``merkle``),
@@ -34,12 +34,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from insitu._canonical import canonical_text
 from insitu._clock import utc_now
 from insitu._pii import find_personal_data
-from insitu._signer import Ed25519Signer
+from insitu._signer import Signer, SigningPublicKey
 from insitu.audit import _merkle
 from insitu.audit._records import (
     GENESIS_PREV,
@@ -102,7 +100,7 @@ CREATE TRIGGER IF NOT EXISTS heads_no_delete BEFORE DELETE ON heads
 
 _ENTRY_COLUMNS = "seq, time, node, type, payload, prev, hash, sig"
 
-KeyProvider = Callable[[], Ed25519Signer]
+KeyProvider = Callable[[], Signer]
 
 
 class Ledger:
@@ -111,7 +109,7 @@ class Ledger:
     Args:
         path: the SQLite file (created with its schema if missing, unless ``genesis``).
         log_id: this node's id; every entry and head names it.
-        public_key: the node's Ed25519 public key, used by :meth:`verify`.
+        public_key: the node's public key (Ed25519 or ECDSA P-256), used by :meth:`verify`.
         signing_key: the private key, or a function returning it. A function is called
             at the first write only, so that reading and verifying never need the
             passphrase.
@@ -135,8 +133,8 @@ class Ledger:
         path: Path | str,
         *,
         log_id: str,
-        public_key: Ed25519PublicKey,
-        signing_key: Ed25519Signer | KeyProvider | None = None,
+        public_key: SigningPublicKey,
+        signing_key: Signer | KeyProvider | None = None,
         head_interval: int = 256,
         genesis: str | None = None,
     ) -> None:
@@ -262,7 +260,7 @@ class Ledger:
                 f"{SCHEMA_VERSION}; upgrade insitu"
             )
 
-    def _key(self) -> Ed25519Signer:
+    def _key(self) -> Signer:
         if self._signing_key is None:
             raise LedgerError(
                 "this ledger was opened read-only (no signing key); open it through "
@@ -340,7 +338,7 @@ class Ledger:
         return entries
 
     def _sign_entry(
-        self, key: Ed25519Signer, seq: int, event_type: str, payload_json: str, prev: bytes
+        self, key: Signer, seq: int, event_type: str, payload_json: str, prev: bytes
     ) -> Entry:
         now = utc_now()
         digest = entry_hash(

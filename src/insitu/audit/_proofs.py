@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
+from insitu._signer import SigningPublicKey, public_key_from_text, public_key_text
 from insitu.audit._ledger import Ledger
 from insitu.audit._merkle import leaf_hash, verify_consistency, verify_inclusion
 from insitu.audit._records import (
@@ -49,8 +47,8 @@ INCLUSION_FORMAT = "insitu-inclusion-proof/1"
 CONSISTENCY_FORMAT = "insitu-consistency-proof/1"
 
 
-def _raw(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+def _raw(key: SigningPublicKey) -> str:
+    return public_key_text(key)
 
 
 def inclusion_document(ledger: Ledger, seq: int, head: TreeHead | None = None) -> dict[str, Any]:
@@ -91,7 +89,7 @@ class CheckedProof:
     summary: str
 
 
-def check_proof(doc: Any, public_key: Ed25519PublicKey | None) -> CheckedProof:
+def check_proof(doc: Any, public_key: SigningPublicKey | None) -> CheckedProof:
     """Verify a proof document; ``public_key`` pins the node (else the document's key).
 
     Raises:
@@ -103,7 +101,7 @@ def check_proof(doc: Any, public_key: Ed25519PublicKey | None) -> CheckedProof:
     if not isinstance(doc, dict) or doc.get("format") not in {INCLUSION_FORMAT, CONSISTENCY_FORMAT}:
         raise MalformedLedgerError("not an insitu proof document (unknown format)")
     try:
-        doc_key = Ed25519PublicKey.from_public_bytes(_unhex(doc["public_key"], 32))
+        doc_key = public_key_from_text(doc["public_key"])
         proof = [_unhex(p, 32) for p in doc["proof"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedLedgerError(f"malformed proof document ({exc})") from exc

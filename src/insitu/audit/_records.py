@@ -5,14 +5,17 @@ canonical JSON encoding (``insitu._canonical``) with a domain-separation prefix:
 
     hash = SHA-256(b"insitu/ledger-entry/v1\\n" || canonical({v, seq, time, node,
                                                            type, payload, prev}))
-    sig  = Ed25519(b"insitu/ledger-entry-sig/v1\\n" || hash)
+    sig  = Sign(b"insitu/ledger-entry-sig/v1\\n" || hash)
 
 A tree head signs the RFC 6962 root of the first ``size`` entries::
 
-    sig  = Ed25519(b"insitu/tree-head/v1\\n" || canonical({v, log, size, root, time}))
+    sig  = Sign(b"insitu/tree-head/v1\\n" || canonical({v, log, size, root, time}))
 
-Distinct prefixes mean a signature made for one kind of record can never be replayed as
-the other. ``prev`` of the first entry is 32 zero bytes.
+``Sign`` is the node's key: Ed25519, or ECDSA P-256 over SHA-256. A signature records its
+algorithm (``insitu._signer``: 64 bare bytes are Ed25519, as in every older ledger; a
+P-256 one is labelled ``ecdsa-p256-sha256:``), and verification refuses one whose
+algorithm is not the key's. Distinct prefixes mean a signature made for one kind of
+record can never be replayed as the other. ``prev`` of the first entry is 32 zero bytes.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from insitu._canonical import canonical_bytes
 from insitu._clock import utc_now
-from insitu._signer import Ed25519Signer
+from insitu._signer import Signer, SigningPublicKey, public_key_raw, verify_signature
+from insitu._signer import signature_algorithm as _signature_algorithm
 from insitu.errors import BadHeadSignatureError, MalformedLedgerError
 
 __all__ = ["GENESIS_PREV", "Entry", "TreeHead", "entry_hash", "node_id_for"]
@@ -40,13 +42,14 @@ _ENTRY_SIG_PREFIX = b"insitu/ledger-entry-sig/v1\n"
 _HEAD_PREFIX = b"insitu/tree-head/v1\n"
 
 
-def node_id_for(public_key: Ed25519PublicKey) -> str:
-    """A node's id (and its ledger's log id): SHA-256 of the raw public key, 32 hex digits.
+def node_id_for(public_key: SigningPublicKey) -> str:
+    """A node's id (and its ledger's log id): SHA-256 of the public key, 32 hex digits.
 
-    Derived, never chosen, so an entry cannot claim a node without that node's key.
+    The key's bytes are Ed25519's 32 raw bytes (unchanged since the first ledgers) or
+    P-256's 33-byte compressed point. Derived, never chosen, so an entry cannot claim a
+    node without that node's key.
     """
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:32]
+    return hashlib.sha256(public_key_raw(public_key)).hexdigest()[:32]
 
 
 def entry_hash(
@@ -134,7 +137,7 @@ class Entry:
                 payload_json=payload,
                 prev=_unhex(obj["prev"], 32),
                 hash=_unhex(obj["hash"], 32),
-                sig=_unhex(obj["sig"], 64),
+                sig=_unsig(obj["sig"]),
             )
         except (TypeError, ValueError, KeyError) as exc:
             seq_hint = obj.get("seq") if isinstance(obj, dict) else None
@@ -154,6 +157,15 @@ def _unhex(value: Any, length: int) -> bytes:
     raw = bytes.fromhex(value)
     if len(raw) != length:
         raise ValueError(f"expected {length} bytes, got {len(raw)}")
+    return raw
+
+
+def _unsig(value: Any) -> bytes:
+    """A recorded signature from its hex (an Ed25519 or a labelled P-256 one)."""
+    if not isinstance(value, str) or value != value.lower():
+        raise ValueError("binary fields are lower-case hex")
+    raw = bytes.fromhex(value)
+    _signature_algorithm(raw)
     return raw
 
 
@@ -179,7 +191,7 @@ class TreeHead:
         return _HEAD_PREFIX + canonical_bytes(body)
 
     @classmethod
-    def sign(cls, key: Ed25519Signer, *, log: str, size: int, root: bytes) -> TreeHead:
+    def sign(cls, key: Signer, *, log: str, size: int, root: bytes) -> TreeHead:
         """Make and sign a head at the current time."""
         unsigned = cls(log=log, size=size, root=root, time=utc_now(), sig=b"")
         return cls(
@@ -190,13 +202,14 @@ class TreeHead:
             sig=key.sign(unsigned.signing_message()),
         )
 
-    def verify_signature(self, public_key: Ed25519PublicKey) -> None:
+    def verify_signature(self, public_key: SigningPublicKey) -> None:
         """Raise :class:`BadHeadSignatureError` unless ``public_key`` signed this head."""
         try:
-            public_key.verify(self.sig, self.signing_message())
-        except InvalidSignature:
+            verify_signature(public_key, self.sig, self.signing_message())
+        except InvalidSignature as exc:
+            why = f" ({exc})" if str(exc) else ""
             raise BadHeadSignatureError(
-                f"the tree head at size {self.size} is not signed by this node's key: "
+                f"the tree head at size {self.size} is not signed by this node's key{why}: "
                 "it was forged or altered; do not trust this copy of the ledger"
             ) from None
 
@@ -223,7 +236,7 @@ class TreeHead:
                 size=obj["size"],
                 root=_unhex(obj["root"], 32),
                 time=str(obj["time"]),
-                sig=_unhex(obj["sig"], 64),
+                sig=_unsig(obj["sig"]),
             )
         except (TypeError, ValueError, KeyError) as exc:
             raise MalformedLedgerError(
@@ -231,10 +244,22 @@ class TreeHead:
             ) from exc
 
 
-def verify_entry_signature(public_key: Ed25519PublicKey, digest: bytes, sig: bytes) -> bool:
-    """Whether ``sig`` is this key's signature of the entry hash ``digest``."""
+def verify_entry_signature(public_key: SigningPublicKey, digest: bytes, sig: bytes) -> bool:
+    """Whether ``sig`` is this key's signature of the entry hash ``digest``.
+
+    A signature that records another algorithm than the key's is not (``_signer``).
+    """
     try:
-        public_key.verify(sig, entry_signing_message(digest))
+        verify_signature(public_key, sig, entry_signing_message(digest))
     except InvalidSignature:
         return False
     return True
+
+
+def entry_signature_problem(public_key: SigningPublicKey, sig: bytes) -> str:
+    """Why an entry signature that did not verify failed, in a few words."""
+    try:
+        verify_signature(public_key, sig, b"")
+    except InvalidSignature as exc:
+        return str(exc) or "it does not verify with the node's key"
+    return "it does not verify with the node's key"

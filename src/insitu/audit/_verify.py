@@ -38,11 +38,15 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
+from insitu._signer import SigningPublicKey, public_key_from_text, public_key_text
 from insitu.audit._merkle import Frontier, leaf_hash
-from insitu.audit._records import GENESIS_PREV, Entry, TreeHead, verify_entry_signature
+from insitu.audit._records import (
+    GENESIS_PREV,
+    Entry,
+    TreeHead,
+    entry_signature_problem,
+    verify_entry_signature,
+)
 from insitu.errors import (
     BadEntrySignatureError,
     BrokenChainError,
@@ -127,11 +131,9 @@ class ChainChecker:
         self.last_hash = entry.hash
 
 
-def _first_bad_signature(
-    public_raw: bytes, items: Sequence[tuple[int, bytes, bytes]]
-) -> int | None:
+def _first_bad_signature(public_text: str, items: Sequence[tuple[int, bytes, bytes]]) -> int | None:
     """Sequence number of the first bad signature in ``items``, or ``None``."""
-    key = Ed25519PublicKey.from_public_bytes(public_raw)
+    key = public_key_from_text(public_text)
     for seq, digest, sig in items:
         if not verify_entry_signature(key, digest, sig):
             return seq
@@ -139,13 +141,13 @@ def _first_bad_signature(
 
 
 def _check_signatures_async(
-    public_key: Ed25519PublicKey, items: list[tuple[int, bytes, bytes]]
+    public_key: SigningPublicKey, items: list[tuple[int, bytes, bytes]]
 ) -> list[Future[int | None]] | None:
     """Start checking signatures in worker processes, or return ``None`` to do it inline."""
     workers = os.cpu_count() or 1
     if len(items) < PARALLEL_THRESHOLD or workers < 2:
         return None
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    raw = public_key_text(public_key)
     # spawn, not fork: the caller may hold SQLite connections and threads.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     futures = [
@@ -159,7 +161,7 @@ def _check_signatures_async(
 def verify_entries(
     entries: Iterable[Entry],
     *,
-    public_key: Ed25519PublicKey,
+    public_key: SigningPublicKey,
     log_id: str,
     heads: Iterable[TreeHead] = (),
     trusted_head: TreeHead | None = None,
@@ -205,8 +207,9 @@ def verify_entries(
     limit = chain_error.seq if chain_error and chain_error.seq else len(entries) + 1
     bad_sig = _collect_signature_result(public_key, sig_items, futures, limit)
     if bad_sig is not None:
+        why = entry_signature_problem(public_key, next(i[2] for i in sig_items if i[0] == bad_sig))
         raise BadEntrySignatureError(
-            f"entry {bad_sig} is not signed by this node's key: it was re-signed or forged",
+            f"entry {bad_sig} is not signed by this node's key ({why}): it was re-signed or forged",
             seq=bad_sig,
         )
     if chain_error is not None:
@@ -245,14 +248,14 @@ def _check_heads_at(checker: ChainChecker, heads_at: dict[int, list[TreeHead]]) 
 
 
 def _collect_signature_result(
-    public_key: Ed25519PublicKey,
+    public_key: SigningPublicKey,
     items: list[tuple[int, bytes, bytes]],
     futures: list[Future[int | None]] | None,
     limit: int,
 ) -> int | None:
     if futures is None:
         return _first_bad_signature(
-            public_key.public_bytes(Encoding.Raw, PublicFormat.Raw),
+            public_key_text(public_key),
             [item for item in items if item[0] < limit],
         )
     bad = [seq for f in futures if (seq := f.result()) is not None and seq < limit]

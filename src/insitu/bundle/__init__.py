@@ -17,6 +17,7 @@ from insitu.bundle._export import export_bundle, verified_bom, verify_command
 from insitu.bundle._format import BUNDLE_MAGIC, Bundle, create_bundle, publisher_key_id
 from insitu.bundle._load import load_session
 from insitu.bundle._publish import bundle_model
+from insitu.bundle._stream import DeviceKey, RecipientKey
 from insitu.bundle._stream import key_id as device_key_id
 from insitu.bundle._verify import BundleVerifier, OpenedBundle
 
@@ -24,8 +25,10 @@ __all__ = [
     "BUNDLE_MAGIC",
     "Bundle",
     "BundleVerifier",
+    "DeviceKey",
     "ModelCard",
     "OpenedBundle",
+    "RecipientKey",
     "SemVer",
     "apply_bundle_delta",
     "bundle_model",

@@ -30,7 +30,6 @@ import secrets
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from insitu._canonical import canonical_bytes
 from insitu.bundle import _stream, _tensor_delta
@@ -45,7 +44,7 @@ _MAX_HEADER = 1 << 20
 
 
 def make_bundle_delta(
-    old_bundle: bytes, new_bundle: bytes, *, publisher_key: X25519PrivateKey | None
+    old_bundle: bytes, new_bundle: bytes, *, publisher_key: _stream.DeviceKey | None
 ) -> bytes:
     """A delta from ``old_bundle`` to ``new_bundle`` (the publisher must be a recipient).
 
@@ -98,7 +97,7 @@ def apply_bundle_delta(
     installed_bundle: bytes,
     installed_model: bytes | bytearray,
     delta: bytes,
-    device_key: X25519PrivateKey | None,
+    device_key: _stream.DeviceKey | None,
 ) -> bytes:
     """Rebuild the new bundle from the installed one and ``delta``.
 

@@ -26,12 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from insitu._atomic import fsync_dir, refuse_symlink
 from insitu._canonical import canonical_bytes
 from insitu.bundle._format import BOM_FILE, Bundle
 from insitu.bundle._oms import PUBLIC_KEY_FILE, SIGNATURE_FILE, fingerprint
+from insitu.bundle._stream import DeviceKey
 from insitu.bundle._verify import BundleVerifier
 from insitu.errors import MalformedBundleError, UsageError
 
@@ -103,7 +102,7 @@ def _plain_files(bundle: Bundle, model: bytes | bytearray) -> dict[str, bytes]:
 def export_bundle(
     bundle: Bundle,
     verifier: BundleVerifier,
-    device_key: X25519PrivateKey | None,
+    device_key: DeviceKey | None,
     directory: Path,
 ) -> dict[str, Any]:
     """Verify and decrypt ``bundle``; write its plain files and OMS signature to ``directory``.

@@ -11,9 +11,12 @@ Layout (``.insb``)::
 the SHA-256 digest and length of each file (``model.onnx``, ``card.json`` and, in
 bundles made by ``insitu bundle create``, ``bom.json``), the payload's own length and
 digest, the encryption parameters with the data key wrapped for each recipient, and the
-publisher's public key. Each signature is Ed25519 over
-``b"insitu-bundle/1\n" + canonical_bytes(signed)`` (the prefix separates this signature
-domain from the ledger's, which uses the same key).
+publisher's public key. Each signature is the node's key's (Ed25519, or ECDSA P-256 over
+SHA-256) over ``b"insitu-bundle/1\n" + canonical_bytes(signed)`` (the prefix separates
+this signature domain from the ledger's, which uses the same key). The signature and the
+publisher's public key record their algorithm as the ledger's do (``insitu._signer``: an
+Ed25519 one bare, as in every older bundle; a P-256 one labelled ``ecdsa-p256-sha256:``),
+and a verifier refuses a signature whose algorithm is not its trusted key's.
 
 Two optional members (both absent from bundles made before them, which keep their
 bytes): ``bom``, the CycloneDX 1.6 ML-BOM whose canonical bytes are ``bom.json``
@@ -43,13 +46,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from insitu._canonical import canonical_bytes, is_canonical
 from insitu._clock import utc_now
-from insitu._signer import Ed25519Signer
+from insitu._signer import Signer, SigningPublicKey, public_key_raw, public_key_text
 from insitu.bundle import _stream
 from insitu.bundle._card import ModelCard
 from insitu.errors import MalformedBundleError
@@ -75,12 +74,13 @@ BOM_FILE = "bom.json"
 ENCRYPTION_SCHEME = "aes-256-gcm-stream+x25519-hkdf-sha256"
 SIGNATURE_DOMAIN = b"insitu-bundle/1\n"
 _MAX_HEADER = 16 << 20
-SIGNATURE_HEX = re.compile(r"^[0-9a-f]{128}$")
+#: A signature's one encoding: bare Ed25519, or ``ecdsa-p256-sha256:`` and r||s, in hex.
+SIGNATURE_HEX = re.compile(rf"^(?:{b'ecdsa-p256-sha256:'.hex()})?[0-9a-f]{{128}}$")
 
 
-def publisher_key_id(public: Ed25519PublicKey) -> str:
-    """The id of a publisher's Ed25519 key: first 16 bytes of SHA-256 of the raw key."""
-    return hashlib.sha256(public.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()[:32]
+def publisher_key_id(public: SigningPublicKey) -> str:
+    """The id of a publisher's key: first 16 bytes of SHA-256 of its bytes (the node id)."""
+    return hashlib.sha256(public_key_raw(public)).hexdigest()[:32]
 
 
 def context_of(signed: Mapping[str, Any]) -> bytes:
@@ -117,6 +117,10 @@ def _check_fields(signed: dict[str, Any], signatures: Any) -> None:
         for entry in need(enc.get("recipients"), list, "payload.encryption.recipients"):
             for key in ("keyid", "ephemeral", "wrapped"):
                 need(need(entry, dict, "recipient").get(key), str, f"recipient {key}")
+            # Absent from bundles made before P-256 recipients (they are X25519).
+            for key in ("algorithm", "kdf"):
+                if key in entry:
+                    need(entry[key], str, f"recipient {key}")
     need(need(signed.get("publisher"), dict, "publisher").get("keyid"), str, "publisher.keyid")
     if "bom" in signed:
         need(signed["bom"], dict, "bom")
@@ -262,15 +266,18 @@ def assemble(signed: dict[str, Any], signatures: list[dict[str, str]]) -> bytes:
 def create_bundle(
     model: bytes,
     card: ModelCard,
-    signing_key: Ed25519Signer,
+    signing_key: Signer,
     *,
-    recipients: Iterable[X25519PublicKey] = (),
+    recipients: Iterable[_stream.RecipientKey] = (),
     segment_size: int = _stream.DEFAULT_SEGMENT_SIZE,
     created: str | None = None,
     bom: Mapping[str, Any] | None = None,
     oms_signer: Callable[[dict[str, bytes]], dict[str, Any]] | None = None,
 ) -> bytes:
     """Build a signed bundle of ``model`` and ``card``, encrypted for ``recipients``.
+
+    Recipients are X25519 or P-256 public keys; each one's entry records its key
+    agreement (``x25519`` or ``p256-ecdh``) inside the signed header.
 
     With no recipients the payload is stored in the clear, which is logged as a warning:
     anyone who gets the file gets the model (and what it memorized of its training data).
@@ -295,7 +302,7 @@ def create_bundle(
         },
         "publisher": {
             "keyid": publisher_key_id(signing_key.public_key()),
-            "public": signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex(),
+            "public": public_key_text(signing_key.public_key()),
         },
         "payload": {"encryption": None},
     }

@@ -22,10 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from insitu._ort import create_session
 from insitu.bundle._format import Bundle
+from insitu.bundle._stream import DeviceKey
 from insitu.bundle._verify import BundleVerifier
 from insitu.errors import MalformedBundleError
 
@@ -47,7 +46,7 @@ def _source(path: Path) -> Any:
 def load_session(
     source: Path | bytes | bytearray | memoryview,
     verifier: BundleVerifier,
-    device_key: X25519PrivateKey | None,
+    device_key: DeviceKey | None,
     *,
     intra_op_threads: int | None = None,
     spinning: bool = True,

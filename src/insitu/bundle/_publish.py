@@ -19,14 +19,13 @@ import hashlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-
 from insitu.audit import events
 from insitu.bundle._bom import build_bom, ledger_figures, require_sign_extra
 from insitu.bundle._card import ModelCard, schema_of
 from insitu.bundle._format import BOM_FILE, Bundle, create_bundle
 from insitu.bundle._oms import sign_files
 from insitu.bundle._provenance import provenance_for
+from insitu.bundle._stream import RecipientKey
 from insitu.errors import UsageError
 
 if TYPE_CHECKING:
@@ -41,7 +40,7 @@ def bundle_model(
     *,
     name: str,
     version: str,
-    recipients: Iterable[X25519PublicKey] = (),
+    recipients: Iterable[RecipientKey] = (),
     encrypt: bool = True,
     metrics: dict[str, float] | None = None,
     epsilon: float | None = None,

@@ -23,9 +23,20 @@ into one preallocated buffer (about 8 GB/s here, against about 1 GB/s for one-sh
 that allocate a new object per segment).
 
 Key wrapping: a fresh 32-byte data key per bundle is wrapped for each recipient with an
-ephemeral X25519 exchange, HKDF-SHA256 (salt = ephemeral public key || recipient public
+ephemeral key agreement, HKDF-SHA256 (salt = ephemeral public key || recipient public
 key, info bound to the bundle) and AES-256-GCM. A wrapped key moved to another bundle, or
 presented to another device, does not open.
+
+Two key agreements, one construction: ``x25519`` (a key in a file) and ``p256-ecdh``
+(ECDH on P-256, for keys in PKCS#11 tokens, which often lack X25519: SoftHSM2 does). Only
+the shared secret differs (X25519's 32 bytes, or P-256's x-coordinate, what
+``CKM_ECDH1_DERIVE`` with ``CKD_NULL`` yields); public keys are raw (32 bytes) or SEC1
+uncompressed points (65 bytes). Each recipient entry records ``algorithm`` and ``kdf``
+(``hkdf-sha256``) inside the signed header; an entry without them is X25519 (bundles
+made before P-256). The algorithm is also bound into HKDF's info (empty for X25519, so
+that old bundles open), and an entry is opened only with the algorithm of the device's own
+key: a recorded algorithm that was changed, or that the device's key does not have,
+refuses the entry rather than trying another agreement.
 """
 
 from __future__ import annotations
@@ -34,20 +45,27 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = [
+    "AGREEMENTS",
     "DEFAULT_SEGMENT_SIZE",
+    "KDF",
     "KEY_SIZE",
     "NONCE_PREFIX_SIZE",
     "TAG_SIZE",
+    "DeviceKey",
+    "P256Agreement",
+    "RecipientKey",
+    "agreement_of",
     "ciphertext_length",
     "decrypt",
     "derive_subkey",
@@ -67,6 +85,28 @@ _THREADED_FROM = 8  # segments; below this a thread costs more than it saves
 _POOL = 12  # recycled segment buffers when decrypting to a sink
 _WRAP_INFO = b"insitu-bundle/1 key-wrap"
 _WRAP_NONCE = b"\x00" * 12  # the wrapping key is fresh per (ephemeral key, recipient)
+#: The key agreements a recipient entry may record, and what each adds to HKDF's info.
+AGREEMENTS = {"x25519": b"", "p256-ecdh": b" p256-ecdh"}
+#: The one key derivation of wrapping keys.
+KDF = "hkdf-sha256"
+
+
+class P256Agreement(Protocol):
+    """A P-256 private key that may not show itself: ECDH in a token (``insitu.workspace``)."""
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The public half."""
+        ...
+
+    def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes:
+        """The ECDH shared secret with ``peer`` (the x-coordinate, 32 bytes)."""
+        ...
+
+
+#: A recipient's public key: X25519, or P-256 for ECDH.
+RecipientKey: TypeAlias = X25519PublicKey | ec.EllipticCurvePublicKey
+#: A device's private key that opens bundles: X25519 or P-256 in memory, or P-256 in a token.
+DeviceKey: TypeAlias = X25519PrivateKey | ec.EllipticCurvePrivateKey | P256Agreement
 
 
 def _nonce(prefix: bytes, index: int, *, last: bool) -> bytes:
@@ -273,40 +313,88 @@ def derive_subkey(key: bytes, purpose: bytes) -> bytes:
     return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=b"insitu-subkey/" + purpose).derive(key)
 
 
-def _raw(public: X25519PublicKey) -> bytes:
+def _raw(public: RecipientKey) -> bytes:
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name != "secp256r1":
+            raise ValueError(f"recipient keys on {public.curve.name} are not supported; use P-256")
+        return public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
     return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def key_id(public: X25519PublicKey | bytes) -> str:
-    """The id of a device (recipient) key: the first 16 bytes of SHA-256, in hex."""
+def agreement_of(public: RecipientKey) -> str:
+    """The key agreement of a recipient key: ``"x25519"`` or ``"p256-ecdh"``."""
+    return "p256-ecdh" if isinstance(public, ec.EllipticCurvePublicKey) else "x25519"
+
+
+def key_id(public: RecipientKey | bytes) -> str:
+    """The id of a device (recipient) key: the first 16 bytes of SHA-256, in hex.
+
+    Of the raw X25519 key, or of the uncompressed P-256 point (65 bytes: ids of the two
+    kinds never meet).
+    """
     raw = public if isinstance(public, bytes) else _raw(public)
     return hashlib.sha256(raw).hexdigest()[:32]
 
 
-def _kek(shared: bytes, ephemeral: bytes, recipient: bytes, context: bytes) -> bytes:
-    hkdf = HKDF(hashes.SHA256(), KEY_SIZE, salt=ephemeral + recipient, info=_WRAP_INFO + context)
+def _kek(
+    shared: bytes, ephemeral: bytes, recipient: bytes, context: bytes, algorithm: str
+) -> bytes:
+    info = _WRAP_INFO + AGREEMENTS[algorithm] + context
+    hkdf = HKDF(hashes.SHA256(), KEY_SIZE, salt=ephemeral + recipient, info=info)
     return hkdf.derive(shared)
 
 
-def wrap_key(data_key: bytes, recipient: X25519PublicKey, context: bytes) -> dict[str, Any]:
+def wrap_key(data_key: bytes, recipient: RecipientKey, context: bytes) -> dict[str, Any]:
     """Wrap ``data_key`` for ``recipient``; ``context`` binds it to one bundle."""
-    ephemeral = X25519PrivateKey.generate()
-    ephemeral_raw = _raw(ephemeral.public_key())
     recipient_raw = _raw(recipient)
-    kek = _kek(ephemeral.exchange(recipient), ephemeral_raw, recipient_raw, context)
+    shared: bytes
+    if isinstance(recipient, ec.EllipticCurvePublicKey):
+        ec_ephemeral = ec.generate_private_key(ec.SECP256R1())
+        ephemeral_raw = _raw(ec_ephemeral.public_key())
+        shared = ec_ephemeral.exchange(ec.ECDH(), recipient)
+    else:
+        x_ephemeral = X25519PrivateKey.generate()
+        ephemeral_raw = _raw(x_ephemeral.public_key())
+        shared = x_ephemeral.exchange(recipient)
+    algorithm = agreement_of(recipient)
+    kek = _kek(shared, ephemeral_raw, recipient_raw, context, algorithm)
     return {
         "keyid": key_id(recipient_raw),
+        "algorithm": algorithm,
+        "kdf": KDF,
         "ephemeral": ephemeral_raw.hex(),
         "wrapped": AESGCM(kek).encrypt(_WRAP_NONCE, data_key, context).hex(),
     }
 
 
-def unwrap_key(recipients: list[dict[str, Any]], device: X25519PrivateKey, context: bytes) -> bytes:
+def _shared(device: DeviceKey, algorithm: str, ephemeral_raw: bytes) -> bytes:
+    """The agreement of ``device`` with the entry's ephemeral key, under ``algorithm``.
+
+    Raises:
+        ValueError: ``algorithm`` is not the one of ``device``'s key, or the ephemeral
+            key is not a key of it (an entry whose algorithm was changed).
+
+    """
+    if isinstance(device, X25519PrivateKey):
+        if algorithm != "x25519":
+            raise ValueError(f"an X25519 key cannot open a {algorithm!r} entry")
+        return device.exchange(X25519PublicKey.from_public_bytes(ephemeral_raw))
+    if algorithm != "p256-ecdh":
+        raise ValueError(f"a P-256 key cannot open a {algorithm!r} entry")
+    peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ephemeral_raw)
+    if isinstance(device, ec.EllipticCurvePrivateKey):
+        return device.exchange(ec.ECDH(), peer)
+    return device.exchange(peer)
+
+
+def unwrap_key(recipients: list[dict[str, Any]], device: DeviceKey, context: bytes) -> bytes:
     """The data key wrapped for ``device`` among ``recipients``.
 
     Raises:
         LookupError: ``device`` is not among the recipients.
         InvalidTag: its entry does not open (tampered, or moved from another bundle).
+        ValueError: its entry records another key agreement or KDF than ``device``'s
+            (changed), or an ephemeral key that is not one.
 
     """
     device_raw = _raw(device.public_key())
@@ -314,8 +402,11 @@ def unwrap_key(recipients: list[dict[str, Any]], device: X25519PrivateKey, conte
     for entry in recipients:
         if entry.get("keyid") != wanted:
             continue
+        algorithm = entry.get("algorithm", "x25519")
+        if algorithm not in AGREEMENTS or entry.get("kdf", KDF) != KDF:
+            raise ValueError(f"unknown key agreement {algorithm!r} or KDF {entry.get('kdf')!r}")
         ephemeral_raw = bytes.fromhex(entry["ephemeral"])
-        shared = device.exchange(X25519PublicKey.from_public_bytes(ephemeral_raw))
-        kek = _kek(shared, ephemeral_raw, device_raw, context)
+        shared = _shared(device, algorithm, ephemeral_raw)
+        kek = _kek(shared, ephemeral_raw, device_raw, context, algorithm)
         return AESGCM(kek).decrypt(_WRAP_NONCE, bytes.fromhex(entry["wrapped"]), context)
     raise LookupError(wanted)

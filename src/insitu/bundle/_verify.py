@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from insitu._canonical import canonical_bytes
+from insitu._signer import SigningPublicKey, verify_signature
 from insitu.bundle import _stream
 from insitu.bundle._card import ModelCard
 from insitu.bundle._format import (
@@ -62,7 +61,7 @@ class BundleVerifier:
     The verifier holds no state between calls.
     """
 
-    def __init__(self, trusted: Iterable[Ed25519PublicKey]) -> None:
+    def __init__(self, trusted: Iterable[SigningPublicKey]) -> None:
         self._trusted = {publisher_key_id(key): key for key in trusted}
         if not self._trusted:
             raise ValueError("a verifier needs at least one trusted publisher key")
@@ -86,7 +85,9 @@ class BundleVerifier:
             if not SIGNATURE_HEX.match(str(sig.get("sig", ""))):
                 continue
             try:
-                self._trusted[sig["keyid"]].verify(bytes.fromhex(sig["sig"]), message)
+                # The trusted key decides the algorithm; a signature recording another
+                # one is refused (insitu._signer).
+                verify_signature(self._trusted[sig["keyid"]], bytes.fromhex(sig["sig"]), message)
                 break
             except (InvalidSignature, ValueError):
                 continue
@@ -108,7 +109,7 @@ class BundleVerifier:
             )
 
     def open(
-        self, bundle: Bundle, device_key: X25519PrivateKey | None, *, check_payload: bool = True
+        self, bundle: Bundle, device_key: _stream.DeviceKey | None, *, check_payload: bool = True
     ) -> OpenedBundle:
         """Verify, decrypt with ``device_key`` and check the model digest.
 
@@ -125,7 +126,7 @@ class BundleVerifier:
     def open_to(
         self,
         bundle: Bundle,
-        device_key: X25519PrivateKey | None,
+        device_key: _stream.DeviceKey | None,
         sink: Callable[[memoryview], None],
         *,
         check_payload: bool = True,
@@ -141,7 +142,7 @@ class BundleVerifier:
     @staticmethod
     def _decrypt_checked(
         bundle: Bundle,
-        device_key: X25519PrivateKey | None,
+        device_key: _stream.DeviceKey | None,
         *,
         into: Any = None,
         sink: Callable[[memoryview], None] | None = None,
@@ -178,7 +179,7 @@ def _valid_length(bundle: Bundle, segment_size: int) -> bool:
     return segment_size > 0
 
 
-def data_key_for(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytes:
+def data_key_for(bundle: Bundle, device_key: _stream.DeviceKey | None) -> bytes:
     """Unwrap the bundle's data key for ``device_key``.
 
     Raises:
@@ -209,7 +210,7 @@ def data_key_for(bundle: Bundle, device_key: X25519PrivateKey | None) -> bytes:
 
 def decrypt_payload(
     bundle: Bundle,
-    device_key: X25519PrivateKey | None,
+    device_key: _stream.DeviceKey | None,
     *,
     into: Any = None,
     hasher: Any = None,

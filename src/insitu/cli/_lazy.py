@@ -57,6 +57,12 @@ VERBS: dict[str, Verb] = {
         "Show this workspace: node id, key protection, ledger size and latest signed head.",
         "Workspace",
     ),
+    "keys": Verb(
+        "keys",
+        "The node's keys: move a workspace's file signing key into a PKCS#11 token "
+        "(an HSM, a smart card, SoftHSM2, a TPM through tpm2-pkcs11).",
+        "Workspace",
+    ),
     "data": Verb(
         "data",
         "Data protection at the source: a schema declares every column (feature, label, "
@@ -84,6 +90,12 @@ VERBS: dict[str, Verb] = {
     "repo": Verb(
         "repo",
         "The update repository: signed TUF metadata over bundles, per-tensor deltas and channels.",
+        "Supply chain",
+    ),
+    "attest": Verb(
+        "attest",
+        "Attested membership: measure this insitu build into a TPM PCR, quote it over a "
+        "verifier's nonce, and check quotes against an allow-list of measured states.",
         "Supply chain",
     ),
     "update": Verb(

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from rich.table import Table
 
 from insitu._atomic import atomic_write_text
+from insitu._signer import SigningPublicKey, public_key_text
 from insitu.audit import (
     TreeHead,
     VerificationReport,
@@ -77,16 +79,20 @@ def _load_head(path: Path | None) -> TreeHead | None:
     return TreeHead.from_json(_read_json(path, "signed head")) if path else None
 
 
-def _load_public_key(path: Path | None) -> Ed25519PublicKey | None:
+def _load_public_key(path: Path | None) -> SigningPublicKey | None:
     if path is None:
         return None
     try:
         key = load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise KeyFileError(f"{path} is not a PEM public key ({exc})") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path} is not an Ed25519 public key (pass keys/signing.pub.pem)")
-    return key
+    if isinstance(key, Ed25519PublicKey) or (
+        isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
+        return key
+    raise KeyFileError(
+        f"{path} is not an Ed25519 or ECDSA P-256 public key (pass keys/signing.pub.pem)"
+    )
 
 
 def _write_or_print(doc: dict[str, Any], out_path: Path | None) -> None:
@@ -198,9 +204,8 @@ def verify(
                 )
         else:
             ws = Workspace.open(home)
-            if (
-                pinned is not None
-                and pinned.public_bytes_raw() != ws.signing_public_key.public_bytes_raw()
+            if pinned is not None and public_key_text(pinned) != public_key_text(
+                ws.signing_public_key
             ):
                 raise UsageError(
                     "--public-key is not this workspace's key; drop it or pass the right one"

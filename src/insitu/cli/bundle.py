@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from rich.table import Table
 
 from insitu._atomic import atomic_write_bytes
+from insitu._signer import SigningPublicKey
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
 from insitu.errors import KeyFileError, UsageError, WorkspaceNotFoundError, WrongDeviceKeyError
@@ -70,7 +72,37 @@ def _public_key(path: Path, kind: type) -> Any:
     return key
 
 
-def _enrolled_publishers(ws: Workspace) -> list[Ed25519PublicKey]:
+def _publisher_key(path: Path) -> SigningPublicKey:
+    """A publisher's (a node's) signing key: Ed25519, or P-256 (a key in a TPM)."""
+    try:
+        key = load_pem_public_key(_read(path, "public key"))
+    except ValueError as exc:
+        raise KeyFileError(f"{path} is not a PEM public key ({exc})") from exc
+    if isinstance(key, Ed25519PublicKey) or (
+        isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    ):
+        return key
+    raise KeyFileError(
+        f"{path} is not an Ed25519 or ECDSA P-256 public key; give a node's keys/signing.pub.pem"
+    )
+
+
+def _recipient_key(path: Path) -> Any:
+    """A device's encryption key: X25519, or P-256 (a key in a token, ECDH there)."""
+    try:
+        key = load_pem_public_key(_read(path, "public key"))
+    except ValueError as exc:
+        raise KeyFileError(f"{path} is not a PEM public key ({exc})") from exc
+    if isinstance(key, X25519PublicKey) or (
+        isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    ):
+        return key
+    raise KeyFileError(
+        f"{path} is not an X25519 or P-256 public key; give a device's keys/encryption.pub.pem"
+    )
+
+
+def _enrolled_publishers(ws: Workspace) -> list[SigningPublicKey]:
     """The publisher keys of the repository this device enrolled with (none if it did not)."""
     from insitu.update import UpdateClient
 
@@ -149,7 +181,7 @@ def create(
     """
     from insitu.bundle import bundle_model
 
-    recipients = [_public_key(p, X25519PublicKey) for p in recipient or []]
+    recipients = [_recipient_key(p) for p in recipient or []]
     if not recipients and not no_encrypt:
         raise UsageError(
             "name the devices allowed to run this model with --recipient PEM (their "
@@ -297,7 +329,7 @@ def verify(
     bundle = Bundle.parse(_read(path, "bundle"))
     ws: Workspace | None = None
     if publisher:
-        keys: list[Ed25519PublicKey] = [_public_key(p, Ed25519PublicKey) for p in publisher]
+        keys: list[SigningPublicKey] = [_publisher_key(p) for p in publisher]
     else:
         ws = Workspace.open(home)
         keys = [ws.signing_public_key, *_enrolled_publishers(ws)]
@@ -336,9 +368,9 @@ PublisherOption = Annotated[
 ]
 
 
-def _trusted(publisher: list[Path] | None, home: Path | None) -> list[Ed25519PublicKey]:
+def _trusted(publisher: list[Path] | None, home: Path | None) -> list[SigningPublicKey]:
     if publisher:
-        return [_public_key(p, Ed25519PublicKey) for p in publisher]
+        return [_publisher_key(p) for p in publisher]
     ws = Workspace.open(home)
     return [ws.signing_public_key, *_enrolled_publishers(ws)]
 

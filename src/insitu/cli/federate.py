@@ -11,7 +11,7 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
-from insitu.data import DataSchema, load_schema
+from insitu.data import load_schema
 from insitu.federated import (
     DEFAULT_ADDRESS,
     FederationConfig,
@@ -340,7 +340,7 @@ def server_command(
         typer.Option(
             "--schema",
             "-s",
-            help="Data schema (TOML) every site uses.",
+            help="Data schema (TOML) every site uses: a table's, or an array schema.",
             exists=True,
             dir_okay=False,
         ),
@@ -393,6 +393,18 @@ def server_command(
             "settings (the training options are not used).",
         ),
     ] = None,
+    attest: Annotated[
+        Path | None,
+        typer.Option(
+            "--attest",
+            metavar="ALLOWLIST",
+            help="Admit a site only after a fresh TPM quote of its measured insitu build "
+            "that this allow-list of measured states (TOML) allows; each site's attestation "
+            "key is <certs>/sites/NAME.ak.pem. Off by default.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -408,6 +420,7 @@ def server_command(
     [dim]Example:[/]
       insitu federate server -s adult.schema.toml --certs fed-certs --sites 3 --rounds 5
       insitu federate server -s adult.schema.toml --certs fed-certs --resume 20261207T1500Z-1a2b3c
+      insitu federate server -s digits.schema.toml --model cnn --certs fed-certs --sites 3
     """
     config = FederationConfig(
         sites=sites,
@@ -427,7 +440,7 @@ def server_command(
         seed=seed,
     )
     ws = Workspace.open(home)
-    parsed = DataSchema.load(schema)
+    parsed = load_schema(schema)  # a table's, or an array schema (images, signals)
 
     def status(text: str) -> None:
         if not json_output:
@@ -443,6 +456,7 @@ def server_command(
         timeout=timeout,
         resume=resume,
         on_status=status,
+        attest=attest,
     )
     if json_output:
         print_json(result.to_json())
@@ -472,7 +486,12 @@ def server_command(
 @federate_app.command("site")
 def site_command(
     data: Annotated[
-        Path, typer.Option("--data", help="This site's own CSV or Parquet file.", dir_okay=False)
+        Path,
+        typer.Option(
+            "--data",
+            help="This site's own CSV or Parquet file, or its array data (.npz, or a folder "
+            "of images with one subfolder per class).",
+        ),
     ],
     schema: Annotated[
         Path,
@@ -539,7 +558,7 @@ def site_command(
     result = join(
         resolve_home(home),
         data,
-        schema=DataSchema.load(schema),
+        schema=load_schema(schema),
         server=server,
         ca=ca,
         key=key,

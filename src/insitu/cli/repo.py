@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.table import Table
 
 from insitu.cli._app import app
@@ -86,6 +85,25 @@ def publish(
     max_deltas: Annotated[
         int, typer.Option(min=0, help="Deltas from this many earlier versions.")
     ] = 2,
+    attest: Annotated[
+        Path | None,
+        typer.Option(
+            "--attest",
+            metavar="ALLOWLIST",
+            help="Publish to the one --device only if its --quote (over the nonce of "
+            "'insitu attest challenge') shows a measured state this allow-list allows.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    quote: Annotated[
+        Path | None,
+        typer.Option("--quote", help="The device's quote (with --attest).", exists=True),
+    ] = None,
+    ak: Annotated[
+        Path | None,
+        typer.Option("--ak", help="The device's enrolled AK, PEM (with --attest).", exists=True),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -102,6 +120,8 @@ def publish(
     except OSError as exc:
         raise UsageError(f"cannot read bundle {bundle} ({exc.strerror or exc})") from exc
     ws = Workspace.open(home)
+    if attest is not None:
+        _check_device_quote(ws, attest, device or [], quote, ak)
     repository = open_directory_repository(repo)
     channels = channel if channel is not None else ([] if device else ["stable"])
     with ws.ledger() as ledger, err_console.status("Publishing (computing deltas)..."):
@@ -125,6 +145,25 @@ def publish(
         out.print(f"  delta from {old}: {info['length']:,} bytes ({share:.1%} of the bundle)")
 
 
+def _check_device_quote(
+    ws: Workspace, allow_list: Path, devices: list[str], quote: Path | None, ak: Path | None
+) -> None:
+    """Refuse to publish unless the one device's fresh quote is allowed (recorded)."""
+    import json
+
+    from insitu.attestation import AllowList, Quote, Verifier
+
+    if len(devices) != 1 or quote is None or ak is None:
+        raise UsageError("--attest checks one device: give one --device, its --quote and --ak")
+    try:
+        parsed = Quote.from_json(json.loads(quote.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{quote} is not a quote from 'insitu attest quote': {exc}") from exc
+    keys = {devices[0]: ak.read_bytes()}
+    verifier = Verifier(ws, AllowList.load(allow_list), keys, kind="device", persistent=True)
+    verifier.check(devices[0], parsed).raise_if_refused()
+
+
 @repo_app.command("publishers")
 def publishers(
     repo: RepoArg,
@@ -144,7 +183,7 @@ def publishers(
       insitu repo publishers /srv/models --add new-publisher.pub.pem --remove 3f2a...
     """
     from insitu.bundle import publisher_key_id
-    from insitu.cli.bundle import _public_key
+    from insitu.cli.bundle import _publisher_key
     from insitu.update import open_directory_repository
 
     repository = open_directory_repository(repo)
@@ -156,7 +195,7 @@ def publishers(
                 raise UsageError(f"no publisher with key id {keyid}; see 'insitu repo publishers'")
             del wanted[keyid]
         for path in add or []:
-            key = _public_key(path, Ed25519PublicKey)
+            key = _publisher_key(path)
             wanted[publisher_key_id(key)] = key
         with Workspace.open(home).ledger() as ledger:
             version = repository.set_publishers(wanted.values(), ledger=ledger)

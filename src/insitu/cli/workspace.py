@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from insitu._signer import algorithm_of
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, out, print_json
 from insitu.workspace import Workspace, pin_from_env, resolve_home
@@ -17,8 +18,13 @@ __all__ = ["info", "init"]
 
 
 def _keys_encrypted(ws: Workspace) -> bool:
-    # encryption.key: every workspace has it (the signing key may live in a token).
-    doc = json.loads((ws.keys_dir / "encryption.key").read_text(encoding="utf-8"))
+    # Keys in a token have no file: the first sealed file present tells (data.key is made
+    # at init since the site secrets came; older workspaces all have encryption.key).
+    names = ("encryption.key", "data.key", "pseudonym.key")
+    path = next((ws.keys_dir / n for n in names if (ws.keys_dir / n).exists()), None)
+    if path is None:
+        return False
+    doc = json.loads(path.read_text(encoding="utf-8"))
     return bool(doc.get("protection") != "none")
 
 
@@ -33,6 +39,8 @@ def describe(ws: Workspace) -> dict[str, Any]:
         "name": ws.name,
         "keys_encrypted": _keys_encrypted(ws),
         "signing_key": ws.signing_key_uri or "file",
+        "signing_algorithm": algorithm_of(ws.signing_public_key),
+        "decryption_key": ws.decryption_key_uri or "file",
         "ledger": {
             "path": str(ws.ledger_path.absolute()),
             "entries": size,
@@ -53,7 +61,13 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         "encrypted (scrypt)" if summary["keys_encrypted"] else "[yellow]not encrypted[/]",
     )
     signing = summary["signing_key"]
-    table.add_row("signing key", "keys/signing.key" if signing == "file" else f"in token {signing}")
+    where = "keys/signing.key" if signing == "file" else f"in token {signing}"
+    table.add_row("signing key", f"{where} ({summary['signing_algorithm']})")
+    decrypting = summary["decryption_key"]
+    table.add_row(
+        "decryption key",
+        "keys/encryption.key" if decrypting == "file" else f"in token {decrypting} (P-256 ECDH)",
+    )
     table.add_row("ledger entries", str(summary["ledger"]["entries"]))
     head = summary["ledger"]["latest_head"]
     table.add_row(
@@ -83,13 +97,21 @@ def init(
         str | None,
         typer.Option(help="The token's PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so)."),
     ] = None,
+    key_algorithm: Annotated[
+        str | None,
+        typer.Option(
+            help="The token key's algorithm: ed25519 or p256 (ECDSA P-256). [default: "
+            "Ed25519 if the token has it, else P-256]",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a workspace: config, this node's keys, and its audit ledger.
 
     Keys are encrypted with the passphrase in [bold]INSITU_PASSPHRASE[/] when it is set.
     With [bold]--key-uri[/], the signing key is generated in a PKCS#11 token (an HSM, a
-    smart card, SoftHSM2, a TPM through tpm2-pkcs11) and never leaves it.
+    smart card, SoftHSM2, a TPM through tpm2-pkcs11) and never leaves it: Ed25519 when
+    the token has it, else ECDSA P-256 (a TPM), recorded in every signature.
     Running it again on an existing workspace changes nothing and says so.
 
     [dim]Examples:[/]
@@ -101,7 +123,12 @@ def init(
     if key_uri and not pin and sys.stdin.isatty():
         pin = typer.prompt("PIN of the token", hide_input=True)
     ws, created = Workspace.init(
-        home, name=name, key_uri=key_uri, pkcs11_module=pkcs11_module, pin=pin
+        home,
+        name=name,
+        key_uri=key_uri,
+        pkcs11_module=pkcs11_module,
+        pin=pin,
+        key_algorithm=key_algorithm,
     )
     summary = describe(ws) | {"created": created}
     if json_output:

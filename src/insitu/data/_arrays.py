@@ -168,7 +168,12 @@ class ArraySchema:
         """The table schema records become (see the module docstring)."""
         names = self.column_names()
         low, high = self.value_range
-        dataset: dict[str, Any] = {"name": self.name, "label": self.label}
+        dataset: dict[str, Any] = {
+            "name": self.name,
+            "label": self.label,
+            # Every site numbers the labels by the declared classes, not by those it holds.
+            "classes": [self.label_code(i) for i in range(len(self.label_names))],
+        }
         if self.subject is not None:
             dataset["subject"] = self.subject
         if len(self.label_names) == 2:

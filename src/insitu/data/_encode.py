@@ -255,14 +255,45 @@ class FeatureEncoder:
         return [(c, self.schema.bins[c]) for c in self.schema.numeric if c in self.schema.bins]
 
     def labels(self, frame: pd.DataFrame) -> np.ndarray:
-        """Labels: 1/0 for a binary schema (``dataset.positive``), else category codes."""
+        """Labels: 1/0 for a binary schema (``dataset.positive``), else class codes.
+
+        A class's code is its position among the schema's declared classes
+        (``dataset.classes``; an array schema's ``label_names``), so that every site
+        numbers the classes alike whichever of them its own records hold. Without declared
+        classes the codes number the classes present here, with a warning: a site missing
+        a class would then shift the others' codes.
+
+        Raises:
+            DataFormatError: a label that is not one of the declared classes.
+
+        """
         import pandas as pd
 
-        values = frame[self.schema.label].astype(str)
+        label = self.schema.label
+        values = frame[label].astype(str)
         if self.schema.positive is not None:
             return (values == self.schema.positive).to_numpy(dtype=np.int64)
-        codes = pd.Categorical(values, categories=sorted(values.unique())).codes
-        return np.asarray(codes, dtype=np.int64)
+        if self.schema.classes:
+            position = {value: i for i, value in enumerate(self.schema.classes)}
+            codes = _codes(values.to_numpy(dtype=object), position)
+            _refuse(
+                codes < 0,
+                values.to_numpy(dtype=object),
+                label,
+                _row,
+                f"is not one of the declared classes ({', '.join(self.schema.classes)}): "
+                "correct the label, or declare it in dataset.classes",
+            )
+            return codes
+        present = sorted(values.unique())
+        if len(present) > 2:
+            logger.warning(
+                "the classes of %r are not declared: numbering this data's %d classes; "
+                "declare dataset.classes so that every site numbers them alike",
+                label,
+                len(present),
+            )
+        return np.asarray(pd.Categorical(values, categories=present).codes, dtype=np.int64)
 
 
 def _row(index: int) -> str:

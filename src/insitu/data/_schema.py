@@ -6,6 +6,7 @@ One schema per data set, in TOML (documented in ``docs/data-protection.md``)::
     name = "adult-income"
     label = "income"
     positive = ">50K"                 # binary label: this value is 1, all others 0
+    classes = ["<=50K", ">50K"]       # optional: the label's classes, in the model's order
     subject = "record_id"             # optional; always pseudonymized; consent is keyed by it
 
     [features]                        # the ONLY columns a model ever receives
@@ -87,7 +88,7 @@ if TYPE_CHECKING:
 __all__ = ["GROUP_MAX_GAP", "GROUP_MIN_SIZE", "DataSchema"]
 
 _SECTIONS: dict[str, set[str]] = {
-    "dataset": {"name", "label", "positive", "subject"},
+    "dataset": {"name", "label", "positive", "subject", "classes"},
     "features": {"numeric", "categorical", "categories", "ranges", "transforms", "bins"},
     "identifiers": {"direct", "quasi"},
     "treatment": {"drop", "pseudonymize", "generalize", "keep"},
@@ -158,6 +159,9 @@ class DataSchema:
     sensitive: tuple[str, ...] = ()
     group_min_size: int = GROUP_MIN_SIZE
     group_max_gap: float = GROUP_MAX_GAP
+    #: The label's classes, in the order of the model's outputs (``dataset.classes``):
+    #: every site numbers the labels by them, whichever classes its own records hold.
+    classes: tuple[str, ...] = ()
 
     # -- loading -------------------------------------------------------------------
 
@@ -223,6 +227,7 @@ class DataSchema:
             sensitive=sensitive,
             group_min_size=min_size,
             group_max_gap=max_gap,
+            classes=dataset.classes,
         )
 
     @classmethod
@@ -376,6 +381,7 @@ class _Dataset:
     label: str
     positive: str | None
     subject: str | None
+    classes: tuple[str, ...] = ()
 
     @classmethod
     def read(cls, doc: dict[str, Any]) -> _Dataset:
@@ -389,7 +395,16 @@ class _Dataset:
         for key, value in (("name", name), ("positive", positive), ("subject", subject)):
             if value is not None and not isinstance(value, str):
                 raise SchemaError(f"dataset.{key} must be a string")
-        return cls(name=name, label=label, positive=positive, subject=subject)
+        classes = dataset.get("classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise SchemaError('dataset.classes lists the label\'s classes, e.g. ["no", "yes"]')
+        if classes and (len(classes) < 2 or len(set(classes)) != len(classes)):
+            raise SchemaError("dataset.classes lists at least 2 classes, each once")
+        if classes and positive is not None and positive not in classes:
+            raise SchemaError(f"dataset.positive {positive!r} is not one of dataset.classes")
+        return cls(
+            name=name, label=label, positive=positive, subject=subject, classes=tuple(classes)
+        )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ coordinator sums them (:func:`combine_releases`) into a :class:`ReferenceProfile
 ships in the model card. At inference time the :class:`DriftMonitor` counts what the
 model sees in the same bins and compares: population stability index and a chi-square
 two-sample test per feature, thresholds in the workspace config, events in the ledger,
-gauges for Prometheus. ``docs/operations.md`` has the threat model.
+gauges for Prometheus. ``docs/operations.md`` has the threat model. An image or signal
+model is watched on statistics of each record (mean, spread and saturation per channel,
+quadrant means, gradient), binned over ranges its declared value range fixes
+(``ProfileLayout.from_schema`` of an array schema; ``docs/arrays.md``).
 
 Layer 8: imports ``insitu.bundle`` (the card's reference profile), ``insitu.data``,
 ``insitu.privacy`` and below.

@@ -5,7 +5,9 @@ the range the schema declares (the encoder already scales it to [0, 1], so the b
 ``bins`` equal intervals of [0, 1]); a categorical feature has one bin per declared
 category plus one for values the schema does not know (encoded as all zeros); the
 model's output has ``bins`` equal bins of its score in [0, 1] (binary) or one bin per
-class. Since no bin edge depends on a record, the layout itself leaks nothing.
+class. Since no bin edge depends on a record, the layout itself leaks nothing. An image or
+signal model's features are statistics of each record (mean intensity per channel, ...),
+each binned over the range the declared value range gives it (:mod:`insitu.drift._arrays`).
 
 Release at a site (the Gaussian mechanism): every record adds 1 to exactly one bin of
 each of the ``m`` histograms (features, plus the output), so adding or removing a record
@@ -33,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from insitu.data import DataSchema, FeatureEncoder
+from insitu.data import ArraySchema, DataSchema, FeatureEncoder
+from insitu.drift._arrays import record_statistics, statistic_ranges
 from insitu.errors import SchemaError, UsageError
 from insitu.privacy import PrivacyEvent, SecureRandom, calibrate_noise
 
@@ -44,6 +47,7 @@ __all__ = [
     "bin_counts",
     "combine_releases",
     "noisy_release",
+    "statistic_features",
 ]
 
 #: The name under which the model's output histogram is kept.
@@ -53,24 +57,33 @@ UNKNOWN = "(unknown)"
 
 @dataclass(frozen=True)
 class ProfileLayout:
-    """Which encoded columns make each feature, and its bins (from the schema only)."""
+    """Which encoded columns make each feature, and its bins (from the schema only).
+
+    ``records`` is set for images and signals: their ``kind``, ``shape`` and
+    ``value_range``; the features are then the statistics of each record
+    (:func:`~insitu.drift._arrays.record_statistics`), computed before counting.
+    """
 
     features: list[dict[str, Any]]
     n_inputs: int
     bins: int
     output_classes: int
+    records: dict[str, Any] | None = None
 
     @classmethod
     def from_schema(
-        cls, schema: DataSchema, *, bins: int = 10, output_classes: int = 1
+        cls, schema: DataSchema | ArraySchema, *, bins: int = 10, output_classes: int = 1
     ) -> ProfileLayout:
         """The layout of ``schema``'s encoding; refuses features without declared bins.
 
         ``output_classes`` is 1 for a model that outputs one logit (binary), else the
-        number of classes.
+        number of classes. An array schema (images, signals) gives the layout of its
+        records' statistics (:meth:`for_records`).
         """
         if not 2 <= bins <= 100:
             raise UsageError(f"bins must be between 2 and 100, not {bins}")
+        if isinstance(schema, ArraySchema):
+            return cls.for_records(schema.input_json(), bins=bins, output_classes=output_classes)
         missing = [c for c in schema.numeric if c not in schema.ranges]
         missing += [c for c in schema.categorical if c not in schema.categories]
         if missing:
@@ -112,6 +125,25 @@ class ProfileLayout:
             raise SchemaError("drift profile layout disagrees with the feature encoder")
         return cls(features, column, bins, output_classes)
 
+    @classmethod
+    def for_records(
+        cls, records: dict[str, Any], *, bins: int = 10, output_classes: int = 1
+    ) -> ProfileLayout:
+        """The layout of image or signal records: one numeric feature per statistic.
+
+        ``records`` holds ``kind``, ``shape`` and ``value_range`` (an array schema's
+        :meth:`~insitu.data.ArraySchema.input_json`, as in a model's ``features.json``).
+        """
+        if not 2 <= bins <= 100:
+            raise UsageError(f"bins must be between 2 and 100, not {bins}")
+        spec = {
+            "kind": str(records["kind"]),
+            "shape": [int(v) for v in records["shape"]],
+            "value_range": [float(v) for v in records["value_range"]],
+        }
+        features = statistic_features(spec)
+        return cls(features, len(features), bins, output_classes, spec)
+
     def to_json(self) -> dict[str, Any]:
         """As stored in the card."""
         return {
@@ -119,17 +151,41 @@ class ProfileLayout:
             "n_inputs": self.n_inputs,
             "bins": self.bins,
             "output_classes": self.output_classes,
-        }
+        } | ({"records": self.records} if self.records is not None else {})
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> ProfileLayout:
         """Read a layout written by :meth:`to_json`."""
-        return cls(
+        layout = cls(
             list(doc["features"]),
             int(doc["n_inputs"]),
             int(doc["bins"]),
             int(doc["output_classes"]),
+            doc.get("records"),
         )
+        if layout.records is not None:
+            layout._check_records()
+        return layout
+
+    def _check_records(self) -> None:
+        """Refuse records whose statistics are not this layout's features (a forged card)."""
+        records = self.records or {}
+        try:
+            spec = ProfileLayout.for_records(records, bins=self.bins).records or {}
+            low, high = spec["value_range"]
+            ok = (
+                spec["kind"] in ("images", "signals")
+                and len(spec["shape"]) in (2, 3)
+                and low < high
+                and statistic_features(spec) == self.features
+            )
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SchemaError(
+                f"the drift profile's records {records!r} do not give its statistics; make "
+                "the profile again with ProfileLayout.from_schema of the array schema"
+            )
 
     @property
     def names(self) -> list[str]:
@@ -147,6 +203,14 @@ class ProfileLayout:
             return list(feature["categories"])
         low, high = feature["range"]
         return _interval_labels(float(low), float(high), self.bins)
+
+
+def statistic_features(records: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layout's features of image or signal ``records``: one numeric per statistic."""
+    return [
+        {"name": name, "kind": "numeric", "start": i, "stop": i + 1, "range": [low, high]}
+        for i, (name, low, high) in enumerate(statistic_ranges(records))
+    ]
 
 
 def _interval_labels(low: float, high: float, bins: int) -> list[str]:
@@ -260,9 +324,12 @@ class BinCounter:
         """The flat counts of a batch and its number of rows (the batch is not kept).
 
         Raises:
-            SchemaError: as :meth:`add`.
+            SchemaError: as :meth:`add`, or image or signal records that are not of the
+                layout's shape.
 
         """
+        if self.layout.records is not None:  # images, signals: count their statistics
+            inputs = record_statistics(self.layout.records, inputs)
         inputs = np.asarray(inputs)
         if inputs.ndim != 2 or inputs.shape[1] != self.layout.n_inputs:
             raise SchemaError(

@@ -11,7 +11,10 @@ After every round it keeps ``checkpoint.npz`` in the run directory (and records
 plan with ``resume`` (``RunPlan.resumed``) goes on from it (``federation.resumed``).
 :func:`site_client` is :class:`~insitu.federated.SiteClient`: the site enforces its own
 per-subject budget in its own ledger exactly as in simulation, and refuses a run whose
-schema digest differs from the one its data was prepared under.
+schema digest differs from the one its data was prepared under, or whose records (array
+data: ``SharedPlan.array_input``) have another shape than its own, leaving the reason for
+``insitu federate site`` (:func:`~._plan.refusals_dir`). A run on array data trains the
+model the plan's input declares (the CNN of its shape) on both sides.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from insitu.errors import (
 from insitu.federated._checkpoint import CHECKPOINT_NAME, Checkpoint
 from insitu.federated._defaults import fold_centering, uses_centering
 from insitu.federated._groups import record_groups
-from insitu.federated._plan import RunPlan, SharedPlan, SiteSetup
+from insitu.federated._plan import RunPlan, SharedPlan, SiteSetup, refusals_dir
 from insitu.federated._processes import (
     RUN_DIR_ENV,
 )
@@ -53,6 +56,8 @@ from insitu.federated._server_app import (
 )
 from insitu.federated._site_app import SiteClient, SitePlan
 from insitu.training import (
+    ArrayModelFn,
+    ModelFn,
     build_model,
     get_weights,
     onnx_parity,
@@ -157,7 +162,12 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
     run_id, run_dir = plan.run_id, plan.run_dir
     n_features = plan.shared.n_features
     torch.manual_seed(config.seed)
-    model = build_model(config.model, n_features, hidden=config.hidden)
+    model_fn = _array_model_fn(plan.shared)
+    model = (
+        model_fn(n_features)
+        if model_fn is not None
+        else build_model(config.model, n_features, hidden=config.hidden)
+    )
     resumed = _resume(ws, plan)
     if resumed is None:
         with ws.ledger() as ledger:
@@ -239,6 +249,10 @@ def _run_server(grid: Grid, context: Context, plan: RunPlan) -> None:
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
 
 
+#: How a deployed model's ONNX parity is probed (recorded in ``features.json``).
+_PROBE = "uniform [0, 1], 256 rows (the server holds no records)"
+
+
 def _save_deployed_model(
     ws: Workspace, *, run_id: str, model: torch.nn.Module, plan: RunPlan
 ) -> Path:
@@ -253,12 +267,23 @@ def _save_deployed_model(
     from insitu.training import export_onnx
 
     model_dir = ws.model_dir(run_id)
+    probe = np.random.default_rng(0).random((256, plan.shared.n_features), dtype=np.float32)
+    if plan.array_schema_source is not None:  # the graph takes raw records, as simulated
+        from insitu.data import ArraySchema
+        from insitu.federated._arrays import write_array_model
+
+        return write_array_model(
+            model_dir,
+            model,
+            arrays=ArraySchema.from_dict(plan.array_schema_source),
+            schema=DataSchema.from_dict(plan.schema_source),
+            sample=probe,
+            onnx_parity_probe=_PROBE,
+        )
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
-    n_features = plan.shared.n_features
-    onnx_bytes = export_onnx(model, n_features)
-    probe = np.random.default_rng(0).random((256, n_features), dtype=np.float32)
+    onnx_bytes = export_onnx(model, plan.shared.n_features)
     parity = onnx_parity(model, onnx_bytes, probe)
     atomic_write_bytes(model_dir / "model.pt", buffer.getvalue())
     atomic_write_bytes(model_dir / "model.onnx", onnx_bytes)
@@ -271,7 +296,7 @@ def _save_deployed_model(
                 "schema_sha256": plan.shared.schema_sha256,
                 "onnx_parity_max_abs_diff": parity.max_abs_diff,
                 "onnx_parity_relative": parity.relative,
-                "onnx_parity_probe": "uniform [0, 1], 256 rows (the server holds no records)",
+                "onnx_parity_probe": _PROBE,
             },
             indent=2,
         )
@@ -298,15 +323,40 @@ class _DeployedSite(SiteClient):
         return result
 
 
+def _check_input(site: SiteSetup, run: SharedPlan) -> None:
+    """Refuse a run whose records are not those this site prepared (shape, or table)."""
+    ours, theirs = site.array_input, run.array_input
+    if ours is None and theirs is None:
+        return
+    if ours is None or theirs is None:
+        has = "a table" if ours is None else f"records of shape {ours.describe()}"
+        wants = "a table" if theirs is None else f"records of shape {theirs.describe()}"
+        raise FederationError(
+            f"{site.site}: run {run.run_id} trains on {wants}, this site prepared {has}; "
+            "join with the data and schema the federation uses"
+        )
+    if (ours.kind, ours.shape) != (theirs.kind, theirs.shape):
+        raise FederationError(
+            f"{site.site}: run {run.run_id} takes records of shape {theirs.describe()}, this "
+            f"site prepared records of shape {ours.describe()}; refusing: prepare the data "
+            "under the federation's array schema (arrays.shape), reshaping it if need be"
+        )
+
+
 def _site_plan(context: Context) -> SitePlan:
     home = Path(str(context.node_config["insitu-home"]))
     run = SharedPlan.loads(str(context.run_config["insitu"]))
     site = SiteSetup.read(home)
-    if site.schema_sha256 != run.schema_sha256:
-        raise FederationError(
-            f"{site.site}: the run's schema ({run.schema_sha256[:12]}) is not the one "
-            f"this site prepared its data under ({site.schema_sha256[:12]}); refusing"
-        )
+    try:
+        _check_input(site, run)
+        if site.schema_sha256 != run.schema_sha256:
+            raise FederationError(
+                f"{site.site}: the run's schema ({run.schema_sha256[:12]}) is not the one "
+                f"this site prepared its data under ({site.schema_sha256[:12]}); refusing"
+            )
+    except FederationError as exc:
+        _record_refusal(home, run.run_id, str(exc))
+        raise
     return SitePlan(
         run_id=run.run_id,
         site=site.site,
@@ -317,7 +367,24 @@ def _site_plan(context: Context) -> SitePlan:
         n_features=run.n_features,
         config=run.config,
         site_noise_multiplier=run.site_noise_multiplier,
+        model_fn=_array_model_fn(run),
     )
+
+
+def _record_refusal(home: Path, run_id: str, reason: str) -> None:
+    """Leave the refusal for ``insitu federate site`` (:func:`~._plan.refusals_dir`)."""
+    directory = refusals_dir(home)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / run_id
+    if not path.exists():
+        atomic_write_text(path, reason + "\n")
+
+
+def _array_model_fn(run: SharedPlan) -> ModelFn | None:
+    """The CNN a run on array data trains (``None``: the tabular families)."""
+    if run.array_input is None or run.config.model != "cnn":
+        return None
+    return ArrayModelFn(run.array_input.shape, len(run.array_input.classes))
 
 
 def site_client(context: Context) -> Any:

@@ -36,7 +36,7 @@ from insitu.training import (
 )
 from insitu.workspace import Workspace
 
-__all__ = ["ArrayRun", "array_inputs", "array_run", "save_array_model"]
+__all__ = ["ArrayRun", "array_inputs", "array_run", "save_array_model", "write_array_model"]
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,29 @@ def save_array_model(
     sample: np.ndarray,
 ) -> Path:
     """Write the PyTorch state, the ONNX graph of raw records (parity-checked), the input."""
-    arrays, schema = run.table.arrays, run.table.schema
-    model_dir = coordinator.model_dir(run_id)
+    return write_array_model(
+        coordinator.model_dir(run_id),
+        model,
+        arrays=run.table.arrays,
+        schema=run.table.schema,
+        sample=sample,
+    )
+
+
+def write_array_model(
+    model_dir: Path,
+    model: torch.nn.Module,
+    *,
+    arrays: ArraySchema,
+    schema: DataSchema,
+    sample: np.ndarray,
+    **extra: Any,
+) -> Path:
+    """The model files of array records in ``model_dir``; ``sample``: scaled rows in [0, 1].
+
+    The ONNX graph's parity with PyTorch is checked on up to 256 of ``sample``'s rows,
+    mapped back to raw records; ``extra`` goes into ``features.json`` as it is.
+    """
     model_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -152,6 +173,7 @@ def save_array_model(
         "array_schema_sha256": arrays.digest(),
         "onnx_parity_max_abs_diff": parity.max_abs_diff,
         "onnx_parity_relative": parity.relative,
+        **extra,
     }
     atomic_write_text(model_dir / "features.json", json.dumps(doc, indent=2) + "\n")
     return model_dir

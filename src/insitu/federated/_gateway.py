@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import ssl
@@ -47,6 +48,8 @@ from insitu.errors import FederationError
 if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
+
+    from insitu.federated._attest import SiteAdmission
 
 __all__ = ["FLEET_OPERATIONS", "FleetGateway", "RunStates"]
 
@@ -87,6 +90,10 @@ _HOP_BY_HOP = frozenset(
 )
 #: A Fleet request's body at most (Flower splits models into objects far smaller).
 MAX_BODY = 256 * 1024 * 1024
+#: The Fleet request header that carries a SuperNode's public key (base64 PEM).
+_NODE_KEY_HEADER = "flwr-public-key"
+#: An attestation request's body at most.
+_MAX_ATTEST_BODY = 64 * 1024
 _RUN_STATES = ("running", "finished", "failed")
 
 
@@ -137,8 +144,8 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return JSONResponse(body, status_code=status)
 
 
-def _app(upstream: _Upstream, states: RunStates) -> Any:
-    """The gateway's ASGI application (Starlette)."""
+def _app(upstream: _Upstream, states: RunStates, admission: SiteAdmission | None = None) -> Any:
+    """The gateway's ASGI application (Starlette); with ``admission``, sites must attest."""
     import httpx
     from starlette.applications import Starlette
     from starlette.responses import Response
@@ -159,6 +166,14 @@ def _app(upstream: _Upstream, states: RunStates) -> Any:
         operation = request.path_params["operation"]
         if operation not in FLEET_OPERATIONS:
             return _refuse(request)
+        if admission is not None and not admission.admits(request.headers.get(_NODE_KEY_HEADER)):
+            return _json(
+                403,
+                {
+                    "error": "this site has not attested: this server admits a site after a "
+                    "fresh TPM quote (set INSITU_TPM_TCTI at the site)"
+                },
+            )
         body = await request.body()
         if len(body) > MAX_BODY:
             return _json(413, {"error": f"a Fleet request of at most {MAX_BODY} bytes"})
@@ -187,11 +202,30 @@ def _app(upstream: _Upstream, states: RunStates) -> Any:
     async def refuse(request: Request) -> Response:
         return _refuse(request)
 
+    async def attest(request: Request) -> Response:
+        if admission is None:  # routed only with an admission
+            return _refuse(request)
+        body = await request.body()
+        if len(body) > _MAX_ATTEST_BODY:
+            return _json(413, {"error": f"at most {_MAX_ATTEST_BODY} bytes of attestation"})
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return _json(400, {"error": "an attestation request is a JSON object"})
+        step = admission.challenge if request.url.path.endswith("/challenge") else admission.check
+        status, answer = await asyncio.to_thread(step, document)
+        return _json(status, answer)
+
+    attestation = (
+        [Route("/insitu/v1/attest/{step:str}", attest, methods=["POST"])] if admission else []
+    )
+
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     return Starlette(
         routes=[
             Route("/v1/fleet/{operation}", fleet, methods=["POST"]),
             Route("/insitu/v1/runs/{run_id}", run_state, methods=["GET"]),
+            *attestation,
             Route("/{path:path}", refuse, methods=methods),
         ],
         lifespan=lifespan,
@@ -225,11 +259,12 @@ class FleetGateway:
         upstream: str,
         upstream_ca: Path,
         states: RunStates,
+        admission: SiteAdmission | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self._host, self._port = host, port
         self._certfile, self._keyfile = certfile, keyfile
-        self._app = _app(_Upstream(upstream, upstream_ca), states)
+        self._app = _app(_Upstream(upstream, upstream_ca), states, admission)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         #: What stopped the gateway's thread, if anything did.

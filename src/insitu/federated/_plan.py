@@ -7,6 +7,11 @@ through Flower's run config. Both are plain JSON so that Flower can carry them; 
 read back through ``from_json``, which names the field that is missing or wrong instead of
 failing later with a ``KeyError``. The shared plan never carries the server's paths.
 
+A run on array data (images, signals) carries its input in both plans
+(:class:`ArrayInput`: the records' kind, shape, value range and classes, and the array
+schema's digest): the server builds the model of that shape, and a site refuses a run
+whose input is not the one it prepared its records under, naming both shapes.
+
 A run that stopped after a checkpointed round is resumed with the same plan plus a
 :class:`ResumePoint` (:meth:`RunPlan.resumed`): the round it goes on after and the
 checkpoint's path and SHA-256, which the ServerApp checks before using it. Sites receive
@@ -16,18 +21,31 @@ the same shared plan: a resumed run is the same run.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from insitu.errors import FederationError
+from insitu.data import ArraySchema, DataSchema
+from insitu.errors import FederationError, UsageError
 from insitu.federated._config import FederationConfig
 from insitu.workspace import Workspace
 
-__all__ = ["PLAN_VERSION", "ResumePoint", "RunPlan", "SharedPlan", "SiteSetup"]
+__all__ = [
+    "PLAN_VERSION",
+    "ArrayInput",
+    "ResumePoint",
+    "RunPlan",
+    "SharedPlan",
+    "SiteSetup",
+    "deployed_schema",
+    "refusals_dir",
+]
 
 #: Bumped when a field changes meaning; a process refuses a plan of another version.
 PLAN_VERSION = 1
+#: What a run id may be: sites name files after it.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def _field(data: dict[str, Any], name: str, kind: type) -> Any:
@@ -56,6 +74,80 @@ def _check_version(data: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
+class ArrayInput:
+    """The records a run on array data takes (from its array schema); typed, not a dict."""
+
+    #: ``images`` (records C x H x W) or ``signals`` (C x L).
+    kind: str
+    shape: tuple[int, ...]
+    value_range: tuple[float, float]
+    #: The classes, in the order of the model's outputs.
+    classes: tuple[str, ...]
+    #: SHA-256 of the array schema (``ArraySchema.digest``).
+    schema_sha256: str
+
+    @classmethod
+    def of(cls, schema: ArraySchema) -> ArrayInput:
+        """The input an array schema declares."""
+        return cls(
+            kind=schema.kind,
+            shape=schema.shape,
+            value_range=schema.value_range,
+            classes=tuple(schema.label_names),
+            schema_sha256=schema.digest(),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """As carried in the plans."""
+        return {
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "value_range": list(self.value_range),
+            "classes": list(self.classes),
+            "schema_sha256": self.schema_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArrayInput:
+        """Read it back; :class:`FederationError` names a bad field."""
+        shape = _field(data, "shape", list)
+        value_range = _field(data, "value_range", list)
+        classes = _field(data, "classes", list)
+        whole = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+        if not shape or not whole:
+            raise FederationError(f"the run plan's input shape {shape} is not positive integers")
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value_range)
+        if len(value_range) != 2 or not numbers:
+            raise FederationError(f"the run plan's value range {value_range} is not [low, high]")
+        if len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+            raise FederationError("the run plan's classes are not a list of class names")
+        kind = _field(data, "kind", str)
+        if kind not in ("images", "signals") or len(shape) != (3 if kind == "images" else 2):
+            raise FederationError(f"the run plan's input is {kind} of shape {shape}")
+        return cls(
+            kind=kind,
+            shape=tuple(shape),
+            value_range=(float(value_range[0]), float(value_range[1])),
+            classes=tuple(classes),
+            schema_sha256=_field(data, "schema_sha256", str),
+        )
+
+    def describe(self) -> str:
+        """The shape as the schema's axes name it: ``(1, 8, 8) (C, H, W)``."""
+        axes = "C, H, W" if len(self.shape) == 3 else "C, L"
+        return f"{self.shape} ({axes})"
+
+
+def _array_input(data: dict[str, Any]) -> ArrayInput | None:
+    value = data.get("input")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FederationError(f"the run plan's 'input' is {type(value).__name__}, expected dict")
+    return ArrayInput.from_json(value)
+
+
+@dataclass(frozen=True)
 class SharedPlan:
     """What every site receives of a run: its settings, never the server's paths."""
 
@@ -65,10 +157,13 @@ class SharedPlan:
     schema_sha256: str
     n_features: int
     site_noise_multiplier: float
+    #: The records of a run on array data; ``None`` for a table.
+    array_input: ArrayInput | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object sites receive in the run config."""
         return {
+            "input": None if self.array_input is None else self.array_input.to_json(),
             "version": PLAN_VERSION,
             "run_id": self.run_id,
             "config": self.config.to_json(),
@@ -97,13 +192,21 @@ class SharedPlan:
     def from_json(cls, data: dict[str, Any]) -> SharedPlan:
         """Read the JSON object back; :class:`FederationError` names a bad field."""
         _check_version(data)
+        run_id = _field(data, "run_id", str)
+        if not _RUN_ID.fullmatch(run_id):
+            # Sites name files after the run (markers, refusals, privacy events).
+            raise FederationError(
+                f"the run plan's run id {run_id[:40]!r} is not a run id (letters, digits, "
+                "'.', '_' and '-', not starting with '.'); refusing"
+            )
         return cls(
-            run_id=_field(data, "run_id", str),
+            run_id=run_id,
             config=_config(_field(data, "config", dict)),
             dataset=_field(data, "dataset", str),
             schema_sha256=_field(data, "schema_sha256", str),
             n_features=_field(data, "n_features", int),
             site_noise_multiplier=_field(data, "site_noise_multiplier", float),
+            array_input=_array_input(data),
         )
 
 
@@ -148,6 +251,8 @@ class RunPlan:
     sites_registered: tuple[str, ...]
     #: Set when the run goes on from a checkpoint (:meth:`resumed`); ``None`` for a new run.
     resume: ResumePoint | None = None
+    #: The array schema of a run on array data (kept beside the model); ``None``: a table.
+    array_schema_source: dict[str, Any] | None = None
 
     @property
     def run_id(self) -> str:
@@ -168,16 +273,18 @@ class RunPlan:
             "schema_source": self.schema_source,
             "sites_registered": list(self.sites_registered),
             "resume": None if self.resume is None else self.resume.to_json(),
+            "array_schema_source": self.array_schema_source,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunPlan:
         """Read ``plan.json`` back; :class:`FederationError` names a bad field."""
-        resume = data.get("resume")
-        if resume is not None and not isinstance(resume, dict):
-            raise FederationError(
-                f"the run plan's 'resume' is {type(resume).__name__}, expected dict"
-            )
+        resume, arrays = data.get("resume"), data.get("array_schema_source")
+        for name, value in (("resume", resume), ("array_schema_source", arrays)):
+            if value is not None and not isinstance(value, dict):
+                raise FederationError(
+                    f"the run plan's '{name}' is {type(value).__name__}, expected dict"
+                )
         return cls(
             shared=SharedPlan.from_json(data),
             home=Path(_field(data, "home", str)),
@@ -186,6 +293,7 @@ class RunPlan:
             schema_source=_field(data, "schema_source", dict),
             sites_registered=tuple(_field(data, "sites_registered", list)),
             resume=None if resume is None else ResumePoint.from_json(resume),
+            array_schema_source=arrays,
         )
 
     @classmethod
@@ -259,6 +367,37 @@ def _config(data: dict[str, Any]) -> FederationConfig:
         ) from exc
 
 
+def deployed_schema(
+    schema: DataSchema | ArraySchema, config: FederationConfig
+) -> tuple[DataSchema, ArraySchema | None]:
+    """The table schema a deployed run plans under, and its array schema (``None``: a table).
+
+    Array records become rows of their values (``insitu.data.array_table``): sites
+    prepare, seal and train on them as on a table, under ``ArraySchema.table_schema``.
+
+    Raises:
+        UsageError: ``--model cnn`` with a table schema.
+
+    """
+    if isinstance(schema, ArraySchema):
+        return schema.table_schema(), schema
+    if config.model == "cnn":
+        raise UsageError(
+            f"--model cnn takes array data, but the schema {schema.name!r} declares a table: "
+            "give an array schema (dataset.kind = 'images' or 'signals', an [arrays] section)"
+        )
+    return schema, None
+
+
+def refusals_dir(home: Path) -> Path:
+    """A site's refusals of runs: one file per run, named after it, holding why.
+
+    Written by the ClientApp that refused the run, read by ``insitu federate site``,
+    which stops and says why in one line (the ClientApp's own error stays in Flower's log).
+    """
+    return Workspace.layout(home).federation_dir / "refused"
+
+
 @dataclass(frozen=True)
 class SiteSetup:
     """A site's own side of a deployment (``federation/site.json`` in its workspace).
@@ -273,10 +412,13 @@ class SiteSetup:
     schema_sha256: str
     train_dir: Path
     test_dir: Path
+    #: The records' input when the site prepared array data; ``None`` for a table.
+    array_input: ArrayInput | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``site.json``."""
         return {
+            "input": None if self.array_input is None else self.array_input.to_json(),
             "version": PLAN_VERSION,
             "site": self.site,
             "dataset": self.dataset,
@@ -300,4 +442,5 @@ class SiteSetup:
             schema_sha256=_field(data, "schema_sha256", str),
             train_dir=Path(_field(data, "train_dir", str)),
             test_dir=Path(_field(data, "test_dir", str)),
+            array_input=_array_input(data),
         )

@@ -441,7 +441,10 @@ def _closed_ray() -> Iterator[Path]:
         "HOME": str(home),
         "FLWR_HOME": str(private / "flwr"),
     }
-    saved = {name: os.environ.get(name) for name in (*env, *_FOREIGN_RAY_ENV)}
+    # Ray's driver writes into the caller's environment (PYTHONPATH with its own
+    # thirdparty_files first, PYTHONBREAKPOINT, ...): every process the caller starts
+    # after a run would inherit them. The whole environment is put back as it was.
+    saved = dict(os.environ)
     try:
         home.mkdir()
         (home / "ray_bootstrap_config.yaml").write_text("{}\n", encoding="utf-8")
@@ -452,11 +455,9 @@ def _closed_ray() -> Iterator[Path]:
     finally:
         if ray.is_initialized():  # Flower shuts Ray down, unless it failed on the way
             ray.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
         _remove_private(private)
 
 

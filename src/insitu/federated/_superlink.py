@@ -28,14 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from insitu._atomic import atomic_write_text
+from insitu.attestation import AllowList
 from insitu.audit import events
-from insitu.data import DataSchema, FeatureEncoder
+from insitu.data import ArraySchema, DataSchema, FeatureEncoder
 from insitu.errors import (
     CertificateError,
     FederationError,
     SchemaError,
     UsageError,
 )
+from insitu.federated._attest import SiteAdmission, site_attestation_keys
 from insitu.federated._certs import (
     FederationCerts,
     LoopbackIdentity,
@@ -45,7 +47,7 @@ from insitu.federated._certs import (
 )
 from insitu.federated._config import FederationConfig
 from insitu.federated._gateway import FleetGateway, RunStates
-from insitu.federated._plan import RunPlan, SharedPlan
+from insitu.federated._plan import ArrayInput, RunPlan, SharedPlan, deployed_schema
 from insitu.federated._processes import (
     APP_MODULE,
     DEFAULT_ADDRESS,
@@ -129,13 +131,14 @@ def serve(
     ws: Workspace,
     config: FederationConfig,
     *,
-    schema: DataSchema,
+    schema: DataSchema | ArraySchema,
     certs: Path,
     site_keys: list[Path] | None = None,
     address: str = DEFAULT_ADDRESS,
     timeout: float = 3600.0,
     resume: str | None = None,
     on_status: Callable[[str], None] | None = None,
+    attest: Path | None = None,
 ) -> DeployResult:
     """Run the SuperLink and one federated run to the end; see the module docstring.
 
@@ -143,13 +146,16 @@ def serve(
     ``site_keys`` (default: ``<certs>/sites/*.pub``) is registered. With ``resume``, the
     stopped run of that id goes on from its last checkpoint, with its own settings
     (``config`` is not used): the SuperLink's database in the run's directory still
-    knows the sites' node ids, so their SuperNodes, retrying, carry on.
+    knows the sites' node ids, so their SuperNodes, retrying, carry on. With ``attest``
+    (an allow-list of measured states), a site is admitted only after a fresh TPM quote
+    (:mod:`insitu.federated._attest`); without it nothing changes.
 
     Raises:
         CertificateError: a server certificate that does not match its key, the CA or the
             address; a site key that is not an EC public key; a resumed run's site
             whose key is no longer given.
         UsageError: ``resume`` names no deployed run of this workspace.
+        AllowListError: ``attest`` cannot be read as an allow-list.
         FederationError: the SuperLink does not start, the run fails, or a resumed run
             has no checkpoint to go on from.
 
@@ -157,13 +163,15 @@ def serve(
     started = time.perf_counter()
     host, port = split_address(address)
     files = FederationCerts(certs.absolute())
+    schema, arrays = deployed_schema(schema, config)  # array data: its table, its input
     if resume is None:
         registered = _check_certs_and_keys(files, site_keys, host=host, sites=config.sites)
-        plan = _plan_run(ws, config, schema, registered)
+        plan = _plan_run(ws, config, schema, registered, arrays=arrays)
     else:
         plan = _resumed_plan(ws, resume, schema)
         registered = _check_certs_and_keys(files, site_keys, host=host, sites=plan.config.sites)
         _check_sites_kept(plan, registered)
+    admission = _admission(ws, attest, files, registered, run=plan.run_id)
     _check_bindable(host, port, address=address)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     app_dir = _write_app(ws.flower_app_dir.absolute())
@@ -177,6 +185,7 @@ def serve(
         address=address,
         timeout=timeout,
         on_status=on_status,
+        admission=admission,
     )
     result = _read_result(plan)
     return DeployResult(
@@ -200,6 +209,7 @@ def _run_on_superlink(
     address: str,
     timeout: float,
     on_status: Callable[[str], None] | None,
+    admission: SiteAdmission | None = None,
 ) -> None:
     """Start the SuperLink on loopback, register the sites, open the gateway, run, stop."""
     identity = make_loopback_identity(plan.run_dir / "loopback")
@@ -223,6 +233,7 @@ def _run_on_superlink(
                 upstream=f"https://{loopback}",
                 upstream_ca=identity.ca,
                 states=states,
+                admission=admission,
             )
             with gateway:
                 _drive_run(
@@ -239,6 +250,29 @@ def _run_on_superlink(
             control.close()
     finally:
         stop(process)
+
+
+def _admission(
+    ws: Workspace,
+    attest: Path | None,
+    files: FederationCerts,
+    registered: dict[str, bytes],
+    *,
+    run: str,
+) -> SiteAdmission | None:
+    """The attested admission of sites, when the server was given an allow-list."""
+    if attest is None:
+        return None
+    allow_list = AllowList.load(attest)
+    keys = site_attestation_keys(files.directory / "sites", sorted(registered))
+    logger.info(
+        "attested admission: %d measured state(s), PCRs %s, %d of %d sites with an AK",
+        len(allow_list.states),
+        allow_list.pcrs,
+        len(keys),
+        len(registered),
+    )
+    return SiteAdmission(ws, allow_list, registered, keys, run=run)
 
 
 def _check_certs_and_keys(
@@ -271,7 +305,12 @@ def _check_certs_and_keys(
 
 
 def _plan_run(
-    ws: Workspace, config: FederationConfig, schema: DataSchema, registered: dict[str, bytes]
+    ws: Workspace,
+    config: FederationConfig,
+    schema: DataSchema,
+    registered: dict[str, bytes],
+    *,
+    arrays: ArraySchema | None = None,
 ) -> RunPlan:
     """The plan of a new run: its id, its directory, what every site must agree on.
 
@@ -295,12 +334,14 @@ def _plan_run(
             schema_sha256=schema.digest(),
             n_features=n_features,
             site_noise_multiplier=site_sigma,
+            array_input=None if arrays is None else ArrayInput.of(arrays),
         ),
         home=ws.home.absolute(),
         run_dir=run_dir.absolute(),
         feature_names=tuple(FeatureEncoder.for_schema(schema).names),
         schema_source=schema.source,
         sites_registered=tuple(sorted(registered)),
+        array_schema_source=None if arrays is None else arrays.source,
     )
 
 

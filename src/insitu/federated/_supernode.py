@@ -3,7 +3,8 @@
 :func:`join` checks that no other site process of this machine uses the same key towards
 the same server, that the server answers and presents a certificate signed by the
 federation's CA (retrying with exponential backoff), prepares the site's own file under
-the schema into its own workspace (sealed, pseudonymized with the site's key), and starts
+the schema into its own workspace (sealed, pseudonymized with the site's key; array data
+under an array schema becomes rows of its values, as in simulation), and starts
 a SuperNode that authenticates with the site's key. An unreachable server, a certificate
 that does not match or a key in use fails before anything is written to the site's
 workspace.
@@ -40,7 +41,7 @@ from typing import Any
 
 from insitu._atomic import atomic_write_text
 from insitu.audit import events
-from insitu.data import DataSchema, read_table
+from insitu.data import ArraySchema, DataSchema, array_table, read_table
 from insitu.errors import (
     CertificateError,
     FederationError,
@@ -48,8 +49,9 @@ from insitu.errors import (
     SiteRefusedError,
     UsageError,
 )
+from insitu.federated._attest import attest_to_server
 from insitu.federated._egress import EgressSpool
-from insitu.federated._plan import SiteSetup
+from insitu.federated._plan import ArrayInput, SiteSetup, refusals_dir
 from insitu.federated._processes import (
     child_env,
     flower_bin,
@@ -133,7 +135,7 @@ def join(
     ws_home: Path,
     data: Path,
     *,
-    schema: DataSchema,
+    schema: DataSchema | ArraySchema,
     server: str,
     ca: Path,
     key: Path,
@@ -157,26 +159,39 @@ def join(
             answering for ``give_up_after`` seconds.
         CertificateError: the server's certificate does not verify against ``ca``, or
             ``key`` is not a site key.
+        AttestationRefusedError: the server asks for attestation and refused this
+            site's TPM quote (one line, naming the PCR whose value it does not allow).
         SiteRefusedError: the server would not activate this site's key (not
             registered, or in use by an active node), or another site process of this
             machine uses it.
         FederationError: with ``once``, the run this site took part in failed; or the
-            server does not know the run.
+            server does not know the run; or this site refused a run (its records have
+            another shape than the run's, or another schema).
+        SchemaError: array records whose shape is not the schema's (nothing written).
 
     """
     # Checks first: nothing is written when the server, CA or key is wrong.
-    if not data.is_file():
+    folder = isinstance(schema, ArraySchema) and data.is_dir()  # a folder of images
+    if not data.is_file() and not folder:
         raise UsageError(f"--data {data}: no such file")
     site_key = _load_site_key(key)
     fingerprint = key_fingerprint(site_key)
     watch = ServerWatch(server, ca, interval=poll_interval, give_up_after=give_up_after)
     with _one_site_per_key(fingerprint, server, key):
         probe_server(server, ca, retries=retries)
-        frame = read_table(data)
-        schema.check_columns(frame.columns, source=data.name)
+        # With INSITU_TPM_TCTI set, prove this site's measured build before anything is
+        # written (a server that does not ask for it answers 404: nothing happens).
+        attest_to_server(server, ca, key, context=tls_context(ca))
+        frame, schema, array_input = _read_data(data, schema)
         site = name or key.stem
         ws, created = _prepare_site(
-            ws_home, frame, schema, site=site, source=data.name, test_fraction=test_fraction
+            ws_home,
+            frame,
+            schema,
+            site=site,
+            source=data.name,
+            test_fraction=test_fraction,
+            array_input=array_input,
         )
         with ws.ledger() as ledger:
             events.FEDERATION_SITE_JOINED.record(
@@ -190,6 +205,22 @@ def join(
             )
         node = _Node(ws=ws, site=site, server=server, ca=ca, key=key, fingerprint=fingerprint)
         return _take_part(node, watch, retries=retries, once=once, on_status=on_status)
+
+
+def _read_data(
+    data: Path, schema: DataSchema | ArraySchema
+) -> tuple[Any, DataSchema, ArrayInput | None]:
+    """The site's records as a table, the table's schema, and the array input (if any).
+
+    Array data becomes rows of its values (``insitu.data.array_table``); records whose
+    shape is not the schema's are refused there, in one line, before anything is written.
+    """
+    if isinstance(schema, ArraySchema):
+        table = array_table(data, schema)
+        return table.frame, table.schema, ArrayInput.of(schema)
+    frame = read_table(data)
+    schema.check_columns(frame.columns, source=data.name)
+    return frame, schema, None
 
 
 @dataclass(frozen=True)
@@ -245,7 +276,16 @@ def _take_part(
     )
     served, refused, alone = _Served(), False, False
     try:
-        _serve_runs(process, ws.runs_done_dir.absolute(), watch, spool, served, once=once, say=say)
+        _serve_runs(
+            process,
+            ws.runs_done_dir.absolute(),
+            watch,
+            spool,
+            served,
+            once=once,
+            say=say,
+            refusals=refusals_dir(ws.home.absolute()),
+        )
     finally:
         alone = process.poll() is not None  # it stopped before the site stopped it
         stop(process)
@@ -299,6 +339,7 @@ def _prepare_site(
     site: str,
     source: str,
     test_fraction: float,
+    array_input: ArrayInput | None = None,
 ) -> tuple[Workspace, bool]:
     """The site's workspace (and whether this call created it), its data prepared.
 
@@ -320,6 +361,7 @@ def _prepare_site(
         schema_sha256=schema.digest(),
         train_dir=train_dir,
         test_dir=test_dir,
+        array_input=array_input,
     )
     path = ws.site_setup_path.absolute()
     path.parent.mkdir(exist_ok=True)
@@ -376,17 +418,23 @@ def _serve_runs(
     *,
     once: bool,
     say: Callable[[str], None],
+    refusals: Path | None = None,
 ) -> None:
     """Watch the SuperNode and the server; return when the SuperNode stops.
 
     With ``once``, also return when the server has ended the run this site took part in.
+    A run a ClientApp refused (its records are not this site's: ``refusals``) ends it
+    with :class:`FederationError`, saying why.
 
     Each turn records what the ClientApps spooled, reads the run markers, asks the
     server about the latest run (or only whether it answers, before any run), then
     waits (``watch.pause``: the poll interval, or a backoff step).
     """
     before = _done_runs(done_dir)
+    refused_before = _done_runs(refusals) if refusals else set()
     while process.poll() is None:
+        if refusals is not None:
+            _raise_refusal(refusals, refused_before)
         served.note(spool.ingest())
         done = tuple(sorted(_done_runs(done_dir) - before))
         for run in done:
@@ -400,6 +448,13 @@ def _serve_runs(
             say(f"run {current}: {served.state} at the server")
             return
         watch.pause()
+
+
+def _raise_refusal(refusals: Path, before: set[str]) -> None:
+    """Raise the reason of a run this site's ClientApp refused since ``before``."""
+    for run in sorted(_done_runs(refusals) - before):
+        reason = (refusals / run).read_text().strip()
+        raise FederationError(reason or f"this site refused run {run}")
 
 
 def _activation_refused(log_path: Path) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["accuracy_plot", "epsilon_plot", "flow_plot", "optimize_plot", "roc_plot"]
+__all__ = ["accuracy_plot", "drift_plot", "epsilon_plot", "flow_plot", "optimize_plot", "roc_plot"]
 
 _COLORS = ["#1f5f8b", "#d1495b", "#edae49", "#00798c", "#66a182", "#8d6a9f", "#2e4057"]
 
@@ -191,4 +191,31 @@ def optimize_plot(candidates: list[dict[str, Any]]) -> str | None:
             ax.annotate(str(c.get("name", index)), (c["bytes"] / 1024, c["p50_ms"]), fontsize=8)
         ax.set_xlabel("model size (KiB)")
         ax.set_ylabel("p50 latency (ms)")
+        return _svg(fig)
+
+
+def drift_plot(latest: list[dict[str, Any]]) -> str | None:
+    """PSI of each monitored statistic at its last recorded transition, with the threshold.
+
+    ``latest``: per site, version and statistic, the figures of its last
+    ``drift.detected`` (flagged, red) or ``drift.cleared`` entry.
+    """
+    shown = [f for f in latest if f.get("psi") is not None]
+    if not shown:
+        return None
+    with _figure(height=max(1.6, 0.32 * len(shown) + 0.8)) as (fig, ax):
+        labels = [f"{f['feature']} ({f['site']}, {f['version']})" for f in shown]
+        ys = list(range(len(shown)))
+        colors = [_COLORS[1] if f.get("flagged") else "#999999" for f in shown]
+        ax.barh(ys, [float(f["psi"]) for f in shown], color=colors)
+        ax.set_yticks(ys, labels)
+        ax.invert_yaxis()
+        thresholds = {float(f["psi_threshold"]) for f in shown if f.get("psi_threshold")}
+        for threshold in sorted(thresholds):
+            ax.axvline(
+                threshold, linestyle="--", color=_COLORS[0], label=f"threshold {threshold:g}"
+            )
+        ax.set_xlabel("PSI (red: flagged; grey: cleared)")
+        if thresholds:
+            ax.legend(loc="lower right", frameon=False)
         return _svg(fig)

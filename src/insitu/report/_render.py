@@ -59,6 +59,8 @@ class Report:
                 {"what": a.what, "path": a.path, "ok": a.ok} for a in self.evidence.artefacts
             ],
             "summary": {k: v for k, v in self.summary.items() if k != "rows"},
+            # Where each node's keys live and who attested (insitu.report._keys).
+            "keys": self.sections.get("keys"),
         }
 
 

@@ -8,13 +8,16 @@ check it with ``insitu audit log``. Nothing here reads data files or recomputes 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from insitu.audit import Entry
+from insitu.report import _plots
 from insitu.report._declare import ITEMS
 from insitu.report._evidence import Evidence, LedgerEvidence
 from insitu.report._evidence import entry_ref as _ref
 from insitu.report._groups import group_section
+from insitu.report._keys import keys_and_attestation
 from insitu.report._linked import models, optimization
 from insitu.report._runs import choose_run, run_state, runs_of
 
@@ -276,6 +279,113 @@ def _declared(coord: LedgerEvidence) -> dict[str, Any]:
     return items | {"seq": entry.seq if entry else None}
 
 
+def _array_input(evidence: Evidence, run: str, schema: Any) -> dict[str, Any] | None:
+    """What an image or signal run took, from its verified model and schema only; else None.
+
+    The record's shape is the input of the verified ONNX graph (``onnx_sha256`` of
+    ``federation.completed``): (batch, C, H, W) is images, (batch, C, L) signals; the
+    classes are its output's width. The value range is the one the verified data schema
+    declares for every value of a record (the table an array schema becomes, one numeric
+    column per value). A table's model takes (batch, features): None. Nothing else is
+    read (class names live in ``features.json``, whose digest no ledger entry holds).
+    """
+    from insitu.bundle import schema_of
+    from insitu.errors import InsituError
+
+    onnx = evidence.artefact(f"onnx:{run}")
+    if not isinstance(onnx, bytes):
+        return None
+    try:
+        inputs, outputs = schema_of(onnx)
+    except InsituError:
+        return None
+    shape = list(inputs[0]["shape"][1:]) if inputs else []
+    if len(shape) not in (2, 3) or not all(isinstance(v, int) and v > 0 for v in shape):
+        return None
+    width = outputs[0]["shape"][-1] if outputs and outputs[0]["shape"] else None
+    values = math.prod(shape)
+    numeric = list(getattr(schema, "numeric", []))
+    ranges = {tuple(schema.ranges.get(c, ())) for c in numeric} if schema is not None else set()
+    return {
+        "kind": "images" if len(shape) == 3 else "signals",
+        "shape": shape,
+        "channels": shape[0],
+        "size": " x ".join(str(v) for v in shape[1:]),
+        "record_values": values,
+        "value_range": list(next(iter(ranges))) if len(ranges) == 1 else None,
+        "classes": (int(width) if width > 1 else 2) if isinstance(width, int) else None,
+        "label": getattr(schema, "label", None),
+        "subject": getattr(schema, "subject", None),
+        # The verified schema has one numeric column per value of a record, nothing else.
+        "consistent": schema is not None
+        and len(numeric) == values
+        and not list(getattr(schema, "categorical", [])),
+        # No figure per class is recorded: releasing one would be a new, DP-charged use.
+        "per_class_accuracy": None,
+    }
+
+
+def _drift(
+    sites: list[LedgerEvidence], devices: list[LedgerEvidence], run: str, versions: set[Any]
+) -> dict[str, Any]:
+    """The run's drift reference releases and what the monitors recorded of its versions.
+
+    Releases: each site's ``drift.profile_released`` that names the run (charged to its
+    subjects, as its ``privacy.spent`` shows). Monitoring: ``drift.detected`` and
+    ``drift.cleared`` of the model versions built from the run, wherever they served;
+    a statistic is flagged when its last transition is a detection.
+    """
+    releases = [
+        (site, e) for site in sites for e in _for_run(site.of_type("drift.profile_released"), run)
+    ]
+    transitions = [
+        (le, e)
+        for le in devices
+        for e in le.of_type("drift.")
+        if e.type in ("drift.detected", "drift.cleared")
+        and (e.payload.get("model"), e.payload.get("version")) in versions
+    ]
+    last: dict[tuple[str, str, str, str], Entry] = {}
+    for le, e in transitions:
+        p = e.payload
+        last[(le.name, str(p.get("model")), str(p.get("version")), str(p.get("feature")))] = e
+    latest = [
+        {"site": key[0], "model": key[1], "version": key[2], "feature": key[3]}
+        | {k: e.payload.get(k) for k in ("psi", "p_value", "rows", "psi_threshold")}
+        | {"flagged": e.type == "drift.detected"}
+        for key, e in sorted(last.items())
+    ]
+    return {
+        "releases": [
+            {"site": site.name, "seq": e.seq}
+            | {
+                k: e.payload.get(k)
+                for k in ("histograms", "epsilon", "noise_std", "excluded_over_budget")
+            }
+            for site, e in releases
+        ],
+        "events": [
+            {"site": le.name, "seq": e.seq, "time": e.time, "event": e.type}
+            | {
+                k: e.payload.get(k)
+                for k in ("model", "version", "feature", "psi", "p_value", "rows", "psi_threshold")
+            }
+            for le, e in transitions
+        ],
+        "flagged": [f for f in latest if f["flagged"]],
+        # Drawn here, as the section is the only one an array run adds (figures: payloads).
+        "plot": _plots.drift_plot(latest),
+        "sources": [
+            *(_ref(site, [e for s, e in releases if s is site]) for site in sites),
+            *(
+                _ref(le, [e for d, e in transitions if d is le])
+                for le in devices
+                if any(d is le for d, _ in transitions)
+            ),
+        ],
+    }
+
+
 def build_sections(evidence: Evidence, run: str | None = None) -> dict[str, Any]:
     """Every section's data, for ``run`` (default: the latest completed run).
 
@@ -298,6 +408,8 @@ def build_sections(evidence: Evidence, run: str | None = None) -> dict[str, Any]
     privacy = [_site_privacy(s, run) for s in sites]
     flows = [_site_flow(s, run) for s in sites]
     baseline = _last(_for_run(coord.of_type("federation.baseline"), run))
+    linked = models(coord, devices, run)
+    versions = {(v.get("model"), v.get("version")) for v in linked["versions"]}
     return {
         "run": run,
         "status": run_state(coord, run, devices),
@@ -310,11 +422,16 @@ def build_sections(evidence: Evidence, run: str | None = None) -> dict[str, Any]
         "audit": _audit(evidence, coord, run),
         "one_run_audit": _one_run_audit(coord, run),
         "groups": group_section(coord, run),
-        "models": models(coord, devices, run),
+        "models": linked,
+        # An image or signal run's input, from its verified model and schema (else None).
+        "arrays": _array_input(evidence, run, schema),
+        "drift": _drift(sites, devices, run, versions),
         "steps": steps,
         "declared": _declared(coord),
         "baseline": dict(baseline.payload) | {"seq": baseline.seq} if baseline else None,
         # Per site: this run's epsilon after each round, beside the most spent in total.
         "epsilon_by_round": {p["site"]: p["by_round"] for p in privacy if p["by_round"]},
         "runs": runs_of(coord, devices),
+        # Where each node's keys live, and which sites and devices attested (section 2).
+        "keys": keys_and_attestation(evidence, run),
     }

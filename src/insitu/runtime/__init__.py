@@ -22,6 +22,13 @@ from insitu.runtime._explain import (
 )
 from insitu.runtime._files import predict_file
 from insitu.runtime._guard import EgressGuard, egress_guard
+from insitu.runtime._images import (
+    MAX_IMAGE_PIXELS,
+    ImageExplanation,
+    ImageInput,
+    explain_image,
+    heat_map_png,
+)
 from insitu.runtime._inputs import InputSpec
 from insitu.runtime._occlusion import occlusion_map
 from insitu.runtime._records import Answers, RecordSchema
@@ -30,12 +37,15 @@ from insitu.runtime._sources import BundleFile, InstalledModel, ModelSource
 
 __all__ = [
     "MAX_EXPLAIN_ROWS",
+    "MAX_IMAGE_PIXELS",
     "Answers",
     "BatchObserver",
     "BundleFile",
     "EgressGuard",
     "Explainer",
     "Explanation",
+    "ImageExplanation",
+    "ImageInput",
     "InputSpec",
     "InstalledModel",
     "LoadedModel",
@@ -44,7 +54,9 @@ __all__ = [
     "RecordSchema",
     "create_session",
     "egress_guard",
+    "explain_image",
     "global_importance",
+    "heat_map_png",
     "occlusion_map",
     "plot_global_importance",
     "predict_file",

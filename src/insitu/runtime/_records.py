@@ -99,7 +99,7 @@ class RecordSchema:
         """
         reference = card.drift_reference or {}
         doc = reference.get("schema") if isinstance(reference, Mapping) else None
-        if not doc:
+        if not doc or "arrays" in doc:  # none, or an image or signal model's array schema
             return None
         try:
             return cls.of(DataSchema.from_dict(dict(doc)))

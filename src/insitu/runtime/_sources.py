@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from insitu.errors import InstallError, ModelNotFoundError
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from insitu._signer import SigningPublicKey
 
     # insitu.bundle loads sessions through insitu.runtime: imported where used.
-    from insitu.bundle import Bundle, BundleVerifier
+    from insitu.bundle import Bundle, BundleVerifier, DeviceKey
 
 __all__ = ["BundleFile", "InstalledModel", "ModelSource"]
 
@@ -51,8 +50,8 @@ class InstalledModel:
         self,
         update_dir: str | os.PathLike[str],
         *,
-        device_key: X25519PrivateKey,
-        local_publisher: Ed25519PublicKey | None = None,
+        device_key: DeviceKey,
+        local_publisher: SigningPublicKey | None = None,
     ) -> None:
         """The model in ``update_dir``, decrypted with ``device_key``.
 
@@ -99,7 +98,7 @@ class BundleFile:
         path: str | os.PathLike[str],
         *,
         verifier: BundleVerifier,
-        device_key: X25519PrivateKey | None,
+        device_key: DeviceKey | None,
         name: str | None = None,
     ) -> None:
         self.path = Path(path)

@@ -6,8 +6,9 @@ are served from this machine, :mod:`insitu.serve._docs`)::
     GET  /healthz                        liveness, no token (says only "ok")
     GET  /metrics                        Prometheus text format          (token)
     GET  /v1/models                      models served and their cards   (token)
-    POST /v1/models/{name}/predict       JSON, NPY or raw body           (token)
-    POST /v1/models/{name}/explain       JSON body, SHAP attributions    (token)
+    POST /v1/models/{name}/predict       JSON, NPY, raw body or an image (token)
+    POST /v1/models/{name}/explain       SHAP attributions; image models:
+                                         occlusion map, JSON or PNG      (token)
 
 Every error is JSON ``{"detail": "<problem>; <fix>"}`` with a 4xx status: 400 for a
 body that cannot be read, 401 for a missing or wrong token, 404 for an unknown model,
@@ -18,6 +19,13 @@ card. A 5xx means a bug (or a model that fails on valid input).
 The predict path is written for speed: the body is read and decoded by hand (no
 Pydantic model for the rows: JSON and validation of thousands of floats would cost more
 than the model), and the OpenAPI document describes it with ``openapi_extra``.
+
+Image models (one input of (batch, C, H, W)) also take an image file, raw or as a form
+upload (:mod:`insitu.serve._upload`), decoded by the card's declarations
+(:class:`insitu.runtime.ImageInput`): an unreadable image is a 400, one over the pixel
+limit a 413, one of another size a 422 unless ``?resize=true``. Their ``/explain`` is
+an occlusion map over the ONNX session (``?format=png`` or ``Accept: image/png``: the
+heat map as a PNG).
 """
 
 from __future__ import annotations
@@ -29,10 +37,10 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request, Response, params
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response, params
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
@@ -42,9 +50,18 @@ from insitu.errors import (
     InvalidInputError,
     MissingDependencyError,
     ModelNotFoundError,
+    UnreadableImageError,
     UsageError,
 )
-from insitu.runtime import MAX_EXPLAIN_ROWS, Explainer, LoadedModel, ModelRuntime, RecordSchema
+from insitu.runtime import (
+    MAX_EXPLAIN_ROWS,
+    Explainer,
+    ImageInput,
+    LoadedModel,
+    ModelRuntime,
+    RecordSchema,
+    explain_image,
+)
 from insitu.serve._batching import MicroBatcher
 from insitu.serve._codec import (
     BODY_TIMEOUT,
@@ -56,6 +73,7 @@ from insitu.serve._codec import (
 )
 from insitu.serve._docs import add_offline_docs
 from insitu.serve._metrics import ServeMetrics
+from insitu.serve._upload import IMAGE_TYPES, image_of
 
 __all__ = ["Background", "BackgroundSource", "create_app"]
 
@@ -73,6 +91,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "The body is over the server's limit (the connection is closed)."},
     415: {"description": "Unsupported content type."},
     422: {"description": "Inputs that do not fit the model card (shape, dtype, NaN/inf)."},
+    501: {"description": "This install lacks the package the request needs (SHAP, Pillow)."},
 }
 #: Records encoded on the event loop; more go to a thread (about 15 us per record).
 _INLINE_RECORDS = 256
@@ -109,20 +128,46 @@ _RECORDS_SCHEMA = {
 }
 #: ``/predict`` takes encoded rows (``inputs``) or records by column name (``records``).
 _PREDICT_SCHEMA = {"oneOf": [_INPUTS_SCHEMA, _RECORDS_SCHEMA]}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+#: An image model's file: raw, or as the one field of a form.
+_IMAGE_CONTENT: dict[str, Any] = {
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"}},
+        }
+    },
+    **dict.fromkeys(IMAGE_TYPES, _BINARY),
+}
+_RESIZE = {
+    "name": "resize",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean", "default": False},
+    "description": "Image uploads: resize an image of another size to the model's "
+    "(stretched). Without it such an image is refused (422).",
+}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": _PREDICT_SCHEMA},
-            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-npy": _BINARY,
+            "application/octet-stream": _BINARY,
+            **_IMAGE_CONTENT,
         },
-    }
+    },
+    "parameters": [_RESIZE],
 }
 _EXPLAIN_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": _PREDICT_SCHEMA}},
+        "content": {
+            "application/json": {"schema": _PREDICT_SCHEMA},
+            "application/x-npy": _BINARY,
+            **_IMAGE_CONTENT,
+        },
     }
 }
 _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -134,6 +179,17 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
             "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
         },
     },
+    **_ERRORS,
+}
+
+
+_EXPLAIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Attributions as JSON; for an image model with '?format=png' or "
+        "'Accept: image/png', the heat map as a PNG.",
+        "content": {"application/json": {}, "image/png": _BINARY},
+    },
+    406: {"description": "A PNG asked of a model that does not take images."},
     **_ERRORS,
 }
 
@@ -239,6 +295,9 @@ class _State:
             raise
         except ModelNotFoundError:
             status = 404
+            raise
+        except MissingDependencyError:
+            status = 501
             raise
         finally:
             # Metric labels only for served models: a fuzzer must not grow the registry.
@@ -413,12 +472,30 @@ def _models_router(state: _State, guard: _Token) -> APIRouter:
         "/models/{name}/explain",
         dependencies=guarded,
         openapi_extra=_EXPLAIN_BODY,
-        responses=_ERRORS,
+        responses=_EXPLAIN_RESPONSES,
+        response_model=None,
     )
-    async def explain(name: str, request: Request) -> dict[str, Any]:
-        """Feature attributions (SHAP, against a background sample of this site's data)."""
+    async def explain(
+        name: str,
+        request: Request,
+        resize: bool = False,
+        format: Literal["json", "png"] | None = None,
+        patch: Annotated[int | None, Query(ge=1, le=4096)] = None,
+    ) -> Response:
+        """Feature attributions (SHAP, against a background sample of this site's data).
+
+        Image models (one input of (batch, C, H, W)) answer with an occlusion map over
+        the ONNX session: the drop of the predicted class's score when each ``patch`` x
+        ``patch`` square is hidden, one value per pixel; ``?format=png`` (or ``Accept:
+        image/png``) returns it as a heat map over the image in grey, with its scale.
+        They take an image file (raw or form field ``image``; ``?resize=true`` resizes
+        one of another size) or the record's values (JSON, NPY).
+        """
         with state.observed(name, "explain", invalid=(InvalidInputError, UsageError)):
-            return await _explain(state, name, request)
+            png = format == "png" or (
+                format is None and "image/png" in request.headers.get("accept", "")
+            )
+            return await _explain(state, name, request, resize=resize, png=png, patch=patch)
 
     return api
 
@@ -442,14 +519,18 @@ async def _predict(
     if batcher is None:
         raise _not_served(name)
     body = await state.body(request)
-    records = _records_of(body, request.headers.get("content-type", ""))
+    content_type = request.headers.get("content-type", "")
+    records = _records_of(body, content_type)
     if records is not None:
         return await _predict_records(state, name, records)
-    inputs = decode_inputs(body, request.headers.get("content-type", ""), request.headers)
+    image = image_of(body, content_type)
+    inputs = decode_inputs(body, content_type, request.headers) if image is None else None
     runtime = state.runtime
     model = runtime.peek(name)
     if model is None:  # unloaded (idle, budget): load it off the event loop
         model = await run_in_threadpool(runtime.get, name)
+    if image is not None:
+        inputs = await _image_record(model, image, resize=_resize(request))
     try:
         feeds = model.check(inputs, max_rows=runtime.max_rows)
         described = RecordSchema.for_model(model)
@@ -461,6 +542,34 @@ async def _predict(
     outputs = await batcher.submit(model, feeds)
     runtime.usage.add(name, model.version, requests=1, rows=len(outputs[0]), errors=0)
     return model, outputs
+
+
+def _resize(request: Request) -> bool:
+    """``?resize=true`` (read by hand: the predict path declares no query parameters)."""
+    value = request.query_params.get("resize", "false").strip().lower()
+    if value not in ("true", "1", "yes", "false", "0", "no"):
+        raise BodyError(422, f"resize={value[:20]!r} is not a boolean; give true or false")
+    return value in ("true", "1", "yes")
+
+
+async def _image_record(model: LoadedModel, image: bytes, *, resize: bool) -> np.ndarray:
+    """The record (1, C, H, W) an uploaded image file makes for ``model``.
+
+    Raises:
+        BodyError: 400 for an unreadable image, 413 for one over the pixel limit.
+        InvalidInputError: the model takes no images, or one of another size (422).
+
+    """
+    described = ImageInput.from_card(model.card)
+    if described is None:
+        raise InvalidInputError(
+            f"model {model.name!r} does not take images (its input is not (batch, C, H, "
+            "W)); send rows as JSON, NPY or raw values"
+        )
+    try:
+        return await run_in_threadpool(functools.partial(described.decode, image, resize=resize))
+    except UnreadableImageError as exc:
+        raise BodyError(413 if exc.too_large else 400, str(exc)) from None
 
 
 def _records_of(body: bytes, content_type: str) -> list[Any] | None:
@@ -535,22 +644,30 @@ def _prediction(
     if described is not None and outputs:  # what the card's schema says the outputs mean
         answers = described.answers(outputs[0])
         doc |= answers.summary() | {"predictions": answers.to_json()}
+    elif outputs:
+        doc |= ImageInput.for_model(model).answers(outputs[0])
     return Response(json.dumps(doc), media_type="application/json", headers=headers)
 
 
-async def _explain(state: _State, name: str, request: Request) -> dict[str, Any]:
-    """The attributions of model ``name`` for the JSON body of ``request``."""
+async def _explain(
+    state: _State, name: str, request: Request, *, resize: bool, png: bool, patch: int | None
+) -> Response:
+    """The attributions of model ``name`` for the body of ``request``."""
     runtime = state.runtime
     if name not in runtime.names:
         raise _not_served(name)
     body = await state.body(request)
     content_type = request.headers.get("content-type", "") or "application/json"
+    model = await run_in_threadpool(runtime.get, name)
+    if len(model.inputs) == 1 and len(model.input.shape) in (3, 4):  # images, signals
+        return await _explain_image(model, body, request, resize=resize, png=png, patch=patch)
+    if png:
+        raise BodyError(406, f"model {name!r} does not take images: its explanations are JSON only")
     if not content_type.lower().startswith("application/json"):
         raise BodyError(
             415, 'explanations take a JSON body {"inputs": [[...]]} or {"records": [{...}]}'
         )
     records = _records_of(body, content_type)
-    model = await run_in_threadpool(runtime.get, name)
     described = RecordSchema.require(model) if records is not None else None
     if described is not None and records is not None:
         if len(records) > MAX_EXPLAIN_ROWS:
@@ -566,4 +683,36 @@ async def _explain(state: _State, name: str, request: Request) -> dict[str, Any]
     doc = {"model": name, "version": model.version, **explanation.to_json()}
     if described is not None:  # the shares of the record's own columns, summed
         doc["by_column"] = described.by_column(explanation.values)
-    return doc
+    return JSONResponse(doc)
+
+
+async def _explain_image(
+    model: LoadedModel,
+    body: bytes,
+    request: Request,
+    *,
+    resize: bool,
+    png: bool,
+    patch: int | None,
+) -> Response:
+    """The occlusion map of one image (a file, or its values as JSON or NPY) or signal."""
+    content_type = request.headers.get("content-type", "")
+    image = image_of(body, content_type)
+    if image is not None:
+        inputs: Any = await _image_record(model, image, resize=resize)
+    else:
+        inputs = decode_inputs(body, content_type, request.headers)
+    feeds = model.check(inputs, max_rows=1, cast=True)
+    record = next(iter(feeds.values()))[0]
+    explain = functools.partial(explain_image, model, record, patch=patch)
+    explanation = await run_in_threadpool(explain)
+    headers = {
+        "X-Insitu-Model": model.name,
+        "X-Insitu-Version": model.version,
+        "X-Insitu-Class": str(explanation.target),
+    }
+    if png:
+        picture = await run_in_threadpool(explanation.png)
+        return Response(picture, media_type="image/png", headers=headers)
+    doc = {"model": model.name, "version": model.version, **explanation.to_json()}
+    return JSONResponse(doc, headers=headers)

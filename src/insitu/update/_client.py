@@ -42,8 +42,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater
@@ -52,10 +50,12 @@ from tuf.ngclient.fetcher import FetcherInterface
 from insitu._atomic import atomic_write_bytes, open_no_follow
 from insitu._canonical import canonical_bytes
 from insitu._clock import utc_now
+from insitu._signer import SigningPublicKey, public_key_from_text
 from insitu.audit import Ledger, events
 from insitu.bundle import (
     Bundle,
     BundleVerifier,
+    DeviceKey,
     OpenedBundle,
     SemVer,
     apply_bundle_delta,
@@ -112,7 +112,7 @@ def is_local_version(version: str) -> bool:
     return SemVer.parse(version).prerelease[:1] == ("local",)
 
 
-def enrolled_publishers(directory: Path) -> list[Ed25519PublicKey]:
+def enrolled_publishers(directory: Path) -> list[SigningPublicKey]:
     """The publisher keys a device enrolled in ``directory`` trusts (none if not enrolled).
 
     They are listed in the repository's root (``x-insitu-publishers``): the newest root
@@ -130,7 +130,7 @@ def enrolled_publishers(directory: Path) -> list[Ed25519PublicKey]:
                 f"{path} is unreadable ({exc}); enroll again with 'insitu update enroll'"
             ) from exc
         raw = md.signed.unrecognized_fields.get(PUBLISHERS_FIELD, [])
-        return [Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for k in raw]
+        return [public_key_from_text(k) for k in raw]
     return []
 
 
@@ -264,10 +264,10 @@ class UpdateClient:
         self,
         directory: Path,
         *,
-        device_key: X25519PrivateKey,
+        device_key: DeviceKey,
         ledger: Ledger | None = None,
         fetcher: FetcherInterface | None = None,
-        local_publisher: Ed25519PublicKey | None = None,
+        local_publisher: SigningPublicKey | None = None,
     ) -> None:
         self.directory = Path(directory)
         # The device's own signing key, trusted for *local* versions only (fine-tuned
@@ -348,7 +348,7 @@ class UpdateClient:
         return config
 
     @staticmethod
-    def enrolled_publishers(directory: Path) -> list[Ed25519PublicKey]:
+    def enrolled_publishers(directory: Path) -> list[SigningPublicKey]:
         """The publisher keys a device enrolled in ``directory`` trusts (see the function)."""
         return enrolled_publishers(Path(directory))
 
@@ -368,7 +368,7 @@ class UpdateClient:
         if self.ledger is not None:
             event.record(self.ledger, **payload)
 
-    def _publishers(self) -> list[Ed25519PublicKey]:
+    def _publishers(self) -> list[SigningPublicKey]:
         keys = enrolled_publishers(self.directory)
         if not keys:
             raise RepositoryError(

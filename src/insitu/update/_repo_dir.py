@@ -22,10 +22,11 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Signer
 
 from insitu._atomic import fsync_dir
+from insitu._signer import SigningPublicKey
 from insitu.audit import Ledger, events
 from insitu.errors import RepositoryError
 from insitu.update._repository import DEFAULT_EXPIRY_DAYS, UpdateRepository
@@ -50,7 +51,7 @@ def _signers_from(keys_dir: Path, passphrase: str | None) -> dict[str, list[Sign
 def init_directory_repository(
     path: Path,
     *,
-    publishers: Iterable[Ed25519PublicKey],
+    publishers: Iterable[SigningPublicKey],
     threshold: int = 1,
     expiry_days: Mapping[str, int] | None = None,
     passphrase: str | None = None,

@@ -46,9 +46,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from securesystemslib.signer import Signer
 from tuf.api.metadata import (
     DelegatedRole,
@@ -66,8 +63,9 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
 from insitu._canonical import canonical_bytes
+from insitu._signer import SigningPublicKey, public_key_from_text, public_key_text
 from insitu.audit import Ledger, events
-from insitu.bundle import Bundle, BundleVerifier, SemVer, make_bundle_delta
+from insitu.bundle import Bundle, BundleVerifier, DeviceKey, SemVer, make_bundle_delta
 from insitu.errors import BundleError, RepositoryError
 from insitu.update._storage import Storage
 
@@ -129,8 +127,8 @@ def _insitu(target: TargetFile) -> dict[str, Any]:
     return dict(value) if isinstance(value, dict) else {}
 
 
-def _raw(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+def _raw(key: SigningPublicKey) -> str:
+    return public_key_text(key)  # Ed25519: the raw key's hex, as in older roots
 
 
 class UpdateRepository(Repository):
@@ -201,7 +199,7 @@ class UpdateRepository(Repository):
         storage: Storage,
         signers: Mapping[str, Sequence[Signer]],
         *,
-        publishers: Iterable[Ed25519PublicKey],
+        publishers: Iterable[SigningPublicKey],
         threshold: int = 1,
         expiry_days: Mapping[str, int] | None = None,
     ) -> UpdateRepository:
@@ -242,10 +240,10 @@ class UpdateRepository(Repository):
     # -- queries -------------------------------------------------------------------
 
     @property
-    def publishers(self) -> list[Ed25519PublicKey]:
+    def publishers(self) -> list[SigningPublicKey]:
         """The publisher keys root trusts to sign bundles."""
         raw = self.root().unrecognized_fields.get(PUBLISHERS_FIELD, [])
-        return [Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for k in raw]
+        return [public_key_from_text(k) for k in raw]
 
     def versions(self, name: str) -> list[str]:
         """Published versions of model ``name``, oldest first."""
@@ -311,7 +309,7 @@ class UpdateRepository(Repository):
         *,
         channels: Sequence[str] = ("stable",),
         devices: Sequence[str] = (),
-        publisher_key: X25519PrivateKey | None = None,
+        publisher_key: DeviceKey | None = None,
         max_deltas: int = 2,
         ledger: Ledger | None = None,
     ) -> dict[str, Any]:
@@ -342,7 +340,7 @@ class UpdateRepository(Repository):
         *,
         channels: Sequence[str],
         devices: Sequence[str],
-        publisher_key: X25519PrivateKey | None,
+        publisher_key: DeviceKey | None,
         max_deltas: int,
         ledger: Ledger | None,
     ) -> dict[str, Any]:
@@ -428,7 +426,7 @@ class UpdateRepository(Repository):
         bundle_bytes: bytes,
         name: str,
         new: SemVer,
-        publisher_key: X25519PrivateKey | None,
+        publisher_key: DeviceKey | None,
         max_deltas: int,
     ) -> dict[str, bytes]:
         older = [v for v in self.versions(name) if SemVer.parse(v) < new][-max_deltas:]
@@ -452,7 +450,7 @@ class UpdateRepository(Repository):
         return deltas
 
     def set_publishers(
-        self, publishers: Iterable[Ed25519PublicKey], *, ledger: Ledger | None = None
+        self, publishers: Iterable[SigningPublicKey], *, ledger: Ledger | None = None
     ) -> int:
         """Sign a new root version listing exactly ``publishers``; returns its version.
 

@@ -14,6 +14,7 @@ from insitu.workspace._keys import (
     passphrase_from_env,
     save_private_key,
 )
+from insitu.workspace._migrate import KeyMigration, migrate_keys
 from insitu.workspace._pkcs11 import PIN_ENV, pin_from_env
 from insitu.workspace._workspace import (
     DEFAULT_HOME,
@@ -30,10 +31,12 @@ __all__ = [
     "PASSPHRASE_ENV",
     "PIN_ENV",
     "Config",
+    "KeyMigration",
     "PreparedPart",
     "Workspace",
     "WorkspaceLayout",
     "load_private_key",
+    "migrate_keys",
     "passphrase_from_env",
     "pin_from_env",
     "resolve_home",

@@ -39,6 +39,9 @@ SCHEMA: dict[str, dict[str, tuple[type, Any]]] = {
     "keys": {
         "signing": (str, ""),
         "pkcs11_module": (str, ""),
+        # The bundle decryption key: "" for keys/encryption.key (X25519), or the URI
+        # of a P-256 key agreement key in the token (made beside the signing key).
+        "decryption": (str, ""),
     },
     # The site's privacy budget, per data set, across every training on it.
     "privacy": {

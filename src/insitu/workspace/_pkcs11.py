@@ -2,10 +2,17 @@
 
 ``insitu init --key-uri 'pkcs11:token=NAME;object=LABEL'`` asks the token (a hardware
 security module, a smart card, SoftHSM2, a TPM through tpm2-pkcs11) to generate the
-node's Ed25519 key pair with the private half *sensitive* and *not extractable*; the
-workspace keeps only the public key and the URI. Every signature (ledger entries and
-tree heads, bundles) is then made by the token (``CKM_EDDSA``): a copy of the workspace
-on another machine holds no key to sign with.
+node's key pair with the private half *sensitive* and *not extractable*; the workspace
+keeps only the public key and the URI. Every signature (ledger entries and tree heads,
+bundles) is then made by the token: a copy of the workspace on another machine holds no
+key to sign with. The key is Ed25519 (``CKM_EDDSA``) when the token has it, else ECDSA
+P-256 (``CKM_ECDSA`` over a SHA-256 digest made here; a TPM has no Ed25519), whose
+``r || s`` becomes the recorded signature of ``insitu._signer``.
+
+The node's bundle decryption key can live there too (:class:`TokenDecryptionKey`): a
+P-256 key agreement key (``CKA_DERIVE`` only), labelled as the signing key plus
+``-decrypt``, whose ECDH (``CKM_ECDH1_DERIVE``) with a bundle's ephemeral key runs in the
+token; it shares the signing key's session (one login per token and process).
 
 URIs follow RFC 7512, the subset a key needs: ``token`` (the token's label) and
 ``object`` (the key's label) in the path, ``module-path`` (the PKCS#11 library) in the
@@ -20,6 +27,7 @@ messages: what a token refuses becomes one line naming the fix.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -28,8 +36,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from insitu._signer import ED25519, P256, SigningPublicKey, algorithm_of, ecdsa_record
 from insitu.errors import (
     MissingDependencyError,
     TokenError,
@@ -40,10 +51,16 @@ from insitu.errors import (
 )
 
 __all__ = [
+    "DECRYPT_SUFFIX",
+    "KEY_ALGORITHMS",
     "PIN_ENV",
+    "TokenDecryptionKey",
     "TokenKey",
     "TokenKeyUri",
+    "decryption_uri_for",
+    "generate_token_decryption_key",
     "generate_token_key",
+    "open_token_decryption_key",
     "open_token_key",
     "pin_from_env",
 ]
@@ -54,6 +71,10 @@ logger = logging.getLogger(__name__)
 PIN_ENV = "INSITU_PKCS11_PIN"
 #: The DER encoding of the Ed25519 curve's OID (1.3.101.112), as CKA_EC_PARAMS.
 _ED25519_PARAMS = bytes.fromhex("06032b6570")
+#: The DER encoding of the P-256 curve's OID (1.2.840.10045.3.1.7), as CKA_EC_PARAMS.
+_P256_CURVE = bytes.fromhex("06082a8648ce3d030107")
+#: ``--key-algorithm`` values, and the recorded algorithm each one means.
+KEY_ALGORITHMS = {"ed25519": ED25519, "p256": P256}
 _PATH_ATTRIBUTES = {"token", "object", "id", "type", "manufacturer", "serial", "model"}
 
 
@@ -202,14 +223,14 @@ class _Session:
 
 
 class TokenKey:
-    """An Ed25519 private key in a token: ``sign`` and ``public_key``, as cryptography's.
+    """A node's private key in a token (Ed25519 or P-256): ``sign`` and ``public_key``.
 
     Signing is serialized (a PKCS#11 session runs one operation at a time); the ledger
     and the server may sign from several threads.
     """
 
     def __init__(
-        self, session: _Session, private: Any, public: Ed25519PublicKey, public_object: Any = None
+        self, session: _Session, private: Any, public: SigningPublicKey, public_object: Any = None
     ) -> None:
         self._session = session
         self._private = private
@@ -217,13 +238,23 @@ class TokenKey:
         self._public_object = public_object
         self._lock = threading.Lock()
         self.uri = session.uri
+        #: ``ed25519`` or ``ecdsa-p256-sha256`` (``insitu._signer``).
+        self.algorithm = algorithm_of(public)
 
-    def public_key(self) -> Ed25519PublicKey:
+    def public_key(self) -> SigningPublicKey:
         """The public half (read from the token when the key was opened)."""
         return self._public
 
+    def offers(self, mechanism: str) -> bool:
+        """Whether this key's token has ``mechanism`` (a name: ``"CKM_ECDH1_DERIVE"``)."""
+        return mechanism in _mechanisms(self._session)
+
     def sign(self, data: bytes) -> bytes:
-        """An Ed25519 signature of ``data``, made inside the token.
+        """The recorded signature of ``data`` (``insitu._signer``), made inside the token.
+
+        Ed25519 signs ``data`` (``CKM_EDDSA``); P-256 signs its SHA-256 digest
+        (``CKM_ECDSA``, which every token with ECDSA has), so a large message never
+        crosses into the token.
 
         Raises:
             TokenError: the token failed (removed, logged out).
@@ -231,14 +262,20 @@ class TokenKey:
         """
         import PyKCS11
 
+        if self.algorithm == ED25519:
+            message, mechanism = data, PyKCS11.CKM_EDDSA
+        else:
+            message, mechanism = hashlib.sha256(data).digest(), PyKCS11.CKM_ECDSA
         with self._lock:
             try:
-                signature = self._session.session.sign(
-                    self._private, data, PyKCS11.Mechanism(PyKCS11.CKM_EDDSA, None)
+                signature = bytes(
+                    self._session.session.sign(
+                        self._private, message, PyKCS11.Mechanism(mechanism, None)
+                    )
                 )
             except PyKCS11.PyKCS11Error as exc:
                 raise _check(exc, self.uri, "signing") from exc
-        return bytes(signature)
+        return signature if self.algorithm == ED25519 else ecdsa_record(signature)
 
     def destroy(self) -> None:
         """Delete the key pair from the token (a workspace that was not made after all)."""
@@ -271,14 +308,82 @@ def _public_of(session: _Session, public: Any) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def generate_token_key(uri: TokenKeyUri, pin: str | None) -> TokenKey:
-    """Generate the Ed25519 key pair ``uri`` names inside its token.
+def _signing_public_of(session: _Session, public: Any) -> SigningPublicKey:
+    """The public key of a signing key pair: Ed25519, or P-256 (``CKK_EC``)."""
+    import PyKCS11
 
-    The private key is a token object, sensitive, not extractable, usable for signing
-    only. A label already in use is refused: two nodes must never share a key.
+    (key_type,) = session.session.getAttributeValue(public, [PyKCS11.CKA_KEY_TYPE])
+    if key_type != PyKCS11.CKK_EC:
+        return _public_of(session, public)
+    (point,) = session.session.getAttributeValue(public, [PyKCS11.CKA_EC_POINT])
+    raw = bytes(point)
+    if len(raw) == 67 and raw[:2] == b"\x04\x41":  # DER OCTET STRING around the point
+        raw = raw[2:]
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+    except ValueError:
+        raise TokenError(
+            f"token {session.uri.token!r}: {session.uri.object!r} is not a P-256 or Ed25519 "
+            "key; give the label of the node's signing key"
+        ) from None
+
+
+def _mechanisms(session: _Session) -> set[str]:
+    """The names of the mechanisms the session's token offers."""
+    import PyKCS11
+
+    try:
+        slot = session.session.getSessionInfo().slotID
+        return {str(m) for m in session.lib.getMechanismList(slot)}
+    except PyKCS11.PyKCS11Error as exc:
+        raise _check(exc, session.uri, "listing its mechanisms") from exc
+
+
+def _choose_algorithm(session: _Session, requested: str | None) -> str:
+    """``requested`` (``ed25519`` or ``p256``) if the token has it, else what it has.
+
+    Ed25519 when the token offers ``CKM_EC_EDWARDS_KEY_PAIR_GEN`` and ``CKM_EDDSA``,
+    else P-256 with ``CKM_EC_KEY_PAIR_GEN`` and ``CKM_ECDSA``.
+    """
+    import PyKCS11
+
+    uri = session.uri
+    offered = {PyKCS11.CKM.get(m, m) for m in _mechanisms(session)}
+    needs = {
+        ED25519: {PyKCS11.CKM_EC_EDWARDS_KEY_PAIR_GEN, PyKCS11.CKM_EDDSA},
+        P256: {PyKCS11.CKM_EC_KEY_PAIR_GEN, PyKCS11.CKM_ECDSA},
+    }
+    has = {name for name, mechanisms in needs.items() if mechanisms <= offered}
+    if requested is not None:
+        algorithm = KEY_ALGORITHMS[requested]
+        if algorithm not in has:
+            names = ", ".join(sorted(PyKCS11.CKM[m] for m in needs[algorithm] - offered))
+            raise TokenError(
+                f"token {uri.token!r} cannot make {requested} signing keys (no {names}); "
+                "leave out --key-algorithm to use what the token has"
+            )
+        return algorithm
+    for algorithm in (ED25519, P256):
+        if algorithm in has:
+            return algorithm
+    raise TokenError(
+        f"token {uri.token!r} has neither Ed25519 (CKM_EDDSA) nor ECDSA P-256 (CKM_ECDSA); "
+        "use a token that signs with one of them"
+    )
+
+
+def generate_token_key(
+    uri: TokenKeyUri, pin: str | None, *, algorithm: str | None = None
+) -> TokenKey:
+    """Generate the signing key pair ``uri`` names inside its token.
+
+    ``algorithm`` (``ed25519`` or ``p256``, :data:`KEY_ALGORITHMS`) forces one; by
+    default it is Ed25519 when the token has it, else ECDSA P-256. The private key is a
+    token object, sensitive, not extractable, usable for signing only. A label already
+    in use is refused: two nodes must never share a key.
 
     Raises:
-        TokenError: no PIN, or the token cannot generate Ed25519 keys.
+        TokenError: no PIN, a label in use, or the token cannot make such a key.
         WrongPinError: the token refused the PIN.
         TokenModuleError: the module is missing or not a PKCS#11 library.
         TokenKeyNotFoundError: no token with that label.
@@ -292,15 +397,17 @@ def generate_token_key(uri: TokenKeyUri, pin: str | None) -> TokenKey:
             f"token {uri.token!r} already holds a key labelled {uri.object!r}; choose "
             "another object= label (two nodes must never share a key)"
         )
+    chosen = _choose_algorithm(session, algorithm)
+    ed = chosen == ED25519
     common = [
         (PyKCS11.CKA_TOKEN, PyKCS11.CK_TRUE),
-        (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC_EDWARDS),
+        (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC_EDWARDS if ed else PyKCS11.CKK_EC),
         (PyKCS11.CKA_LABEL, uri.object),
     ]
     public_template = [
         (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
         (PyKCS11.CKA_VERIFY, PyKCS11.CK_TRUE),
-        (PyKCS11.CKA_EC_PARAMS, _ED25519_PARAMS),
+        (PyKCS11.CKA_EC_PARAMS, _ED25519_PARAMS if ed else _P256_CURVE),
         *common,
     ]
     private_template = [
@@ -309,33 +416,34 @@ def generate_token_key(uri: TokenKeyUri, pin: str | None) -> TokenKey:
         (PyKCS11.CKA_PRIVATE, PyKCS11.CK_TRUE),
         (PyKCS11.CKA_SENSITIVE, PyKCS11.CK_TRUE),
         (PyKCS11.CKA_EXTRACTABLE, PyKCS11.CK_FALSE),
-        (PyKCS11.CKA_DECRYPT, PyKCS11.CK_FALSE),
         (PyKCS11.CKA_DERIVE, PyKCS11.CK_FALSE),
+        # tpm2-pkcs11 refuses an EC key with CKA_DECRYPT given (a TPM key's "decrypt"
+        # is another attribute); ECDSA keys decrypt nothing anyway.
+        *([(PyKCS11.CKA_DECRYPT, PyKCS11.CK_FALSE)] if ed else []),
         *common,
     ]
+    generator = PyKCS11.CKM_EC_EDWARDS_KEY_PAIR_GEN if ed else PyKCS11.CKM_EC_KEY_PAIR_GEN
     try:
         public, private = session.session.generateKeyPair(
-            public_template,
-            private_template,
-            mecha=PyKCS11.Mechanism(PyKCS11.CKM_EC_EDWARDS_KEY_PAIR_GEN, None),
+            public_template, private_template, mecha=PyKCS11.Mechanism(generator, None)
         )
     except PyKCS11.PyKCS11Error as exc:
         raise TokenError(
-            f"token {uri.token!r} cannot generate an Ed25519 key ({exc}); use a token "
-            "with CKM_EC_EDWARDS_KEY_PAIR_GEN (SoftHSM2 2.6 or newer)"
+            f"token {uri.token!r} cannot generate an {chosen} key ({exc}); use a token "
+            f"with {PyKCS11.CKM[generator]}"
         ) from exc
-    logger.info("generated the node's signing key in %s", uri)
-    return TokenKey(session, private, _public_of(session, public), public)
+    logger.info("generated the node's %s signing key in %s", chosen, uri)
+    return TokenKey(session, private, _signing_public_of(session, public), public)
 
 
 def open_token_key(uri: TokenKeyUri, pin: str | None) -> TokenKey:
-    """The Ed25519 key ``uri`` names, opened in its token for signing.
+    """The signing key (Ed25519 or P-256) ``uri`` names, opened in its token.
 
     Raises:
         TokenKeyNotFoundError: no such token, or no key of that label in it.
         WrongPinError: the token refused the PIN.
         TokenModuleError: the module is missing or not a PKCS#11 library.
-        TokenError: no PIN, or the object is not an Ed25519 key pair.
+        TokenError: no PIN, or the object is not an Ed25519 or P-256 key pair.
 
     """
     import PyKCS11
@@ -347,4 +455,233 @@ def open_token_key(uri: TokenKeyUri, pin: str | None) -> TokenKey:
             f"token {uri.token!r} holds no key labelled {uri.object!r}; this workspace's "
             "key is in another token (restore it, or use the token it was made in)"
         )
-    return TokenKey(session, private[0], _public_of(session, public[0]))
+    return TokenKey(session, private[0], _signing_public_of(session, public[0]))
+
+
+# -- the decryption key: P-256 ECDH in the token ------------------------------------
+
+#: The DER encoding of the P-256 curve's OID (1.2.840.10045.3.1.7), as CKA_EC_PARAMS.
+_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")
+#: What the decryption key's label adds to the signing key's (``object=site-a-decrypt``).
+DECRYPT_SUFFIX = "-decrypt"
+
+
+def decryption_uri_for(signing: TokenKeyUri) -> TokenKeyUri:
+    """The URI of the decryption key beside the signing key ``signing`` (same token)."""
+    return TokenKeyUri(signing.token, signing.object + DECRYPT_SUFFIX, signing.module)
+
+
+def _session_for(uri: TokenKeyUri, pin: str | None, beside: TokenKey | None) -> _Session:
+    """A session for ``uri``: the logged-in one of ``beside`` when it is in the same token.
+
+    One session and one login per token and process: tpm2-pkcs11 on a TPM without a
+    resource manager cannot unseal its wrapping key for a second session.
+    """
+    if beside is None or beside.uri.token != uri.token or beside.uri.module != uri.module:
+        return _Session(uri, pin)
+    shared = object.__new__(_Session)
+    shared.uri, shared.lib, shared.session = uri, beside._session.lib, beside._session.session
+    return shared
+
+
+class TokenDecryptionKey:
+    """A P-256 key agreement key in a token: ``exchange`` and ``public_key``.
+
+    It opens bundles whose recipient entry is ``p256-ecdh`` (``insitu.bundle``'s
+    ``P256Agreement``). The private key never leaves the token: ``exchange`` asks the
+    token for ``CKM_ECDH1_DERIVE`` (``CKD_NULL``) with the bundle's ephemeral public
+    point, into a *session* object (``CKA_TOKEN`` false) that is a generic secret of 32
+    bytes, reads that secret's value and destroys the object.
+
+    What leaves the token is the ECDH shared secret of *one* ephemeral key, i.e. of one
+    bundle's wrapped data key: the publisher who made the ephemeral key knows it too; it
+    reveals nothing of the private key and opens no other bundle (each has its own
+    ephemeral key). HKDF and the AES-GCM unwrapping then run in this process, as the
+    payload's decryption must anyway (the data key is needed in memory to decrypt a
+    model at memory speed). SoftHSM2 2.6 has no ``CKM_HKDF_DERIVE``, so deriving the
+    wrapping key inside the token is not possible there; with the secret marked
+    non-extractable its value could not be read at all.
+    """
+
+    def __init__(
+        self,
+        session: _Session,
+        private: Any,
+        public: ec.EllipticCurvePublicKey,
+        public_object: Any = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        self._session = session
+        self._private = private
+        self._public = public
+        self._public_object = public_object
+        # A session shared with the signing key runs one operation at a time: one lock.
+        self._lock = lock or threading.Lock()
+        self.uri = session.uri
+
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        """The public half (read from the token when the key was opened)."""
+        return self._public
+
+    def exchange(self, peer: ec.EllipticCurvePublicKey) -> bytes:
+        """The ECDH shared secret with ``peer`` (its x-coordinate, 32 bytes), made in the token.
+
+        Raises:
+            ValueError: ``peer`` is not a P-256 key.
+            TokenError: the token failed (removed, logged out).
+
+        """
+        import PyKCS11
+
+        if peer.curve.name != "secp256r1":
+            raise ValueError(f"{peer.curve.name} is not P-256")
+        point = peer.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        template = [
+            (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+            (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_GENERIC_SECRET),
+            (PyKCS11.CKA_VALUE_LEN, 32),
+            (PyKCS11.CKA_TOKEN, PyKCS11.CK_FALSE),
+            (PyKCS11.CKA_SENSITIVE, PyKCS11.CK_FALSE),
+            (PyKCS11.CKA_EXTRACTABLE, PyKCS11.CK_TRUE),
+        ]
+        session = self._session.session
+        with self._lock:
+            try:
+                secret = session.deriveKey(
+                    self._private, template, PyKCS11.ECDH1_DERIVE_Mechanism(point)
+                )
+                try:
+                    (value,) = session.getAttributeValue(
+                        secret, [PyKCS11.CKA_VALUE], allAsBinary=True
+                    )
+                finally:
+                    session.destroyObject(secret)
+            except PyKCS11.PyKCS11Error as exc:
+                raise _check(exc, self.uri, "deriving a bundle's key") from exc
+        if value is None or len(value) != 32:
+            raise TokenError(
+                f"token {self.uri.token!r} did not return the ECDH secret; check the token"
+            )
+        return bytes(value)
+
+    def destroy(self) -> None:
+        """Delete the key pair from the token (a workspace that was not made after all)."""
+        import PyKCS11
+
+        with self._lock:
+            for handle in (self._private, self._public_object):
+                if handle is None:
+                    continue
+                try:
+                    self._session.session.destroyObject(handle)
+                except PyKCS11.PyKCS11Error:
+                    logger.warning(
+                        "could not delete %s from its token; delete it by hand", self.uri
+                    )
+
+
+def _p256_public_of(session: _Session, public: Any) -> ec.EllipticCurvePublicKey:
+    import PyKCS11
+
+    (point,) = session.session.getAttributeValue(public, [PyKCS11.CKA_EC_POINT])
+    raw = bytes(point)
+    if len(raw) == 67 and raw[:2] == b"\x04\x41":  # DER OCTET STRING around the point
+        raw = raw[2:]
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+    except ValueError:
+        raise TokenError(
+            f"token {session.uri.token!r}: {session.uri.object!r} is not a P-256 key; give "
+            "the label of a P-256 key agreement key"
+        ) from None
+
+
+def generate_token_decryption_key(
+    uri: TokenKeyUri, pin: str | None, *, beside: TokenKey | None = None
+) -> TokenDecryptionKey:
+    """Generate the P-256 key agreement key pair ``uri`` names inside its token.
+
+    ``beside`` is the node's signing key when it is open: its session is used. The
+    private key is a token object, sensitive, not extractable, usable for
+    ``CKM_ECDH1_DERIVE`` only (``CKA_DERIVE``; no signing, no decryption). A label already
+    in use is refused.
+
+    Raises:
+        TokenError: no PIN, a label in use, or the token cannot generate P-256 keys.
+        WrongPinError: the token refused the PIN.
+        TokenModuleError: the module is missing or not a PKCS#11 library.
+        TokenKeyNotFoundError: no token with that label.
+
+    """
+    import PyKCS11
+
+    session = _session_for(uri, pin, beside)
+    if session.find(PyKCS11.CKO_PRIVATE_KEY) or session.find(PyKCS11.CKO_PUBLIC_KEY):
+        raise TokenError(
+            f"token {uri.token!r} already holds a key labelled {uri.object!r}; choose "
+            "another object= label (two nodes must never share a key)"
+        )
+    common = [
+        (PyKCS11.CKA_TOKEN, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_EC),
+        (PyKCS11.CKA_LABEL, uri.object),
+    ]
+    public_template = [
+        (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
+        (PyKCS11.CKA_EC_PARAMS, _P256_PARAMS),
+        (PyKCS11.CKA_VERIFY, PyKCS11.CK_FALSE),
+        *common,
+    ]
+    private_template = [
+        (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY),
+        (PyKCS11.CKA_DERIVE, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_PRIVATE, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_SENSITIVE, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_EXTRACTABLE, PyKCS11.CK_FALSE),
+        (PyKCS11.CKA_SIGN, PyKCS11.CK_FALSE),
+        (PyKCS11.CKA_DECRYPT, PyKCS11.CK_FALSE),
+        *common,
+    ]
+    try:
+        public, private = session.session.generateKeyPair(
+            public_template,
+            private_template,
+            mecha=PyKCS11.Mechanism(PyKCS11.CKM_EC_KEY_PAIR_GEN, None),
+        )
+    except PyKCS11.PyKCS11Error as exc:
+        raise TokenError(
+            f"token {uri.token!r} cannot generate a P-256 key ({exc}); use a token with "
+            "CKM_EC_KEY_PAIR_GEN and CKM_ECDH1_DERIVE"
+        ) from exc
+    logger.info("generated the node's decryption key in %s", uri)
+    lock = (
+        beside._lock if beside is not None and session.session is beside._session.session else None
+    )
+    return TokenDecryptionKey(session, private, _p256_public_of(session, public), public, lock)
+
+
+def open_token_decryption_key(
+    uri: TokenKeyUri, pin: str | None, *, beside: TokenKey | None = None
+) -> TokenDecryptionKey:
+    """The P-256 key agreement key ``uri`` names, opened in its token (in ``beside``'s session).
+
+    Raises:
+        TokenKeyNotFoundError: no such token, or no key of that label in it.
+        WrongPinError: the token refused the PIN.
+        TokenModuleError: the module is missing or not a PKCS#11 library.
+        TokenError: no PIN, or the object is not a P-256 key pair.
+
+    """
+    import PyKCS11
+
+    session = _session_for(uri, pin, beside)
+    private, public = session.find(PyKCS11.CKO_PRIVATE_KEY), session.find(PyKCS11.CKO_PUBLIC_KEY)
+    if not private or not public:
+        raise TokenKeyNotFoundError(
+            f"token {uri.token!r} holds no key labelled {uri.object!r}; this workspace's "
+            "decryption key is in another token (restore it, or use the token it was made in)"
+        )
+    lock = (
+        beside._lock if beside is not None and session.session is beside._session.session else None
+    )
+    return TokenDecryptionKey(session, private[0], _p256_public_of(session, public[0]), None, lock)

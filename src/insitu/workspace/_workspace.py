@@ -35,10 +35,11 @@ import insitu
 from insitu._atomic import atomic_write_text, fsync_dir
 from insitu._clock import utc_now
 from insitu._home import HOME_ENV
-from insitu._signer import Ed25519Signer
+from insitu._signer import Signer, SigningPublicKey, algorithm_of
 from insitu.audit import Ledger, events, node_id_for
 from insitu.errors import (
     KeyFileError,
+    UsageError,
     WorkspaceError,
     WorkspaceNotFoundError,
     WorkspaceNotWritableError,
@@ -54,8 +55,14 @@ from insitu.workspace._keys import (
     save_public_key,
 )
 from insitu.workspace._pkcs11 import (
+    KEY_ALGORITHMS,
+    TokenDecryptionKey,
+    TokenKey,
     TokenKeyUri,
+    decryption_uri_for,
+    generate_token_decryption_key,
     generate_token_key,
+    open_token_decryption_key,
     open_token_key,
     pin_from_env,
 )
@@ -226,7 +233,8 @@ class Workspace(WorkspaceLayout):
         │   ├── signing.key               Ed25519 private key, 0600, scrypt-encrypted
         │   ├── signing.pub.pem           its public half
         │   ├── encryption.key            X25519 private key bundles are sent to, 0600
-        │   ├── encryption.pub.pem        its public half
+        │   │                               (absent when it is a P-256 key in a token)
+        │   ├── encryption.pub.pem        its public half (X25519, or P-256)
         │   ├── model-signing.key         ECDSA P-256 key of OpenSSF model signatures,
         │   │                               0600, made at the first bundle (ADR 0105)
         │   ├── model-signing.pub.pem     its public half (shipped in every bundle)
@@ -261,7 +269,11 @@ class Workspace(WorkspaceLayout):
     # The signing key once unlocked through this object (scrypt costs 0.1 s and 32 MiB
     # each time: a server's runtime, drift monitor and usage ledgers wrote with a key
     # unlocked three times). It lives as long as the object, as a ledger's key does.
-    _unlocked: dict[str, Ed25519Signer] = field(
+    _unlocked: dict[str, Signer] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # The decryption key in a token, once opened (a PKCS#11 session of this object).
+    _agreement: dict[str, TokenDecryptionKey] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -285,20 +297,35 @@ class Workspace(WorkspaceLayout):
     # -- keys ----------------------------------------------------------------------
 
     @property
-    def signing_public_key(self) -> Ed25519PublicKey:
-        """The Ed25519 public key that verifies this node's ledger and bundles."""
+    def signing_public_key(self) -> SigningPublicKey:
+        """The public key that verifies this node's ledger and bundles.
+
+        Ed25519, or ECDSA P-256 when the key was made in a token without Ed25519 (a TPM).
+        """
         key = self._public("signing.pub.pem")
-        if not isinstance(key, Ed25519PublicKey):
-            raise KeyFileError(f"{self.keys_dir / 'signing.pub.pem'} is not an Ed25519 key")
-        return key
+        if isinstance(key, Ed25519PublicKey) or (
+            isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+        ):
+            return key
+        raise KeyFileError(
+            f"{self.keys_dir / 'signing.pub.pem'} is not an Ed25519 or ECDSA P-256 key"
+        )
 
     @property
-    def encryption_public_key(self) -> X25519PublicKey:
-        """The X25519 public key that bundles are encrypted to."""
+    def encryption_public_key(self) -> X25519PublicKey | ec.EllipticCurvePublicKey:
+        """The public key that bundles are encrypted to: X25519, or P-256 (key in a token)."""
         key = self._public("encryption.pub.pem")
-        if not isinstance(key, X25519PublicKey):
-            raise KeyFileError(f"{self.keys_dir / 'encryption.pub.pem'} is not an X25519 key")
-        return key
+        if isinstance(key, X25519PublicKey) or (
+            isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+        ):
+            return key
+        raise KeyFileError(f"{self.keys_dir / 'encryption.pub.pem'} is not an X25519 or P-256 key")
+
+    @property
+    def decryption_key_uri(self) -> str | None:
+        """The PKCS#11 URI of the decryption key when it lives in a token, else ``None``."""
+        uri = str(self.config.get("keys", "decryption"))
+        return uri or None
 
     def _public(self, name: str) -> object:
         path = self.keys_dir / name
@@ -317,7 +344,7 @@ class Workspace(WorkspaceLayout):
         uri = str(self.config.get("keys", "signing"))
         return uri or None
 
-    def signing_key(self, passphrase: str | None = None) -> Ed25519Signer:
+    def signing_key(self, passphrase: str | None = None) -> Signer:
         """The Ed25519 signing key (passphrase from ``INSITU_PASSPHRASE`` by default).
 
         A key in a token (``keys.signing`` is a PKCS#11 URI) is opened there with the PIN
@@ -327,7 +354,7 @@ class Workspace(WorkspaceLayout):
         """
         if passphrase is None and "signing" in self._unlocked:
             return self._unlocked["signing"]
-        key: Ed25519Signer
+        key: Signer
         if self.signing_key_uri is not None:
             uri = TokenKeyUri.parse(
                 self.signing_key_uri, module=str(self.config.get("keys", "pkcs11_module")) or None
@@ -346,12 +373,43 @@ class Workspace(WorkspaceLayout):
             self._unlocked["signing"] = key
         return key
 
-    def encryption_key(self, passphrase: str | None = None) -> X25519PrivateKey:
-        """The X25519 private key that decrypts bundles sent to this node."""
+    def encryption_key(
+        self, passphrase: str | None = None
+    ) -> X25519PrivateKey | TokenDecryptionKey:
+        """The private key that decrypts bundles sent to this node.
+
+        X25519 in ``keys/encryption.key``, or (``keys.decryption`` is a PKCS#11 URI) the
+        P-256 key in the token, opened with the PIN in ``INSITU_PKCS11_PIN`` (once per
+        :class:`Workspace` object): its ECDH happens in the token.
+
+        Raises:
+            TokenKeyNotFoundError: the token holds no such key (another machine's token).
+            KeyFileError: the token's key is not the one of ``keys/encryption.pub.pem``.
+
+        """
+        if self.decryption_key_uri is not None:
+            return self._token_decryption_key()
         key = load_private_key(
             self.keys_dir / "encryption.key", "x25519", passphrase or passphrase_from_env()
         )
         assert isinstance(key, X25519PrivateKey)
+        return key
+
+    def _token_decryption_key(self) -> TokenDecryptionKey:
+        if "decryption" in self._agreement:
+            return self._agreement["decryption"]
+        uri = TokenKeyUri.parse(
+            str(self.decryption_key_uri),
+            module=str(self.config.get("keys", "pkcs11_module")) or None,
+        )
+        # The signing key's session when it is open and in the same token: one session
+        # per token (the key itself is checked against keys/encryption.pub.pem below).
+        signing = self._unlocked.get("signing")
+        beside = signing if isinstance(signing, TokenKey) else None
+        key = open_token_decryption_key(uri, pin_from_env(), beside=beside)
+        if key.public_key() != self.encryption_public_key:
+            raise KeyFileError(f"{uri} does not match keys/encryption.pub.pem")
+        self._agreement["decryption"] = key
         return key
 
     def secret(self, name: Literal["pseudonym", "data"], passphrase: str | None = None) -> bytes:
@@ -472,12 +530,14 @@ class Workspace(WorkspaceLayout):
         key_uri: str | None = None,
         pkcs11_module: str | None = None,
         pin: str | None = None,
+        key_algorithm: str | None = None,
     ) -> tuple[Workspace, bool]:
         """Create a workspace, or open the existing one. Returns it and whether it is new.
 
         ``key_uri`` (``pkcs11:token=NAME;object=LABEL``) puts the signing key in that
         PKCS#11 token, generated there (``pin``, default ``INSITU_PKCS11_PIN``);
-        ``pkcs11_module`` is the token's library.
+        ``pkcs11_module`` is the token's library. The key is Ed25519 when the token has
+        it, else ECDSA P-256; ``key_algorithm`` (``ed25519`` or ``p256``) forces one.
 
         The passphrase (default: ``INSITU_PASSPHRASE``) encrypts the private keys; without
         one they are stored in the clear (0600) and a warning is logged.
@@ -489,6 +549,16 @@ class Workspace(WorkspaceLayout):
         """
         path = resolve_home(home)
         token = TokenKeyUri.parse(key_uri, module=pkcs11_module) if key_uri else None
+        if key_algorithm is not None and key_algorithm not in KEY_ALGORITHMS:
+            raise UsageError(
+                f"--key-algorithm {key_algorithm!r} is not one insitu signs with; use "
+                + " or ".join(KEY_ALGORITHMS)
+            )
+        if key_algorithm is not None and token is None:
+            raise UsageError(
+                "--key-algorithm chooses the algorithm of a key made in a token; give "
+                "--key-uri too (a key in a file is Ed25519)"
+            )
         if cls.layout(path).config_path.exists():
             if token is not None:
                 raise WorkspaceError(
@@ -526,6 +596,7 @@ class Workspace(WorkspaceLayout):
                 passphrase=passphrase,
                 token=token,
                 pin=pin,
+                key_algorithm=key_algorithm,
             )
             if path.exists():
                 path.rmdir()  # empty, checked above
@@ -552,12 +623,15 @@ def _populate(
     passphrase: str | None,
     token: TokenKeyUri | None,
     pin: str | None = None,
+    key_algorithm: str | None = None,
 ) -> None:
     """Write a complete workspace into the (temporary) directory ``root``.
 
     With ``token``, the signing key is generated in that PKCS#11 token (PIN from
-    ``INSITU_PKCS11_PIN``) and only its public half and URI are written here; if the
-    rest fails, the key is destroyed in the token again.
+    ``INSITU_PKCS11_PIN``), and so is the bundle decryption key when the token has ECDH
+    (P-256, for ECDH in the token; labelled as the signing key plus ``-decrypt``); only
+    their public halves and URIs are written here. If the rest fails, both keys are
+    destroyed in the token again.
     """
     keys = Workspace.layout(root).keys_dir
     keys.mkdir(mode=0o700)
@@ -566,11 +640,33 @@ def _populate(
         save_private_key(keys / "signing.key", signing, passphrase)
         _populate_rest(root, name=name, passphrase=passphrase, signing=signing, token=None)
         return
-    in_token = generate_token_key(token, pin or pin_from_env())
+    pin = pin or pin_from_env()
+    in_token = generate_token_key(token, pin, algorithm=key_algorithm)
+    decrypting: TokenDecryptionKey | None = None
     try:
-        _populate_rest(root, name=name, passphrase=passphrase, signing=in_token, token=token)
+        # A token without ECDH (a TPM through tpm2-pkcs11 has no CKM_ECDH1_DERIVE) keeps
+        # the decryption key a file, as before decryption keys could be in a token.
+        if in_token.offers("CKM_ECDH1_DERIVE"):
+            uri = decryption_uri_for(token)
+            decrypting = generate_token_decryption_key(uri, pin, beside=in_token)
+        else:
+            logger.warning(
+                "token %r has no CKM_ECDH1_DERIVE: the bundle decryption key stays a file "
+                "(keys/encryption.key, X25519); workspace.init records it",
+                token.token,
+            )
+        _populate_rest(
+            root,
+            name=name,
+            passphrase=passphrase,
+            signing=in_token,
+            token=token,
+            decryption=decrypting,
+        )
     except BaseException:
-        in_token.destroy()  # a half-made workspace must not leave its key in the token
+        in_token.destroy()  # a half-made workspace must not leave its keys in the token
+        if decrypting is not None:
+            decrypting.destroy()
         raise
 
 
@@ -579,16 +675,23 @@ def _populate_rest(
     *,
     name: str,
     passphrase: str | None,
-    signing: Ed25519Signer,
+    signing: Signer,
     token: TokenKeyUri | None,
+    decryption: TokenDecryptionKey | None = None,
 ) -> None:
-    """The public keys, the other keys, the configuration and the ledger's first entry."""
+    """The public keys, the other keys, the configuration and the ledger's first entry.
+
+    Without ``decryption`` (a key in a token) the decryption key is a new X25519 file.
+    """
     layout = Workspace.layout(root)
     keys = layout.keys_dir
-    encryption = X25519PrivateKey.generate()
     save_public_key(keys / "signing.pub.pem", signing.public_key())
-    save_private_key(keys / "encryption.key", encryption, passphrase)
-    save_public_key(keys / "encryption.pub.pem", encryption.public_key())
+    if decryption is None:
+        encryption = X25519PrivateKey.generate()
+        save_private_key(keys / "encryption.key", encryption, passphrase)
+        save_public_key(keys / "encryption.pub.pem", encryption.public_key())
+    else:
+        save_public_key(keys / "encryption.pub.pem", decryption.public_key())
     atomic_write_text(keys / "api-token", secrets.token_urlsafe(32) + "\n", mode=0o600)
     create_secret(keys / "pseudonym.key", passphrase)
     create_secret(keys / "data.key", passphrase)
@@ -600,6 +703,8 @@ def _populate_rest(
     }
     if token is not None:
         sections["keys"] = {"signing": str(token), "pkcs11_module": token.module or ""}
+        if decryption is not None:
+            sections["keys"]["decryption"] = str(decryption.uri)
     save_config(layout.config_path, Config(sections))
     with Ledger(
         layout.ledger_path, log_id=node_id, public_key=signing.public_key(), signing_key=signing
@@ -611,11 +716,24 @@ def _populate_rest(
             insitu_version=insitu.__version__,
             keys_encrypted=bool(passphrase),
             signing_key_store="file" if token is None else "pkcs11",
+            signing_algorithm=algorithm_of(signing.public_key()),
             **({} if token is None else {"signing_key_uri": str(token)}),
+            **_decryption_fields(decryption),
         )
         ledger.sign_head()
     # Closing the last connection checkpoints the WAL into ledger.db and removes it, so
     # the directory is renamed with a self-contained database.
+
+
+def _decryption_fields(decryption: TokenDecryptionKey | None) -> dict[str, str]:
+    """What ``workspace.init`` says of the decryption key: where, and its key agreement."""
+    if decryption is None:
+        return {"decryption_key_store": "file", "decryption_algorithm": "x25519"}
+    return {
+        "decryption_key_store": "pkcs11",
+        "decryption_key_uri": str(decryption.uri),
+        "decryption_algorithm": "p256-ecdh",
+    }
 
 
 def _make_parents(parent: Path) -> list[Path]:

@@ -1,0 +1,48 @@
+"""Attested membership: a site or device proves its measured insitu build with a TPM quote.
+
+Before a federation admits a site, and before an update repository encrypts a bundle
+for a device, the site or device extends the digest of its insitu build
+(:func:`build_digest`) into a PCR (:data:`DEFAULT_PCR`, 23) and quotes that PCR with its
+TPM's attestation key over a fresh nonce from the verifier (:class:`Tpm`). The verifier
+(:class:`Verifier`) checks the quote's signature against the AK it enrolled for that
+subject, the nonce, and the PCR values against an allow-list of measured states
+(:class:`AllowList`), and records the decision as ``attestation.checked`` in its
+ledger. A refusal is one line naming the PCR that differs
+(:class:`~insitu.errors.MeasurementMismatchError`).
+
+The TPM is driven through tpm2-tools (see :mod:`insitu.attestation._quote` for why and
+for the trust model); the verifier needs neither a TPM nor tpm2-tools. docs/attestation.md
+says what is measured, what is not, and the limits.
+"""
+
+from __future__ import annotations
+
+from insitu.attestation._measure import build_digest, expected_pcr, package_dir
+from insitu.attestation._quote import DEFAULT_AK_HANDLE, DEFAULT_PCR, TCTI_ENV, Quote, Tpm
+from insitu.attestation._verify import (
+    NONCE_TTL,
+    AllowList,
+    Challenge,
+    Decision,
+    MeasuredState,
+    Verifier,
+    ak_fingerprint,
+)
+
+__all__ = [
+    "DEFAULT_AK_HANDLE",
+    "DEFAULT_PCR",
+    "NONCE_TTL",
+    "TCTI_ENV",
+    "AllowList",
+    "Challenge",
+    "Decision",
+    "MeasuredState",
+    "Quote",
+    "Tpm",
+    "Verifier",
+    "ak_fingerprint",
+    "build_digest",
+    "expected_pcr",
+    "package_dir",
+]

@@ -1,0 +1,475 @@
+"""The verifier's side: a fresh nonce, a quote checked against an enrolled AK and an allow-list.
+
+A check runs in this order, and the first failure decides:
+
+1. the subject (a site or a device) has an enrolled attestation key (AK);
+2. the quote's signature verifies against that AK: ECDSA or RSASSA over SHA-256 of the
+   TPM's ``TPMS_ATTEST`` structure, checked with ``cryptography`` (so a verifier needs no
+   TPM and no tpm2-tools; ``tpm2_checkquote`` checks the same three things and agrees);
+3. the signed structure is a quote (``TPM_GENERATED_VALUE``, ``TPM_ST_ATTEST_QUOTE``) and
+   its qualifying data is the nonce this verifier issued to this subject, once, less than
+   :data:`NONCE_TTL` seconds ago: a replayed quote, or one over another verifier's nonce,
+   is refused;
+4. the quoted selection is the SHA-256 bank of exactly the PCRs the allow-list names,
+   and the PCR values sent hash to the signed digest;
+5. some measured state of the allow-list has every one of those PCR values.
+
+Every decision, admitted or refused, is recorded as ``attestation.checked`` in the
+verifier's ledger (subject, kind, PCRs, the AK's fingerprint and, for a refusal, the
+reason and the PCR that differed), before it is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import struct
+import threading
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from insitu._atomic import atomic_write_text
+from insitu.attestation._quote import Quote
+from insitu.audit import events
+from insitu.errors import (
+    AllowListError,
+    AttestationRefusedError,
+    MeasurementMismatchError,
+    QuoteSignatureError,
+    StaleQuoteError,
+    UnknownAttestationKeyError,
+)
+from insitu.workspace import Workspace
+
+__all__ = [
+    "NONCE_TTL",
+    "AllowList",
+    "Challenge",
+    "Decision",
+    "MeasuredState",
+    "Verifier",
+    "ak_fingerprint",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a nonce stays valid after it was issued.
+NONCE_TTL = 120.0
+_NONCE_BYTES = 32
+_TPM_GENERATED = 0xFF544347
+_ST_ATTEST_QUOTE = 0x8018
+_ALG_SHA256 = 0x000B
+_ALG_ECDSA = 0x0018
+_ALG_RSASSA = 0x0014
+
+
+def ak_fingerprint(pem: bytes) -> str:
+    """``sha256:<hex>`` of an AK's SubjectPublicKeyInfo (DER)."""
+    key = serialization.load_pem_public_key(pem)
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+# --------------------------------------------------------------------------- allow-list
+
+
+@dataclass(frozen=True)
+class MeasuredState:
+    """One allowed state: a name and the SHA-256 value of each PCR it fixes (hex)."""
+
+    name: str
+    pcrs: dict[int, str]
+
+
+@dataclass(frozen=True)
+class AllowList:
+    """The measured states a verifier admits: a TOML file of ``[[state]]`` tables.
+
+    For example::
+
+        [[state]]
+        name = "insitu 0.9.0"
+        pcrs = { 23 = "<SHA-256 PCR value, hex>" }
+    """
+
+    states: tuple[MeasuredState, ...]
+    source: str = "allow-list"
+
+    @property
+    def pcrs(self) -> list[int]:
+        """Every PCR some state fixes: what a quote must cover."""
+        return sorted({pcr for state in self.states for pcr in state.pcrs})
+
+    @classmethod
+    def load(cls, path: Path) -> AllowList:
+        """Read an allow-list file.
+
+        Raises:
+            AllowListError: unreadable, not TOML, no state, or a malformed state.
+
+        """
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise AllowListError(
+                f"cannot read the allow-list {path}: {exc}; write one with 'insitu attest allow'"
+            ) from exc
+        raw = data.get("state")
+        if not isinstance(raw, list) or not raw:
+            raise AllowListError(
+                f"the allow-list {path} has no [[state]]; write one with 'insitu attest allow'"
+            )
+        return cls(tuple(_state(path, item) for item in raw), source=str(path))
+
+    def to_toml(self) -> str:
+        """The TOML text of this allow-list."""
+        lines: list[str] = []
+        for state in self.states:
+            pcrs = ", ".join(f'{pcr} = "{value}"' for pcr, value in sorted(state.pcrs.items()))
+            lines += ["[[state]]", f"name = {_toml_str(state.name)}", f"pcrs = {{ {pcrs} }}", ""]
+        return "\n".join(lines)
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _state(path: Path, item: object) -> MeasuredState:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise AllowListError(f"the allow-list {path}: every [[state]] needs a name")
+    pcrs = item.get("pcrs")
+    if not isinstance(pcrs, dict) or not pcrs:
+        raise AllowListError(f"the allow-list {path}: state {item['name']!r} fixes no PCR")
+    values: dict[int, str] = {}
+    for key, value in pcrs.items():
+        try:
+            index = int(key)
+            digest = bytes.fromhex(str(value))
+        except ValueError as exc:
+            raise AllowListError(
+                f"the allow-list {path}: state {item['name']!r}: PCR {key!r} = {value!r} is "
+                "not a PCR number and a SHA-256 value in hex"
+            ) from exc
+        if not 0 <= index <= 23 or len(digest) != 32:
+            raise AllowListError(
+                f"the allow-list {path}: state {item['name']!r}: PCR {key} must be 0-23 with "
+                "a 32-byte SHA-256 value"
+            )
+        values[index] = digest.hex()
+    return MeasuredState(item["name"], values)
+
+
+# --------------------------------------------------------------------------- TPM structures
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.at + n > len(self.data):
+            raise ValueError("truncated TPM structure")
+        chunk = self.data[self.at : self.at + n]
+        self.at += n
+        return chunk
+
+    def u8(self) -> int:
+        return int(self.take(1)[0])
+
+    def u16(self) -> int:
+        return int(struct.unpack(">H", self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(struct.unpack(">I", self.take(4))[0])
+
+    def sized(self) -> bytes:
+        return self.take(self.u16())
+
+
+@dataclass(frozen=True)
+class _Attest:
+    magic: int
+    kind: int
+    extra_data: bytes
+    selection: dict[int, list[int]]  # hash algorithm -> PCR indices
+    pcr_digest: bytes
+
+
+def _parse_attest(data: bytes) -> _Attest:
+    r = _Reader(data)
+    magic, kind = r.u32(), r.u16()
+    r.sized()  # qualifiedSigner
+    extra = r.sized()
+    r.take(17 + 8)  # clockInfo, firmwareVersion
+    selection: dict[int, list[int]] = {}
+    for _ in range(r.u32()):
+        alg, bitmap = r.u16(), r.take(r.u8())
+        selection[alg] = [
+            8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1
+        ]
+    return _Attest(magic, kind, extra, selection, r.sized())
+
+
+def _verify_signature(pem: bytes, attest: bytes, signature: bytes) -> None:
+    """Raise ``InvalidSignature`` (or ``ValueError``) unless ``signature`` is the AK's."""
+    key = serialization.load_pem_public_key(pem)
+    r = _Reader(signature)
+    alg, hash_alg = r.u16(), r.u16()
+    if hash_alg != _ALG_SHA256:
+        raise ValueError("the quote is not signed over SHA-256")
+    if alg == _ALG_ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
+        der = encode_dss_signature(int.from_bytes(r.sized()), int.from_bytes(r.sized()))
+        key.verify(der, attest, ec.ECDSA(hashes.SHA256()))
+    elif alg == _ALG_RSASSA and isinstance(key, rsa.RSAPublicKey):
+        key.verify(r.sized(), attest, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        raise ValueError(f"signature algorithm {alg:#06x} does not fit the enrolled key")
+
+
+# --------------------------------------------------------------------------- the verifier
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """What a verifier sends the prover: a fresh nonce and the PCRs to quote."""
+
+    nonce: bytes
+    pcrs: list[int]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one check, as recorded in the verifier's ledger."""
+
+    subject: str
+    kind: str
+    admitted: bool
+    pcrs: list[int]
+    reason: str | None = None
+    pcr: int | None = None
+    measurement: str | None = None
+    ak_fingerprint: str | None = None
+    error: AttestationRefusedError | None = field(default=None, compare=False, repr=False)
+
+    def raise_if_refused(self) -> None:
+        """Raise the refusal (a subclass of AttestationRefusedError), if it is one."""
+        if self.error is not None:
+            raise self.error
+
+
+class Verifier:
+    """Issues nonces and checks quotes for one kind of subject; see the module docstring.
+
+    ``keys`` maps each subject to its enrolled AK public key (PEM). Thread-safe: a
+    server's gateway checks sites from its own thread. Nonces live in memory; with
+    ``persistent``, in ``<home>/attestation/nonces/`` (0600, one file per subject, taken
+    by an atomic rename), so that the challenge and the check may be two commands: a
+    device quotes out of band (``insitu attest challenge``, then ``verify``).
+    """
+
+    def __init__(
+        self,
+        ws: Workspace,
+        allow_list: AllowList,
+        keys: Mapping[str, bytes],
+        *,
+        kind: str = "site",
+        nonce_ttl: float = NONCE_TTL,
+        persistent: bool = False,
+    ) -> None:
+        if kind not in ("site", "device"):
+            raise ValueError(f"kind {kind!r}: site or device")
+        self._ws, self.allow_list, self._keys = ws, allow_list, dict(keys)
+        self.kind, self._ttl = kind, nonce_ttl
+        self._nonces: dict[str, tuple[bytes, float]] = {}
+        self._lock = threading.Lock()
+        self._dir = ws.home / "attestation" / "nonces" if persistent else None
+
+    def challenge(self, subject: str) -> Challenge:
+        """A fresh nonce for ``subject`` (replacing any earlier one) and the PCRs to quote."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            record = {"nonce": nonce.hex(), "expires": time.time() + self._ttl}
+            atomic_write_text(self._nonce_file(subject), json.dumps(record), mode=0o600)
+        else:
+            with self._lock:
+                self._nonces[subject] = (nonce, time.monotonic() + self._ttl)
+        return Challenge(nonce, self.allow_list.pcrs)
+
+    def _nonce_file(self, subject: str) -> Path:
+        folder = self._dir if self._dir is not None else self._ws.home / "attestation"
+        name = hashlib.sha256(f"{self.kind}\0{subject}".encode()).hexdigest()[:32]
+        return folder / f"{name}.json"
+
+    def _take_nonce(self, subject: str) -> bytes | None:
+        if self._dir is not None:
+            return self._take_file_nonce(subject)
+        with self._lock:
+            nonce, expiry = self._nonces.pop(subject, (None, 0.0))
+        return nonce if nonce is not None and time.monotonic() <= expiry else None
+
+    def _take_file_nonce(self, subject: str) -> bytes | None:
+        path = self._nonce_file(subject)
+        taken = path.with_name(f"{path.stem}.{secrets.token_hex(8)}.taken")
+        try:
+            path.replace(taken)  # one check only, even when two race for it
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(taken.read_text(encoding="utf-8"))
+            nonce, expires = bytes.fromhex(record["nonce"]), float(record["expires"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        finally:
+            taken.unlink(missing_ok=True)
+        return nonce if time.time() <= expires else None
+
+    def check(self, subject: str, quote: Quote, *, run: str | None = None) -> Decision:
+        """Check ``quote`` from ``subject`` against its nonce, AK and the allow-list.
+
+        The nonce is used up whatever the outcome. The decision is recorded in the
+        verifier's ledger and returned; :meth:`Decision.raise_if_refused` raises it.
+        """
+        nonce = self._take_nonce(subject)
+        decision = self._decide(subject, quote, nonce)
+        payload = {
+            "subject": subject,
+            "kind": self.kind,
+            "decision": "admitted" if decision.admitted else "refused",
+            "pcrs": decision.pcrs,
+        }
+        optional = {
+            "reason": decision.reason,
+            "pcr": decision.pcr,
+            "measurement": decision.measurement,
+            "ak_fingerprint": decision.ak_fingerprint,
+            "run": run,
+        }
+        with self._ws.ledger() as ledger:
+            events.ATTESTATION_CHECKED.record(
+                ledger, **payload, **{k: v for k, v in optional.items() if v is not None}
+            )
+        # The caller reports a refusal (the CLI's one line, the server's warning).
+        logger.info("attestation of %s %s: %s", self.kind, subject, decision.reason)
+        return decision
+
+    def _refuse(self, subject: str, error: AttestationRefusedError, **kw: object) -> Decision:
+        return Decision(
+            subject,
+            self.kind,
+            admitted=False,
+            pcrs=self.allow_list.pcrs,
+            reason=str(error),
+            error=error,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def _decide(self, subject: str, quote: Quote, nonce: bytes | None) -> Decision:
+        who = f"{self.kind} {subject}"
+        pem = self._keys.get(subject)
+        if pem is None:
+            return self._refuse(
+                subject,
+                UnknownAttestationKeyError(
+                    f"{who} refused: no attestation key is enrolled for it; enroll the AK "
+                    "public key it printed with 'insitu attest key'"
+                ),
+            )
+        try:
+            fingerprint = ak_fingerprint(pem)
+        except (ValueError, TypeError):
+            return self._refuse(
+                subject,
+                UnknownAttestationKeyError(
+                    f"{who} refused: its enrolled attestation key is not a PEM public key; "
+                    "enroll the file 'insitu attest key --out' wrote"
+                ),
+            )
+        try:
+            _verify_signature(pem, quote.attest, quote.signature)
+            attest = _parse_attest(quote.attest)
+        except (InvalidSignature, ValueError):
+            return self._refuse(
+                subject,
+                QuoteSignatureError(
+                    f"{who} refused: the quote's signature does not verify against its "
+                    f"enrolled attestation key {fingerprint[:23]} (another TPM's quote, or "
+                    "an altered one)"
+                ),
+                ak_fingerprint=fingerprint,
+            )
+        if (
+            attest.magic != _TPM_GENERATED
+            or attest.kind != _ST_ATTEST_QUOTE
+            or nonce is None
+            or not hmac.compare_digest(attest.extra_data, nonce)
+        ):
+            return self._refuse(
+                subject,
+                StaleQuoteError(
+                    f"{who} refused: the quote is not over this verifier's fresh nonce (a "
+                    "replayed or expired quote); ask for a new nonce and quote again"
+                ),
+                ak_fingerprint=fingerprint,
+            )
+        return self._match(subject, quote, attest, fingerprint)
+
+    def _match(self, subject: str, quote: Quote, attest: _Attest, fingerprint: str) -> Decision:
+        who = f"{self.kind} {subject}"
+        wanted = self.allow_list.pcrs
+        values = b"".join(quote.pcr_values.get(pcr, b"") for pcr in wanted)
+        if (
+            attest.selection != {_ALG_SHA256: wanted}
+            or sorted(quote.pcr_values) != wanted
+            or hashlib.sha256(values).digest() != attest.pcr_digest
+        ):
+            return self._refuse(
+                subject,
+                QuoteSignatureError(
+                    f"{who} refused: the quote does not cover SHA-256 PCRs "
+                    f"{','.join(map(str, wanted))} with the values sent; quote them as asked"
+                ),
+                ak_fingerprint=fingerprint,
+            )
+        measured = {pcr: quote.pcr_values[pcr].hex() for pcr in wanted}
+        for state in self.allow_list.states:
+            if all(measured[pcr] == value for pcr, value in state.pcrs.items()):
+                return Decision(
+                    subject,
+                    self.kind,
+                    admitted=True,
+                    pcrs=wanted,
+                    ak_fingerprint=fingerprint,
+                    reason=f"measured state {state.name!r}",
+                )
+        return self._mismatch(subject, measured, fingerprint)
+
+    def _mismatch(self, subject: str, measured: dict[int, str], fingerprint: str) -> Decision:
+        nearest = min(
+            self.allow_list.states,
+            key=lambda s: sum(measured[p] != v for p, v in s.pcrs.items()),
+        )
+        pcr = min(p for p, v in nearest.pcrs.items() if measured[p] != v)
+        error = MeasurementMismatchError(
+            f"{self.kind} {subject} refused: PCR {pcr} is {measured[pcr][:16]}..., which no "
+            f"allowed state has (nearest: {nearest.name!r} expects {nearest.pcrs[pcr][:16]}...; "
+            f"{self.allow_list.source}); run an allowed build, or add this one to the allow-list",
+            pcr=pcr,
+        )
+        return self._refuse(
+            subject, error, pcr=pcr, measurement=measured[pcr], ak_fingerprint=fingerprint
+        )
