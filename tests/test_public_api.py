@@ -313,6 +313,7 @@ EXPECTED = {
     ],
     "insitu.training": [
         "ArrayModelFn",
+        "DEFAULT_BATCH_RULE",
         "LocalResult",
         "ModelFn",
         "PARITY_TOLERANCE",
@@ -323,6 +324,8 @@ EXPECTED = {
         "check_dp_compatible",
         "check_parity",
         "correct_per_row",
+        "default_batch",
+        "default_learning_rate",
         "evaluate",
         "export_array_onnx",
         "export_onnx",

@@ -96,3 +96,35 @@ def test_digits_cnn_trained_with_dp_across_three_sites_from_the_command_line(
     session = create_session((model_dir / "model.onnx").read_bytes(), intra_op_threads=1)
     images = np.load(digits[0])["x"][:4].astype(np.float32)
     assert session.run(None, {"features": images})[0].shape == (4, 10)
+    _served_predicts_and_explains_one_digit(tmp_path, model_dir, images[0])
+
+
+def _served_predicts_and_explains_one_digit(
+    tmp_path: Path, model_dir: Path, image: np.ndarray
+) -> None:
+    """The CLI-trained model, bundled, installed on a device, served: one digit over HTTP."""
+    import io
+
+    import httpx
+
+    from insitu.serve import running
+    from tests.serve.conftest import make_site
+
+    site = make_site(tmp_path / "device", (model_dir / "model.onnx").read_bytes(), name="digits")
+    buffer = io.BytesIO()
+    np.save(buffer, image[None])
+    npy = {"content-type": "application/x-npy"}
+    with (
+        running(site.workspace) as srv,
+        httpx.Client(base_url=srv.url, headers=srv.headers, timeout=60) as http,
+    ):
+        predicted = http.post("/v1/models/digits/predict", content=buffer.getvalue(), headers=npy)
+        assert predicted.status_code == 200, predicted.text
+        explained = http.post("/v1/models/digits/explain", content=buffer.getvalue(), headers=npy)
+        assert explained.status_code == 200, explained.text
+        assert np.array(explained.json()["attributions"]).shape == (8, 8)
+        heat_map = http.post(
+            "/v1/models/digits/explain?format=png", content=buffer.getvalue(), headers=npy
+        )
+        assert heat_map.status_code == 200, heat_map.text
+        assert heat_map.content[:8] == b"\x89PNG\r\n\x1a\n"

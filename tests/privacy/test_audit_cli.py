@@ -23,7 +23,7 @@ def home(tmp_path, capsys):
     return path
 
 
-def write_model_dir(path, model, split, *, privacy="none", epsilon=3.0):
+def write_model_dir(path, model, split, *, privacy="none", epsilon=3.0, chosen=None):
     """A model directory laid out as federated training writes it."""
     path.mkdir(parents=True)
     buffer = io.BytesIO()
@@ -44,6 +44,7 @@ def write_model_dir(path, model, split, *, privacy="none", epsilon=3.0):
         "model": "mlp",
         "hidden": HIDDEN,
     }
+    config |= chosen or {}
     (path / "record.json").write_text(json.dumps({"config": config}))
     return path
 
@@ -123,6 +124,25 @@ def test_audit_of_a_dp_model_shows_the_bound_beside_each_tpr(
     assert "epsilon 1, delta 1e-05" in out
     assert "0.0272" in out  # e * 0.01 + 1e-5, printed beside the measured TPR
     assert "VIOLATION" not in out
+
+
+def test_a_run_that_let_insitu_choose_batch_and_rate_is_audited_by_the_same_rules(
+    capsys, home, tmp_path, adult, dp_model, files
+):
+    # A run with the defaults records batch 0 and rate 0 ("chosen from each site's size,
+    # by the server optimizer"): the shadows divided by that batch before.
+    chosen = {"batch_size": 0, "learning_rate": 0.0, "server_optimizer": "fedadam"}
+    model_dir = write_model_dir(
+        tmp_path / "m", dp_model, adult, privacy="record", epsilon=1.0, chosen=chosen
+    )
+    code, out, err = audit(
+        capsys, home, model_dir, *files, "--fpr", "0.01", "--no-plot", "--json",
+        "--bootstrap", "100", "--attack", "all", "--shadow-models", "4",
+    )  # fmt: skip
+    assert code == 0, err
+    recipe = json.loads(out)["shadow_recipe"]
+    assert recipe["batch_size"] == 0  # chosen per shadow from its rows, as a site does
+    assert recipe["learning_rate"] == 1.0  # FedAdam's local rate
 
 
 def test_overlapping_files_are_refused(capsys, home, tmp_path, adult, overfit_model, files):

@@ -115,3 +115,12 @@ def test_deleting_the_record_of_spending_breaks_the_ledger(ledger, workspace):
         ledger.verify()
     with pytest.raises(LedgerIntegrityError):
         ledger.verify(trusted_head=kept)
+
+
+def test_a_use_of_no_record_admits_no_one_and_costs_nothing(ledger, workspace):
+    # A site whose records all lack consent asks about none: the answer is "no one", not
+    # a crash inside the accountant (np.stack of no curve, found by a run without consent).
+    admission = budget(ledger, workspace).admit(KEYS[:0], EVENT)
+    assert admission.subjects == 0
+    assert admission.admitted.shape == (0,)
+    assert admission.epsilon_max_after == 0.0

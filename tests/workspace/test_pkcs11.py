@@ -361,3 +361,29 @@ def test_a_key_algorithm_needs_a_token_and_a_known_name(token: str, tmp_path: Pa
             tmp_path / "a", key_uri=uri_of(token), pkcs11_module=MODULE, key_algorithm="rsa"
         )
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # Ray's own leftovers
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_federation_whose_coordinator_key_is_in_the_token_trains_and_verifies(
+    token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from insitu.data import DataSchema, read_table
+    from insitu.datasets import builtin_data, builtin_schema
+    from insitu.federated import FederationConfig, simulate
+
+    ws = _workspace_in_token(tmp_path / "coordinator", token)
+    frame = read_table(builtin_data("adult")).iloc[:6000]
+    config = FederationConfig(sites=3, rounds=1, secure_aggregation=False)
+    doc = DataSchema.load(builtin_schema("adult")).source
+    doc["consent"] = {"required": False, "legal_basis": "GDPR art. 6(1)(e), test"}
+    result = simulate(ws, frame, config, schema=DataSchema.from_dict(doc))
+    assert result.central_accuracy is not None
+    with ws.ledger() as ledger:
+        # The run's entries were signed in the token, and verify against its public key.
+        assert ledger.entries(event_type="federation.completed")
+        assert ledger.verify().entries >= 3
+    assert run(["audit", "verify", "--home", str(ws.home), "--json"]) == 0, capsys.readouterr()
+    assert not (ws.keys_dir / "signing.key").exists()
+    assert [p for p in _private_markers(ws.home) if "encryption.key" not in p] == []

@@ -109,7 +109,7 @@ def _make_trainer(layers: list[tuple[int, int, int]], recipe: ShadowRecipe) -> S
     from torch import nn
 
     from insitu.privacy import calibrate_noise
-    from insitu.training import planned_event, train
+    from insitu.training import default_batch, planned_event, train
 
     def build() -> nn.Module:
         modules: list[nn.Module] = []
@@ -122,11 +122,12 @@ def _make_trainer(layers: list[tuple[int, int, int]], recipe: ShadowRecipe) -> S
     def trainer(features: np.ndarray, labels: np.ndarray, seed: int) -> Predict:
         torch.manual_seed(seed)
         model = build()
+        batch_size = recipe.batch_size or default_batch(len(labels))
         event = None
         if recipe.epsilon is not None:
             planned = planned_event(
                 rows=len(labels),
-                batch_size=recipe.batch_size,
+                batch_size=batch_size,
                 epochs=recipe.epochs,
                 noise_multiplier=1.0,
             )
@@ -138,7 +139,7 @@ def _make_trainer(layers: list[tuple[int, int, int]], recipe: ShadowRecipe) -> S
             )
             event = planned_event(
                 rows=len(labels),
-                batch_size=recipe.batch_size,
+                batch_size=batch_size,
                 epochs=recipe.epochs,
                 noise_multiplier=sigma,
             )
@@ -147,7 +148,7 @@ def _make_trainer(layers: list[tuple[int, int, int]], recipe: ShadowRecipe) -> S
             features.astype(np.float32),
             labels.astype(np.int64),
             epochs=recipe.epochs,
-            batch_size=recipe.batch_size,
+            batch_size=batch_size,
             learning_rate=recipe.learning_rate,
             event=event,
             max_grad_norm=recipe.max_grad_norm,
@@ -223,10 +224,15 @@ def load_target(
             state = torch.load(path / "model.pt", weights_only=True)
         recipe = None
         if config:
+            from insitu.training import default_learning_rate
+
             recipe = ShadowRecipe(
                 epochs=shadow_epochs or int(config["rounds"]) * int(config["local_epochs"]),
+                # 0: the run chose them (from each site's size, by its server optimizer);
+                # the shadow models choose them by the same rules.
                 batch_size=int(config["batch_size"]),
-                learning_rate=float(config["learning_rate"]),
+                learning_rate=float(config["learning_rate"])
+                or default_learning_rate(str(config.get("server_optimizer", "fedavg"))),
                 epsilon=paper_eps if privacy == "record" else None,
                 delta=paper_delta or 1e-5,
                 max_grad_norm=float(config.get("max_grad_norm", 1.0)),

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from insitu.errors import UsageError
+from insitu.training import DEFAULT_BATCH_RULE, default_batch, default_learning_rate
 
 __all__ = [
     "MAX_SITE_WEIGHT",
@@ -80,14 +81,6 @@ Robust = Literal["none", "trimmed-mean", "median"]
 Accountant = Literal["pld", "rdp"]
 ServerOptimizer = Literal["fedavg", "fedadam", "fedyogi", "auto"]
 
-#: Bounds of the batch size chosen from a site's size (:meth:`FederationConfig.batch_for`).
-AUTO_BATCH_MIN, AUTO_BATCH_MAX = 8, 256
-#: The chosen batch is about this share of a site's records (4 steps an epoch at least).
-AUTO_BATCH_SHARE = 1 / 4
-#: The local learning rate when none is given, by server optimizer: plain averaging
-#: takes the sites' steps as they are (2.0: the rate insitu used before), an adaptive
-#: server optimizer rescales them (measured on breast cancer, make_classification, Adult).
-AUTO_LEARNING_RATE = {"fedavg": 2.0, "fedadam": 1.0, "fedyogi": 1.0}
 ModelFamily = Literal["logistic", "mlp", "cnn"]
 _PARTITION = re.compile(r"^(iid|by:[A-Za-z0-9_.\-]+|dirichlet:\d+(\.\d+)?)$")
 
@@ -204,7 +197,7 @@ class FederationConfig:
             )
         if not 0 < self.test_fraction < 0.9:
             raise UsageError("test fraction must be between 0 and 0.9")
-        if self.server_optimizer not in AUTO_LEARNING_RATE:
+        if self.server_optimizer not in ("fedavg", "fedadam", "fedyogi"):
             raise UsageError(
                 f"--server-optimizer {self.server_optimizer!r}: use auto, fedavg, fedadam or "
                 "fedyogi"
@@ -225,24 +218,15 @@ class FederationConfig:
         part of its privacy event (the sample rate is the batch over the records, fixed
         on the run's first round); the batch adds no other use of the data.
         """
-        if self.batch_size:
-            return self.batch_size
-        target = max(rows, 1) * AUTO_BATCH_SHARE
-        power = 2 ** round(math.log2(max(target, 1.0)))
-        return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, power)))
+        return self.batch_size or default_batch(rows)
 
     def local_learning_rate(self) -> float:
         """``learning_rate`` when given, else the rate of the run's server optimizer."""
-        return self.learning_rate or AUTO_LEARNING_RATE[self.server_optimizer]
+        return self.learning_rate or default_learning_rate(self.server_optimizer)
 
     def rules(self) -> str:
         """The rules the run's defaults follow, in one line (``federation.started``)."""
-        batch = (
-            f"batch {self.batch_size}"
-            if self.batch_size
-            else f"batch: 1/4 of a site's records as a power of two, {AUTO_BATCH_MIN} to "
-            f"{AUTO_BATCH_MAX}"
-        )
+        batch = f"batch {self.batch_size}" if self.batch_size else f"batch: {DEFAULT_BATCH_RULE}"
         server = (
             "server: FedAvg"
             if self.server_optimizer == "fedavg"

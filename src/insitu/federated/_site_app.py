@@ -51,7 +51,7 @@ from flwr.client import NumPyClient
 from insitu._atomic import atomic_write_text
 from insitu.audit import events
 from insitu.data import DataSchema, SiteDataset, TrainingData, out_of_range, release_sha256
-from insitu.errors import BudgetExceededError, FederationError
+from insitu.errors import BudgetExceededError, FederationError, InsufficientDataError
 from insitu.federated._config import FederationConfig
 from insitu.federated._defaults import centered, uses_centering
 from insitu.federated._groups import release_groups
@@ -303,6 +303,12 @@ class SiteClient(NumPyClient):
         ws = Workspace.open(plan.home)
         dataset = SiteDataset.open(ws, plan.train_dir)
         data = dataset.for_round(round_number=round_number)
+        if not data.rows:
+            raise InsufficientDataError(
+                "no record of this site may be used for training: none has consent for the "
+                "run's purpose (data.consent_applied in its ledger); record consent with "
+                "'insitu consent', or declare another legal basis in the schema's [consent]"
+            )
         # Values the encoder clips to the declared ranges: counted in the site's own record.
         outside = out_of_range(dataset.prepared.frame, dataset.schema)
         model = self._model(parameters)

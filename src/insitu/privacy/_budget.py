@@ -354,6 +354,8 @@ class SubjectBudget:
     # -- admitting and charging ---------------------------------------------------
 
     def _admit(self, index: _Index, keys: np.ndarray, event: PrivacyEvent) -> Admission:
+        if not len(keys):  # a use that takes no record (none consented): nothing to charge
+            return Admission(event, np.zeros(0, dtype=bool), 0, 0.0, 0)
         subjects, inverse = np.unique(keys, return_inverse=True)
         histories = index.lookup(subjects)
         nodes, position = np.unique(histories, return_inverse=True)

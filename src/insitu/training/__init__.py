@@ -17,6 +17,7 @@ from insitu.training._cnn import (
     check_dp_compatible,
     export_array_onnx,
 )
+from insitu.training._defaults import DEFAULT_BATCH_RULE, default_batch, default_learning_rate
 from insitu.training._dpsgd import (
     LocalResult,
     correct_per_row,
@@ -38,6 +39,7 @@ from insitu.training._models import (
 )
 
 __all__ = [
+    "DEFAULT_BATCH_RULE",
     "PARITY_TOLERANCE",
     "ArrayModelFn",
     "LocalResult",
@@ -49,6 +51,8 @@ __all__ = [
     "check_dp_compatible",
     "check_parity",
     "correct_per_row",
+    "default_batch",
+    "default_learning_rate",
     "evaluate",
     "export_array_onnx",
     "export_onnx",
