@@ -22,9 +22,13 @@ def _collect_ray_leftovers() -> Iterator[None]:
         gc.collect()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="session")
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """One small quickstart for the whole package: 3 sites, 2 rounds, 3,000 rows."""
+    """One small quickstart for the whole package: 3 sites, 2 rounds, 3,000 rows.
+
+    Session-scoped, not package-scoped: a pytest-xdist worker runs this package's files
+    between others', and a package fixture would be built again each time it came back.
+    """
     import contextlib
     import io
 
