@@ -279,18 +279,8 @@ class TokenKey:
 
     def destroy(self) -> None:
         """Delete the key pair from the token (a workspace that was not made after all)."""
-        import PyKCS11
-
         with self._lock:
-            for handle in (self._private, self._public_object):
-                if handle is None:
-                    continue
-                try:
-                    self._session.session.destroyObject(handle)
-                except PyKCS11.PyKCS11Error:
-                    logger.warning(
-                        "could not delete %s from its token; delete it by hand", self.uri
-                    )
+            _destroy_objects(self._session, (self._private, self._public_object), self.uri)
 
 
 def _public_of(session: _Session, public: Any) -> Ed25519PublicKey:
@@ -566,18 +556,21 @@ class TokenDecryptionKey:
 
     def destroy(self) -> None:
         """Delete the key pair from the token (a workspace that was not made after all)."""
-        import PyKCS11
-
         with self._lock:
-            for handle in (self._private, self._public_object):
-                if handle is None:
-                    continue
-                try:
-                    self._session.session.destroyObject(handle)
-                except PyKCS11.PyKCS11Error:
-                    logger.warning(
-                        "could not delete %s from its token; delete it by hand", self.uri
-                    )
+            _destroy_objects(self._session, (self._private, self._public_object), self.uri)
+
+
+def _destroy_objects(session: _Session, handles: tuple[Any, ...], uri: TokenKeyUri) -> None:
+    """Delete ``handles`` from the token; one that will not go is left with a warning."""
+    import PyKCS11
+
+    for handle in handles:
+        if handle is None:
+            continue
+        try:
+            session.session.destroyObject(handle)
+        except PyKCS11.PyKCS11Error:
+            logger.warning("could not delete %s from its token; delete it by hand", uri)
 
 
 def _p256_public_of(session: _Session, public: Any) -> ec.EllipticCurvePublicKey:
