@@ -22,6 +22,18 @@ os.environ.pop("COLUMNS", None)
 freezegun.configure(extend_ignore_list=["insitu.data"])
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, deployments first of all; a file's tests kept in order.
+
+    pytest-xdist hands test files to its workers in this order (``--dist loadfile``): a
+    long deployed run started last would leave one worker running alone at the end.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(
+        key=lambda item: (item.path not in slow_files, not item.path.name.startswith("test_deploy"))
+    )
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # A developer's own workspace or passphrase must never leak into a test.
