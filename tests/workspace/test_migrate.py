@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from insitu.cli import run
 from insitu.errors import (
@@ -23,6 +24,7 @@ from insitu.errors import (
     TokenKeyNotFoundError,
     TokenModuleError,
     UsageError,
+    WrongDeviceKeyError,
     WrongPassphraseError,
     WrongPinError,
 )
@@ -289,3 +291,103 @@ def test_a_ledger_failure_after_the_config_was_written_undoes_everything(
     assert _snapshot(ws.home) == before  # config.toml as it was, the key file intact
     assert Workspace.open(ws.home).signing_key_uri is None
     assert _objects(token) == 0
+
+
+def _bundle_for(public: object, publisher: Ed25519PrivateKey) -> tuple[bytes, bytes]:
+    """A small signed bundle encrypted to ``public`` alone, and its model."""
+    from insitu.bundle import ModelCard, create_bundle, schema_of
+    from tests.bundle._models import mlp
+
+    model, _ = mlp([4, 8, 2])
+    inputs, outputs = schema_of(model)
+    card = ModelCard(name="mlp", version="1.0.0", inputs=inputs, outputs=outputs)
+    return create_bundle(model, card, publisher, recipients=[public]), model
+
+
+def test_a_new_decryption_key_is_made_in_the_token_and_the_old_file_destroyed(
+    token: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from insitu.bundle import Bundle, BundleVerifier
+    from insitu.workspace._pkcs11 import TokenDecryptionKey
+
+    publisher = Ed25519PrivateKey.generate()
+    verifier = BundleVerifier([publisher.public_key()])
+    ws, _ = Workspace.init(tmp_path / "site", name="site-a")
+    old = ws.encryption_key()
+    assert isinstance(old, X25519PrivateKey)
+    old_blob, _ = _bundle_for(old.public_key(), publisher)
+
+    args = ["keys", "migrate", "--home", str(ws.home), "--key-uri", uri_of(token)]
+    argv = [*args, "--pkcs11-module", MODULE, "--new-decryption-key", "--json"]
+    assert run(argv) == 0, capsys.readouterr().err
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["keys"] == ["signing", "decryption"]
+    assert shown["replaced"] == ["decryption"]
+    assert sorted(shown["destroyed"]) == ["keys/encryption.key", "keys/signing.key"]
+
+    moved = Workspace.open(ws.home)
+    assert moved.decryption_key_uri == uri_of(token, "site-a-decrypt")
+    public = moved.encryption_public_key
+    assert isinstance(public, ec.EllipticCurvePublicKey)  # encryption.pub.pem is the new key
+    key = moved.encryption_key()
+    assert isinstance(key, TokenDecryptionKey)
+    blob, model = _bundle_for(public, publisher)
+    assert bytes(verifier.open(Bundle.parse(blob), key).model) == model  # ECDH in the token
+    # A new key, not the old one moved: what was encrypted to the old key stays shut.
+    with pytest.raises(WrongDeviceKeyError, match="not encrypted for this device"):
+        verifier.open(Bundle.parse(old_blob), key)
+    raw_old = old.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    assert _holders_of(moved.home, raw_old) == []
+    with moved.ledger() as ledger:
+        (entry,) = ledger.entries(event_type="workspace.keys_migrated")
+    assert entry.payload["replaced"] == ["decryption"]
+    assert entry.payload["algorithms"] == {"signing": "ed25519", "decryption": "p256-ecdh"}
+    assert run(["audit", "verify", "--home", str(ws.home)]) == 0, capsys.readouterr().err
+    assert _objects(token) == 4  # two key pairs
+
+
+def test_a_signing_key_already_in_a_token_is_joined_by_a_new_decryption_key(
+    token: str, tmp_path: Path
+) -> None:
+    ws, _ = Workspace.init(tmp_path / "site", name="site-a")
+    migrate_keys(ws, uri_of(token), pkcs11_module=MODULE)
+    with pytest.raises(TokenError, match=r"already in a token.*--new-decryption-key"):
+        migrate_keys(Workspace.open(ws.home), uri_of(token))
+    done = migrate_keys(Workspace.open(ws.home), uri_of(token), decryption=True)
+    assert (done.keys, done.destroyed, done.replaced) == (
+        ("decryption",),
+        ("encryption.key",),
+        ("decryption",),
+    )
+    both = Workspace.open(ws.home)
+    assert both.decryption_key_uri == uri_of(token, "site-a-decrypt")
+    with pytest.raises(TokenError, match="already in a token"):
+        migrate_keys(both, uri_of(token), decryption=True)
+    with both.ledger() as ledger:
+        assert [
+            e.payload["keys"] for e in ledger.entries(event_type="workspace.keys_migrated")
+        ] == [
+            ["signing"],
+            ["decryption"],
+        ]
+        ledger.verify()
+
+
+def test_a_decryption_label_in_use_changes_nothing_and_leaves_no_object(
+    token: str, tmp_path: Path
+) -> None:
+    from insitu.workspace._pkcs11 import TokenKeyUri, generate_token_decryption_key
+
+    taken = generate_token_decryption_key(
+        TokenKeyUri.parse(uri_of(token, "site-a-decrypt"), module=MODULE), PIN
+    )
+    ws, _ = Workspace.init(tmp_path / "site", name="site-a")
+    before = _snapshot(ws.home)
+    with pytest.raises(TokenError, match="already holds a key labelled 'site-a-decrypt'"):
+        migrate_keys(ws, uri_of(token), pkcs11_module=MODULE, decryption=True)
+    assert _snapshot(ws.home) == before  # both key files, config.toml and the public keys
+    assert Workspace.open(ws.home).signing_key_uri is None
+    assert _objects(token) == 2  # the key pair that took the label, nothing of ours
+    taken.destroy()

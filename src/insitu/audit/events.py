@@ -129,9 +129,10 @@ WORKSPACE_INIT = _event(
 WORKSPACE_KEYS_MIGRATED = _event(
     "workspace.keys_migrated",
     "a node's private keys moved from files into a PKCS#11 token: which keys, the token "
-    "URIs and algorithms; the key files were destroyed",
+    "URIs and algorithms, which were made anew there (replaced: the decryption key); the "
+    "key files were destroyed",
     {"node": STR, "keys": LIST, "store": STR},
-    {"uris": DICT, "algorithms": DICT},
+    {"uris": DICT, "algorithms": DICT, "replaced": LIST},
     writer="insitu.workspace._migrate",
 )
 WORKSPACE_MODEL_SIGNING_KEY = _event(

@@ -37,6 +37,15 @@ def migrate(
         str | None,
         typer.Option(help="The token's PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so)."),
     ] = None,
+    new_decryption_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-decryption-key",
+            help="Also replace keys/encryption.key by a new decryption key made in the token "
+            "(P-256 ECDH). Bundles already encrypted to the old key can no longer be opened "
+            "here: enrol the new keys/encryption.pub.pem with the update repository.",
+        ),
+    ] = False,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -50,6 +59,10 @@ def migrate(
     an SSD, a snapshot or a backup kept: a key generated in the token
     ([bold]insitu init --key-uri[/]) never existed outside it.
 
+    The X25519 decryption key cannot enter a token (none has X25519):
+    [bold]--new-decryption-key[/] makes a new one there instead, also for a workspace
+    whose signing key is in a token already.
+
     [dim]Example:[/]
       insitu keys migrate --key-uri 'pkcs11:token=t;object=ward-7' --pkcs11-module libsofthsm2.so
     """
@@ -57,7 +70,9 @@ def migrate(
     pin = pin_from_env()
     if not pin and sys.stdin.isatty():
         pin = typer.prompt("PIN of the token", hide_input=True)
-    done = migrate_keys(ws, key_uri, pkcs11_module=pkcs11_module, pin=pin)
+    done = migrate_keys(
+        ws, key_uri, pkcs11_module=pkcs11_module, pin=pin, decryption=new_decryption_key
+    )
     if json_output:
         print_json(
             {
@@ -68,11 +83,21 @@ def migrate(
                 "module": done.module or None,
                 "ledger_entry": done.seq,
                 "destroyed": [f"keys/{name}" for name in done.destroyed],
+                "replaced": list(done.replaced),
             }
         )
         return
+    moved = " and ".join(f"{k} key" for k in done.keys)
+    removed = ", ".join(f"keys/{name}" for name in done.destroyed) or "no key file"
     out.print(
-        f"Moved the signing key of node {done.node[:16]}... into {done.uri} "
-        f"(ledger entry #{done.seq} workspace.keys_migrated); keys/signing.key was "
-        "overwritten and removed. The bundle decryption key stays in keys/encryption.key."
+        f"Moved the {moved} of node {done.node[:16]}... into {done.uri} (ledger entry "
+        f"#{done.seq} workspace.keys_migrated); {removed} overwritten and removed."
     )
+    if done.replaced:
+        out.print(
+            "The decryption key is a new key: bundles encrypted to the old one no longer "
+            f"open here. Enrol {ws.keys_dir / 'encryption.pub.pem'} with the update "
+            "repository that serves this node."
+        )
+    else:
+        out.print("The bundle decryption key stays in keys/encryption.key.")

@@ -8,7 +8,7 @@ and devices proved their measured state. Both come from ledger entries only:
   ``decryption_key_store``, ``decryption_key_uri``, ``decryption_algorithm``; a ledger
   older than these fields was made with file keys, and the row says it is inferred),
   then every ``workspace.keys_migrated`` (``keys``, ``store``, ``uris``,
-  ``algorithms``) in order;
+  ``algorithms``, ``replaced``) in order;
 * ``attestation.checked`` in any ledger the report reads (the coordinator's, as verifier
   of its sites; a publisher's, of its devices): subject, kind, decision, the PCRs quoted
   and, for a refusal, the PCR that differed.
@@ -92,6 +92,8 @@ def _key_row(
         "algorithm": algorithm,
         "migrated": bool(moved),
         "migrated_time": moved[-1].time if moved else None,
+        # Made anew in the token (the decryption key) rather than the file key moved.
+        "replaced": any(kind in e.payload.get("replaced", []) for e in moved),
         # A ledger older than the fields: its keys were files (no token existed then).
         "inferred": not recorded and not moved,
         "sources": sources,

@@ -25,9 +25,15 @@ survive wear levelling, and snapshots, backups and copy-on-write file systems ke
 earlier versions. A key that was ever a file may have been copied; generating the key in
 the token (``insitu init --key-uri``) is the way to a key that never existed outside it.
 
-The bundle decryption key (X25519, ``keys/encryption.key``) is not moved: tokens such
-as SoftHSM2 have no X25519, and a token-held decryption key needs bundles encrypted to
-P-256 recipients first.
+The bundle decryption key (X25519, ``keys/encryption.key``) cannot move: tokens such as
+SoftHSM2 and a TPM have no X25519. With ``decryption=True`` (``--new-decryption-key``) it
+is *replaced*: a new decryption key is generated in the token (P-256 for ECDH in the
+token, ``-decrypt`` beside the signing key's label), ``keys/encryption.pub.pem`` becomes
+its public key, and the X25519 file is destroyed as the signing key's is. That is a new
+key, not the old one moved: bundles already encrypted to the old key can no longer be
+opened here, and the update repository must enrol the new public key (the device's id
+there is its key's). Hence a flag, never the default; the ledger entry names the key in
+``replaced``. It works for a workspace whose signing key is already in a token, too.
 """
 
 from __future__ import annotations
@@ -50,19 +56,23 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from insitu._atomic import fsync_dir
+from insitu._atomic import atomic_write_bytes, fsync_dir
 from insitu._signer import verify_signature
-from insitu.audit import Ledger, events, node_id_for
+from insitu.audit import Entry, Ledger, events, node_id_for
 from insitu.errors import KeyFileError, TokenError
 from insitu.workspace._config import save_config
-from insitu.workspace._keys import load_private_key, passphrase_from_env
+from insitu.workspace._keys import load_private_key, passphrase_from_env, save_public_key
 from insitu.workspace._pkcs11 import (
     _ED25519_PARAMS,
+    TokenDecryptionKey,
     TokenKey,
     TokenKeyUri,
     _check,
     _public_of,
     _Session,
+    decryption_uri_for,
+    generate_token_decryption_key,
+    open_token_key,
     pin_from_env,
 )
 from insitu.workspace._workspace import Workspace
@@ -77,7 +87,7 @@ _CHALLENGE = b"insitu keys migrate: the token signs with the node's key\n"
 
 @dataclass(frozen=True)
 class KeyMigration:
-    """What :func:`migrate_keys` did: the keys moved, where to, and the ledger entry."""
+    """What :func:`migrate_keys` did: the keys moved or replaced, where to, the ledger entry."""
 
     node: str
     keys: tuple[str, ...]
@@ -85,6 +95,8 @@ class KeyMigration:
     module: str
     seq: int
     destroyed: tuple[str, ...]
+    #: Keys made anew in the token rather than moved (``decryption``): see the docstring.
+    replaced: tuple[str, ...] = ()
 
 
 def migrate_keys(
@@ -94,18 +106,23 @@ def migrate_keys(
     pkcs11_module: str | None = None,
     pin: str | None = None,
     passphrase: str | None = None,
+    decryption: bool = False,
 ) -> KeyMigration:
     """Move ``ws``'s file signing key into the PKCS#11 token ``key_uri`` names.
 
-    ``pin`` defaults to ``INSITU_PKCS11_PIN`` and ``passphrase`` (of a scrypt-sealed key
-    file) to ``INSITU_PASSPHRASE``. The key file is overwritten and unlinked at the end;
-    overwriting does not defeat SSD wear levelling, snapshots or backups, which is why
-    generating the key in the token (``insitu init --key-uri``) is preferred.
+    With ``decryption``, also replace the file decryption key by a new one generated in
+    that token (labelled as ``key_uri``'s object plus ``-decrypt``); this works when the
+    signing key is in a token already, too. ``pin`` defaults to ``INSITU_PKCS11_PIN`` and
+    ``passphrase`` (of a scrypt-sealed key file) to ``INSITU_PASSPHRASE``. The key files
+    are overwritten and unlinked at the end; overwriting does not defeat SSD wear
+    levelling, snapshots or backups, which is why generating the keys in the token
+    (``insitu init --key-uri``) is preferred.
 
     Raises:
         UsageError: ``key_uri`` is not a PKCS#11 URI naming a token and a key.
-        TokenError: the workspace's key is already in a token, the token lacks Ed25519,
-            a key of that label is there already, or the token does not sign with it.
+        TokenError: the workspace's keys are already in a token, the token lacks Ed25519
+            (or ECDH, for ``decryption``), a key of that label is there already, or the
+            token does not sign with it.
         WrongPinError: the token refused the PIN.
         TokenModuleError: the PKCS#11 module is missing or does not load.
         TokenKeyNotFoundError: no token of that label.
@@ -115,13 +132,68 @@ def migrate_keys(
 
     """
     uri = TokenKeyUri.parse(key_uri, module=pkcs11_module)
-    if ws.signing_key_uri is not None:
+    moves_signing = _check_request(ws, uri, decryption)
+    pin = pin or pin_from_env()
+    if moves_signing:
+        signer = _moved_signing_key(ws, uri, pin, passphrase or passphrase_from_env())
+    else:
+        signer = open_token_key(_signing_uri(ws), pin)
+        uri = TokenKeyUri(uri.token, uri.object, signer.uri.module)  # the workspace's module
+    decrypting: TokenDecryptionKey | None = None
+    try:
+        if decryption:
+            decrypting = _new_decryption_key(uri, pin, signer)
+        keys, seq = _commit(ws, signer, uri, decrypting, moves_signing=moves_signing)
+    except BaseException:
+        if moves_signing:
+            signer.destroy()
+        raise
+    # Recorded: from here on a failure leaves the keys in the token and says what to do.
+    destroyed: tuple[str, ...] = ()
+    if moves_signing:
+        destroyed += _destroy(ws.keys_dir / "signing.key")
+    if decrypting is not None and (ws.keys_dir / "encryption.key").exists():
+        destroyed += _destroy(ws.keys_dir / "encryption.key")
+    logger.info("moved the keys %s of %s into %s", ", ".join(keys), ws.home, uri)
+    replaced = ("decryption",) if decrypting is not None else ()
+    return KeyMigration(ws.node_id, keys, str(uri), uri.module or "", seq, destroyed, replaced)
+
+
+def _check_request(ws: Workspace, uri: TokenKeyUri, decryption: bool) -> bool:
+    """Whether the signing key moves; refuses a request with nothing to do."""
+    if ws.signing_key_uri is None:
+        return True
+    if not decryption:
         raise TokenError(
             f"the signing key of {ws.home} is already in a token ({ws.signing_key_uri}); "
-            "nothing to migrate"
+            "nothing to migrate (--new-decryption-key makes the decryption key there)"
         )
-    private = _file_key(ws, passphrase or passphrase_from_env())
-    session = _Session(uri, pin or pin_from_env())
+    if ws.decryption_key_uri is not None:
+        raise TokenError(
+            f"the keys of {ws.home} are already in a token ({ws.signing_key_uri}, "
+            f"{ws.decryption_key_uri}); nothing to migrate"
+        )
+    module = str(ws.config.get("keys", "pkcs11_module")) or None
+    if uri.module is not None and uri.module != module:
+        raise TokenError(
+            f"the signing key of {ws.home} is in a token of module {module}; the decryption "
+            "key goes to a token of the same module (leave out --pkcs11-module)"
+        )
+    return False
+
+
+def _signing_uri(ws: Workspace) -> TokenKeyUri:
+    return TokenKeyUri.parse(
+        str(ws.signing_key_uri), module=str(ws.config.get("keys", "pkcs11_module")) or None
+    )
+
+
+def _moved_signing_key(
+    ws: Workspace, uri: TokenKeyUri, pin: str | None, passphrase: str | None
+) -> TokenKey:
+    """The file signing key imported into the token, proven to sign as the workspace."""
+    private = _file_key(ws, passphrase)
+    session = _Session(uri, pin)
     _check_token(session)
     key = _import(session, private)
     try:
@@ -129,7 +201,18 @@ def migrate_keys(
     except BaseException:
         key.destroy()
         raise
-    return _commit(ws, key, uri)
+    return key
+
+
+def _new_decryption_key(uri: TokenKeyUri, pin: str | None, signer: TokenKey) -> TokenDecryptionKey:
+    """A new decryption key generated in ``uri``'s token, beside the signing key."""
+    if not signer.offers("CKM_ECDH1_DERIVE"):
+        raise TokenError(
+            f"token {uri.token!r} has no CKM_ECDH1_DERIVE, so no decryption key can be made "
+            "there; nothing was changed (use a token with P-256 ECDH)"
+        )
+    beside = signer if signer.uri.token == uri.token else None
+    return generate_token_decryption_key(decryption_uri_for(uri), pin, beside=beside)
 
 
 def _file_key(ws: Workspace, passphrase: str | None) -> Ed25519PrivateKey:
@@ -225,40 +308,84 @@ def _prove(ws: Workspace, key: TokenKey) -> None:
         ) from None
 
 
-def _commit(ws: Workspace, key: TokenKey, uri: TokenKeyUri) -> KeyMigration:
-    """Config, ledger entry, then the key file; a failure before the last undoes the rest."""
+def _commit(
+    ws: Workspace,
+    signer: TokenKey,
+    uri: TokenKeyUri,
+    decrypting: TokenDecryptionKey | None,
+    *,
+    moves_signing: bool,
+) -> tuple[tuple[str, ...], int]:
+    """Config, public key, ledger entry (the keys and the entry); a failure undoes them."""
     before = copy.deepcopy(ws.config)
-    module = uri.module or ""
+    public_path = ws.keys_dir / "encryption.pub.pem"
+    public_before = public_path.read_bytes() if decrypting is not None else b""
+    keys = ("signing",) if moves_signing else ()
+    keys += ("decryption",) if decrypting is not None else ()
     try:
-        ws.config.sections["keys"] = {"signing": str(uri), "pkcs11_module": module}
-        save_config(ws.config_path, ws.config)
-        with Ledger(
-            ws.ledger_path,
-            log_id=ws.node_id,
-            public_key=ws.signing_public_key,
-            signing_key=key,
-            head_interval=int(ws.config.get("ledger", "head_interval")),
-            genesis=events.WORKSPACE_INIT.name,
-        ) as ledger:
-            entry = events.WORKSPACE_KEYS_MIGRATED.record(
-                ledger,
-                node=ws.node_id,
-                keys=["signing"],
-                store="pkcs11",
-                uris={"signing": _recorded_uri(uri)},
-                algorithms={"signing": "ed25519"},
-            )
-            ledger.sign_head()
+        _write_config(ws, uri, decrypting, moves_signing=moves_signing)
+        if decrypting is not None:
+            save_public_key(public_path, decrypting.public_key())
+        entry = _record(ws, signer, uri, decrypting, keys)
     except BaseException:
         ws.config.sections.clear()
         ws.config.sections.update(before.sections)
         with contextlib.suppress(OSError):
             save_config(ws.config_path, before)
-        key.destroy()
+        if decrypting is not None:
+            with contextlib.suppress(OSError):
+                atomic_write_bytes(public_path, public_before)
+            decrypting.destroy()
         raise
-    destroyed = _destroy(ws.keys_dir / "signing.key")
-    logger.info("moved the signing key of %s into %s", ws.home, uri)
-    return KeyMigration(ws.node_id, ("signing",), str(uri), module, entry.seq, destroyed)
+    return keys, entry.seq
+
+
+def _write_config(
+    ws: Workspace, uri: TokenKeyUri, decrypting: TokenDecryptionKey | None, *, moves_signing: bool
+) -> None:
+    section = dict(ws.config.sections.get("keys", {}))
+    if moves_signing:
+        section = {"signing": str(uri), "pkcs11_module": uri.module or ""}
+    if decrypting is not None:
+        section["decryption"] = str(decrypting.uri)
+    ws.config.sections["keys"] = section
+    save_config(ws.config_path, ws.config)
+
+
+def _record(
+    ws: Workspace,
+    signer: TokenKey,
+    uri: TokenKeyUri,
+    decrypting: TokenDecryptionKey | None,
+    keys: tuple[str, ...],
+) -> Entry:
+    """``workspace.keys_migrated``, signed in the token."""
+    uris = {"signing": _recorded_uri(uri)} if "signing" in keys else {}
+    algorithms = {"signing": "ed25519"} if "signing" in keys else {}
+    extra: dict[str, Any] = {}
+    if decrypting is not None:
+        uris["decryption"] = _recorded_uri(decrypting.uri)
+        algorithms["decryption"] = "p256-ecdh"
+        extra["replaced"] = ["decryption"]
+    with Ledger(
+        ws.ledger_path,
+        log_id=ws.node_id,
+        public_key=ws.signing_public_key,
+        signing_key=signer,
+        head_interval=int(ws.config.get("ledger", "head_interval")),
+        genesis=events.WORKSPACE_INIT.name,
+    ) as ledger:
+        entry = events.WORKSPACE_KEYS_MIGRATED.record(
+            ledger,
+            node=ws.node_id,
+            keys=list(keys),
+            store="pkcs11",
+            uris=uris,
+            algorithms=algorithms,
+            **extra,
+        )
+        ledger.sign_head()
+    return entry
 
 
 def _recorded_uri(uri: TokenKeyUri) -> str:
