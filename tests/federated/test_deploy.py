@@ -2,8 +2,10 @@
 
 The federation test runs the real thing: ``insitu federate server`` and three
 ``insitu federate site`` as separate processes on loopback, each starting Flower's own
-processes (SuperLink, SuperNodes, SuperExec, ServerApp, ClientApps). The failure tests
-need no federation and are quick.
+processes (SuperLink, SuperNodes, SuperExec, ServerApp, ClientApps). One of the sites
+keeps its node signing key in a SoftHSM2 token (``insitu init --key-uri``): its
+ClientApps, fresh processes Flower starts per message, sign its ledger there. The
+failure tests need no federation and are quick.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from insitu.datasets import builtin_data
 from insitu.errors import CertificateError, ServerUnreachableError
 from insitu.federated import probe_server
 from insitu.federated._certs import check_server_pair, make_certs
-from insitu.workspace import Workspace
+from insitu.workspace import PIN_ENV, Workspace
+from tests.workspace.test_pkcs11 import MODULE, PIN, softhsm_store
 
 from .test_attack_control_plane import attack_control_plane
 
@@ -415,6 +418,56 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
 
 
+def test_flowers_processes_get_the_token_configuration_and_pin_of_the_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from insitu.federated._processes import child_env
+
+    token = {
+        "SOFTHSM2_CONF": "/etc/softhsm/site.conf",
+        "TPM2_PKCS11_TCTI": "swtpm:port=2321",
+        "TPM2_PKCS11_STORE": "/var/lib/site/tpm2-pkcs11",
+        PIN_ENV: PIN,
+    }
+    for name, value in token.items():
+        monkeypatch.setenv(name, value)
+    env = child_env(tmp_path / "flwr")
+    # Each ClientApp is a process of its own: it signs the site's ledger in the token.
+    assert {name: env.get(name) for name in token} == token
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+#: The site whose node signing key is in a SoftHSM2 token of its own.
+IN_TOKEN = "hospital-a"
+
+
+def _init_in_token(home: Path, root: Path, env: dict[str, str]) -> dict[str, str]:
+    """``insitu init --key-uri`` at ``home`` in a new SoftHSM2 store: the site's environment.
+
+    The store is this site's alone ("its machine"); the site process gets the store's
+    configuration and the PIN in its environment, as an operator would set them.
+    """
+    store = softhsm_store(root, label=IN_TOKEN)
+    site_env = dict(env, SOFTHSM2_CONF=store["SOFTHSM2_CONF"], **{PIN_ENV: PIN})
+    uri = f"pkcs11:token={IN_TOKEN};object=node"
+    made = subprocess.run(
+        [INSITU, "init", "--home", str(home), "--name", IN_TOKEN, "--key-uri", uri,
+         "--pkcs11-module", MODULE],
+        capture_output=True, env=site_env, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr.decode()
+    return site_env
+
+
+def _files_holding(home: Path, needle: bytes) -> list[str]:
+    """Every file under ``home`` whose bytes hold ``needle``."""
+    return [
+        str(path.relative_to(home))
+        for path in sorted(home.rglob("*"))
+        if path.is_file() and needle in path.read_bytes()
+    ]
+
+
 @pytest.mark.slow
 def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_is_refused(
     tmp_path: Path, schema_file: Path
@@ -456,6 +509,7 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
         env=env,
     )
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    token_env = _init_in_token(tmp_path / IN_TOKEN, tmp_path / "hsm", env)
     try:
         names = ["hospital-a", "hospital-b", "hospital-c", "rogue"]
         for index, name in enumerate(names):
@@ -486,7 +540,7 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=env,
+                env=token_env if name == IN_TOKEN else env,
             )
         checked_env = False
         endpoints: set[str] = set()
@@ -569,7 +623,27 @@ def test_server_and_three_sites_over_tls_complete_two_rounds_and_an_unknown_key_
             assert len(ledger.entries(event_type="federation.site_round")) == 2
             assert len(ledger.entries(event_type="federation.site_joined")) == 1
             assert len(ledger.entries(event_type="federation.site_left")) == 1
+            # What each reply carried out of the site, recorded by the site process.
+            assert ledger.entries(event_type="federation.egress")
             ledger.verify()
+
+    # The site whose key is in its token: every entry above was signed there, by its
+    # ClientApps (site rounds, budget) and by its site process (egress), and verifies
+    # against the token key's public half (the command needs no token). Nothing under
+    # its home could sign: no signing.key, no PEM private key in any file.
+    with Workspace.open(tmp_path / IN_TOKEN).ledger() as ledger:
+        (init,) = ledger.entries(event_type="workspace.init")
+        assert init.payload["signing_key_store"] == "pkcs11"
+    verified = subprocess.run(
+        [INSITU, "audit", "verify", "--home", str(tmp_path / IN_TOKEN)],
+        capture_output=True, env=env, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr.decode()
+    assert not (tmp_path / IN_TOKEN / "keys" / "signing.key").exists()
+    assert _files_holding(tmp_path / IN_TOKEN, b"PRIVATE KEY") == []
+    # The PIN went to the site's processes through their environment only: into no file
+    # of the site (Flower's logs included).
+    assert _files_holding(tmp_path / IN_TOKEN, PIN.encode()) == []
 
     # The stranger's key was never registered: refused, one line, exit 1.
     rogue_err = results["rogue"][1].decode()

@@ -5,6 +5,20 @@ process gets :data:`insitu._privacy_env.NO_TELEMETRY_ENV` forced into its enviro
 listens on loopback unless told otherwise, runs in a session of its own and is stopped as
 a group with SIGTERM, then SIGKILL. A process started with :func:`spawn` also dies with
 the insitu process that started it, even one killed with SIGKILL (:func:`die_with_parent`).
+
+A child gets the rest of the insitu process's environment unchanged (no allow-list): a
+site whose node key is in a token needs that. Two kinds of process write a deployed
+site's ledger, and every entry is signed with the node key: the site process
+(``federation.site_joined``, ``federation.site_left``, the spooled ``federation.egress``
+entries) and Flower's ``flwr-clientapp``, a fresh process per message
+(``federation.site_round``, ``privacy.spent``). A token's library reads its configuration
+once per process (``SOFTHSM2_CONF``; ``TPM2_PKCS11_TCTI`` and ``TPM2_PKCS11_STORE`` for
+tpm2-pkcs11) and each process logs in for itself, so every ClientApp needs them and the
+PIN (``INSITU_PKCS11_PIN``), as a passphrase-sealed key file needs ``INSITU_PASSPHRASE``.
+Handing the PIN on is deliberate: it is already in the site process's environment, which
+any process of the same user can read (``/proc/PID/environ``); Flower's processes run as
+that user, running insitu's own code, and learn nothing they could not read anyway. The
+PIN goes into no file, command line or log.
 """
 
 from __future__ import annotations
@@ -94,7 +108,11 @@ def flower_bin(name: str) -> str:
 
 
 def child_env(flwr_home: Path) -> dict[str, str]:
-    """The environment of every Flower process insitu starts (telemetry forced off)."""
+    """The environment of every Flower process insitu starts (telemetry forced off).
+
+    Everything else is passed on as it is, a token's configuration and PIN included
+    (see the module docstring): a site's ClientApps sign its ledger with its node key.
+    """
     env = dict(os.environ)
     env.update(NO_TELEMETRY_ENV)
     # Flower's processes start their own children (flower-superexec, flwr-serverapp,

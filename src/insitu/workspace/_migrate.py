@@ -320,7 +320,7 @@ def _commit(
     before = copy.deepcopy(ws.config)
     public_path = ws.keys_dir / "encryption.pub.pem"
     public_before = public_path.read_bytes() if decrypting is not None else b""
-    keys = ("signing",) if moves_signing else ()
+    keys: tuple[str, ...] = ("signing",) if moves_signing else ()
     keys += ("decryption",) if decrypting is not None else ()
     try:
         _write_config(ws, uri, decrypting, moves_signing=moves_signing)
