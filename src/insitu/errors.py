@@ -44,10 +44,13 @@ as in python-tuf, so that a test or an operator reading a log knows what was ref
     ├── AttestationError                 a TPM quote that cannot be made or checked
     │   ├── TpmError                     the TPM or tpm2-tools cannot be used (missing, no answer)
     │   ├── AllowListError               an allow-list of measured states that cannot be read
+    │   ├── AttestationRequiredError     a verifier requires a quote and none can be given
+    │   ├── NonceLimitError              too many nonces outstanding at a verifier (HTTP 429)
     │   └── AttestationRefusedError      a verifier refused a site's or device's quote
     │       ├── UnknownAttestationKeyError  no attestation key enrolled for that subject
     │       ├── QuoteSignatureError      a quote not signed by the enrolled key, or altered
     │       ├── StaleQuoteError          a quote not over the verifier's fresh nonce (replayed)
+    │       ├── EkCertificateError       an EK certificate off the pinned chain, or an unfit AK
     │       └── MeasurementMismatchError a PCR value that no allowed measured state has
     ├── FederationError                  a federated run that cannot start or complete
     │   ├── RoundFailedError             a round aggregated fewer sites than required
@@ -107,6 +110,7 @@ __all__ = [
     "AllowListError",
     "AttestationError",
     "AttestationRefusedError",
+    "AttestationRequiredError",
     "AuditError",
     "BadEntrySignatureError",
     "BadHeadSignatureError",
@@ -125,6 +129,7 @@ __all__ = [
     "DeltaError",
     "DeltaMismatchError",
     "EgressBlockedError",
+    "EkCertificateError",
     "EndlessDataError",
     "EntryHashMismatchError",
     "ExpiredMetadataError",
@@ -149,6 +154,7 @@ __all__ = [
     "MissingLedgerError",
     "MixAndMatchError",
     "ModelNotFoundError",
+    "NonceLimitError",
     "NotAModelError",
     "NotEnrolledError",
     "NothingToRollBackError",
@@ -370,6 +376,17 @@ class AllowListError(AttestationError):
     """An allow-list of measured states that is missing, not TOML, or malformed."""
 
 
+class AttestationRequiredError(AttestationError):
+    """A verifier requires a TPM quote and the site or device gives none (no TPM, no quote).
+
+    A server started with ``--attest``, or a repository that requires attestation.
+    """
+
+
+class NonceLimitError(AttestationError):
+    """A verifier holds as many outstanding nonces as it allows (per subject or in all)."""
+
+
 class AttestationRefusedError(AttestationError):
     """A verifier refused a site's or device's quote; the message names why (and the PCR)."""
 
@@ -384,6 +401,10 @@ class QuoteSignatureError(AttestationRefusedError):
 
 class StaleQuoteError(AttestationRefusedError):
     """A quote that is not over the verifier's fresh nonce: replayed, expired or foreign."""
+
+
+class EkCertificateError(AttestationRefusedError):
+    """An EK certificate that does not chain to a pinned CA, or an AK unfit to attest."""
 
 
 class MeasurementMismatchError(AttestationRefusedError):

@@ -47,16 +47,48 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("swtpm did not listen within 10 s")
 
 
+def provision_ek(state: Path, ca: Path) -> None:
+    """Manufacture a TPM state as a vendor would: an RSA EK at 0x81010001 and its
+    certificate in NV 0x01C00002, issued by swtpm-localca's CA kept under ``ca``
+    (created on first use: ``ca/swtpm-localca-rootca-cert.pem`` and ``issuercert.pem``)."""
+    if shutil.which("swtpm_setup") is None or shutil.which("swtpm_localca") is None:
+        pytest.skip("swtpm_setup and swtpm_localca are not installed (package swtpm-tools)")
+    ca.mkdir(exist_ok=True)
+    config = ca / "localca.conf"
+    config.write_text(
+        f"statedir = {ca}\nsigningkey = {ca}/signkey.pem\n"
+        f"issuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n"
+    )
+    setup = ca / "swtpm_setup.conf"
+    setup.write_text(
+        "create_certs_tool = swtpm_localca\n"
+        f"create_certs_tool_config = {config}\n"
+        "active_pcr_banks = sha256\n"
+    )
+    subprocess.run(
+        [
+            *("swtpm_setup", "--tpm2", "--tpmstate", str(state), "--config", str(setup)),
+            *("--create-ek-cert", "--overwrite"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture
-def start_swtpm(tmp_path: Path) -> Iterator[Callable[[str], str]]:
-    """Start a fresh swtpm (its own state directory) and return its TCTI string."""
+def start_swtpm(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start a fresh swtpm (its own state directory) and return its TCTI string; with
+    ``ek_ca``, its state is first manufactured with an EK certificate (:func:`provision_ek`)."""
     if SWTPM is None or TOOLS is None:
         pytest.skip("swtpm and tpm2-tools are not installed (scripts/bootstrap installs them)")
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str) -> str:
+    def start(name: str, *, ek_ca: Path | None = None) -> str:
         state = tmp_path / f"swtpm-{name}"
         state.mkdir()
+        if ek_ca is not None:
+            provision_ek(state, ek_ca)
         port = _free_pair()
         process = subprocess.Popen(
             [

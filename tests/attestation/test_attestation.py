@@ -26,6 +26,7 @@ from insitu.cli import run
 from insitu.errors import (
     AllowListError,
     MeasurementMismatchError,
+    NonceLimitError,
     QuoteSignatureError,
     StaleQuoteError,
     TpmError,
@@ -193,3 +194,34 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_second_challenge_does_not_evict_the_first(tcti: str, coordinator: Workspace) -> None:
+    tpm = Tpm(tcti)
+    verifier = Verifier(coordinator, _allow_running_build(), {"a": tpm.ak_public_pem()})
+    tpm.measure(build_digest())
+    first = verifier.challenge("a")
+    verifier.challenge("a")  # a retry, or anyone else's request for a's nonce
+    assert verifier.check("a", tpm.quote(first.nonce, first.pcrs)).admitted
+    assert verifier.outstanding == 1  # the used one is gone, the other stays until it expires
+
+
+def test_outstanding_nonces_are_bounded_and_expire(
+    coordinator: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("insitu.attestation._verify._now", lambda: clock[0])
+    verifier = Verifier(
+        coordinator, _allow_running_build(), {}, nonce_ttl=60, max_per_subject=2, max_nonces=3
+    )
+    verifier.challenge("a")
+    verifier.challenge("a")
+    with pytest.raises(NonceLimitError, match="site a has 2 nonces outstanding"):
+        verifier.challenge("a")  # refused: the two outstanding are kept, not evicted
+    verifier.challenge("b")
+    with pytest.raises(NonceLimitError, match="this verifier has 3 nonces outstanding"):
+        verifier.challenge("c")
+    assert verifier.outstanding == 3
+    clock[0] += 61  # all expired: dropped at the next challenge
+    verifier.challenge("c")
+    assert verifier.outstanding == 1

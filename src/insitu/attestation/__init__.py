@@ -17,9 +17,25 @@ says what is measured, what is not, and the limits.
 
 from __future__ import annotations
 
+from insitu.attestation._ek import (
+    ak_name,
+    ak_public_key,
+    check_ek_certificate,
+    make_credential,
+)
 from insitu.attestation._measure import build_digest, expected_pcr, package_dir
-from insitu.attestation._quote import DEFAULT_AK_HANDLE, DEFAULT_PCR, TCTI_ENV, Quote, Tpm
+from insitu.attestation._quote import (
+    DEFAULT_AK_HANDLE,
+    DEFAULT_PCR,
+    EK_CERTIFICATE_INDEX,
+    EK_HANDLE,
+    TCTI_ENV,
+    Quote,
+    Tpm,
+)
 from insitu.attestation._verify import (
+    MAX_NONCES,
+    MAX_NONCES_PER_SUBJECT,
     NONCE_TTL,
     AllowList,
     Challenge,
@@ -27,11 +43,16 @@ from insitu.attestation._verify import (
     MeasuredState,
     Verifier,
     ak_fingerprint,
+    quoted_nonce,
 )
 
 __all__ = [
     "DEFAULT_AK_HANDLE",
     "DEFAULT_PCR",
+    "EK_CERTIFICATE_INDEX",
+    "EK_HANDLE",
+    "MAX_NONCES",
+    "MAX_NONCES_PER_SUBJECT",
     "NONCE_TTL",
     "TCTI_ENV",
     "AllowList",
@@ -42,7 +63,12 @@ __all__ = [
     "Tpm",
     "Verifier",
     "ak_fingerprint",
+    "ak_name",
+    "ak_public_key",
     "build_digest",
+    "check_ek_certificate",
     "expected_pcr",
+    "make_credential",
     "package_dir",
+    "quoted_nonce",
 ]

@@ -17,11 +17,13 @@ endorsement key (``tpm2_createek``, ``tpm2_createak``) and made persistent at
 enrolled. Its private part never leaves the TPM.
 
 Trust model: a hardware TPM carries an EK certificate from its manufacturer, and a real
-deployment checks the AK's binding to that EK (``tpm2_makecredential`` /
-``tpm2_activatecredential``) against the manufacturer's chain before enrolling it. swtpm
-has no such chain, so insitu trusts an AK on first enrollment: the operator enrolls the
-AK public key a site or device printed (``insitu attest key``), the way a site's Flower
-key is enrolled. See docs/attestation.md.
+deployment checks the AK's binding to that EK against the manufacturer's chain before
+enrolling it. insitu still trusts an AK on first enrollment: the operator enrolls the AK
+public key a site or device printed (``insitu attest key``), the way a site's Flower key
+is enrolled. The binding's pieces (:meth:`Tpm.ek_certificate`, :meth:`Tpm.ak_public_area`,
+:meth:`Tpm.activate` here; the verifier's side in :mod:`insitu.attestation._ek`) are built
+and tested on swtpm states with an EK certificate, not yet used by the exchange. See
+docs/attestation.md.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ from typing import Any
 
 from insitu.errors import TpmError
 
-__all__ = ["DEFAULT_AK_HANDLE", "DEFAULT_PCR", "TCTI_ENV", "Quote", "Tpm"]
+__all__ = [
+    "DEFAULT_AK_HANDLE",
+    "DEFAULT_PCR",
+    "EK_CERTIFICATE_INDEX",
+    "EK_HANDLE",
+    "TCTI_ENV",
+    "Quote",
+    "Tpm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +59,9 @@ TCTI_ENV = "INSITU_TPM_TCTI"
 DEFAULT_PCR = 23
 #: The persistent handle of insitu's attestation key (owner range 0x81000000-0x817FFFFF).
 DEFAULT_AK_HANDLE = 0x81010023
+#: The TCG's handle of the RSA 2048 EK, and the NV index of its certificate.
+EK_HANDLE = 0x81010001
+EK_CERTIFICATE_INDEX = 0x01C00002
 _TOOL_TIMEOUT = 30.0
 
 
@@ -151,6 +164,44 @@ class Tpm:
         self._flush()
         self._run("tpm2_evictcontrol", "-C", "o", "-c", "ak.ctx", hex(self.ak_handle), cwd=tmp)
         self._flush()
+
+    def ek_certificate(self) -> bytes:
+        """The RSA EK's certificate (DER) from its NV index, as the manufacturer wrote it."""
+        with tempfile.TemporaryDirectory(prefix="insitu-tpm-") as tmp:
+            out = Path(tmp, "ek.der")
+            self._run("tpm2_nvread", hex(EK_CERTIFICATE_INDEX), "-o", str(out))
+            return out.read_bytes()
+
+    def ak_public_area(self) -> bytes:
+        """The AK's public area (TPM2B_PUBLIC), what its TPM name is computed over."""
+        self.ak_public_pem()  # made on first use
+        with tempfile.TemporaryDirectory(prefix="insitu-tpm-") as tmp:
+            out = Path(tmp, "ak.pub")
+            self._run("tpm2_readpublic", "-c", hex(self.ak_handle), "-o", str(out))
+            return out.read_bytes()
+
+    def activate(self, credential: bytes) -> bytes:
+        """Recover a credential's secret with the EK (``tpm2_activatecredential``).
+
+        Only a TPM holding the EK's private key and the AK the credential names can: the
+        EK's use needs a policy session satisfying the endorsement hierarchy's auth.
+        """
+        with tempfile.TemporaryDirectory(prefix="insitu-tpm-") as tmp:
+            Path(tmp, "cred.blob").write_bytes(credential)
+            self._run("tpm2_readpublic", "-c", hex(EK_HANDLE), cwd=Path(tmp))  # present?
+            self._run("tpm2_startauthsession", "--policy-session", "-S", "s.ctx", cwd=Path(tmp))
+            try:
+                self._run("tpm2_policysecret", "-S", "s.ctx", "-c", "e", cwd=Path(tmp))
+                self._run(
+                    "tpm2_activatecredential",
+                    *("-c", hex(self.ak_handle), "-C", hex(EK_HANDLE), "-i", "cred.blob"),
+                    *("-o", "secret", "-P", "session:s.ctx"),
+                    cwd=Path(tmp),
+                )
+            finally:
+                self._run("tpm2_flushcontext", "s.ctx", cwd=Path(tmp))
+                self._flush()
+            return Path(tmp, "secret").read_bytes()
 
     def measure(self, digest: str, *, pcr: int = DEFAULT_PCR) -> None:
         """Reset ``pcr`` and extend ``digest`` (SHA-256 hex) into it, once.

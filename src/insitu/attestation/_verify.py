@@ -7,9 +7,10 @@ A check runs in this order, and the first failure decides:
    TPM's ``TPMS_ATTEST`` structure, checked with ``cryptography`` (so a verifier needs no
    TPM and no tpm2-tools; ``tpm2_checkquote`` checks the same three things and agrees);
 3. the signed structure is a quote (``TPM_GENERATED_VALUE``, ``TPM_ST_ATTEST_QUOTE``) and
-   its qualifying data is the nonce this verifier issued to this subject, once, less than
+   its qualifying data is a nonce this verifier issued to this subject, once, less than
    :data:`NONCE_TTL` seconds ago: a replayed quote, or one over another verifier's nonce,
-   is refused;
+   is refused (the nonces outstanding are bounded per subject and in all, and one more
+   is refused rather than made room for: see :class:`Verifier`);
 4. the quoted selection is the SHA-256 bank of exactly the PCRs the allow-list names,
    and the PCR values sent hash to the signed digest;
 5. some measured state of the allow-list has every one of those PCR values.
@@ -46,6 +47,7 @@ from insitu.errors import (
     AllowListError,
     AttestationRefusedError,
     MeasurementMismatchError,
+    NonceLimitError,
     QuoteSignatureError,
     StaleQuoteError,
     UnknownAttestationKeyError,
@@ -53,6 +55,8 @@ from insitu.errors import (
 from insitu.workspace import Workspace
 
 __all__ = [
+    "MAX_NONCES",
+    "MAX_NONCES_PER_SUBJECT",
     "NONCE_TTL",
     "AllowList",
     "Challenge",
@@ -60,13 +64,19 @@ __all__ = [
     "MeasuredState",
     "Verifier",
     "ak_fingerprint",
+    "quoted_nonce",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a nonce stays valid after it was issued.
 NONCE_TTL = 120.0
+#: Nonces outstanding at once for one subject (a retry must not evict the first).
+MAX_NONCES_PER_SUBJECT = 4
+#: Nonces outstanding at once in all, whatever the subjects.
+MAX_NONCES = 1024
 _NONCE_BYTES = 32
+_now = time.monotonic  # the clock of in-memory nonces (a test moves it)
 _TPM_GENERATED = 0xFF544347
 _ST_ATTEST_QUOTE = 0x8018
 _ALG_SHA256 = 0x000B
@@ -223,6 +233,14 @@ def _parse_attest(data: bytes) -> _Attest:
     return _Attest(magic, kind, extra, selection, r.sized())
 
 
+def quoted_nonce(attest: bytes) -> bytes:
+    """The qualifying data (the nonce) of a TPMS_ATTEST, unverified (b"" if unreadable)."""
+    try:
+        return _parse_attest(attest).extra_data
+    except ValueError:
+        return b""
+
+
 def _verify_signature(pem: bytes, attest: bytes, signature: bytes) -> None:
     """Raise ``InvalidSignature`` (or ``ValueError``) unless ``signature`` is the AK's."""
     key = serialization.load_pem_public_key(pem)
@@ -274,10 +292,14 @@ class Verifier:
     """Issues nonces and checks quotes for one kind of subject; see the module docstring.
 
     ``keys`` maps each subject to its enrolled AK public key (PEM). Thread-safe: a
-    server's gateway checks sites from its own thread. Nonces live in memory; with
-    ``persistent``, in ``<home>/attestation/nonces/`` (0600, one file per subject, taken
-    by an atomic rename), so that the challenge and the check may be two commands: a
-    device quotes out of band (``insitu attest challenge``, then ``verify``).
+    server's gateway checks sites from its own thread. Nonces live in memory, bounded:
+    at most ``max_per_subject`` outstanding for one subject and ``max_nonces`` in all,
+    each dropped once used or :data:`NONCE_TTL` seconds after it was issued; one more is
+    refused (:class:`~insitu.errors.NonceLimitError`), never made room for by evicting
+    one, so asking for nonces cannot take away the one a real prover is quoting. With
+    ``persistent``, a nonce lives in ``<home>/attestation/nonces/`` (0600, one file per
+    subject, taken by an atomic rename), so that the challenge and the check may be two
+    commands: a device quotes out of band (``insitu attest challenge``, then ``verify``).
     """
 
     def __init__(
@@ -289,38 +311,83 @@ class Verifier:
         kind: str = "site",
         nonce_ttl: float = NONCE_TTL,
         persistent: bool = False,
+        max_per_subject: int = MAX_NONCES_PER_SUBJECT,
+        max_nonces: int = MAX_NONCES,
     ) -> None:
         if kind not in ("site", "device"):
             raise ValueError(f"kind {kind!r}: site or device")
         self._ws, self.allow_list, self._keys = ws, allow_list, dict(keys)
         self.kind, self._ttl = kind, nonce_ttl
-        self._nonces: dict[str, tuple[bytes, float]] = {}
+        self._nonces: dict[str, list[tuple[bytes, float]]] = {}
+        self._max_per_subject, self._max_nonces = max_per_subject, max_nonces
         self._lock = threading.Lock()
         self._dir = ws.home / "attestation" / "nonces" if persistent else None
 
     def challenge(self, subject: str) -> Challenge:
-        """A fresh nonce for ``subject`` (replacing any earlier one) and the PCRs to quote."""
+        """A fresh nonce for ``subject`` and the PCRs to quote.
+
+        In memory it is added to the subject's outstanding nonces; with ``persistent``
+        it replaces the subject's earlier one.
+
+        Raises:
+            NonceLimitError: the subject, or the verifier in all, has as many nonces
+                outstanding as allowed (the caller answers HTTP 429).
+
+        """
         nonce = secrets.token_bytes(_NONCE_BYTES)
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             record = {"nonce": nonce.hex(), "expires": time.time() + self._ttl}
             atomic_write_text(self._nonce_file(subject), json.dumps(record), mode=0o600)
-        else:
-            with self._lock:
-                self._nonces[subject] = (nonce, time.monotonic() + self._ttl)
+            return Challenge(nonce, self.allow_list.pcrs)
+        now = _now()
+        with self._lock:
+            self._expire(now)
+            mine = self._nonces.setdefault(subject, [])
+            if len(mine) >= self._max_per_subject:
+                raise NonceLimitError(
+                    f"{self.kind} {subject} has {len(mine)} nonces outstanding, the most this "
+                    f"verifier allows; quote one of them, or ask again within {self._ttl:.0f} s"
+                )
+            if self.outstanding >= self._max_nonces:
+                raise NonceLimitError(
+                    f"this verifier has {self._max_nonces} nonces outstanding, the most it "
+                    f"allows; ask again within {self._ttl:.0f} s"
+                )
+            mine.append((nonce, now + self._ttl))
         return Challenge(nonce, self.allow_list.pcrs)
+
+    @property
+    def outstanding(self) -> int:
+        """How many nonces are held in memory (expired ones go at the next challenge)."""
+        return sum(len(held) for held in self._nonces.values())
+
+    def _expire(self, now: float) -> None:
+        for subject in list(self._nonces):
+            kept = [(n, expiry) for n, expiry in self._nonces[subject] if expiry >= now]
+            if kept:
+                self._nonces[subject] = kept
+            else:
+                del self._nonces[subject]
 
     def _nonce_file(self, subject: str) -> Path:
         folder = self._dir if self._dir is not None else self._ws.home / "attestation"
         name = hashlib.sha256(f"{self.kind}\0{subject}".encode()).hexdigest()[:32]
         return folder / f"{name}.json"
 
-    def _take_nonce(self, subject: str) -> bytes | None:
+    def _take_nonce(self, subject: str, quoted: bytes) -> bytes | None:
+        """Use up the subject's outstanding nonce the quote names (None: no fresh one)."""
         if self._dir is not None:
             return self._take_file_nonce(subject)
         with self._lock:
-            nonce, expiry = self._nonces.pop(subject, (None, 0.0))
-        return nonce if nonce is not None and time.monotonic() <= expiry else None
+            held = self._nonces.get(subject, [])
+            for at, (nonce, expiry) in enumerate(held):
+                if hmac.compare_digest(nonce, quoted):
+                    del held[at]
+                    if not held:
+                        del self._nonces[subject]
+                    return nonce if _now() <= expiry else None
+        return None
 
     def _take_file_nonce(self, subject: str) -> bytes | None:
         path = self._nonce_file(subject)
@@ -341,10 +408,11 @@ class Verifier:
     def check(self, subject: str, quote: Quote, *, run: str | None = None) -> Decision:
         """Check ``quote`` from ``subject`` against its nonce, AK and the allow-list.
 
-        The nonce is used up whatever the outcome. The decision is recorded in the
-        verifier's ledger and returned; :meth:`Decision.raise_if_refused` raises it.
+        The nonce the quote names is used up whatever the outcome. The decision is
+        recorded in the verifier's ledger and returned; :meth:`Decision.raise_if_refused`
+        raises it.
         """
-        nonce = self._take_nonce(subject)
+        nonce = self._take_nonce(subject, quoted_nonce(quote.attest))
         decision = self._decide(subject, quote, nonce)
         payload = {
             "subject": subject,

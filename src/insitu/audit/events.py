@@ -565,6 +565,8 @@ REPO_INITIALIZED = _event(
     "repo.initialized",
     "an update repository was created: its root's threshold and version",
     {"threshold": INT, "root_version": INT},
+    # Role keys in a PKCS#11 token: "pkcs11" and the --key-uri they were made under.
+    {"key_store": STR, "key_uri": STR},
     writer="insitu.update._repo_dir",
 )
 REPO_PUBLISHED = _event(
@@ -597,6 +599,7 @@ REPO_KEYS_ROTATED = _event(
     "repo.keys_rotated",
     "a repository role's keys were rotated",
     {"role": STR, "keys": INT},
+    {"key_uris": LIST},  # the new keys' URIs, when they are in a PKCS#11 token
     writer="insitu.update._repository",
 )
 REPO_TIMESTAMP = _event(
@@ -604,6 +607,21 @@ REPO_TIMESTAMP = _event(
     "the repository's timestamp was re-signed (freshness)",
     {"version": INT},
     writer="insitu.update._repo_dir",
+)
+REPO_ATTESTATION_SET = _event(
+    "repo.attestation_set",
+    "the repository began or stopped requiring a fresh TPM quote of every device it publishes "
+    "for: the allow-list's digest, its measured states and PCRs",
+    {"required": BOOL},
+    {"allow_list_sha256": STR, "states": INT, "pcrs": LIST},
+    writer="insitu.update._attest",
+)
+REPO_ATTESTATION_ENROLLED = _event(
+    "repo.attestation_enrolled",
+    "a device's TPM attestation key was enrolled with the repository: the device's key id "
+    "and the AK's fingerprint",
+    {"device": STR, "ak_fingerprint": STR},
+    writer="insitu.update._attest",
 )
 UPDATE_ENROLLED = _event(
     "update.enrolled",

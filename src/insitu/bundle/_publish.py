@@ -23,7 +23,7 @@ from insitu.audit import events
 from insitu.bundle._bom import build_bom, ledger_figures, require_sign_extra
 from insitu.bundle._card import ModelCard, schema_of
 from insitu.bundle._format import BOM_FILE, Bundle, create_bundle
-from insitu.bundle._oms import sign_files
+from insitu.bundle._oms import sign_files, sign_files_in_token, token_key_for_oms
 from insitu.bundle._provenance import provenance_for
 from insitu.bundle._stream import RecipientKey
 from insitu.errors import UsageError
@@ -96,16 +96,27 @@ def bundle_model(
     with workspace.ledger() as ledger:
         figures = ledger_figures(ledger, card, model_sha256)
     bom = build_bom(card, model, figures, publisher=f"insitu node {workspace.node_id}")
-    oms_key = workspace.model_signing_key()
+    signing_key = workspace.signing_key()
+    # A P-256 key in a token signs the OMS statement there too (ADR 0021); otherwise
+    # the workspace's model-signing key file does.
+    in_token = token_key_for_oms(signing_key)
+    oms_key = workspace.model_signing_key() if in_token is None else None
     if recipients:
         recipients.append(workspace.encryption_public_key)
+
+    def oms_signer(files: dict[str, bytes]) -> dict[str, Any]:
+        if in_token is not None:
+            return sign_files_in_token(files, in_token, name=f"{name}-{version}")
+        assert oms_key is not None
+        return sign_files(files, oms_key, name=f"{name}-{version}")
+
     blob = create_bundle(
         model,
         card,
-        workspace.signing_key(),
+        signing_key,
         recipients=recipients,
         bom=bom,
-        oms_signer=lambda files: sign_files(files, oms_key, name=f"{name}-{version}"),
+        oms_signer=oms_signer,
     )
     bundle = Bundle.parse(blob)
     payload: dict[str, Any] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -10,8 +11,9 @@ from rich.table import Table
 
 from insitu.cli._app import app
 from insitu.cli._output import HomeOption, JsonOption, err_console, out, print_json
+from insitu.cli._repo_attest import attest_command, check_publish_attestation
 from insitu.errors import UsageError
-from insitu.workspace import Workspace
+from insitu.workspace import Workspace, pin_from_env
 
 __all__ = ["repo_app"]
 
@@ -29,6 +31,17 @@ app.add_typer(repo_app, name="repo", rich_help_panel="Supply chain")
 RepoArg = Annotated[Path, typer.Argument(help="Repository directory.", show_default=False)]
 
 
+def _pin(repo: Path | None) -> str | None:
+    """The token's PIN: INSITU_PKCS11_PIN, else asked for on a terminal (role keys in a token)."""
+    from insitu.update import role_keys_in_token
+
+    pin = pin_from_env()
+    in_token = repo is None or role_keys_in_token(repo)
+    if in_token and not pin and sys.stdin.isatty():
+        pin = typer.prompt("PIN of the token", hide_input=True)
+    return pin
+
+
 @repo_app.command("init")
 def init(
     repo: RepoArg,
@@ -38,19 +51,36 @@ def init(
     timestamp_days: Annotated[
         int, typer.Option(min=1, help="Days a timestamp stays valid (freeze protection).")
     ] = 1,
+    key_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Generate the role keys (ECDSA P-256) in a PKCS#11 token: "
+            "'pkcs11:token=NAME;object=LABEL' (RFC 7512), one key per role labelled "
+            "LABEL-<role>. The PIN comes from INSITU_PKCS11_PIN, or is asked for.",
+        ),
+    ] = None,
+    pkcs11_module: Annotated[
+        str | None,
+        typer.Option(help="The token's PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so)."),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Create a repository; this workspace's signing key becomes its trusted publisher.
 
     Devices are enrolled with [bold]REPO/public/metadata/1.root.json[/] (copy it to them
-    out of band). Role keys go to [bold]REPO/keys[/], encrypted with INSITU_PASSPHRASE.
+    out of band). Role keys go to [bold]REPO/keys[/], encrypted with INSITU_PASSPHRASE;
+    with [bold]--key-uri[/] they are generated in a PKCS#11 token instead and every later
+    signature (publish, timestamp, rotate) is made there.
 
-    [dim]Example:[/] insitu repo init /srv/models
+    [dim]Examples:[/]
+      insitu repo init /srv/models
+      insitu repo init /srv/m --key-uri 'pkcs11:token=t;object=r' --pkcs11-module libsofthsm2.so
     """
     from insitu.update import init_directory_repository
 
     ws = Workspace.open(home)
+    pin = _pin(None) if key_uri else None
     with ws.ledger() as ledger:
         repository = init_directory_repository(
             repo,
@@ -58,6 +88,9 @@ def init(
             threshold=threshold,
             expiry_days={"timestamp": timestamp_days},
             ledger=ledger,
+            key_uri=key_uri,
+            pkcs11_module=pkcs11_module,
+            pin=pin,
         )
     root = repo / "public" / "metadata" / "1.root.json"
     summary = {"repo": str(repo), "root": str(root), **repository.status()}
@@ -98,7 +131,12 @@ def publish(
     ] = None,
     quote: Annotated[
         Path | None,
-        typer.Option("--quote", help="The device's quote (with --attest).", exists=True),
+        typer.Option(
+            "--quote",
+            help="The device's quote (with --attest, or when the repository requires it: "
+            "'insitu repo attest').",
+            exists=True,
+        ),
     ] = None,
     ak: Annotated[
         Path | None,
@@ -120,9 +158,10 @@ def publish(
     except OSError as exc:
         raise UsageError(f"cannot read bundle {bundle} ({exc.strerror or exc})") from exc
     ws = Workspace.open(home)
-    if attest is not None:
-        _check_device_quote(ws, attest, device or [], quote, ak)
-    repository = open_directory_repository(repo)
+    check_publish_attestation(
+        ws, repo, attest=attest, devices=device or [], channels=channel, quote=quote, ak=ak
+    )
+    repository = open_directory_repository(repo, pin=_pin(repo))
     channels = channel if channel is not None else ([] if device else ["stable"])
     with ws.ledger() as ledger, err_console.status("Publishing (computing deltas)..."):
         result = repository.publish(
@@ -145,23 +184,7 @@ def publish(
         out.print(f"  delta from {old}: {info['length']:,} bytes ({share:.1%} of the bundle)")
 
 
-def _check_device_quote(
-    ws: Workspace, allow_list: Path, devices: list[str], quote: Path | None, ak: Path | None
-) -> None:
-    """Refuse to publish unless the one device's fresh quote is allowed (recorded)."""
-    import json
-
-    from insitu.attestation import AllowList, Quote, Verifier
-
-    if len(devices) != 1 or quote is None or ak is None:
-        raise UsageError("--attest checks one device: give one --device, its --quote and --ak")
-    try:
-        parsed = Quote.from_json(json.loads(quote.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{quote} is not a quote from 'insitu attest quote': {exc}") from exc
-    keys = {devices[0]: ak.read_bytes()}
-    verifier = Verifier(ws, AllowList.load(allow_list), keys, kind="device", persistent=True)
-    verifier.check(devices[0], parsed).raise_if_refused()
+repo_app.command("attest")(attest_command)
 
 
 @repo_app.command("publishers")
@@ -186,7 +209,9 @@ def publishers(
     from insitu.cli.bundle import _publisher_key
     from insitu.update import open_directory_repository
 
-    repository = open_directory_repository(repo)
+    repository = open_directory_repository(
+        repo, pin=_pin(repo) if add or remove else None, unlock=bool(add or remove)
+    )
     current = {publisher_key_id(k): k for k in repository.publishers}
     if add or remove:
         wanted = dict(current)
@@ -231,7 +256,7 @@ def rotate(
     from insitu.update import rotate_directory_keys
 
     with Workspace.open(home).ledger() as ledger:
-        repository = rotate_directory_keys(repo, role, ledger=ledger)
+        repository = rotate_directory_keys(repo, role, ledger=ledger, pin=_pin(repo))
     summary = {"role": role, **repository.status()}
     if json_output:
         print_json(summary)
@@ -251,7 +276,7 @@ def timestamp(repo: RepoArg, home: HomeOption = None, json_output: JsonOption = 
     from insitu.update import open_directory_repository
 
     with Workspace.open(home).ledger() as ledger:
-        version = open_directory_repository(repo).refresh_timestamp(ledger=ledger)
+        version = open_directory_repository(repo, pin=_pin(repo)).refresh_timestamp(ledger=ledger)
     if json_output:
         print_json({"timestamp_version": version})
     else:
@@ -266,7 +291,7 @@ def status(repo: RepoArg, json_output: JsonOption = False) -> None:
     """
     from insitu.update import open_directory_repository
 
-    summary = open_directory_repository(repo).status()
+    summary = open_directory_repository(repo, unlock=False).status()
     if json_output:
         print_json(summary)
         return

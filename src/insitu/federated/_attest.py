@@ -6,9 +6,21 @@ site behind its key has attested; until then it answers 403 and the request neve
 reaches the SuperLink. The exchange, on the port sites already dial (TLS, the server's
 certificate checked against ``ca.pem``):
 
-1. ``POST /insitu/v1/attest/challenge`` ``{"site_key": <OpenSSH public key>}``: the
-   server finds the registered site of that key and answers a fresh nonce and the PCRs
-   to quote (:meth:`insitu.attestation.Verifier.challenge`);
+0. ``GET /insitu/v1/attest/challenge``: every server answers whether it requires
+   attestation (``{"attestation": "required", "pcrs": [...]}`` or ``"off"``). A site
+   without ``INSITU_TPM_TCTI`` asks it at join, and is told in one line
+   (:class:`~insitu.errors.AttestationRequiredError`) before it writes anything or
+   starts a SuperNode, instead of the SuperNode's 403 from Flower;
+1. ``POST /insitu/v1/attest/challenge`` ``{"site_key", "time", "proof"}``: ``proof`` is
+   the site's signature, with its Flower key, over ``time`` (Unix seconds, within
+   :data:`CLOCK_SKEW` of the server's clock, each signature taken once). The server
+   finds the registered site of that key and answers a fresh nonce and the PCRs to
+   quote (:meth:`insitu.attestation.Verifier.challenge`). A request that is not signed
+   by a registered site's key is answered 403 and holds nothing at the server, so a
+   flood of them cannot take a real site's nonce away; a site holds at most
+   :data:`~insitu.attestation.MAX_NONCES_PER_SUBJECT` nonces, the server
+   :data:`~insitu.attestation.MAX_NONCES`, and one more is answered 429
+   (:class:`~insitu.errors.NonceLimitError`);
 2. the site extends the digest of its insitu build into its TPM's PCR (23 by default)
    and quotes it over the nonce (:class:`insitu.attestation.Tpm`; ``INSITU_TPM_TCTI``);
 3. ``POST /insitu/v1/attest/quote`` ``{"site_key", "quote", "proof"}``: ``proof`` is the
@@ -25,9 +37,11 @@ until it joins again (docs/attestation.md, "Limits").
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +57,15 @@ from insitu.attestation import (
     Tpm,
     Verifier,
     build_digest,
+    quoted_nonce,
 )
 from insitu.errors import (
     AttestationRefusedError,
+    AttestationRequiredError,
     CertificateError,
     FederationError,
     MeasurementMismatchError,
+    NonceLimitError,
     QuoteSignatureError,
     StaleQuoteError,
     UnknownAttestationKeyError,
@@ -57,6 +74,7 @@ from insitu.workspace import Workspace
 
 __all__ = [
     "CHALLENGE_PATH",
+    "CLOCK_SKEW",
     "PCR_ENV",
     "QUOTE_PATH",
     "SiteAdmission",
@@ -71,6 +89,9 @@ QUOTE_PATH = "/insitu/v1/attest/quote"
 #: The environment variable choosing the PCR a site measures its build into (default 23).
 PCR_ENV = "INSITU_TPM_PCR"
 _PROOF_CONTEXT = b"insitu-attest-v1\x00"
+_CHALLENGE_CONTEXT = b"insitu-attest-challenge-v1\x00"
+#: Seconds a signed challenge request's time may differ from the server's clock.
+CLOCK_SKEW = 300.0
 _REFUSALS: dict[str, type[AttestationRefusedError]] = {
     cls.__name__: cls
     for cls in (
@@ -121,8 +142,14 @@ class SiteAdmission:
             _spki(serialization.load_ssh_public_key(key)): name for name, key in site_keys.items()
         }
         self._admitted: set[bytes] = set()
+        self._seen: dict[bytes, float] = {}  # signed challenge requests, until too old
         self._run = run
         self._lock = threading.Lock()
+
+    @property
+    def pcrs(self) -> list[int]:
+        """The PCRs a site quotes (every PCR the allow-list fixes)."""
+        return self._verifier.allow_list.pcrs
 
     def _site_of(self, openssh: object) -> tuple[str, bytes] | None:
         try:
@@ -144,12 +171,52 @@ class SiteAdmission:
             return spki in self._admitted
 
     def challenge(self, body: Any) -> tuple[int, dict[str, Any]]:
-        """Answer a challenge request: (HTTP status, JSON body)."""
+        """Answer a challenge request: (HTTP status, JSON body).
+
+        Nothing is held for a request that is not signed by a registered site's key
+        over a time near this server's clock, nor for one seen before.
+        """
         found = self._site_of(body.get("site_key") if isinstance(body, dict) else None)
         if found is None:
             return 403, {"error": "not the key of a site registered at this server"}
-        challenge = self._verifier.challenge(found[0])
-        return 200, {"site": found[0], "nonce": challenge.nonce.hex(), "pcrs": challenge.pcrs}
+        name, spki = found
+        refused = self._challenge_refused(name, spki, body)
+        if refused is not None:
+            return 403, {"error": refused}
+        try:
+            challenge = self._verifier.challenge(name)
+        except NonceLimitError as exc:
+            logger.warning("attestation: %s", exc)
+            return 429, {"error": str(exc), "refusal": NonceLimitError.__name__}
+        return 200, {"site": name, "nonce": challenge.nonce.hex(), "pcrs": challenge.pcrs}
+
+    def _challenge_refused(self, name: str, spki: bytes, body: dict[str, Any]) -> str | None:
+        """Why a challenge request is not the site's own, fresh and new (None: it is)."""
+        try:
+            stamp = int(body["time"])
+            proof = base64.b64decode(str(body["proof"]), validate=True)
+        except (KeyError, ValueError, TypeError):
+            return f"site {name}: a challenge request carries site_key, time and proof"
+        key = serialization.load_der_public_key(spki)
+        try:
+            if not isinstance(key, ec.EllipticCurvePublicKey):  # registered keys are EC
+                raise InvalidSignature
+            key.verify(proof, _challenge_message(stamp), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return f"site {name}: the challenge request is not signed by its registered key"
+        if abs(time.time() - stamp) > CLOCK_SKEW:
+            return (
+                f"site {name}: the challenge request's time is more than {CLOCK_SKEW:.0f} s "
+                "from the server's clock; set the site's clock (NTP) and join again"
+            )
+        seen = hashlib.sha256(proof).digest()
+        now = time.monotonic()
+        with self._lock:
+            self._seen = {k: until for k, until in self._seen.items() if until >= now}
+            if seen in self._seen:
+                return f"site {name}: this challenge request was sent before (a replay)"
+            self._seen[seen] = now + 2 * CLOCK_SKEW
+        return None
 
     def check(self, body: Any) -> tuple[int, dict[str, Any]]:
         """Answer a quote: check the proof, then the quote; (HTTP status, JSON body)."""
@@ -162,7 +229,7 @@ class SiteAdmission:
             proof = base64.b64decode(str(body.get("proof")), validate=True)
         except (ValueError, TypeError, KeyError):
             return 400, {"error": "a quote request carries site_key, quote and proof"}
-        nonce = _attest_extra_data(quote.attest)
+        nonce = quoted_nonce(quote.attest)
         key = serialization.load_der_public_key(spki)
         try:
             if not isinstance(key, ec.EllipticCurvePublicKey):  # registered keys are EC
@@ -184,61 +251,93 @@ class SiteAdmission:
         return 200, {"site": name, "decision": "admitted"}
 
 
-def _attest_extra_data(attest: bytes) -> bytes:
-    """The qualifying data of a TPMS_ATTEST (b"" if it cannot be read)."""
-    try:
-        signer = int.from_bytes(attest[6:8])
-        at = 8 + signer
-        size = int.from_bytes(attest[at : at + 2])
-        return attest[at + 2 : at + 2 + size]
-    except (IndexError, ValueError):
-        return b""
+def _challenge_message(stamp: int) -> bytes:
+    return _CHALLENGE_CONTEXT + str(stamp).encode("ascii")
 
 
 def attest_to_server(server: str, ca: Path, key: Path, *, context: Any) -> bool:
-    """Attest this site to the server at ``server``, if this machine has a TPM configured.
+    """Attest this site to the server at ``server``, when the server requires it.
 
-    Without ``INSITU_TPM_TCTI`` nothing happens (False). A server that does not ask for
-    attestation (404) is told nothing either (False). Returns True once admitted.
+    A server that does not ask for attestation (``off``, or an older server's 404) is
+    told nothing (False). Returns True once admitted.
 
     Raises:
+        AttestationRequiredError: the server requires attestation and this machine has
+            no TPM configured (``INSITU_TPM_TCTI``): the one line names the fix.
         AttestationRefusedError: the server refused the quote (its one line, e.g. naming
             the PCR whose value no allowed state has).
+        NonceLimitError: the server holds as many nonces for this site as it allows.
         TpmError: the TPM or tpm2-tools cannot be used.
         FederationError: the server answered something else.
 
     """
-    tcti = os.environ.get(TCTI_ENV)
-    if not tcti:
-        return False
     import httpx
 
+    tcti = os.environ.get(TCTI_ENV)
     private = serialization.load_ssh_private_key(key.read_bytes(), None)
     if not isinstance(private, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{key} is not an EC key; Flower authenticates sites with EC keys")
+    try:
+        with httpx.Client(base_url=f"https://{server}", verify=context, timeout=30.0) as http:
+            if not tcti:
+                _require_no_attestation(server, http.get(CHALLENGE_PATH))
+                return False
+            return _attest(server, http, Tpm(tcti), private)
+    except httpx.HTTPError as exc:
+        raise FederationError(
+            f"the server at {server} did not complete the attestation exchange ({exc}); "
+            "check that it is up and join again"
+        ) from exc
+
+
+def _require_no_attestation(server: str, answer: Any) -> None:
+    """Raise the one line for a site without a TPM when the server requires a quote."""
+    try:
+        document = answer.json()
+    except ValueError:
+        document = None
+    if (
+        answer.status_code == 200
+        and isinstance(document, dict)
+        and document.get("attestation") == "required"
+    ):
+        pcrs = ",".join(str(p) for p in document.get("pcrs") or [DEFAULT_PCR])
+        raise AttestationRequiredError(
+            f"the server at {server} requires TPM attestation (it runs 'federate server "
+            f"--attest', PCR {pcrs}) and this site has no TPM configured: set {TCTI_ENV} to "
+            "this site's TPM (e.g. device:/dev/tpmrm0), have its AK ('insitu attest key') "
+            "enrolled at the server, and join again"
+        )
+    logger.info("the server at %s does not ask for attestation", server)
+
+
+def _attest(server: str, http: Any, tpm: Tpm, private: ec.EllipticCurvePrivateKey) -> bool:
     site_key = (
         private.public_key()
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         .decode()
     )
-    tpm = Tpm(tcti)
     pcr = int(os.environ.get(PCR_ENV, str(DEFAULT_PCR)))
-    with httpx.Client(base_url=f"https://{server}", verify=context, timeout=30.0) as http:
-        answer = http.post(CHALLENGE_PATH, json={"site_key": site_key})
-        if answer.status_code == 404:
-            logger.info("the server at %s does not ask for attestation", server)
-            return False
-        document = _answer(server, answer)
-        nonce = bytes.fromhex(document["nonce"])
-        tpm.measure(build_digest(), pcr=pcr)
-        quote = tpm.quote(nonce, document["pcrs"])
-        proof = private.sign(_PROOF_CONTEXT + nonce, ec.ECDSA(hashes.SHA256()))
-        body = {
-            "site_key": site_key,
-            "quote": quote.to_json(),
-            "proof": base64.b64encode(proof).decode(),
-        }
-        _answer(server, http.post(QUOTE_PATH, json=body))
+    stamp = int(time.time())
+    signed = private.sign(_challenge_message(stamp), ec.ECDSA(hashes.SHA256()))
+    answer = http.post(
+        CHALLENGE_PATH,
+        json={"site_key": site_key, "time": stamp, "proof": base64.b64encode(signed).decode()},
+    )
+    if answer.status_code == 404:
+        logger.info("the server at %s does not ask for attestation", server)
+        return False
+    document = _answer(server, answer)
+    nonce = bytes.fromhex(document["nonce"])
+    tpm.measure(build_digest(), pcr=pcr)
+    quote = tpm.quote(nonce, document["pcrs"])
+    proof = private.sign(_PROOF_CONTEXT + nonce, ec.ECDSA(hashes.SHA256()))
+    body = {
+        "site_key": site_key,
+        "quote": quote.to_json(),
+        "proof": base64.b64encode(proof).decode(),
+    }
+    _answer(server, http.post(QUOTE_PATH, json=body))
     return True
 
 
@@ -254,6 +353,8 @@ def _answer(server: str, answer: Any) -> dict[str, Any]:
         refusal = _REFUSALS.get(str(document.get("refusal")), AttestationRefusedError)
         error = refusal(f"the server at {server} refused this site's attestation: {message}")
         raise error
+    if answer.status_code == 429:
+        raise NonceLimitError(f"the server at {server} holds too many nonces: {message}")
     raise FederationError(
         f"the server at {server} answered the attestation with HTTP {answer.status_code} "
         f"({message or 'no reason'}); run the same insitu version on the server and sites"

@@ -18,10 +18,14 @@ only. So insitu writes this piece by hand (no maintained library filters Flower'
   timestamp per request, checked against the registered keys) still decides who is a
   site. Every other path, method or operation is answered 404 here and never reaches
   the SuperLink;
-* one route is insitu's own: ``GET /insitu/v1/runs/<run id>`` says whether a run is
+* insitu's own routes: ``GET /insitu/v1/runs/<run id>`` says whether a run is
   ``running``, ``finished`` or ``failed``, so that sites keep their SuperNode up until
   the server has collected their last reply (a SuperNode that leaves early has its
-  stored reply replaced by ``NODE_UNAVAILABLE``).
+  stored reply replaced by ``NODE_UNAVAILABLE``); ``GET /insitu/v1/attest/challenge``
+  says whether this server requires attestation (``required`` and the PCRs, or
+  ``off``), so a site without a TPM is told in one line before it starts a SuperNode;
+  with ``--attest``, ``POST`` on the challenge and quote routes runs the exchange
+  (:mod:`insitu.federated._attest`).
 
 The gateway runs on uvicorn in a thread of the server's process, with the plain asyncio
 loop (uvloop's sockets would bypass the egress guard), and connects to nothing but the
@@ -216,6 +220,13 @@ def _app(upstream: _Upstream, states: RunStates, admission: SiteAdmission | None
         status, answer = await asyncio.to_thread(step, document)
         return _json(status, answer)
 
+    async def attest_required(_: Request) -> Response:
+        # Served by every server, so a site without a TPM learns before it starts its
+        # SuperNode that this one requires attestation (and an older site, the 403).
+        if admission is None:
+            return _json(200, {"attestation": "off"})
+        return _json(200, {"attestation": "required", "pcrs": admission.pcrs})
+
     attestation = (
         [Route("/insitu/v1/attest/{step:str}", attest, methods=["POST"])] if admission else []
     )
@@ -225,6 +236,7 @@ def _app(upstream: _Upstream, states: RunStates, admission: SiteAdmission | None
         routes=[
             Route("/v1/fleet/{operation}", fleet, methods=["POST"]),
             Route("/insitu/v1/runs/{run_id}", run_state, methods=["GET"]),
+            Route("/insitu/v1/attest/challenge", attest_required, methods=["GET"]),
             *attestation,
             Route("/{path:path}", refuse, methods=methods),
         ],

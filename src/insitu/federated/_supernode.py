@@ -161,6 +161,8 @@ def join(
             ``key`` is not a site key.
         AttestationRefusedError: the server asks for attestation and refused this
             site's TPM quote (one line, naming the PCR whose value it does not allow).
+        AttestationRequiredError: the server asks for attestation and this site has no
+            TPM configured (``INSITU_TPM_TCTI``).
         SiteRefusedError: the server would not activate this site's key (not
             registered, or in use by an active node), or another site process of this
             machine uses it.
@@ -179,8 +181,8 @@ def join(
     watch = ServerWatch(server, ca, interval=poll_interval, give_up_after=give_up_after)
     with _one_site_per_key(fingerprint, server, key):
         probe_server(server, ca, retries=retries)
-        # With INSITU_TPM_TCTI set, prove this site's measured build before anything is
-        # written (a server that does not ask for it answers 404: nothing happens).
+        # A server that requires attestation gets this site's quote (INSITU_TPM_TCTI),
+        # or, with no TPM here, one line saying so, before anything is written.
         attest_to_server(server, ca, key, context=tls_context(ca))
         frame, schema, array_input = _read_data(data, schema)
         site = name or key.stem

@@ -511,7 +511,9 @@ class UpdateRepository(Repository):
         self.do_snapshot(force=True)
         self.do_timestamp(force=True)
         if ledger is not None:
-            events.REPO_KEYS_ROTATED.record(ledger, role=role, keys=len(new_signers))
+            uris = [str(uri) for s in new_signers if (uri := getattr(s, "uri", None))]
+            where = {"key_uris": uris} if uris else {}
+            events.REPO_KEYS_ROTATED.record(ledger, role=role, keys=len(new_signers), **where)
 
     def refresh_timestamp(self, *, ledger: Ledger | None = None) -> int:
         """Sign a new timestamp (a fresh expiry); returns its version (recorded in ``ledger``)."""

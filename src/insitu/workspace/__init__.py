@@ -15,7 +15,14 @@ from insitu.workspace._keys import (
     save_private_key,
 )
 from insitu.workspace._migrate import KeyMigration, migrate_keys
-from insitu.workspace._pkcs11 import PIN_ENV, pin_from_env
+from insitu.workspace._pkcs11 import (
+    PIN_ENV,
+    TokenKey,
+    TokenKeyUri,
+    generate_token_key,
+    open_token_key,
+    pin_from_env,
+)
 from insitu.workspace._workspace import (
     DEFAULT_HOME,
     HOME_ENV,
@@ -33,10 +40,14 @@ __all__ = [
     "Config",
     "KeyMigration",
     "PreparedPart",
+    "TokenKey",
+    "TokenKeyUri",
     "Workspace",
     "WorkspaceLayout",
+    "generate_token_key",
     "load_private_key",
     "migrate_keys",
+    "open_token_key",
     "passphrase_from_env",
     "pin_from_env",
     "resolve_home",
