@@ -10,10 +10,14 @@ agreement is most of the difference, and a larger one) with
 alternated ``--rounds`` times with ``--loads`` loads each; figures are medians. The
 unwrapping alone (:func:`data_key_for`: the key agreement, HKDF, AES-GCM) is timed too.
 The key is opened once per workspace, as the runtime does (a PKCS#11 login per process).
+When swtpm and tpm2-pkcs11 are installed, a third workspace has its decryption key in a
+software TPM (an RSA key; ``rsa-oaep-sha256`` entries, one ``C_Decrypt`` with
+``CKM_RSA_PKCS_OAEP`` per load; ``tests/_swtpm.py`` starts it, ADR 0020).
 
     .venv/bin/python benchmarks/bundle_keys_bench.py [--loads 15] [--rounds 3]
 
-Writes benchmarks/results/bundle_keys.json. Needs Debian's softhsm2 (scripts/bootstrap).
+Writes benchmarks/results/bundle_keys.json. Needs Debian's softhsm2 (scripts/bootstrap);
+the TPM rows need swtpm, tpm2-tools and libtpm2-pkcs11-1.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from insitu.bundle._verify import data_key_for
 from insitu.workspace import PIN_ENV, Workspace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests._swtpm import MODULE as TPM_MODULE
+from tests._swtpm import SoftwareTpm, missing
 from tests.bundle._models import mlp
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -88,6 +94,7 @@ def main() -> None:
     verifier = BundleVerifier([publisher.public_key()])
     runs: dict[str, dict[str, list[float]]] = {}
     sizes: dict[str, int] = {}
+    tpm: SoftwareTpm | None = None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         _softhsm(root)
@@ -97,6 +104,14 @@ def main() -> None:
                 root / "token", key_uri="pkcs11:token=bench;object=node", pkcs11_module=MODULE
             )[0],
         }
+        if missing() is None:  # the RSA decryption key in a software TPM
+            tpm = SoftwareTpm(root / "tpm", token="bench-tpm", pin=PIN, so_pin="bench-so-pin")
+            os.environ.update(tpm.env)
+            homes["tpm"] = Workspace.init(
+                root / "tpm-node",
+                key_uri="pkcs11:token=bench-tpm;object=node",
+                pkcs11_module=TPM_MODULE,
+            )[0]
         keys = {which: ws.encryption_key() for which, ws in homes.items()}
         for size, widths in MODELS.items():
             model, _ = mlp(widths)
@@ -113,15 +128,19 @@ def main() -> None:
                     found.setdefault("unwrap_ms", []).extend(
                         _time_ms(lambda p=parsed, k=key: data_key_for(p, k), args.loads)
                     )
+        if tpm is not None:
+            tpm.stop()
     medians = {
         run: {name: round(statistics.median(values), 3) for name, values in found.items()}
         for run, found in runs.items()
     }
     ratios = {
-        f"{size}_load_token_over_file": round(
-            medians[f"{size}_token"]["load_ms"] / medians[f"{size}_file"]["load_ms"], 3
+        f"{size}_load_{which}_over_file": round(
+            medians[f"{size}_{which}"]["load_ms"] / medians[f"{size}_file"]["load_ms"], 3
         )
         for size in MODELS
+        for which in homes
+        if which != "file"
     }
     result = {
         "benchmark": "bundle_keys",
@@ -137,6 +156,10 @@ def main() -> None:
             "model_bytes": sizes,
             "file": "X25519 in keys/encryption.key (x25519 recipient entry)",
             "token": "P-256 in SoftHSM2, CKM_ECDH1_DERIVE per load (p256-ecdh recipient entry)",
+            "tpm": "RSA-3072 in swtpm via tpm2-pkcs11, CKM_RSA_PKCS_OAEP per load "
+            "(rsa-oaep-sha256 recipient entry)"
+            if "tpm" in homes
+            else "not run (swtpm or tpm2-pkcs11 missing)",
         },
         "median": medians,
         "ratios": ratios,

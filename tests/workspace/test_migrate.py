@@ -343,6 +343,7 @@ def test_a_new_decryption_key_is_made_in_the_token_and_the_old_file_destroyed(
     with moved.ledger() as ledger:
         (entry,) = ledger.entries(event_type="workspace.keys_migrated")
     assert entry.payload["replaced"] == ["decryption"]
+    assert entry.payload["resealed"] == ["pseudonym", "data"]  # sealed to the new key
     assert entry.payload["algorithms"] == {"signing": "ed25519", "decryption": "p256-ecdh"}
     assert run(["audit", "verify", "--home", str(ws.home)]) == 0, capsys.readouterr().err
     assert _objects(token) == 4  # two key pairs

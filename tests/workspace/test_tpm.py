@@ -74,12 +74,12 @@ def uri_of(obj: str) -> str:
 
 
 def _scan_for_private_keys(home: Path) -> list[str]:
+    # The decryption key is in the TPM too (RSA-OAEP; tests/workspace/test_tpm_decrypt.py):
+    # no file under the workspace holds a private key.
     return [
         str(path.relative_to(home))
         for path in home.rglob("*")
-        if path.is_file()
-        and b"PRIVATE KEY" in path.read_bytes()
-        and path.name != "encryption.key"  # the bundle decryption key file, sealed
+        if path.is_file() and b"PRIVATE KEY" in path.read_bytes()
     ]
 
 
@@ -120,6 +120,7 @@ def test_a_workspace_in_a_tpm_signs_its_ledger_and_bundles_with_p256(
     assert run(["audit", "export", "--home", str(home), "--out", str(export)]) == 0
     assert run(["audit", "verify", "--export", str(export), "--public-key", pinned]) == 0
     assert _scan_for_private_keys(home) == []
+    assert not (ws.keys_dir / "encryption.key").exists()
 
 
 def test_a_tpm_has_no_ed25519_and_says_so(label: str, tmp_path: Path) -> None:

@@ -132,7 +132,7 @@ WORKSPACE_KEYS_MIGRATED = _event(
     "URIs and algorithms, which were made anew there (replaced: the decryption key); the "
     "key files were destroyed",
     {"node": STR, "keys": LIST, "store": STR},
-    {"uris": DICT, "algorithms": DICT, "replaced": LIST},
+    {"uris": DICT, "algorithms": DICT, "replaced": LIST, "resealed": LIST},
     writer="insitu.workspace._migrate",
 )
 WORKSPACE_MODEL_SIGNING_KEY = _event(
@@ -460,10 +460,17 @@ FEDERATION_SITE_REFUSED = _event(
 ATTESTATION_CHECKED = _event(
     "attestation.checked",
     "a verifier checked a site's or device's TPM 2.0 quote over a fresh nonce against its "
-    "allow-list of measured states: who, which PCRs, the decision, and for a refusal the "
-    "PCR that differed",
+    "allow-list of measured states: who, which PCRs, the decision, for a refusal the "
+    "PCR that differed, and the EK certificate's fingerprint when the AK is bound to it",
     {"subject": STR, "kind": STR, "decision": STR, "pcrs": LIST},
-    {"reason": STR, "pcr": INT, "measurement": STR, "ak_fingerprint": STR, "run": STR},
+    {
+        "reason": STR,
+        "pcr": INT,
+        "measurement": STR,
+        "ak_fingerprint": STR,
+        "ek_fingerprint": STR,
+        "run": STR,
+    },
     writer="insitu.attestation._verify",
 )
 PROCESSING_DECLARED = _event(
@@ -611,9 +618,9 @@ REPO_TIMESTAMP = _event(
 REPO_ATTESTATION_SET = _event(
     "repo.attestation_set",
     "the repository began or stopped requiring a fresh TPM quote of every device it publishes "
-    "for: the allow-list's digest, its measured states and PCRs",
+    "for: the allow-list's digest, its measured states and PCRs, and the pinned EK CAs' digest",
     {"required": BOOL},
-    {"allow_list_sha256": STR, "states": INT, "pcrs": LIST},
+    {"allow_list_sha256": STR, "states": INT, "pcrs": LIST, "ek_ca_sha256": STR},
     writer="insitu.update._attest",
 )
 REPO_ATTESTATION_ENROLLED = _event(

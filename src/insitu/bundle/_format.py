@@ -276,8 +276,9 @@ def create_bundle(
 ) -> bytes:
     """Build a signed bundle of ``model`` and ``card``, encrypted for ``recipients``.
 
-    Recipients are X25519 or P-256 public keys; each one's entry records its key
-    agreement (``x25519`` or ``p256-ecdh``) inside the signed header.
+    Recipients are X25519, P-256 or RSA (2048 bits or more) public keys; each one's entry
+    records its kind (``x25519``, ``p256-ecdh`` or ``rsa-oaep-sha256``) inside the signed
+    header.
 
     With no recipients the payload is stored in the clear, which is logged as a warning:
     anyone who gets the file gets the model (and what it memorized of its training data).

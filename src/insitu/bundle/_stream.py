@@ -1,4 +1,4 @@
-"""Segmented AES-256-GCM (a STREAM construction) and X25519 key wrapping.
+"""Segmented AES-256-GCM (a STREAM construction) and key wrapping for recipients.
 
 Why by hand: ``cryptography`` offers one-shot AES-GCM, which cannot take more than 2 GiB
 and needs the whole plaintext in memory twice; no well-kept Python library offers an
@@ -37,19 +37,37 @@ made before P-256). The algorithm is also bound into HKDF's info (empty for X255
 that old bundles open), and an entry is opened only with the algorithm of the device's own
 key: a recorded algorithm that was changed, or that the device's key does not have,
 refuses the entry rather than trying another agreement.
+
+A third kind, ``rsa-oaep-sha256``, is key *transport*, for tokens that decrypt but do not
+agree (a TPM through tpm2-pkcs11 1.9 has ``CKM_RSA_PKCS_OAEP`` and no
+``CKM_ECDH1_DERIVE``). It stays the same construction: the publisher draws a fresh
+32-byte secret per recipient and encrypts it with RSA-OAEP (SHA-256, MGF1-SHA-256, empty
+label) to the recipient's RSA key (2048 bits or more; smaller keys are refused); the
+entry's ``ephemeral`` field holds that OAEP ciphertext (the encapsulation, as the
+ephemeral public key is for ECDH), and the secret takes the place of the shared secret
+in the same HKDF (salt = ciphertext || the recipient's DER SubjectPublicKeyInfo, info =
+``_WRAP_INFO`` + `` rsa-oaep-sha256`` + the bundle context) and AES-GCM wrapping of the
+data key. Why not OAEP-encrypt the data key itself: the bundle binding would then rest
+on the OAEP label, and a TPM refuses labels (``TPM2_RSA_Decrypt`` answered
+``TPM_RC_VALUE`` for one through tpm2-pkcs11); through HKDF the binding, and the code
+that checks it, are the ones of the other two kinds, and one data key still serves every
+recipient. The empty label is fixed, not a choice per bundle. The ciphertext length must
+be the key's modulus length, checked before the token is asked: a token sees only
+ciphertexts of signed headers of that length.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -60,11 +78,14 @@ __all__ = [
     "DEFAULT_SEGMENT_SIZE",
     "KDF",
     "KEY_SIZE",
+    "MIN_RSA_BITS",
     "NONCE_PREFIX_SIZE",
+    "RSA_OAEP",
     "TAG_SIZE",
     "DeviceKey",
     "P256Agreement",
     "RecipientKey",
+    "RsaDecrypter",
     "agreement_of",
     "ciphertext_length",
     "decrypt",
@@ -86,7 +107,12 @@ _POOL = 12  # recycled segment buffers when decrypting to a sink
 _WRAP_INFO = b"insitu-bundle/1 key-wrap"
 _WRAP_NONCE = b"\x00" * 12  # the wrapping key is fresh per (ephemeral key, recipient)
 #: The key agreements a recipient entry may record, and what each adds to HKDF's info.
-AGREEMENTS = {"x25519": b"", "p256-ecdh": b" p256-ecdh"}
+AGREEMENTS = {"x25519": b"", "p256-ecdh": b" p256-ecdh", "rsa-oaep-sha256": b" rsa-oaep-sha256"}
+#: The key transport kind (RSA-OAEP, SHA-256, MGF1-SHA-256, empty label).
+RSA_OAEP = "rsa-oaep-sha256"
+#: The smallest RSA recipient key accepted, in bits.
+MIN_RSA_BITS = 2048
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 #: The one key derivation of wrapping keys.
 KDF = "hkdf-sha256"
 
@@ -103,10 +129,28 @@ class P256Agreement(Protocol):
         ...
 
 
-#: A recipient's public key: X25519, or P-256 for ECDH.
-RecipientKey: TypeAlias = X25519PublicKey | ec.EllipticCurvePublicKey
-#: A device's private key that opens bundles: X25519 or P-256 in memory, or P-256 in a token.
-DeviceKey: TypeAlias = X25519PrivateKey | ec.EllipticCurvePrivateKey | P256Agreement
+class RsaDecrypter(Protocol):
+    """An RSA private key that may not show itself: OAEP decryption in a token (a TPM).
+
+    ``cryptography``'s ``RSAPrivateKey`` is one too.
+    """
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        """The public half."""
+        ...
+
+    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
+        """The plaintext of ``ciphertext`` under ``padding`` (here always :data:`_OAEP`)."""
+        ...
+
+
+#: A recipient's public key: X25519, P-256 for ECDH, or RSA for OAEP key transport.
+RecipientKey: TypeAlias = X25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+#: A device's private key that opens bundles: X25519, P-256 or RSA in memory, or P-256
+#: (ECDH) or RSA (OAEP) in a token.
+DeviceKey: TypeAlias = (
+    X25519PrivateKey | ec.EllipticCurvePrivateKey | P256Agreement | rsa.RSAPrivateKey | RsaDecrypter
+)
 
 
 def _nonce(prefix: bytes, index: int, *, last: bool) -> bytes:
@@ -314,6 +358,13 @@ def derive_subkey(key: bytes, purpose: bytes) -> bytes:
 
 
 def _raw(public: RecipientKey) -> bytes:
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < MIN_RSA_BITS:
+            raise ValueError(
+                f"RSA recipient keys must have at least {MIN_RSA_BITS} bits, this one has "
+                f"{public.key_size}; make a larger key"
+            )
+        return public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     if isinstance(public, ec.EllipticCurvePublicKey):
         if public.curve.name != "secp256r1":
             raise ValueError(f"recipient keys on {public.curve.name} are not supported; use P-256")
@@ -322,15 +373,17 @@ def _raw(public: RecipientKey) -> bytes:
 
 
 def agreement_of(public: RecipientKey) -> str:
-    """The key agreement of a recipient key: ``"x25519"`` or ``"p256-ecdh"``."""
+    """The kind of a recipient key: ``"x25519"``, ``"p256-ecdh"`` or ``"rsa-oaep-sha256"``."""
+    if isinstance(public, rsa.RSAPublicKey):
+        return RSA_OAEP
     return "p256-ecdh" if isinstance(public, ec.EllipticCurvePublicKey) else "x25519"
 
 
 def key_id(public: RecipientKey | bytes) -> str:
     """The id of a device (recipient) key: the first 16 bytes of SHA-256, in hex.
 
-    Of the raw X25519 key, or of the uncompressed P-256 point (65 bytes: ids of the two
-    kinds never meet).
+    Of the raw X25519 key, of the uncompressed P-256 point (65 bytes), or of the RSA key's
+    DER SubjectPublicKeyInfo: ids of the kinds never meet.
     """
     raw = public if isinstance(public, bytes) else _raw(public)
     return hashlib.sha256(raw).hexdigest()[:32]
@@ -348,7 +401,10 @@ def wrap_key(data_key: bytes, recipient: RecipientKey, context: bytes) -> dict[s
     """Wrap ``data_key`` for ``recipient``; ``context`` binds it to one bundle."""
     recipient_raw = _raw(recipient)
     shared: bytes
-    if isinstance(recipient, ec.EllipticCurvePublicKey):
+    if isinstance(recipient, rsa.RSAPublicKey):
+        shared = os.urandom(KEY_SIZE)
+        ephemeral_raw = recipient.encrypt(shared, _OAEP)
+    elif isinstance(recipient, ec.EllipticCurvePublicKey):
         ec_ephemeral = ec.generate_private_key(ec.SECP256R1())
         ephemeral_raw = _raw(ec_ephemeral.public_key())
         shared = ec_ephemeral.exchange(ec.ECDH(), recipient)
@@ -379,12 +435,22 @@ def _shared(device: DeviceKey, algorithm: str, ephemeral_raw: bytes) -> bytes:
         if algorithm != "x25519":
             raise ValueError(f"an X25519 key cannot open a {algorithm!r} entry")
         return device.exchange(X25519PublicKey.from_public_bytes(ephemeral_raw))
+    public = device.public_key()
+    if isinstance(public, rsa.RSAPublicKey):
+        if algorithm != RSA_OAEP:
+            raise ValueError(f"an RSA key cannot open a {algorithm!r} entry")
+        if len(ephemeral_raw) != (public.key_size + 7) // 8:
+            raise ValueError("the OAEP ciphertext does not have the key's length")
+        secret = cast(RsaDecrypter, device).decrypt(ephemeral_raw, _OAEP)
+        if len(secret) != KEY_SIZE:
+            raise ValueError("the OAEP plaintext is not a 32-byte secret")
+        return secret
     if algorithm != "p256-ecdh":
         raise ValueError(f"a P-256 key cannot open a {algorithm!r} entry")
     peer = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), ephemeral_raw)
     if isinstance(device, ec.EllipticCurvePrivateKey):
         return device.exchange(ec.ECDH(), peer)
-    return device.exchange(peer)
+    return cast(P256Agreement, device).exchange(peer)
 
 
 def unwrap_key(recipients: list[dict[str, Any]], device: DeviceKey, context: bytes) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -88,17 +88,22 @@ def _publisher_key(path: Path) -> SigningPublicKey:
 
 
 def _recipient_key(path: Path) -> Any:
-    """A device's encryption key: X25519, or P-256 (a key in a token, ECDH there)."""
+    """A device's encryption key: X25519, P-256 (ECDH in a token) or RSA (OAEP in a TPM)."""
     try:
         key = load_pem_public_key(_read(path, "public key"))
     except ValueError as exc:
         raise KeyFileError(f"{path} is not a PEM public key ({exc})") from exc
-    if isinstance(key, X25519PublicKey) or (
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:  # the bundle format's floor
+        raise KeyFileError(
+            f"{path} is a {key.key_size}-bit RSA key; recipients need 2048 bits or more "
+            "(give the device's keys/encryption.pub.pem)"
+        )
+    if isinstance(key, X25519PublicKey | rsa.RSAPublicKey) or (
         isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
     ):
         return key
     raise KeyFileError(
-        f"{path} is not an X25519 or P-256 public key; give a device's keys/encryption.pub.pem"
+        f"{path} is not an X25519, P-256 or RSA public key; give a device's keys/encryption.pub.pem"
     )
 
 

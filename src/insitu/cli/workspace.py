@@ -19,13 +19,14 @@ __all__ = ["info", "init"]
 
 def _keys_encrypted(ws: Workspace) -> bool:
     # Keys in a token have no file: the first sealed file present tells (data.key is made
-    # at init since the site secrets came; older workspaces all have encryption.key).
-    names = ("encryption.key", "data.key", "pseudonym.key")
-    path = next((ws.keys_dir / n for n in names if (ws.keys_dir / n).exists()), None)
-    if path is None:
-        return False
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return bool(doc.get("protection") != "none")
+    # at init since the site secrets came; older workspaces all have encryption.key). Site
+    # secrets sealed to a token key ("token-...") say nothing of the passphrase.
+    names = ("encryption.key", "data.key", "pseudonym.key", "model-signing.key")
+    for path in (ws.keys_dir / n for n in names if (ws.keys_dir / n).exists()):
+        protection = str(json.loads(path.read_text(encoding="utf-8")).get("protection"))
+        if not protection.startswith("token-"):
+            return protection != "none"
+    return False
 
 
 def describe(ws: Workspace) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def describe(ws: Workspace) -> dict[str, Any]:
         "signing_key": ws.signing_key_uri or "file",
         "signing_algorithm": algorithm_of(ws.signing_public_key),
         "decryption_key": ws.decryption_key_uri or "file",
+        "decryption_algorithm": ws.decryption_algorithm,
         "ledger": {
             "path": str(ws.ledger_path.absolute()),
             "entries": size,
@@ -66,7 +68,9 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
     decrypting = summary["decryption_key"]
     table.add_row(
         "decryption key",
-        "keys/encryption.key" if decrypting == "file" else f"in token {decrypting} (P-256 ECDH)",
+        "keys/encryption.key"
+        if decrypting == "file"
+        else f"in token {decrypting} ({summary['decryption_algorithm']})",
     )
     table.add_row("ledger entries", str(summary["ledger"]["entries"]))
     head = summary["ledger"]["latest_head"]

@@ -9,14 +9,17 @@ The site secrets are 256-bit symmetric keys that never leave the site: ``pseudon
 (HMAC key of pseudonymization: the same person maps to the same token at this site and
 to an unrelated token anywhere else) and ``data`` (AES-256-GCM key of local caches).
 They use the same file format with kind ``secret`` and, as ``public``, a key id (a hash
-that reveals nothing of the key).
+that reveals nothing of the key). In a workspace whose decryption key is in a token they
+are sealed to that key instead (protection ``token-...``: ``insitu.workspace._wrapped``),
+so that a copy of the disk without the token opens neither.
 
 Private key file format ``insitu-key/1`` (JSON, mode 0600)::
 
     {"format": "insitu-key/1", "kind": "ed25519" | "x25519" | "ecdsa-p256" | "secret",
      "public": "<hex>",
-     "protection": "none" | "scrypt+aes-256-gcm",
+     "protection": "none" | "scrypt+aes-256-gcm" | "token-..." (secrets only),
      "kdf": {"n": 32768, "r": 8, "p": 1, "salt": "<hex>"},   # when protected
+     "recipient": "<hex>", "encapsulation": "<hex>",          # when sealed to a token
      "nonce": "<hex>", "secret": "<hex>"}
 
 Why not PKCS#8 PEM: ``cryptography`` encrypts PKCS#8 with PBKDF2 (OpenSSL's default
@@ -53,6 +56,7 @@ from insitu._atomic import atomic_create_bytes, atomic_write_bytes
 from insitu._canonical import canonical_bytes
 from insitu._sealed import secret_key_id
 from insitu.errors import KeyFileError, PassphraseRequiredError, WrongPassphraseError
+from insitu.workspace._wrapped import TokenSeal, is_token_sealed
 
 __all__ = [
     "KEY_FORMAT",
@@ -63,6 +67,7 @@ __all__ = [
     "load_private_key",
     "load_secret",
     "passphrase_from_env",
+    "reseal_secret",
     "save_private_key",
     "save_public_key",
 ]
@@ -108,12 +113,24 @@ def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode("utf-8"))
 
 
-def _envelope(kind: KeyKind, public: bytes, secret: bytes, passphrase: str | None) -> bytes:
+def _aad(kind: KeyKind, public_hex: str) -> bytes:
+    return canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": public_hex})
+
+
+def _envelope(
+    kind: KeyKind,
+    public: bytes,
+    secret: bytes,
+    passphrase: str | None,
+    seal: TokenSeal | None = None,
+) -> bytes:
     doc: dict[str, Any] = {"format": KEY_FORMAT, "kind": kind, "public": public.hex()}
-    if passphrase:
+    if seal is not None:
+        doc |= seal.seal(secret, _aad(kind, public.hex()))
+    elif passphrase:
         salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
         aead_key = _derive(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-        aad = canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": public.hex()})
+        aad = _aad(kind, public.hex())
         doc |= {
             "protection": PROTECTED,
             "kdf": {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": salt.hex()},
@@ -141,20 +158,42 @@ def create_private_key(path: Path, key: PrivateKey, passphrase: str | None) -> b
     return atomic_create_bytes(path, data, mode=0o600)
 
 
-def create_secret(path: Path, passphrase: str | None) -> bool:
+def create_secret(path: Path, passphrase: str | None, seal: TokenSeal | None = None) -> bool:
     """Create a random 256-bit key file at ``path`` unless one exists; True if created.
 
-    Never overwrites: the file is linked into place, which fails if another process
-    created it first (the loser keeps the winner's key).
+    With ``seal`` the secret is sealed to the workspace's decryption key in a token
+    (``passphrase`` is then not used). Never overwrites: the file is linked into place,
+    which fails if another process created it first (the loser keeps the winner's key).
     """
     secret = secrets.token_bytes(32)
-    data = _envelope("secret", secret_key_id(secret), secret, passphrase)
+    data = _envelope("secret", secret_key_id(secret), secret, passphrase, seal)
     return atomic_create_bytes(path, data, mode=0o600)
 
 
-def load_secret(path: Path, passphrase: str | None) -> bytes:
-    """Load a symmetric key written by :func:`create_secret` (same errors as private keys)."""
-    secret, public = _open(path, "secret", passphrase)
+def reseal_secret(path: Path, secret: bytes, seal: TokenSeal) -> None:
+    """Replace the key file at ``path`` by ``secret`` sealed with ``seal`` (atomically)."""
+    data = _envelope("secret", secret_key_id(secret), secret, None, seal)
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def load_secret(path: Path, passphrase: str | None, seal: TokenSeal | None = None) -> bytes:
+    """Load a symmetric key written by :func:`create_secret` (same errors as private keys).
+
+    A file sealed to a token key needs ``seal`` (the workspace's token decryption key);
+    files with no protection or a passphrase open as before, whether ``seal`` is given
+    or not.
+
+    Raises:
+        KeyFileError: also when the file is sealed to a token and ``seal`` is ``None``,
+            or to another token key than ``seal``'s.
+        TokenKeyNotFoundError: the token holds no such key (another machine's token).
+
+    """
+    doc = _read_doc(path, "secret")
+    if is_token_sealed(doc.get("protection")):
+        secret, public = _unseal(path, doc, seal)
+    else:
+        secret, public = _open_doc(path, doc, "secret", passphrase)
     if secret_key_id(secret) != public:
         raise KeyFileError(f"key file {path} holds a key that does not match its id")
     return secret
@@ -184,9 +223,32 @@ def _read_doc(path: Path, kind: KeyKind) -> dict[str, Any]:
     return doc
 
 
+def _unseal(path: Path, doc: dict[str, Any], seal: TokenSeal | None) -> tuple[bytes, bytes]:
+    """Open a secret sealed to a token key; returns (secret, public)."""
+    if seal is None:
+        raise KeyFileError(
+            f"{path} is sealed to a token key and this workspace names none "
+            "(keys.decryption in config.toml); open the workspace with the token it was "
+            "made with"
+        )
+    try:
+        public = bytes.fromhex(doc["public"])
+        return seal.open(doc, _aad("secret", doc["public"]), path), public
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KeyFileError(
+            f"key file {path} is corrupt ({exc}); restore it from your backup"
+        ) from exc
+
+
 def _open(path: Path, kind: KeyKind, passphrase: str | None) -> tuple[bytes, bytes]:
     """Read and decrypt a key file; returns (secret, public)."""
-    doc = _read_doc(path, kind)
+    return _open_doc(path, _read_doc(path, kind), kind, passphrase)
+
+
+def _open_doc(
+    path: Path, doc: dict[str, Any], kind: KeyKind, passphrase: str | None
+) -> tuple[bytes, bytes]:
+    """Decrypt the key file ``doc`` read from ``path``; returns (secret, public)."""
     try:
         public = bytes.fromhex(doc["public"])
         if doc["protection"] == "none":
@@ -200,7 +262,7 @@ def _open(path: Path, kind: KeyKind, passphrase: str | None) -> tuple[bytes, byt
             )
         kdf = doc["kdf"]
         aead_key = _derive(passphrase, bytes.fromhex(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
-        aad = canonical_bytes({"format": KEY_FORMAT, "kind": kind, "public": doc["public"]})
+        aad = _aad(kind, doc["public"])
         try:
             secret = AESGCM(aead_key).decrypt(
                 bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["secret"]), aad

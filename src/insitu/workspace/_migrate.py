@@ -34,6 +34,11 @@ key, not the old one moved: bundles already encrypted to the old key can no long
 opened here, and the update repository must enrol the new public key (the device's id
 there is its key's). Hence a flag, never the default; the ledger entry names the key in
 ``replaced``. It works for a workspace whose signing key is already in a token, too.
+The site secrets (``keys/pseudonym.key``, ``keys/data.key``) keep their values but are
+sealed to the new token key in the same commit (``insitu.workspace._wrapped``), so that
+a copy of the workspace without the token no longer opens them; a failure of the
+commit puts their files back as they were. Their earlier files may survive on the disk
+as the key files may (see above).
 """
 
 from __future__ import annotations
@@ -61,7 +66,13 @@ from insitu._signer import verify_signature
 from insitu.audit import Entry, Ledger, events, node_id_for
 from insitu.errors import KeyFileError, TokenError
 from insitu.workspace._config import save_config
-from insitu.workspace._keys import load_private_key, passphrase_from_env, save_public_key
+from insitu.workspace._keys import (
+    load_private_key,
+    load_secret,
+    passphrase_from_env,
+    reseal_secret,
+    save_public_key,
+)
 from insitu.workspace._pkcs11 import (
     _ED25519_PARAMS,
     TokenDecryptionKey,
@@ -76,6 +87,7 @@ from insitu.workspace._pkcs11 import (
     pin_from_env,
 )
 from insitu.workspace._workspace import Workspace
+from insitu.workspace._wrapped import TokenSeal
 
 __all__ = ["KeyMigration", "migrate_keys"]
 
@@ -134,6 +146,7 @@ def migrate_keys(
     uri = TokenKeyUri.parse(key_uri, module=pkcs11_module)
     moves_signing = _check_request(ws, uri, decryption)
     pin = pin or pin_from_env()
+    resealed = _site_secrets(ws, passphrase or passphrase_from_env()) if decryption else {}
     if moves_signing:
         signer = _moved_signing_key(ws, uri, pin, passphrase or passphrase_from_env())
     else:
@@ -143,7 +156,9 @@ def migrate_keys(
     try:
         if decryption:
             decrypting = _new_decryption_key(uri, pin, signer)
-        keys, seq = _commit(ws, signer, uri, decrypting, moves_signing=moves_signing)
+        keys, seq = _commit(
+            ws, signer, uri, decrypting, moves_signing=moves_signing, resealed=resealed
+        )
     except BaseException:
         if moves_signing:
             signer.destroy()
@@ -308,6 +323,16 @@ def _prove(ws: Workspace, key: TokenKey) -> None:
         ) from None
 
 
+def _site_secrets(ws: Workspace, passphrase: str | None) -> dict[Path, tuple[bytes, bytes]]:
+    """The site secret files there are: each one's bytes and secret (opened to reseal)."""
+    found = {}
+    for name in ("pseudonym", "data"):
+        path = ws.keys_dir / f"{name}.key"
+        if path.exists():  # an older workspace makes them at first use (sealed then)
+            found[path] = (path.read_bytes(), load_secret(path, passphrase))
+    return found
+
+
 def _commit(
     ws: Workspace,
     signer: TokenKey,
@@ -315,8 +340,10 @@ def _commit(
     decrypting: TokenDecryptionKey | None,
     *,
     moves_signing: bool,
+    resealed: dict[Path, tuple[bytes, bytes]] | None = None,
 ) -> tuple[tuple[str, ...], int]:
-    """Config, public key, ledger entry (the keys and the entry); a failure undoes them."""
+    """Config, public key, site secrets resealed, ledger entry; a failure undoes them."""
+    resealed = resealed or {}
     before = copy.deepcopy(ws.config)
     public_path = ws.keys_dir / "encryption.pub.pem"
     public_before = public_path.read_bytes() if decrypting is not None else b""
@@ -326,7 +353,11 @@ def _commit(
         _write_config(ws, uri, decrypting, moves_signing=moves_signing)
         if decrypting is not None:
             save_public_key(public_path, decrypting.public_key())
-        entry = _record(ws, signer, uri, decrypting, keys)
+            token_key = decrypting
+            for path, (_, secret) in resealed.items():
+                reseal_secret(path, secret, TokenSeal(lambda: token_key))
+        sealed = tuple(path.stem for path in resealed)
+        entry = _record(ws, signer, uri, decrypting, keys, resealed=sealed)
     except BaseException:
         ws.config.sections.clear()
         ws.config.sections.update(before.sections)
@@ -335,6 +366,9 @@ def _commit(
         if decrypting is not None:
             with contextlib.suppress(OSError):
                 atomic_write_bytes(public_path, public_before)
+            for path, (data, _) in resealed.items():
+                with contextlib.suppress(OSError):
+                    atomic_write_bytes(path, data, mode=0o600)
             decrypting.destroy()
         raise
     return keys, entry.seq
@@ -358,6 +392,8 @@ def _record(
     uri: TokenKeyUri,
     decrypting: TokenDecryptionKey | None,
     keys: tuple[str, ...],
+    *,
+    resealed: tuple[str, ...] = (),
 ) -> Entry:
     """``workspace.keys_migrated``, signed in the token."""
     uris = {"signing": _recorded_uri(uri)} if "signing" in keys else {}
@@ -367,6 +403,8 @@ def _record(
         uris["decryption"] = _recorded_uri(decrypting.uri)
         algorithms["decryption"] = "p256-ecdh"
         extra["replaced"] = ["decryption"]
+    if resealed:
+        extra["resealed"] = list(resealed)  # the site secrets, now sealed to the token key
     with Ledger(
         ws.ledger_path,
         log_id=ws.node_id,

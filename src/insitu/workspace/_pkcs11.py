@@ -12,7 +12,10 @@ P-256 (``CKM_ECDSA`` over a SHA-256 digest made here; a TPM has no Ed25519), who
 The node's bundle decryption key can live there too (:class:`TokenDecryptionKey`): a
 P-256 key agreement key (``CKA_DERIVE`` only), labelled as the signing key plus
 ``-decrypt``, whose ECDH (``CKM_ECDH1_DERIVE``) with a bundle's ephemeral key runs in the
-token; it shares the signing key's session (one login per token and process).
+token; it shares the signing key's session (one login per token and process). A token
+without ECDH that decrypts with RSA-OAEP (a TPM through tpm2-pkcs11) gets an RSA key
+instead (:class:`TokenRsaDecryptionKey`, ``CKA_DECRYPT`` only): loading a bundle asks it
+for ``CKM_RSA_PKCS_OAEP`` (SHA-256, MGF1-SHA-256) over the entry's 32-byte secret.
 
 URIs follow RFC 7512, the subset a key needs: ``token`` (the token's label) and
 ``object`` (the key's label) in the path, ``module-path`` (the PKCS#11 library) in the
@@ -36,7 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -54,12 +58,17 @@ __all__ = [
     "DECRYPT_SUFFIX",
     "KEY_ALGORITHMS",
     "PIN_ENV",
+    "RSA_OAEP",
     "TokenDecryptionKey",
     "TokenKey",
     "TokenKeyUri",
+    "TokenRsaDecryptionKey",
     "decryption_uri_for",
+    "destroy_token_keys",
     "generate_token_decryption_key",
     "generate_token_key",
+    "generate_token_rsa_decryption_key",
+    "offers_rsa_oaep",
     "open_token_decryption_key",
     "open_token_key",
     "pin_from_env",
@@ -212,6 +221,15 @@ class _Session:
             if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
                 raise _check(exc, uri, "logging in") from exc
 
+    def close(self) -> None:
+        """Close the session: closing a token's last session logs out and unloads its keys."""
+        import PyKCS11
+
+        try:
+            self.session.closeSession()
+        except PyKCS11.PyKCS11Error:
+            logger.debug("closing a session of %s failed", self.uri, exc_info=True)
+
     def find(self, cls: int) -> list[Any]:
         import PyKCS11
 
@@ -237,6 +255,7 @@ class TokenKey:
         self._public = public
         self._public_object = public_object
         self._lock = threading.Lock()
+        self._closed = False
         self.uri = session.uri
         #: ``ed25519`` or ``ecdsa-p256-sha256`` (``insitu._signer``).
         self.algorithm = algorithm_of(public)
@@ -277,10 +296,17 @@ class TokenKey:
                 raise _check(exc, self.uri, "signing") from exc
         return signature if self.algorithm == ED25519 else ecdsa_record(signature)
 
+    def close(self) -> None:
+        """Close this key's session (the key is unusable afterwards)."""
+        with self._lock:
+            self._closed = True
+            self._session.close()
+
     def destroy(self) -> None:
         """Delete the key pair from the token (a workspace that was not made after all)."""
         with self._lock:
-            _destroy_objects(self._session, (self._private, self._public_object), self.uri)
+            if not self._closed:
+                _destroy_objects(self._session, (self._private, self._public_object), self.uri)
 
 
 def _public_of(session: _Session, public: Any) -> Ed25519PublicKey:
@@ -508,6 +534,8 @@ class TokenDecryptionKey:
         # A session shared with the signing key runs one operation at a time: one lock.
         self._lock = lock or threading.Lock()
         self.uri = session.uri
+        #: The recipient kind of bundles this key opens (``insitu.bundle``).
+        self.algorithm = "p256-ecdh"
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         """The public half (read from the token when the key was opened)."""
@@ -655,14 +683,16 @@ def generate_token_decryption_key(
 
 def open_token_decryption_key(
     uri: TokenKeyUri, pin: str | None, *, beside: TokenKey | None = None
-) -> TokenDecryptionKey:
-    """The P-256 key agreement key ``uri`` names, opened in its token (in ``beside``'s session).
+) -> TokenDecryptionKey | TokenRsaDecryptionKey:
+    """The decryption key ``uri`` names, opened in its token (in ``beside``'s session).
+
+    A P-256 key agreement key, or an RSA decryption key (:class:`TokenRsaDecryptionKey`).
 
     Raises:
         TokenKeyNotFoundError: no such token, or no key of that label in it.
         WrongPinError: the token refused the PIN.
         TokenModuleError: the module is missing or not a PKCS#11 library.
-        TokenError: no PIN, or the object is not a P-256 key pair.
+        TokenError: no PIN, or the object is not a P-256 or RSA key pair.
 
     """
     import PyKCS11
@@ -677,4 +707,219 @@ def open_token_decryption_key(
     lock = (
         beside._lock if beside is not None and session.session is beside._session.session else None
     )
+    (key_type,) = session.session.getAttributeValue(public[0], [PyKCS11.CKA_KEY_TYPE])
+    if key_type == PyKCS11.CKK_RSA:
+        return TokenRsaDecryptionKey(
+            session, private[0], _rsa_public_of(session, public[0]), None, lock
+        )
     return TokenDecryptionKey(session, private[0], _p256_public_of(session, public[0]), None, lock)
+
+
+# -- the decryption key: RSA-OAEP in the token (a TPM) ------------------------------
+
+#: The bundle recipient kind of an RSA decryption key (``insitu.bundle``).
+RSA_OAEP = "rsa-oaep-sha256"
+_RSA_BITS = (3072, 2048)  # the largest the token generates; never less than 2048
+
+
+class TokenRsaDecryptionKey:
+    """An RSA decryption key in a token: ``decrypt`` (OAEP, SHA-256) and ``public_key``.
+
+    It opens bundles whose recipient entry is ``rsa-oaep-sha256`` (``insitu.bundle``'s
+    ``RsaDecrypter``): ``decrypt`` asks the token for ``CKM_RSA_PKCS_OAEP`` with SHA-256
+    and MGF1-SHA-256 and an empty label (tpm2-pkcs11 1.9 on a TPM refuses a label). What
+    leaves the token is the 32-byte secret of one recipient entry of one bundle, which
+    the publisher drew; the private key stays there.
+
+    ``C_Decrypt`` is called once with an output buffer of the modulus length: tpm2-pkcs11
+    leaves the operation active when a length query fails, and the session (shared with
+    the signing key) would refuse every later operation.
+    """
+
+    def __init__(
+        self,
+        session: _Session,
+        private: Any,
+        public: rsa.RSAPublicKey,
+        public_object: Any = None,
+        lock: threading.Lock | None = None,
+    ) -> None:
+        self._session = session
+        self._private = private
+        self._public = public
+        self._public_object = public_object
+        self._lock = lock or threading.Lock()
+        self._closed = False
+        self.uri = session.uri
+        #: The recipient kind of bundles this key opens.
+        self.algorithm = RSA_OAEP
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        """The public half (read from the token when the key was opened)."""
+        return self._public
+
+    def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
+        """The OAEP (SHA-256, MGF1-SHA-256, no label) plaintext of ``ciphertext``, in the token.
+
+        Raises:
+            ValueError: another padding, a ciphertext of another length than the key's, or
+                one the token finds invalid.
+            TokenError: the token failed (removed, logged out).
+
+        """
+        import PyKCS11
+        from PyKCS11.LowLevel import ckbytelist
+
+        _check_oaep(padding)
+        size = (self._public.key_size + 7) // 8
+        if len(ciphertext) != size:
+            raise ValueError(f"an RSA-OAEP ciphertext for this key has {size} bytes")
+        # The mechanism object owns the parameters' memory: it must outlive the call.
+        mechanism = PyKCS11.RSAOAEPMechanism(PyKCS11.CKM_SHA256, PyKCS11.CKG_MGF1_SHA256)
+        out = ckbytelist(bytes(size))
+        session = self._session.session
+        with self._lock:
+            rv = session.lib.C_DecryptInit(session.session, mechanism.to_native(), self._private)
+            if rv == PyKCS11.CKR_OK:
+                rv = session.lib.C_Decrypt(session.session, ckbytelist(ciphertext), out)
+        if rv in (PyKCS11.CKR_ENCRYPTED_DATA_INVALID, PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE):
+            raise ValueError("the token found the OAEP ciphertext invalid")
+        if rv != PyKCS11.CKR_OK:
+            raise _check(PyKCS11.PyKCS11Error(rv), self.uri, "decrypting a bundle's key")
+        return bytes(out)
+
+    def close(self) -> None:
+        """Close this key's session (the key is unusable afterwards)."""
+        with self._lock:
+            self._closed = True
+            self._session.close()
+
+    def destroy(self) -> None:
+        """Delete the key pair from the token (a workspace that was not made after all)."""
+        with self._lock:
+            if not self._closed:
+                _destroy_objects(self._session, (self._private, self._public_object), self.uri)
+
+
+def _check_oaep(given: padding.AsymmetricPadding) -> None:
+    if not (
+        isinstance(given, padding.OAEP)
+        and isinstance(given.algorithm, hashes.SHA256)
+        and isinstance(given.mgf, padding.MGF1)
+        and isinstance(given.mgf._algorithm, hashes.SHA256)
+    ):
+        raise TypeError("the token key decrypts RSA-OAEP with SHA-256 and MGF1-SHA-256 only")
+
+
+def _rsa_public_of(session: _Session, public: Any) -> rsa.RSAPublicKey:
+    import PyKCS11
+
+    modulus, exponent = session.session.getAttributeValue(
+        public, [PyKCS11.CKA_MODULUS, PyKCS11.CKA_PUBLIC_EXPONENT], allAsBinary=True
+    )
+    numbers = rsa.RSAPublicNumbers(
+        int.from_bytes(bytes(exponent), "big"), int.from_bytes(bytes(modulus), "big")
+    )
+    key = numbers.public_key()
+    if key.key_size < 2048:
+        raise TokenError(
+            f"token {session.uri.token!r}: {session.uri.object!r} is a {key.key_size}-bit RSA "
+            "key; bundles need 2048 bits or more"
+        )
+    return key
+
+
+def offers_rsa_oaep(key: TokenKey) -> bool:
+    """Whether ``key``'s token can generate RSA keys and decrypt with RSA-OAEP."""
+    return key.offers("CKM_RSA_PKCS_OAEP") and key.offers("CKM_RSA_PKCS_KEY_PAIR_GEN")
+
+
+def _rsa_bits(session: _Session) -> int:
+    """3072 when the token generates keys that large, else 2048."""
+    import PyKCS11
+
+    try:
+        slot = session.session.getSessionInfo().slotID
+        info = session.lib.getMechanismInfo(slot, "CKM_RSA_PKCS_KEY_PAIR_GEN")
+    except PyKCS11.PyKCS11Error as exc:
+        raise _check(exc, session.uri, "reading its RSA key sizes") from exc
+    return next((bits for bits in _RSA_BITS if info.ulMaxKeySize >= bits), 2048)
+
+
+def generate_token_rsa_decryption_key(uri: TokenKeyUri, pin: str | None) -> TokenRsaDecryptionKey:
+    """Generate the RSA decryption key pair ``uri`` names in its token, in a session of its own.
+
+    3072 bits when the token makes them (swtpm does), else 2048. The private key is a
+    token object, sensitive, not extractable, usable for decryption only (``CKA_DECRYPT``;
+    no signing). Only the private template's usage is given: tpm2-pkcs11 derives the
+    public key's usage from the TPM object and refuses a template that states it. A
+    label already in use is refused.
+
+    A TPM without a resource manager holds three transient objects: the caller closes
+    the signing key's session first (closing a token's last session logs out and
+    unloads its keys) and this key's session after, then opens both in one session.
+
+    Raises:
+        TokenError: no PIN, a label in use, or the token cannot generate RSA keys.
+        WrongPinError: the token refused the PIN.
+        TokenModuleError: the module is missing or not a PKCS#11 library.
+        TokenKeyNotFoundError: no token with that label.
+
+    """
+    import PyKCS11
+
+    session = _Session(uri, pin)
+    if session.find(PyKCS11.CKO_PRIVATE_KEY) or session.find(PyKCS11.CKO_PUBLIC_KEY):
+        session.close()
+        raise TokenError(
+            f"token {uri.token!r} already holds a key labelled {uri.object!r}; choose "
+            "another object= label (two nodes must never share a key)"
+        )
+    bits = _rsa_bits(session)
+    common = [
+        (PyKCS11.CKA_TOKEN, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_RSA),
+        (PyKCS11.CKA_LABEL, uri.object),
+    ]
+    public_template = [
+        (PyKCS11.CKA_CLASS, PyKCS11.CKO_PUBLIC_KEY),
+        (PyKCS11.CKA_MODULUS_BITS, bits),
+        (PyKCS11.CKA_PUBLIC_EXPONENT, (0x01, 0x00, 0x01)),
+        *common,
+    ]
+    private_template = [
+        (PyKCS11.CKA_CLASS, PyKCS11.CKO_PRIVATE_KEY),
+        (PyKCS11.CKA_DECRYPT, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_SIGN, PyKCS11.CK_FALSE),
+        (PyKCS11.CKA_PRIVATE, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_SENSITIVE, PyKCS11.CK_TRUE),
+        (PyKCS11.CKA_EXTRACTABLE, PyKCS11.CK_FALSE),
+        *common,
+    ]
+    try:
+        public, private = session.session.generateKeyPair(
+            public_template,
+            private_template,
+            mecha=PyKCS11.Mechanism(PyKCS11.CKM_RSA_PKCS_KEY_PAIR_GEN, None),
+        )
+    except PyKCS11.PyKCS11Error as exc:
+        session.close()
+        raise TokenError(
+            f"token {uri.token!r} cannot generate a {bits}-bit RSA key ({exc}); use a token "
+            "with CKM_RSA_PKCS_KEY_PAIR_GEN and CKM_RSA_PKCS_OAEP (a TPM without a resource "
+            "manager also fails while other keys of this process are loaded: run init alone)"
+        ) from exc
+    logger.info("generated the node's %d-bit RSA decryption key in %s", bits, uri)
+    return TokenRsaDecryptionKey(session, private, _rsa_public_of(session, public), public)
+
+
+def destroy_token_keys(uri: TokenKeyUri, pin: str | None) -> None:
+    """Delete every key object labelled as ``uri`` names (undoing a half-made workspace)."""
+    import PyKCS11
+
+    session = _Session(uri, pin)
+    try:
+        handles = (*session.find(PyKCS11.CKO_PRIVATE_KEY), *session.find(PyKCS11.CKO_PUBLIC_KEY))
+        _destroy_objects(session, handles, uri)
+    finally:
+        session.close()

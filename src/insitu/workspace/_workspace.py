@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -38,6 +38,7 @@ from insitu._home import HOME_ENV
 from insitu._signer import Signer, SigningPublicKey, algorithm_of
 from insitu.audit import Ledger, events, node_id_for
 from insitu.errors import (
+    InsituError,
     KeyFileError,
     UsageError,
     WorkspaceError,
@@ -59,13 +60,18 @@ from insitu.workspace._pkcs11 import (
     TokenDecryptionKey,
     TokenKey,
     TokenKeyUri,
+    TokenRsaDecryptionKey,
     decryption_uri_for,
+    destroy_token_keys,
     generate_token_decryption_key,
     generate_token_key,
+    generate_token_rsa_decryption_key,
+    offers_rsa_oaep,
     open_token_decryption_key,
     open_token_key,
     pin_from_env,
 )
+from insitu.workspace._wrapped import TokenSeal
 
 __all__ = [
     "DEFAULT_HOME",
@@ -273,7 +279,13 @@ class Workspace(WorkspaceLayout):
         default_factory=dict, init=False, repr=False, compare=False
     )
     # The decryption key in a token, once opened (a PKCS#11 session of this object).
-    _agreement: dict[str, TokenDecryptionKey] = field(
+    _agreement: dict[str, TokenDecryptionKey | TokenRsaDecryptionKey] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    # The site secrets once opened through this object (one ECDH or OAEP decryption in
+    # the token each, or one scrypt, instead of one per caller), by name and passphrase:
+    # another passphrase is checked again.
+    _secrets: dict[tuple[str, str], bytes] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -312,14 +324,33 @@ class Workspace(WorkspaceLayout):
         )
 
     @property
-    def encryption_public_key(self) -> X25519PublicKey | ec.EllipticCurvePublicKey:
-        """The public key that bundles are encrypted to: X25519, or P-256 (key in a token)."""
+    def encryption_public_key(
+        self,
+    ) -> X25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
+        """The public key that bundles are encrypted to.
+
+        X25519 (a file), or a key in a token: P-256 (ECDH there) or RSA of 2048 bits or
+        more (OAEP there; a TPM).
+        """
         key = self._public("encryption.pub.pem")
-        if isinstance(key, X25519PublicKey) or (
-            isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+        if (
+            isinstance(key, X25519PublicKey)
+            or (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1")
+            or (isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048)
         ):
             return key
-        raise KeyFileError(f"{self.keys_dir / 'encryption.pub.pem'} is not an X25519 or P-256 key")
+        raise KeyFileError(
+            f"{self.keys_dir / 'encryption.pub.pem'} is not an X25519, P-256 or RSA "
+            "(2048 bits or more) key"
+        )
+
+    @property
+    def decryption_algorithm(self) -> str:
+        """The node's bundle recipient kind: ``x25519``, ``p256-ecdh``, ``rsa-oaep-sha256``."""
+        key = self.encryption_public_key
+        if isinstance(key, rsa.RSAPublicKey):
+            return "rsa-oaep-sha256"
+        return "p256-ecdh" if isinstance(key, ec.EllipticCurvePublicKey) else "x25519"
 
     @property
     def decryption_key_uri(self) -> str | None:
@@ -375,12 +406,12 @@ class Workspace(WorkspaceLayout):
 
     def encryption_key(
         self, passphrase: str | None = None
-    ) -> X25519PrivateKey | TokenDecryptionKey:
+    ) -> X25519PrivateKey | TokenDecryptionKey | TokenRsaDecryptionKey:
         """The private key that decrypts bundles sent to this node.
 
         X25519 in ``keys/encryption.key``, or (``keys.decryption`` is a PKCS#11 URI) the
-        P-256 key in the token, opened with the PIN in ``INSITU_PKCS11_PIN`` (once per
-        :class:`Workspace` object): its ECDH happens in the token.
+        P-256 or RSA key in the token, opened with the PIN in ``INSITU_PKCS11_PIN`` (once
+        per :class:`Workspace` object): its ECDH or OAEP decryption happens in the token.
 
         Raises:
             TokenKeyNotFoundError: the token holds no such key (another machine's token).
@@ -395,7 +426,7 @@ class Workspace(WorkspaceLayout):
         assert isinstance(key, X25519PrivateKey)
         return key
 
-    def _token_decryption_key(self) -> TokenDecryptionKey:
+    def _token_decryption_key(self) -> TokenDecryptionKey | TokenRsaDecryptionKey:
         if "decryption" in self._agreement:
             return self._agreement["decryption"]
         uri = TokenKeyUri.parse(
@@ -413,12 +444,27 @@ class Workspace(WorkspaceLayout):
         return key
 
     def secret(self, name: Literal["pseudonym", "data"], passphrase: str | None = None) -> bytes:
-        """A site secret (created on first use in workspaces older than it)."""
-        path = self.keys_dir / f"{name}.key"
+        """A site secret (created on first use in workspaces older than it).
+
+        When the decryption key is in a token (``keys.decryption``), a secret made there
+        is sealed to it and opened in the token (``insitu.workspace._wrapped``): a copy
+        of the workspace without the token cannot read it. Opened once per
+        :class:`Workspace` object (and passphrase).
+
+        Raises:
+            KeyFileError: the file is missing, corrupt, or sealed to another token key.
+            TokenKeyNotFoundError: the token holds no such key (another machine's token).
+
+        """
         passphrase = passphrase or passphrase_from_env()
-        if not path.exists() and create_secret(path, passphrase):
+        if (name, passphrase or "") in self._secrets:
+            return self._secrets[name, passphrase or ""]
+        path = self.keys_dir / f"{name}.key"
+        seal = TokenSeal(self._token_decryption_key) if self.decryption_key_uri else None
+        if not path.exists() and create_secret(path, passphrase, seal):
             logger.info("created site secret %s", path)
-        return load_secret(path, passphrase)
+        secret = self._secrets[name, passphrase or ""] = load_secret(path, passphrase, seal)
+        return secret
 
     def model_signing_key(self, passphrase: str | None = None) -> ec.EllipticCurvePrivateKey:
         """The ECDSA P-256 key of the OpenSSF model signatures of bundles (ADR 0105).
@@ -628,10 +674,10 @@ def _populate(
     """Write a complete workspace into the (temporary) directory ``root``.
 
     With ``token``, the signing key is generated in that PKCS#11 token (PIN from
-    ``INSITU_PKCS11_PIN``), and so is the bundle decryption key when the token has ECDH
-    (P-256, for ECDH in the token; labelled as the signing key plus ``-decrypt``); only
-    their public halves and URIs are written here. If the rest fails, both keys are
-    destroyed in the token again.
+    ``INSITU_PKCS11_PIN``), and so is the bundle decryption key (labelled as the signing
+    key plus ``-decrypt``): P-256 when the token has ECDH, else RSA when it has RSA-OAEP
+    (a TPM), else it stays an X25519 file. Only their public halves and URIs are written
+    here. If the rest fails, both keys are destroyed in the token again.
     """
     keys = Workspace.layout(root).keys_dir
     keys.mkdir(mode=0o700)
@@ -642,17 +688,18 @@ def _populate(
         return
     pin = pin or pin_from_env()
     in_token = generate_token_key(token, pin, algorithm=key_algorithm)
-    decrypting: TokenDecryptionKey | None = None
+    decrypting: TokenDecryptionKey | TokenRsaDecryptionKey | None = None
     try:
-        # A token without ECDH (a TPM through tpm2-pkcs11 has no CKM_ECDH1_DERIVE) keeps
-        # the decryption key a file, as before decryption keys could be in a token.
         if in_token.offers("CKM_ECDH1_DERIVE"):
             uri = decryption_uri_for(token)
             decrypting = generate_token_decryption_key(uri, pin, beside=in_token)
+        elif offers_rsa_oaep(in_token):  # a TPM through tpm2-pkcs11: no ECDH, RSA-OAEP
+            in_token, decrypting = _rsa_beside(in_token, token, pin)
         else:
             logger.warning(
-                "token %r has no CKM_ECDH1_DERIVE: the bundle decryption key stays a file "
-                "(keys/encryption.key, X25519); workspace.init records it",
+                "token %r has neither CKM_ECDH1_DERIVE nor CKM_RSA_PKCS_OAEP: the bundle "
+                "decryption key stays a file (keys/encryption.key, X25519); workspace.init "
+                "records it",
                 token.token,
             )
         _populate_rest(
@@ -664,10 +711,49 @@ def _populate(
             decryption=decrypting,
         )
     except BaseException:
-        in_token.destroy()  # a half-made workspace must not leave its keys in the token
+        # A half-made workspace must not leave its keys in the token.
+        if isinstance(decrypting, TokenRsaDecryptionKey):  # reopened: found by label
+            _discard_token_keys((decrypting.uri, token), pin)
+            raise
+        in_token.destroy()
         if decrypting is not None:
             decrypting.destroy()
         raise
+
+
+def _rsa_beside(
+    signing: TokenKey, token: TokenKeyUri, pin: str | None
+) -> tuple[TokenKey, TokenRsaDecryptionKey]:
+    """The RSA decryption key generated beside ``signing``; both reopened in one session.
+
+    A TPM without a resource manager (swtpm; a TPM reached without tpm2-abrmd or
+    /dev/tpmrm0) holds three transient objects, and tpm2-pkcs11 keeps a key it made
+    loaded until its session ends: generating a second key beside the first one runs
+    out of object memory. So the signing key's session is closed (the token's last one:
+    that logs out and unloads), the RSA key is made in a session of its own, which is
+    closed too, and both keys are opened again in one new session (loaded, they fit).
+    Whatever fails on the way leaves neither key in the token.
+    """
+    uri = decryption_uri_for(token)
+    signing.close()
+    try:
+        generate_token_rsa_decryption_key(uri, pin).close()
+        reopened = open_token_key(token, pin)
+        decrypting = open_token_decryption_key(uri, pin, beside=reopened)
+        assert isinstance(decrypting, TokenRsaDecryptionKey)  # made just above
+    except BaseException:
+        _discard_token_keys((uri, token), pin)
+        raise
+    return reopened, decrypting
+
+
+def _discard_token_keys(uris: tuple[TokenKeyUri, ...], pin: str | None) -> None:
+    """Delete the keys ``uris`` name, found again by label (their sessions were closed)."""
+    for uri in uris:
+        try:
+            destroy_token_keys(uri, pin)
+        except InsituError:
+            logger.warning("could not delete %s from its token; delete it by hand", uri)
 
 
 def _populate_rest(
@@ -677,7 +763,7 @@ def _populate_rest(
     passphrase: str | None,
     signing: Signer,
     token: TokenKeyUri | None,
-    decryption: TokenDecryptionKey | None = None,
+    decryption: TokenDecryptionKey | TokenRsaDecryptionKey | None = None,
 ) -> None:
     """The public keys, the other keys, the configuration and the ledger's first entry.
 
@@ -690,11 +776,17 @@ def _populate_rest(
         encryption = X25519PrivateKey.generate()
         save_private_key(keys / "encryption.key", encryption, passphrase)
         save_public_key(keys / "encryption.pub.pem", encryption.public_key())
-    else:
-        save_public_key(keys / "encryption.pub.pem", decryption.public_key())
+    else:  # P-256 or RSA (SubjectPublicKeyInfo PEM, as save_public_key writes)
+        pem = decryption.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        atomic_write_text(keys / "encryption.pub.pem", pem.decode("ascii"))
     atomic_write_text(keys / "api-token", secrets.token_urlsafe(32) + "\n", mode=0o600)
-    create_secret(keys / "pseudonym.key", passphrase)
-    create_secret(keys / "data.key", passphrase)
+    # Sealed to the token's decryption key when there is one (insitu.workspace._wrapped).
+    seal = None
+    if decryption is not None:
+        token_key = decryption
+        seal = TokenSeal(lambda: token_key)
+    create_secret(keys / "pseudonym.key", passphrase, seal)
+    create_secret(keys / "data.key", passphrase, seal)
     node_id = node_id_for(signing.public_key())
     sections: dict[str, dict[str, Any]] = {
         "node": {"id": node_id, "name": name, "created": utc_now()},
@@ -725,14 +817,16 @@ def _populate_rest(
     # the directory is renamed with a self-contained database.
 
 
-def _decryption_fields(decryption: TokenDecryptionKey | None) -> dict[str, str]:
+def _decryption_fields(
+    decryption: TokenDecryptionKey | TokenRsaDecryptionKey | None,
+) -> dict[str, str]:
     """What ``workspace.init`` says of the decryption key: where, and its key agreement."""
     if decryption is None:
         return {"decryption_key_store": "file", "decryption_algorithm": "x25519"}
     return {
         "decryption_key_store": "pkcs11",
         "decryption_key_uri": str(decryption.uri),
-        "decryption_algorithm": "p256-ecdh",
+        "decryption_algorithm": decryption.algorithm,
     }
 
 
