@@ -21,6 +21,8 @@ from insitu.attestation._ek import (
     ak_name,
     ak_public_key,
     check_ek_certificate,
+    ek_fingerprint,
+    load_ek_cas,
     make_credential,
 )
 from insitu.attestation._measure import build_digest, expected_pcr, package_dir
@@ -67,7 +69,9 @@ __all__ = [
     "ak_public_key",
     "build_digest",
     "check_ek_certificate",
+    "ek_fingerprint",
     "expected_pcr",
+    "load_ek_cas",
     "make_credential",
     "package_dir",
     "quoted_nonce",

@@ -16,7 +16,8 @@ the verifier's side, without a TPM (``cryptography`` only):
 
 RSA EKs (the TCG's default template, ``0x01C00002``) only: the seed is RSA-OAEP with the
 label ``IDENTITY``, the inner wrap AES-128-CFB, both as the EK template fixes them. This
-is a building block: docs/attestation.md says which commands do not use it yet.
+is what ``insitu federate server --ek-ca`` uses (:class:`~insitu.attestation.Verifier`'s
+``ek_cas``); docs/attestation.md says what it proves and what not.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import hmac
 import os
 import struct
 from collections.abc import Sequence
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -37,7 +39,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from insitu.errors import EkCertificateError
 
-__all__ = ["ak_name", "ak_public_key", "check_ek_certificate", "make_credential"]
+__all__ = [
+    "ak_name",
+    "ak_public_key",
+    "check_ek_certificate",
+    "ek_fingerprint",
+    "load_ek_cas",
+    "make_credential",
+]
 
 _ALG_SHA256 = 0x000B
 _ALG_ECC = 0x0023
@@ -63,13 +72,7 @@ def check_ek_certificate(
             an RSA key.
 
     """
-    try:
-        if certificate.lstrip().startswith(b"-----BEGIN"):
-            current = x509.load_pem_x509_certificate(certificate)
-        else:
-            current = x509.load_der_x509_certificate(certificate)
-    except ValueError as exc:
-        raise EkCertificateError(f"the EK certificate cannot be read: {exc}") from exc
+    current = _certificate(certificate)
     ek = current.public_key()
     now = datetime.datetime.now(datetime.UTC)
     for _ in range(_CHAIN_DEPTH):
@@ -90,6 +93,46 @@ def check_ek_certificate(
             return ek
         current = issuer
     raise EkCertificateError(f"the EK certificate's chain is longer than {_CHAIN_DEPTH}")
+
+
+def load_ek_cas(path: Path) -> list[x509.Certificate]:
+    """The CA certificates (PEM, one or more) an operator pins for EK certificates.
+
+    Raises:
+        EkCertificateError: the file cannot be read or holds no PEM certificate.
+
+    """
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise EkCertificateError(
+            f"cannot read the pinned EK CA certificates {path} ({exc}); give the TPM "
+            "vendor's CA certificates, PEM"
+        ) from exc
+
+
+def ek_fingerprint(certificate: bytes) -> str:
+    """``sha256:<hex>`` of an EK certificate (DER), as the ledger records it.
+
+    Raises:
+        EkCertificateError: the certificate (DER or PEM) cannot be read.
+
+    """
+    return (
+        "sha256:"
+        + hashlib.sha256(
+            _certificate(certificate).public_bytes(serialization.Encoding.DER)
+        ).hexdigest()
+    )
+
+
+def _certificate(certificate: bytes) -> x509.Certificate:
+    try:
+        if certificate.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(certificate)
+        return x509.load_der_x509_certificate(certificate)
+    except ValueError as exc:
+        raise EkCertificateError(f"the EK certificate cannot be read: {exc}") from exc
 
 
 def _issuer(cert: x509.Certificate, pinned: Sequence[x509.Certificate]) -> x509.Certificate | None:

@@ -16,14 +16,14 @@ endorsement key (``tpm2_createek``, ``tpm2_createak``) and made persistent at
 :data:`DEFAULT_AK_HANDLE`, so that every later quote is signed by the key the verifier
 enrolled. Its private part never leaves the TPM.
 
-Trust model: a hardware TPM carries an EK certificate from its manufacturer, and a real
-deployment checks the AK's binding to that EK against the manufacturer's chain before
-enrolling it. insitu still trusts an AK on first enrollment: the operator enrolls the AK
-public key a site or device printed (``insitu attest key``), the way a site's Flower key
-is enrolled. The binding's pieces (:meth:`Tpm.ek_certificate`, :meth:`Tpm.ak_public_area`,
-:meth:`Tpm.activate` here; the verifier's side in :mod:`insitu.attestation._ek`) are built
-and tested on swtpm states with an EK certificate, not yet used by the exchange. See
-docs/attestation.md.
+Trust model: the operator enrolls the AK public key a site or device printed (``insitu
+attest key``), the way a site's Flower key is enrolled, and by default that AK is trusted
+on first use. A hardware TPM carries an EK certificate from its manufacturer: a server
+started with ``--ek-ca`` binds each site's AK to it (:meth:`Tpm.ek_certificate`,
+:meth:`Tpm.ak_public_area` are sent, the nonce comes back as a credential that
+:meth:`Tpm.activate` recovers; the verifier's side is :mod:`insitu.attestation._ek`).
+A repository pinned with ``repo attest --require A --ek-ca CA.pem`` binds devices the
+same way, out of band (a credential file). See docs/attestation.md.
 """
 
 from __future__ import annotations

@@ -18,6 +18,14 @@ A check runs in this order, and the first failure decides:
 Every decision, admitted or refused, is recorded as ``attestation.checked`` in the
 verifier's ledger (subject, kind, PCRs, the AK's fingerprint and, for a refusal, the
 reason and the PCR that differed), before it is returned.
+
+With ``ek_cas`` (the operator's pinned TPM vendor CAs), the AK is no longer trusted on
+enrollment alone: the challenge request carries the TPM's EK certificate and the AK's
+public area, the certificate must chain to a pinned CA and the AK be the enrolled one,
+fit to attest (:mod:`insitu.attestation._ek`), and the nonce is sent only inside a
+credential made to that EK and AK name (TPM2_MakeCredential). Only the TPM holding both
+recovers it, so a quote over it proves the AK is resident with the certified EK. A
+refusal at the challenge is recorded too (with the EK certificate's fingerprint).
 """
 
 from __future__ import annotations
@@ -31,21 +39,29 @@ import struct
 import threading
 import time
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from insitu._atomic import atomic_write_text
+from insitu.attestation._ek import (
+    ak_public_key,
+    check_ek_certificate,
+    ek_fingerprint,
+    make_credential,
+)
 from insitu.attestation._quote import Quote
 from insitu.audit import events
 from insitu.errors import (
     AllowListError,
     AttestationRefusedError,
+    EkCertificateError,
     MeasurementMismatchError,
     NonceLimitError,
     QuoteSignatureError,
@@ -91,6 +107,13 @@ def ak_fingerprint(pem: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _fingerprint_or_none(pem: bytes) -> str | None:
+    try:
+        return ak_fingerprint(pem)
+    except (ValueError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- allow-list
@@ -262,10 +285,16 @@ def _verify_signature(pem: bytes, attest: bytes, signature: bytes) -> None:
 
 @dataclass(frozen=True)
 class Challenge:
-    """What a verifier sends the prover: a fresh nonce and the PCRs to quote."""
+    """What a verifier sends the prover: a fresh nonce and the PCRs to quote.
+
+    With the EK bound, the prover is sent ``credential`` (tpm2-tools' credential file,
+    the nonce inside), never ``nonce`` in clear; ``ek_fingerprint`` names the EK.
+    """
 
     nonce: bytes
     pcrs: list[int]
+    credential: bytes | None = None
+    ek_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -280,6 +309,7 @@ class Decision:
     pcr: int | None = None
     measurement: str | None = None
     ak_fingerprint: str | None = None
+    ek_fingerprint: str | None = None
     error: AttestationRefusedError | None = field(default=None, compare=False, repr=False)
 
     def raise_if_refused(self) -> None:
@@ -300,6 +330,7 @@ class Verifier:
     ``persistent``, a nonce lives in ``<home>/attestation/nonces/`` (0600, one file per
     subject, taken by an atomic rename), so that the challenge and the check may be two
     commands: a device quotes out of band (``insitu attest challenge``, then ``verify``).
+    With ``ek_cas``, every challenge binds the AK to a certified EK (module docstring).
     """
 
     def __init__(
@@ -313,33 +344,57 @@ class Verifier:
         persistent: bool = False,
         max_per_subject: int = MAX_NONCES_PER_SUBJECT,
         max_nonces: int = MAX_NONCES,
+        ek_cas: Sequence[x509.Certificate] | None = None,
     ) -> None:
         if kind not in ("site", "device"):
             raise ValueError(f"kind {kind!r}: site or device")
         self._ws, self.allow_list, self._keys = ws, allow_list, dict(keys)
         self.kind, self._ttl = kind, nonce_ttl
-        self._nonces: dict[str, list[tuple[bytes, float]]] = {}
+        self._nonces: dict[str, list[tuple[bytes, float, str | None]]] = {}
+        self._ek_cas = list(ek_cas) if ek_cas is not None else None
         self._max_per_subject, self._max_nonces = max_per_subject, max_nonces
         self._lock = threading.Lock()
         self._dir = ws.home / "attestation" / "nonces" if persistent else None
 
-    def challenge(self, subject: str) -> Challenge:
+    @property
+    def binds_ek(self) -> bool:
+        """Whether this verifier binds AKs to certified EKs (it was given ``ek_cas``)."""
+        return self._ek_cas is not None
+
+    def challenge(
+        self,
+        subject: str,
+        *,
+        ek_certificate: bytes | None = None,
+        ak_public: bytes | None = None,
+        run: str | None = None,
+    ) -> Challenge:
         """A fresh nonce for ``subject`` and the PCRs to quote.
 
         In memory it is added to the subject's outstanding nonces; with ``persistent``
-        it replaces the subject's earlier one.
+        it replaces the subject's earlier one. With ``ek_cas``, ``ek_certificate`` (DER
+        or PEM) and ``ak_public`` (the AK's TPM2B_PUBLIC) are checked first and the
+        nonce goes out only inside the challenge's ``credential``.
 
         Raises:
+            EkCertificateError: the EK certificate does not chain to a pinned CA, or the
+                AK sent is unfit or not the enrolled one (recorded in the ledger).
+            UnknownAttestationKeyError: no AK is enrolled for ``subject`` (recorded).
             NonceLimitError: the subject, or the verifier in all, has as many nonces
                 outstanding as allowed (the caller answers HTTP 429).
 
         """
         nonce = secrets.token_bytes(_NONCE_BYTES)
+        credential = fingerprint = None
+        if self._ek_cas is not None:
+            ek, fingerprint = self._bind(subject, ek_certificate, ak_public, run=run)
+            credential = make_credential(ek, ak_public or b"", nonce)
+        made = Challenge(nonce, self.allow_list.pcrs, credential, fingerprint)
         if self._dir is not None:
             self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            record = {"nonce": nonce.hex(), "expires": time.time() + self._ttl}
+            record = {"nonce": nonce.hex(), "expires": time.time() + self._ttl, "ek": fingerprint}
             atomic_write_text(self._nonce_file(subject), json.dumps(record), mode=0o600)
-            return Challenge(nonce, self.allow_list.pcrs)
+            return made
         now = _now()
         with self._lock:
             self._expire(now)
@@ -354,8 +409,44 @@ class Verifier:
                     f"this verifier has {self._max_nonces} nonces outstanding, the most it "
                     f"allows; ask again within {self._ttl:.0f} s"
                 )
-            mine.append((nonce, now + self._ttl))
-        return Challenge(nonce, self.allow_list.pcrs)
+            mine.append((nonce, now + self._ttl, fingerprint))
+        return made
+
+    def _bind(
+        self, subject: str, certificate: bytes | None, area: bytes | None, *, run: str | None
+    ) -> tuple[rsa.RSAPublicKey, str]:
+        """The certified EK of ``subject``'s TPM and its certificate's fingerprint."""
+        who = f"{self.kind} {subject}"
+        fingerprint: str | None = None
+        error: AttestationRefusedError
+        try:
+            if not certificate or not area:
+                raise EkCertificateError(
+                    "no EK certificate and AK public area were sent, and this verifier binds "
+                    "the AK to a certified EK; run insitu 0.10 or later on a TPM with an EK "
+                    "certificate"
+                )
+            fingerprint = ek_fingerprint(certificate)
+            ek = check_ek_certificate(certificate, self._ek_cas or [])
+            sent = ak_fingerprint(ak_public_key(area))
+            enrolled = self._keys.get(subject)
+            if enrolled is None:
+                error = UnknownAttestationKeyError(
+                    f"{who} refused: no attestation key is enrolled for it; enroll the AK "
+                    "public key it printed with 'insitu attest key'"
+                )
+            elif sent != _fingerprint_or_none(enrolled):
+                error = EkCertificateError(
+                    f"{who} refused: the AK sent with its EK certificate ({sent[:23]}) is not "
+                    "its enrolled attestation key; enroll the AK of the TPM this EK "
+                    "certificate belongs to"
+                )
+            else:
+                return ek, fingerprint
+        except EkCertificateError as exc:
+            error = EkCertificateError(f"{who} refused: {exc}")
+        self._record(self._refuse(subject, error, ek_fingerprint=fingerprint), run)
+        raise error
 
     @property
     def outstanding(self) -> int:
@@ -364,7 +455,7 @@ class Verifier:
 
     def _expire(self, now: float) -> None:
         for subject in list(self._nonces):
-            kept = [(n, expiry) for n, expiry in self._nonces[subject] if expiry >= now]
+            kept = [held for held in self._nonces[subject] if held[1] >= now]
             if kept:
                 self._nonces[subject] = kept
             else:
@@ -375,35 +466,39 @@ class Verifier:
         name = hashlib.sha256(f"{self.kind}\0{subject}".encode()).hexdigest()[:32]
         return folder / f"{name}.json"
 
-    def _take_nonce(self, subject: str, quoted: bytes) -> bytes | None:
-        """Use up the subject's outstanding nonce the quote names (None: no fresh one)."""
+    def _take_nonce(self, subject: str, quoted: bytes) -> tuple[bytes | None, str | None]:
+        """The subject's outstanding nonce the quote names, used up, and its EK's fingerprint.
+
+        The nonce is None when there is no fresh one.
+        """
         if self._dir is not None:
             return self._take_file_nonce(subject)
         with self._lock:
             held = self._nonces.get(subject, [])
-            for at, (nonce, expiry) in enumerate(held):
+            for at, (nonce, expiry, ek) in enumerate(held):
                 if hmac.compare_digest(nonce, quoted):
                     del held[at]
                     if not held:
                         del self._nonces[subject]
-                    return nonce if _now() <= expiry else None
-        return None
+                    return (nonce if _now() <= expiry else None), ek
+        return None, None
 
-    def _take_file_nonce(self, subject: str) -> bytes | None:
+    def _take_file_nonce(self, subject: str) -> tuple[bytes | None, str | None]:
         path = self._nonce_file(subject)
         taken = path.with_name(f"{path.stem}.{secrets.token_hex(8)}.taken")
         try:
             path.replace(taken)  # one check only, even when two race for it
         except FileNotFoundError:
-            return None
+            return None, None
         try:
             record = json.loads(taken.read_text(encoding="utf-8"))
             nonce, expires = bytes.fromhex(record["nonce"]), float(record["expires"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            ek = record.get("ek")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, None
         finally:
             taken.unlink(missing_ok=True)
-        return nonce if time.time() <= expires else None
+        return (nonce if time.time() <= expires else None), (ek if isinstance(ek, str) else None)
 
     def check(self, subject: str, quote: Quote, *, run: str | None = None) -> Decision:
         """Check ``quote`` from ``subject`` against its nonce, AK and the allow-list.
@@ -412,10 +507,17 @@ class Verifier:
         recorded in the verifier's ledger and returned; :meth:`Decision.raise_if_refused`
         raises it.
         """
-        nonce = self._take_nonce(subject, quoted_nonce(quote.attest))
-        decision = self._decide(subject, quote, nonce)
+        nonce, ek = self._take_nonce(subject, quoted_nonce(quote.attest))
+        decision = replace(self._decide(subject, quote, nonce), ek_fingerprint=ek)
+        self._record(decision, run)
+        # The caller reports a refusal (the CLI's one line, the server's warning).
+        logger.info("attestation of %s %s: %s", self.kind, subject, decision.reason)
+        return decision
+
+    def _record(self, decision: Decision, run: str | None) -> None:
+        """Record ``decision`` as ``attestation.checked`` in the verifier's ledger."""
         payload = {
-            "subject": subject,
+            "subject": decision.subject,
             "kind": self.kind,
             "decision": "admitted" if decision.admitted else "refused",
             "pcrs": decision.pcrs,
@@ -425,15 +527,13 @@ class Verifier:
             "pcr": decision.pcr,
             "measurement": decision.measurement,
             "ak_fingerprint": decision.ak_fingerprint,
+            "ek_fingerprint": decision.ek_fingerprint,
             "run": run,
         }
         with self._ws.ledger() as ledger:
             events.ATTESTATION_CHECKED.record(
                 ledger, **payload, **{k: v for k, v in optional.items() if v is not None}
             )
-        # The caller reports a refusal (the CLI's one line, the server's warning).
-        logger.info("attestation of %s %s: %s", self.kind, subject, decision.reason)
-        return decision
 
     def _refuse(self, subject: str, error: AttestationRefusedError, **kw: object) -> Decision:
         return Decision(
@@ -486,11 +586,17 @@ class Verifier:
             or nonce is None
             or not hmac.compare_digest(attest.extra_data, nonce)
         ):
+            bound = (
+                ", or one by an AK that could not recover the nonce from the credential "
+                "made to its certified EK"
+                if self._ek_cas is not None
+                else ""
+            )
             return self._refuse(
                 subject,
                 StaleQuoteError(
                     f"{who} refused: the quote is not over this verifier's fresh nonce (a "
-                    "replayed or expired quote); ask for a new nonce and quote again"
+                    f"replayed or expired quote{bound}); ask for a new nonce and quote again"
                 ),
                 ak_fingerprint=fingerprint,
             )

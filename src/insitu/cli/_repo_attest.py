@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from insitu._atomic import atomic_write_bytes
 from insitu.cli._output import HomeOption, JsonOption, out, print_json
 from insitu.errors import UsageError
 from insitu.workspace import Workspace
 
 if TYPE_CHECKING:
     from insitu.attestation import Quote
+    from insitu.update import DeviceAttestation
 
 __all__ = ["attest_command", "check_publish_attestation"]
 
@@ -46,6 +48,47 @@ def attest_command(
         str | None,
         typer.Option("--challenge", metavar="DEVICE", help="Print a fresh nonce for DEVICE."),
     ] = None,
+    ek_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ek-ca",
+            metavar="CA.pem",
+            help="With --require: bind each device's AK to its TPM's EK certificate, "
+            "which must chain to these CAs (PEM). Without it, AKs are trusted on first use.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    ek_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--ek-cert",
+            help="With --challenge, when EK CAs are pinned: the device's EK certificate "
+            "('insitu attest key --ek-cert').",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    ak_public: Annotated[
+        Path | None,
+        typer.Option(
+            "--ak-public",
+            help="With --challenge, when EK CAs are pinned: the device's AK public area "
+            "('insitu attest key --ak-public').",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    credential_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            metavar="CREDENTIAL",
+            help="With --challenge, when EK CAs are pinned: write the credential (the nonce "
+            "only the device's TPM recovers) here.",
+            dir_okay=False,
+        ),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -59,6 +102,9 @@ def attest_command(
       insitu repo attest /srv/models --require allow.toml
       insitu repo attest /srv/models --enroll 3f2a... --ak device.ak.pem
       insitu repo attest /srv/models --challenge 3f2a...
+      insitu repo attest /srv/models --require allow.toml --ek-ca tpm-vendors.pem
+      insitu repo attest /srv/models --challenge 3f2a... --ek-cert ek.der \
+          --ak-public ak.pub --out 3f2a.credential
     """
     from insitu.update import device_attestation, set_device_attestation
 
@@ -66,10 +112,12 @@ def attest_command(
         raise UsageError("--require and --off contradict each other; give one")
     if (enroll is None) != (ak is None):
         raise UsageError("--enroll DEVICE and --ak AK.pem go together")
+    if ek_ca is not None and require is None:
+        raise UsageError("--ek-ca goes with --require ALLOWLIST (the two are set together)")
     ws = Workspace.open(home)
     if require is not None or off:
         with ws.ledger() as ledger:
-            set_device_attestation(repo, require, ledger=ledger)
+            set_device_attestation(repo, require, ledger=ledger, ek_ca=ek_ca)
     setting = device_attestation(repo)
     if setting is None and (enroll or challenge):
         raise UsageError(
@@ -79,13 +127,12 @@ def attest_command(
     if setting is not None and enroll is not None and ak is not None:
         with ws.ledger() as ledger:
             setting.enroll(enroll, ak.read_bytes(), ledger=ledger)
+    bound = (ek_cert, ak_public, credential_out)
     if setting is not None and challenge is not None:
-        issued = setting.challenge(ws, challenge)
-        if json_output:
-            print_json({"device": challenge, "nonce": issued.nonce.hex(), "pcrs": issued.pcrs})
-        else:
-            out.print(issued.nonce.hex(), highlight=False)
+        _challenge(ws, setting, challenge, bound, json_output)
         return
+    if any(given is not None for given in bound):
+        raise UsageError("--ek-cert, --ak-public and --out go with --challenge DEVICE")
     pcrs = setting.allow_list.pcrs if setting else []
     states = [state.name for state in setting.allow_list.states] if setting else []
     devices = setting.enrolled() if setting else {}
@@ -106,6 +153,54 @@ def attest_command(
     out.print(
         f"{repo}: every device must attest (PCRs {pcrs}; states {', '.join(states)}); "
         f"{len(devices)} device AK(s) enrolled"
+    )
+
+
+def _challenge(
+    ws: Workspace,
+    setting: DeviceAttestation,
+    device: str,
+    bound: tuple[Path | None, Path | None, Path | None],
+    json_output: bool,
+) -> None:
+    """Issue ``device``'s nonce: in clear, or as a credential when EK CAs are pinned."""
+    ek_cert, ak_public, out_file = bound
+    if setting.ek_cas is None:
+        if any(given is not None for given in bound):
+            raise UsageError(
+                f"--ek-cert, --ak-public and --out: the repository {setting.repo} pins no EK "
+                "CA ('--require ALLOWLIST --ek-ca CA.pem'), its nonces are sent in clear"
+            )
+        issued = setting.challenge(ws, device)
+        if json_output:
+            print_json({"device": device, "nonce": issued.nonce.hex(), "pcrs": issued.pcrs})
+        else:
+            out.print(issued.nonce.hex(), highlight=False)
+        return
+    if ek_cert is None or ak_public is None or out_file is None:
+        raise UsageError(
+            f"the repository {setting.repo} binds AKs to certified EKs: give --ek-cert, "
+            "--ak-public (from the device's 'insitu attest key --ek-cert EK --ak-public AK') "
+            "and --out CREDENTIAL"
+        )
+    issued = setting.challenge(
+        ws, device, ek_certificate=ek_cert.read_bytes(), ak_public=ak_public.read_bytes()
+    )
+    assert issued.credential is not None
+    atomic_write_bytes(out_file, issued.credential)
+    if json_output:
+        print_json(
+            {
+                "device": device,
+                "credential": str(out_file),
+                "pcrs": issued.pcrs,
+                "ek_fingerprint": issued.ek_fingerprint,
+            }
+        )
+        return
+    out.print(
+        f"{out_file}: credential for device {device} (EK {issued.ek_fingerprint}); the "
+        f"device runs 'insitu attest quote --credential {out_file.name}'"
     )
 
 

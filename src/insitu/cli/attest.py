@@ -116,6 +116,23 @@ def key_command(
         Path | None,
         typer.Option("--out", help="Write the AK public key (PEM) here.", dir_okay=False),
     ] = None,
+    ek_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--ek-cert",
+            help="Also write the TPM's EK certificate (DER) here, for a repository that "
+            "binds AKs to certified EKs.",
+            dir_okay=False,
+        ),
+    ] = None,
+    ak_public: Annotated[
+        Path | None,
+        typer.Option(
+            "--ak-public",
+            help="Also write the AK's public area (TPM2B_PUBLIC) here, with --ek-cert.",
+            dir_okay=False,
+        ),
+    ] = None,
     tcti: TctiOption = None,
 ) -> None:
     """Print this TPM's attestation key (created and persisted on first use), to enroll.
@@ -124,7 +141,12 @@ def key_command(
 
     [dim]Example:[/] insitu attest key --out hospital-a.ak.pem
     """
-    pem = Tpm(tcti).ak_public_pem()
+    tpm = Tpm(tcti)
+    pem = tpm.ak_public_pem()
+    if ek_cert is not None:
+        atomic_write_bytes(ek_cert, tpm.ek_certificate())
+    if ak_public is not None:
+        atomic_write_bytes(ak_public, tpm.ak_public_area())
     if out_file is not None:
         atomic_write_bytes(out_file, pem)
         out.print(f"{out_file}: attestation key {ak_fingerprint(pem)}")
@@ -134,7 +156,19 @@ def key_command(
 
 @attest_app.command("quote")
 def quote_command(
-    nonce: Annotated[str, typer.Option("--nonce", help="The verifier's nonce (hex).")],
+    nonce: Annotated[
+        str | None, typer.Option("--nonce", help="The verifier's nonce (hex).")
+    ] = None,
+    credential: Annotated[
+        Path | None,
+        typer.Option(
+            "--credential",
+            help="The verifier's credential file instead of --nonce: this TPM recovers the "
+            "nonce from it (only the TPM of the certified EK and this AK can).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     pcr: PcrOption = DEFAULT_PCR,
     root: RootOption = None,
     site_packages: SitePackagesOption = False,
@@ -142,13 +176,20 @@ def quote_command(
 ) -> None:
     """Measure this build into --pcr and print the TPM's quote over --nonce (JSON).
 
-    [dim]Example:[/] insitu attest quote --nonce 00112233...
+    [dim]Examples:[/]
+      insitu attest quote --nonce 00112233...
+      insitu attest quote --credential 3f2a.credential
     """
-    try:
-        challenge = bytes.fromhex(nonce)
-    except ValueError as exc:
-        raise UsageError("--nonce must be hex (the verifier's nonce)") from exc
+    if (nonce is None) == (credential is None):
+        raise UsageError("give the verifier's --nonce or its --credential (one of them)")
     tpm = Tpm(tcti)
+    if credential is not None:
+        challenge = tpm.activate(credential.read_bytes())
+    else:
+        try:
+            challenge = bytes.fromhex(nonce or "")
+        except ValueError as exc:
+            raise UsageError("--nonce must be hex (the verifier's nonce)") from exc
     tpm.measure(build_digest(root, site_packages=site_packages), pcr=pcr)
     print_json(tpm.quote(challenge, [pcr]).to_json())
 

@@ -405,6 +405,19 @@ def server_command(
             dir_okay=False,
         ),
     ] = None,
+    ek_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ek-ca",
+            metavar="CA.pem",
+            help="With --attest: the TPM vendors' CA certificates (PEM). A site's AK must "
+            "then be bound to its TPM's EK certificate chaining to them (the nonce is sent "
+            "as a credential only that TPM recovers). Without it, the AK is trusted on "
+            "first use.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     home: HomeOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -457,6 +470,7 @@ def server_command(
         resume=resume,
         on_status=status,
         attest=attest,
+        ek_ca=ek_ca,
     )
     if json_output:
         print_json(result.to_json())

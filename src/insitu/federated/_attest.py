@@ -7,22 +7,29 @@ reaches the SuperLink. The exchange, on the port sites already dial (TLS, the se
 certificate checked against ``ca.pem``):
 
 0. ``GET /insitu/v1/attest/challenge``: every server answers whether it requires
-   attestation (``{"attestation": "required", "pcrs": [...]}`` or ``"off"``). A site
-   without ``INSITU_TPM_TCTI`` asks it at join, and is told in one line
+   attestation (``{"attestation": "required", "pcrs": [...]}`` or ``"off"``; with
+   ``--ek-ca``, also ``"ek": "required"``). A site asks it at join; one without
+   ``INSITU_TPM_TCTI`` is told in one line
    (:class:`~insitu.errors.AttestationRequiredError`) before it writes anything or
    starts a SuperNode, instead of the SuperNode's 403 from Flower;
 1. ``POST /insitu/v1/attest/challenge`` ``{"site_key", "time", "proof"}``: ``proof`` is
    the site's signature, with its Flower key, over ``time`` (Unix seconds, within
    :data:`CLOCK_SKEW` of the server's clock, each signature taken once). The server
    finds the registered site of that key and answers a fresh nonce and the PCRs to
-   quote (:meth:`insitu.attestation.Verifier.challenge`). A request that is not signed
-   by a registered site's key is answered 403 and holds nothing at the server, so a
-   flood of them cannot take a real site's nonce away; a site holds at most
+   quote (:meth:`insitu.attestation.Verifier.challenge`). With ``--ek-ca`` the request
+   also carries ``ek_certificate`` and ``ak_public`` (base64: the TPM's EK certificate
+   and the AK's TPM2B_PUBLIC); the certificate must chain to the pinned CA and the AK be
+   the enrolled one, and the nonce is answered only as ``credential``, made to that EK
+   and AK name, which the site's TPM alone recovers (``tpm2_activatecredential``).
+   Without ``--ek-ca`` the AK is trusted on first use (its enrollment). A request that
+   is not signed by a registered site's key is answered 403 and holds nothing at the
+   server, so a flood of them cannot take a real site's nonce away; a site holds at most
    :data:`~insitu.attestation.MAX_NONCES_PER_SUBJECT` nonces, the server
    :data:`~insitu.attestation.MAX_NONCES`, and one more is answered 429
    (:class:`~insitu.errors.NonceLimitError`);
-2. the site extends the digest of its insitu build into its TPM's PCR (23 by default)
-   and quotes it over the nonce (:class:`insitu.attestation.Tpm`; ``INSITU_TPM_TCTI``);
+2. the site (recovering the nonce from the credential, when it is one) extends the
+   digest of its insitu build into its TPM's PCR (23 by default) and quotes it over the
+   nonce (:class:`insitu.attestation.Tpm`; ``INSITU_TPM_TCTI``);
 3. ``POST /insitu/v1/attest/quote`` ``{"site_key", "quote", "proof"}``: ``proof`` is the
    site's signature, with its Flower key, over the nonce, so the holder of the site key
    and the holder of the TPM answer the same challenge. The server checks it, then the
@@ -45,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -63,11 +71,13 @@ from insitu.errors import (
     AttestationRefusedError,
     AttestationRequiredError,
     CertificateError,
+    EkCertificateError,
     FederationError,
     MeasurementMismatchError,
     NonceLimitError,
     QuoteSignatureError,
     StaleQuoteError,
+    TpmError,
     UnknownAttestationKeyError,
 )
 from insitu.workspace import Workspace
@@ -99,6 +109,7 @@ _REFUSALS: dict[str, type[AttestationRefusedError]] = {
         QuoteSignatureError,
         StaleQuoteError,
         UnknownAttestationKeyError,
+        EkCertificateError,
     )
 }
 
@@ -136,8 +147,9 @@ class SiteAdmission:
         attestation_keys: dict[str, bytes],
         *,
         run: str | None = None,
+        ek_cas: list[x509.Certificate] | None = None,
     ) -> None:
-        self._verifier = Verifier(ws, allow_list, attestation_keys, kind="site")
+        self._verifier = Verifier(ws, allow_list, attestation_keys, kind="site", ek_cas=ek_cas)
         self._by_spki = {
             _spki(serialization.load_ssh_public_key(key)): name for name, key in site_keys.items()
         }
@@ -145,6 +157,11 @@ class SiteAdmission:
         self._seen: dict[bytes, float] = {}  # signed challenge requests, until too old
         self._run = run
         self._lock = threading.Lock()
+
+    @property
+    def binds_ek(self) -> bool:
+        """Whether a site's AK must be bound to its TPM's certified EK (``--ek-ca``)."""
+        return self._verifier.binds_ek
 
     @property
     def pcrs(self) -> list[int]:
@@ -184,10 +201,21 @@ class SiteAdmission:
         if refused is not None:
             return 403, {"error": refused}
         try:
-            challenge = self._verifier.challenge(name)
+            challenge = self._verifier.challenge(
+                name,
+                ek_certificate=_b64(body.get("ek_certificate")),
+                ak_public=_b64(body.get("ak_public")),
+                run=self._run,
+            )
         except NonceLimitError as exc:
             logger.warning("attestation: %s", exc)
             return 429, {"error": str(exc), "refusal": NonceLimitError.__name__}
+        except AttestationRefusedError as exc:  # the EK binding: recorded by the verifier
+            logger.warning("attestation refused: %s", exc)
+            return 403, {"error": str(exc), "refusal": type(exc).__name__}
+        if challenge.credential is not None:
+            credential = base64.b64encode(challenge.credential).decode()
+            return 200, {"site": name, "credential": credential, "pcrs": challenge.pcrs}
         return 200, {"site": name, "nonce": challenge.nonce.hex(), "pcrs": challenge.pcrs}
 
     def _challenge_refused(self, name: str, spki: bytes, body: dict[str, Any]) -> str | None:
@@ -251,6 +279,16 @@ class SiteAdmission:
         return 200, {"site": name, "decision": "admitted"}
 
 
+def _b64(value: object) -> bytes | None:
+    """Base64 text decoded (None when absent or not base64: the verifier says why)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+
+
 def _challenge_message(stamp: int) -> bytes:
     return _CHALLENGE_CONTEXT + str(stamp).encode("ascii")
 
@@ -279,10 +317,11 @@ def attest_to_server(server: str, ca: Path, key: Path, *, context: Any) -> bool:
         raise CertificateError(f"{key} is not an EC key; Flower authenticates sites with EC keys")
     try:
         with httpx.Client(base_url=f"https://{server}", verify=context, timeout=30.0) as http:
+            asked = http.get(CHALLENGE_PATH)
             if not tcti:
-                _require_no_attestation(server, http.get(CHALLENGE_PATH))
+                _require_no_attestation(server, asked)
                 return False
-            return _attest(server, http, Tpm(tcti), private)
+            return _attest(server, http, Tpm(tcti), private, ek=_asks_ek(asked))
     except httpx.HTTPError as exc:
         raise FederationError(
             f"the server at {server} did not complete the attestation exchange ({exc}); "
@@ -311,7 +350,22 @@ def _require_no_attestation(server: str, answer: Any) -> None:
     logger.info("the server at %s does not ask for attestation", server)
 
 
-def _attest(server: str, http: Any, tpm: Tpm, private: ec.EllipticCurvePrivateKey) -> bool:
+def _asks_ek(answer: Any) -> bool:
+    """Whether the server binds AKs to certified EKs (its ``GET`` answer says so)."""
+    try:
+        document = answer.json()
+    except ValueError:
+        return False
+    return (
+        answer.status_code == 200
+        and isinstance(document, dict)
+        and document.get("ek") == "required"
+    )
+
+
+def _attest(
+    server: str, http: Any, tpm: Tpm, private: ec.EllipticCurvePrivateKey, *, ek: bool
+) -> bool:
     site_key = (
         private.public_key()
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -320,15 +374,19 @@ def _attest(server: str, http: Any, tpm: Tpm, private: ec.EllipticCurvePrivateKe
     pcr = int(os.environ.get(PCR_ENV, str(DEFAULT_PCR)))
     stamp = int(time.time())
     signed = private.sign(_challenge_message(stamp), ec.ECDSA(hashes.SHA256()))
-    answer = http.post(
-        CHALLENGE_PATH,
-        json={"site_key": site_key, "time": stamp, "proof": base64.b64encode(signed).decode()},
-    )
+    request = {"site_key": site_key, "time": stamp, "proof": base64.b64encode(signed).decode()}
+    if ek:  # the server checks them, then sends the nonce only inside a credential
+        request["ek_certificate"] = base64.b64encode(_ek_certificate(server, tpm)).decode()
+        request["ak_public"] = base64.b64encode(tpm.ak_public_area()).decode()
+    answer = http.post(CHALLENGE_PATH, json=request)
     if answer.status_code == 404:
         logger.info("the server at %s does not ask for attestation", server)
         return False
     document = _answer(server, answer)
-    nonce = bytes.fromhex(document["nonce"])
+    if "credential" in document:
+        nonce = tpm.activate(base64.b64decode(str(document["credential"]), validate=True))
+    else:
+        nonce = bytes.fromhex(document["nonce"])
     tpm.measure(build_digest(), pcr=pcr)
     quote = tpm.quote(nonce, document["pcrs"])
     proof = private.sign(_PROOF_CONTEXT + nonce, ec.ECDSA(hashes.SHA256()))
@@ -339,6 +397,17 @@ def _attest(server: str, http: Any, tpm: Tpm, private: ec.EllipticCurvePrivateKe
     }
     _answer(server, http.post(QUOTE_PATH, json=body))
     return True
+
+
+def _ek_certificate(server: str, tpm: Tpm) -> bytes:
+    try:
+        return tpm.ek_certificate()
+    except TpmError as exc:
+        raise TpmError(
+            f"the server at {server} binds attestation keys to the TPM's EK certificate "
+            f"(--ek-ca) and this TPM's cannot be read ({exc}); use a TPM with an EK "
+            "certificate, or ask the operator"
+        ) from exc
 
 
 def _answer(server: str, answer: Any) -> dict[str, Any]:

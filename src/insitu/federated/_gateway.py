@@ -22,8 +22,9 @@ only. So insitu writes this piece by hand (no maintained library filters Flower'
   ``running``, ``finished`` or ``failed``, so that sites keep their SuperNode up until
   the server has collected their last reply (a SuperNode that leaves early has its
   stored reply replaced by ``NODE_UNAVAILABLE``); ``GET /insitu/v1/attest/challenge``
-  says whether this server requires attestation (``required`` and the PCRs, or
-  ``off``), so a site without a TPM is told in one line before it starts a SuperNode;
+  says whether this server requires attestation (``required`` and the PCRs, and
+  whether the AK must be bound to a certified EK, or ``off``), so a site without a
+  TPM is told in one line before it starts a SuperNode;
   with ``--attest``, ``POST`` on the challenge and quote routes runs the exchange
   (:mod:`insitu.federated._attest`).
 
@@ -225,7 +226,10 @@ def _app(upstream: _Upstream, states: RunStates, admission: SiteAdmission | None
         # SuperNode that this one requires attestation (and an older site, the 403).
         if admission is None:
             return _json(200, {"attestation": "off"})
-        return _json(200, {"attestation": "required", "pcrs": admission.pcrs})
+        required: dict[str, Any] = {"attestation": "required", "pcrs": admission.pcrs}
+        if admission.binds_ek:
+            required["ek"] = "required"
+        return _json(200, required)
 
     attestation = (
         [Route("/insitu/v1/attest/{step:str}", attest, methods=["POST"])] if admission else []

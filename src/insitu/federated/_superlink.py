@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from insitu._atomic import atomic_write_text
-from insitu.attestation import AllowList
+from insitu.attestation import AllowList, load_ek_cas
 from insitu.audit import events
 from insitu.data import ArraySchema, DataSchema, FeatureEncoder
 from insitu.errors import (
@@ -139,6 +139,7 @@ def serve(
     resume: str | None = None,
     on_status: Callable[[str], None] | None = None,
     attest: Path | None = None,
+    ek_ca: Path | None = None,
 ) -> DeployResult:
     """Run the SuperLink and one federated run to the end; see the module docstring.
 
@@ -148,7 +149,9 @@ def serve(
     (``config`` is not used): the SuperLink's database in the run's directory still
     knows the sites' node ids, so their SuperNodes, retrying, carry on. With ``attest``
     (an allow-list of measured states), a site is admitted only after a fresh TPM quote
-    (:mod:`insitu.federated._attest`); without it nothing changes.
+    (:mod:`insitu.federated._attest`); without it nothing changes. With ``ek_ca`` too
+    (the TPM vendors' CA certificates, PEM), each site's AK must be bound to its TPM's
+    certified EK; without it the AK is trusted on first use (a warning says so).
 
     Raises:
         CertificateError: a server certificate that does not match its key, the CA or the
@@ -171,7 +174,7 @@ def serve(
         plan = _resumed_plan(ws, resume, schema)
         registered = _check_certs_and_keys(files, site_keys, host=host, sites=plan.config.sites)
         _check_sites_kept(plan, registered)
-    admission = _admission(ws, attest, files, registered, run=plan.run_id)
+    admission = _admission(ws, attest, files, registered, run=plan.run_id, ek_ca=ek_ca)
     _check_bindable(host, port, address=address)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     app_dir = _write_app(ws.flower_app_dir.absolute())
@@ -259,11 +262,21 @@ def _admission(
     registered: dict[str, bytes],
     *,
     run: str,
+    ek_ca: Path | None = None,
 ) -> SiteAdmission | None:
     """The attested admission of sites, when the server was given an allow-list."""
     if attest is None:
+        if ek_ca is not None:
+            raise UsageError("--ek-ca binds the AKs of attested sites: give --attest too")
         return None
     allow_list = AllowList.load(attest)
+    ek_cas = load_ek_cas(ek_ca) if ek_ca is not None else None
+    if ek_cas is None:
+        logger.warning(
+            "attested admission trusts each site's AK on first use (its enrollment in "
+            "<certs>/sites/NAME.ak.pem), not its TPM's EK certificate: pin the TPM "
+            "vendor's CA with --ek-ca to bind it"
+        )
     keys = site_attestation_keys(files.directory / "sites", sorted(registered))
     logger.info(
         "attested admission: %d measured state(s), PCRs %s, %d of %d sites with an AK",
@@ -272,7 +285,7 @@ def _admission(
         len(keys),
         len(registered),
     )
-    return SiteAdmission(ws, allow_list, registered, keys, run=run)
+    return SiteAdmission(ws, allow_list, registered, keys, run=run, ek_cas=ek_cas)
 
 
 def _check_certs_and_keys(

@@ -7,6 +7,14 @@ setting lives beside the role keys, never under ``public/`` (nothing of it is se
 
     <repo>/attestation/allow-list.toml          the measured states a device must show
     <repo>/attestation/devices/<key id>.ak.pem  each device's enrolled attestation key
+    <repo>/attestation/ek-ca.pem                the pinned TPM vendors' CAs (optional)
+
+With ``ek-ca.pem`` (``insitu repo attest --require ALLOWLIST --ek-ca CA.pem``), a
+device's AK is bound to its TPM's certified EK: the challenge takes the device's EK
+certificate and AK public area, and gives a credential file (the nonce inside, made to
+that EK and AK name) instead of the nonce in clear, which only that TPM recovers
+(``insitu attest quote --credential``). Without it, the enrolled AK is trusted on first
+use.
 
 While it is on, a publish names exactly one ``--device`` and brings that device's quote,
 over a nonce of the publisher's workspace (``insitu repo attest REPO --challenge ID``),
@@ -27,8 +35,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from insitu._atomic import atomic_write_bytes, atomic_write_text
-from insitu.attestation import AllowList, Challenge, Quote, Verifier, ak_fingerprint
+from insitu.attestation import (
+    AllowList,
+    Challenge,
+    Quote,
+    Verifier,
+    ak_fingerprint,
+    load_ek_cas,
+)
 from insitu.audit import Ledger, events
 from insitu.errors import (
     AttestationRequiredError,
@@ -43,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 _DIR = "attestation"
 _ALLOW = "allow-list.toml"
+_EK_CA = "ek-ca.pem"
 _DEVICE_ID = re.compile(r"^[0-9a-f]{16,64}$")
 
 
@@ -61,6 +80,7 @@ class DeviceAttestation:
 
     repo: Path
     allow_list: AllowList
+    ek_cas: tuple[x509.Certificate, ...] | None = None
 
     def _ak_path(self, device: str) -> Path:
         if not _DEVICE_ID.match(device):
@@ -97,11 +117,26 @@ class DeviceAttestation:
     def _verifier(self, ws: Workspace, device: str) -> Verifier:
         path = self._ak_path(device)
         keys = {device: path.read_bytes()} if path.is_file() else {}
-        return Verifier(ws, self.allow_list, keys, kind="device", persistent=True)
+        return Verifier(
+            ws, self.allow_list, keys, kind="device", persistent=True, ek_cas=self.ek_cas
+        )
 
-    def challenge(self, ws: Workspace, device: str) -> Challenge:
-        """A fresh nonce for ``device``, kept in ``ws`` until its quote is checked."""
-        return self._verifier(ws, device).challenge(device)
+    def challenge(
+        self,
+        ws: Workspace,
+        device: str,
+        *,
+        ek_certificate: bytes | None = None,
+        ak_public: bytes | None = None,
+    ) -> Challenge:
+        """A fresh nonce for ``device``, kept in ``ws`` until its quote is checked.
+
+        With pinned EK CAs, ``ek_certificate`` and ``ak_public`` are checked first (a
+        refusal is recorded and raised) and the challenge carries the credential.
+        """
+        return self._verifier(ws, device).challenge(
+            device, ek_certificate=ek_certificate, ak_public=ak_public
+        )
 
     def check_publish(
         self,
@@ -169,38 +204,59 @@ def device_attestation(repo: Path) -> DeviceAttestation | None:
     path = _folder(repo) / _ALLOW
     if not path.exists():
         return None
-    return DeviceAttestation(Path(repo), AllowList.load(path))
+    pinned = _folder(repo) / _EK_CA
+    ek_cas = tuple(load_ek_cas(pinned)) if pinned.exists() else None
+    return DeviceAttestation(Path(repo), AllowList.load(path), ek_cas)
 
 
 def set_device_attestation(
-    repo: Path, allow_list: Path | None, *, ledger: Ledger
+    repo: Path, allow_list: Path | None, *, ledger: Ledger, ek_ca: Path | None = None
 ) -> DeviceAttestation | None:
     """Require attestation of every device against ``allow_list`` (None: require none).
 
     The allow-list is read and copied into the repository (a later edit of the
-    original changes nothing); enrolled device keys are kept either way.
+    original changes nothing); enrolled device keys are kept either way. With
+    ``ek_ca`` (PEM), devices' AKs are bound to EK certificates chaining to it; without
+    it, they are trusted on first use (a warning says so).
 
     Raises:
         UsageError: ``repo`` holds no repository.
         AllowListError: ``allow_list`` cannot be read as one.
+        EkCertificateError: ``ek_ca`` holds no PEM certificate.
 
     """
     _check_repository(repo)
     target = _folder(repo) / _ALLOW
+    pinned = _folder(repo) / _EK_CA
     if allow_list is None:
         target.unlink(missing_ok=True)
+        pinned.unlink(missing_ok=True)
         events.REPO_ATTESTATION_SET.record(ledger, required=False)
         logger.info("repository %s: attestation of devices is no longer required", repo)
         return None
     stored = AllowList.load(allow_list)
+    ek_cas = tuple(load_ek_cas(ek_ca)) if ek_ca is not None else None
     text = stored.to_toml()
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(target, text)
+    pinned_sha256: dict[str, str] = {}
+    if ek_cas is not None:
+        pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in ek_cas)
+        atomic_write_bytes(pinned, pem)
+        pinned_sha256["ek_ca_sha256"] = hashlib.sha256(pem).hexdigest()
+    else:
+        pinned.unlink(missing_ok=True)
+        logger.warning(
+            "repository %s trusts each device's AK on first use (its enrollment), not its "
+            "TPM's EK certificate: pin the TPM vendor's CA with --ek-ca to bind it",
+            repo,
+        )
     events.REPO_ATTESTATION_SET.record(
         ledger,
         required=True,
         allow_list_sha256=hashlib.sha256(text.encode()).hexdigest(),
         states=len(stored.states),
         pcrs=stored.pcrs,
+        **pinned_sha256,
     )
-    return DeviceAttestation(Path(repo), stored)
+    return DeviceAttestation(Path(repo), stored, ek_cas)
