@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from insitu.data import read_table
 from insitu.datasets import builtin_data, builtin_schema
 from insitu.federated import make_certs
@@ -32,6 +34,7 @@ _RUN_FROM = (
 )
 
 
+@pytest.mark.slow
 def test_attested_sites_train_and_a_modified_build_is_refused(
     start_swtpm: Callable[[str], str], tmp_path: Path
 ) -> None:
