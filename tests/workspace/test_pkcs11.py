@@ -151,6 +151,48 @@ def test_the_command_line_makes_a_workspace_in_a_token(
     assert run(["audit", "verify", "--home", home]) == 0
 
 
+def _sessions_of(label: str) -> int:
+    """How many sessions the token ``label`` has open (``ulSessionCount``)."""
+    import PyKCS11
+
+    lib = PyKCS11.PyKCS11Lib()
+    lib.load(MODULE)
+    (slot,) = [s for s in lib.getSlotList() if lib.getTokenInfo(s).label.strip() == label]
+    return int(lib.getTokenInfo(slot).ulSessionCount)
+
+
+def test_a_command_releases_the_token_sessions_it_opened_and_keeps_the_callers(
+    token: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A TPM without a resource manager holds three objects while their sessions are open:
+    # a command run in process must release its keys as its own process's end would, even
+    # when something of the command still holds them (a simulation's threads did).
+    from insitu.workspace import open_token_sessions
+
+    monkeypatch.setenv(PIN_ENV, PIN)
+    home = str(tmp_path / "site")
+    assert run(["init", "--home", home, "--key-uri", uri_of(token), "--pkcs11-module", MODULE]) == 0
+    held = Workspace.open(home).signing_key()  # the caller's own session, open across commands
+    lingering: list[object] = []
+    opened = Workspace.signing_key
+
+    def keeping(self: Workspace, passphrase: str | None = None) -> object:
+        key = opened(self, passphrase)
+        lingering.append(key)  # a reference the command leaves behind
+        return key
+
+    monkeypatch.setattr(Workspace, "signing_key", keeping)
+    before, counted = open_token_sessions(), _sessions_of(token)
+    assert run(["audit", "head", "--home", home, "--json"]) == 0, capsys.readouterr().err
+    assert lingering  # the command did open the key in the token
+    assert open_token_sessions() == before
+    assert _sessions_of(token) == counted  # as the token counts them, not only Python
+    monkeypatch.setattr(Workspace, "signing_key", opened)
+    held.sign(b"the caller's key still signs")
+    with Workspace.open(home).ledger() as ledger:  # and a new one opens after the command
+        ledger.record("test.event", i=1)
+
+
 def test_attack_token_key_cannot_be_read_out(token: str, tmp_path: Path) -> None:
     import PyKCS11
 

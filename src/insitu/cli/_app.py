@@ -155,6 +155,7 @@ def run(argv: list[str] | None = None) -> int:
     reset_json_state()
     args = list(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
+    sessions = _open_token_sessions()
     try:
         result = command.main(args=args, prog_name="insitu", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -165,8 +166,27 @@ def run(argv: list[str] | None = None) -> int:
         if _json_wanted(exc, args) and not json_printed():
             print_json_error(failure.message, exit_code=failure.exit_code, error_type=failure.type)
         return failure.exit_code
+    finally:
+        _close_token_sessions(sessions)
     # click returns the exit code of --help, --version and no-argument help here.
     return result if isinstance(result, int) else 0
+
+
+def _open_token_sessions() -> frozenset[object]:
+    """The PKCS#11 sessions open before a command (none unless a token was touched)."""
+    if "insitu.workspace" not in sys.modules:  # no import at start-up for this
+        return frozenset()
+    from insitu.workspace import open_token_sessions
+
+    return open_token_sessions()
+
+
+def _close_token_sessions(before: frozenset[object]) -> None:
+    """Release the token sessions the command opened, as its process's end would."""
+    if "insitu.workspace" in sys.modules:
+        from insitu.workspace import close_token_sessions
+
+        close_token_sessions(keep=before)
 
 
 def _show_failure(exc: BaseException) -> _Failure:

@@ -19,8 +19,10 @@ from insitu.workspace._pkcs11 import (
     PIN_ENV,
     TokenKey,
     TokenKeyUri,
+    close_token_sessions,
     generate_token_key,
     open_token_key,
+    open_token_sessions,
     pin_from_env,
 )
 from insitu.workspace._workspace import (
@@ -44,10 +46,12 @@ __all__ = [
     "TokenKeyUri",
     "Workspace",
     "WorkspaceLayout",
+    "close_token_sessions",
     "generate_token_key",
     "load_private_key",
     "migrate_keys",
     "open_token_key",
+    "open_token_sessions",
     "passphrase_from_env",
     "pin_from_env",
     "resolve_home",

@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ __all__ = [
     "TokenKey",
     "TokenKeyUri",
     "TokenRsaDecryptionKey",
+    "close_token_sessions",
     "decryption_uri_for",
     "destroy_token_keys",
     "generate_token_decryption_key",
@@ -71,6 +73,7 @@ __all__ = [
     "offers_rsa_oaep",
     "open_token_decryption_key",
     "open_token_key",
+    "open_token_sessions",
     "pin_from_env",
 ]
 
@@ -184,6 +187,31 @@ def _check(exc: Exception, uri: TokenKeyUri, doing: str) -> TokenError:
     return TokenError(f"token {uri.token!r} failed while {doing} ({exc}); check the token")
 
 
+#: The sessions this process has open (weakly: a session nobody holds is gone with it).
+_OPEN_SESSIONS: weakref.WeakSet[_Session] = weakref.WeakSet()
+
+
+def open_token_sessions() -> frozenset[object]:
+    """The token sessions this process has open now (see :func:`close_token_sessions`)."""
+    return frozenset(_OPEN_SESSIONS)
+
+
+def close_token_sessions(keep: frozenset[object] = frozenset()) -> int:
+    """Close every open token session not in ``keep``; how many were closed.
+
+    The command line calls it when a command ends, keeping what was open before: a
+    command's keys are released as the end of its process would release them. It
+    matters for a TPM through tpm2-pkcs11, which keeps a key loaded in the TPM while a
+    session of it is open; a TPM without a resource manager holds three objects, so a
+    later command in the same process (the tests run the CLI in process) could not make
+    or load another key. Keys of a closed session are unusable afterwards.
+    """
+    closing = [session for session in list(_OPEN_SESSIONS) if session not in keep]
+    for session in closing:
+        session.close()
+    return len(closing)
+
+
 class _Session:
     """A logged-in session with the token ``uri`` names (one per key object)."""
 
@@ -213,6 +241,7 @@ class _Session:
             )
         except PyKCS11.PyKCS11Error as exc:
             raise _check(exc, uri, "opening a session") from exc
+        _OPEN_SESSIONS.add(self)
         try:
             self.session.login(pin)
         except PyKCS11.PyKCS11Error as exc:
@@ -225,6 +254,7 @@ class _Session:
         """Close the session: closing a token's last session logs out and unloads its keys."""
         import PyKCS11
 
+        _OPEN_SESSIONS.discard(self)
         try:
             self.session.closeSession()
         except PyKCS11.PyKCS11Error:
