@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import tempfile
 from collections.abc import Callable, Mapping
@@ -68,6 +69,8 @@ __all__ = [
     "sign_files_in_token",
     "token_key_for_oms",
 ]
+
+logger = logging.getLogger(__name__)
 
 OMS_FORMAT = "oms-sigstore-bundle-v0.3"
 SIGNATURE_FILE = "model.sig"
@@ -183,8 +186,11 @@ def sign_files_in_token(
     if uri.module:
         pkcs11_uri += f"?module-path={quote(uri.module, safe='/')}"
 
+    configs: list[Any] = []
+
     def use_token(config: Any, _root: Path) -> Any:
-        return config.use_pkcs11_signer(pkcs11_uri=pkcs11_uri)
+        configs.append(config.use_pkcs11_signer(pkcs11_uri=pkcs11_uri))
+        return configs[-1]
 
     pem = key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     import PyKCS11
@@ -196,3 +202,26 @@ def sign_files_in_token(
             f"token {uri.token!r}: model_signing could not sign with {uri.object!r} ({exc}); "
             "check the token"
         ) from exc
+    finally:
+        for config in configs:
+            _close_signer_session(config)
+
+
+def _close_signer_session(config: Any) -> None:
+    """Close the PKCS#11 session ``model_signing``'s signer opened, now, not at its ``__del__``.
+
+    A TPM through tpm2-pkcs11 keeps the key loaded while the session is open, and a TPM
+    without a resource manager holds three objects: a signer left to the garbage collector
+    (a reference cycle) kept the key loaded, and the node's next key did not fit.
+    """
+    import PyKCS11
+
+    signer: Any = getattr(config, "_signer", None)
+    session = getattr(signer, "session", None)
+    if session is None:
+        return
+    try:
+        session.closeSession()
+    except PyKCS11.PyKCS11Error:
+        logger.debug("closing model_signing's PKCS#11 session failed", exc_info=True)
+    signer.session = None  # its __del__ closes nothing twice

@@ -54,7 +54,12 @@ class SecureRandom:
         return (SecureRandom, ())
 
     def _rekey(self) -> None:
-        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+        # cryptography's 16-byte ChaCha20 nonce starts with the 32-bit block counter: a
+        # random one (as before) overflowed within a key's 1 GiB one time in 256 (2**24
+        # of its 2**32 blocks) and failed a draw. The counter starts at 0; the 96-bit
+        # nonce is random, and every nonce comes with a fresh key anyway.
+        nonce = bytes(4) + os.urandom(12)
+        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), nonce), mode=None)
         self._stream = cipher.encryptor()
         self._used = 0
 
