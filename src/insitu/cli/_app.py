@@ -22,6 +22,7 @@ unless it wrote its own document before failing (stdout holds one document).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import sys
 import traceback
@@ -186,7 +187,11 @@ def _close_token_sessions(before: frozenset[object]) -> None:
     if "insitu.workspace" in sys.modules:
         from insitu.workspace import close_token_sessions
 
-        close_token_sessions(keep=before)
+        if close_token_sessions(keep=before):
+            # What else of PKCS#11 the command left in reference cycles (a module's
+            # library object, model_signing's signer) is finalized now, not at some later
+            # collection: until then tpm2-pkcs11 kept keys loaded in a TPM that holds three.
+            gc.collect()
 
 
 def _show_failure(exc: BaseException) -> _Failure:
